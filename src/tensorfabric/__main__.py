@@ -1,0 +1,3 @@
+from tensorfabric.cli import main
+
+main()
