@@ -1,0 +1,361 @@
+"""The ``tensorfabric bench`` sweep: two engines, every op, every size, baselines in the same run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._baselines import RawSocketPeer, memcpy_timing
+from ._engine import engine_from_options
+from ._peer import ADDRESS_LINE, CTRL_TAG, DATA_TAG, REPLY_TAG, new_buffer, proc_memory, reset_peak
+from ._stats import KiB, MiB, Row, Timing, repeat, window_for
+
+ALL_OPS = ("write", "pages", "read", "imm", "sendrecv")
+DEFAULT_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB)
+QUICK_SIZES = (4 * KiB, 1 * MiB, 64 * MiB)
+DEFAULT_PAGE_SIZES = (1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB)
+DEFAULT_MSG_SIZES = (64, 4 * KiB, 64 * KiB, 1 * MiB)
+IMM_PING, IMM_PONG = 0x7B10, 0x7B11
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    """What to sweep. ``link_addrs`` are this side's local link addresses (one per NIC);
+    ``peer_link_addrs`` the spawned peer's; ``connect`` a remote peer's address (hex) instead
+    of spawning one."""
+
+    transports: tuple[str, ...] = ("tcp", "shm")
+    ops: tuple[str, ...] = ALL_OPS
+    links: int = 1
+    link_addrs: list[str] = field(default_factory=list)
+    peer_link_addrs: list[str] = field(default_factory=list)
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    page_sizes: tuple[int, ...] = DEFAULT_PAGE_SIZES
+    pages_bytes: int = 16 * MiB
+    msg_sizes: tuple[int, ...] = DEFAULT_MSG_SIZES
+    budget_s: float = 0.25
+    host: str = "127.0.0.1"
+    connect: str | None = None
+    baselines: bool = True
+    timeout: float = 60.0
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchConfig:
+        kw.setdefault("sizes", QUICK_SIZES)
+        kw.setdefault("page_sizes", (4 * KiB, 16 * KiB))
+        kw.setdefault("msg_sizes", (64, 64 * KiB))
+        kw.setdefault("budget_s", 0.1)
+        return cls(**kw)
+
+    def steps(self) -> int:
+        """Number of progress steps :func:`run_bench` reports."""
+        per = {"write": len(self.sizes), "pages": len(self.page_sizes), "read": len(self.sizes),
+               "imm": 1, "sendrecv": len(self.msg_sizes)}
+        return len(self.transports) * (1 + sum(per[o] for o in self.ops))
+
+
+@dataclass
+class BenchReport:
+    rows: list[Row] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rows": [r.to_dict() for r in self.rows],
+                "memory": self.memory, "skipped": self.skipped}
+
+
+def machine_meta() -> dict[str, Any]:
+    import os
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "numpy": np.__version__, "argv": sys.argv}
+
+
+class PeerProcess:
+    """The peer engine in a child process (``python -m tensorfabric.bench._peer``)."""
+
+    def __init__(self, transport: str, cfg: BenchConfig) -> None:
+        argv = [sys.executable, "-m", "tensorfabric.bench._peer", "--host", cfg.host,
+                "--transport", transport, "--links", str(cfg.links),
+                "--link-addrs", ",".join(cfg.peer_link_addrs), "--idle-timeout", "300"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != ADDRESS_LINE:
+            self.proc.kill()
+            raise RuntimeError(f"bench peer failed to start (exit {self.proc.wait()})")
+        self.address = bytes.fromhex(line[1])
+
+    def close(self) -> None:
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Session:
+    """A local engine driving one peer engine over one transport."""
+
+    def __init__(self, engine: Any, peer: bytes, cfg: BenchConfig, transport: str) -> None:
+        self.eng, self.peer, self.cfg, self.transport = engine, peer, cfg, transport
+
+    def ctrl(self, cmd: str, wait: bool = True, **args: Any) -> dict[str, Any]:
+        self.eng.send(self.peer, json.dumps({"cmd": cmd, **args}).encode(),
+                      tag=CTRL_TAG).wait(self.cfg.timeout)
+        return self.reply() if wait else {}
+
+    def reply(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.eng.recv(tag=REPLY_TAG, timeout=self.cfg.timeout).data)
+        if "error" in out:
+            raise RuntimeError(f"bench peer: {out['error']}")
+        return out
+
+    def remote_region(self, nbytes: int) -> tuple[int, Any]:
+        import tensorfabric as tf
+
+        out = self.ctrl("region", nbytes=nbytes, alloc=self.transport == "shm")
+        return out["id"], tf.RegionDescriptor.from_bytes(bytes.fromhex(out["desc"]))
+
+
+def _timing_for(one: Callable[[int], Any], size: int, capacity: int, budget: float,
+                window: int | None = None) -> Timing:
+    """Latency of ``one(offset)`` alone, and throughput with ``window`` ops in flight."""
+    lat = repeat(lambda: one(0).wait(60), budget, 3, 5000)
+    window = window_for(size) if window is None else window
+    if window == 1:
+        return Timing(lat, 1, lat)
+    slots = max(1, capacity // size)
+
+    def batch() -> None:
+        ts = [one((i % slots) * size) for i in range(window)]
+        for tr in ts:
+            tr.wait(60)
+
+    return Timing(lat, window, repeat(batch, budget, 3, 2000))
+
+
+def _row(op: str, transport: str, links: int, size: int, t: Timing, base: Timing | None,
+         base_name: str, *, bandwidth: bool = True, **extra: Any) -> Row:
+    gbps = size / t.per_op / 1e9 if bandwidth else None
+    row = Row(op, transport, links, size, gbps, 1 / t.per_op, t.p50 * 1e6, t.p99 * 1e6,
+              baseline=base_name, extra=extra)
+    if base is not None:
+        if bandwidth:
+            row.baseline_value = size / base.per_op / 1e9
+            row.ratio = gbps / row.baseline_value if gbps else None
+        else:  # latency-bound: ratio > 1 means faster than the baseline
+            row.baseline_value = base.p50 * 1e6
+            row.ratio = base.p50 / t.p50
+    return row
+
+
+def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport:
+    """Run the sweep for every transport in ``cfg``; returns the rows and memory figures."""
+    report = BenchReport(meta={**machine_meta(), "config": {
+        k: v for k, v in cfg.__dict__.items() if k != "connect"}})
+    step = progress or (lambda _d: None)
+    for transport in cfg.transports:
+        try:
+            _run_transport(cfg, transport, report, step)
+        except ImportError as exc:
+            report.skipped[transport] = str(exc)
+            step(f"{transport}: skipped")
+    return report
+
+
+def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: Progress) -> None:
+    peer_proc = None if cfg.connect else PeerProcess(transport, cfg)
+    peer_addr = bytes.fromhex(cfg.connect) if cfg.connect else peer_proc.address  # type: ignore[union-attr]
+    eng = engine_from_options(host=cfg.host, transport=transport, links=cfg.links,
+                              link_addrs=cfg.link_addrs, name="bench", timeout=cfg.timeout)
+    raw = None
+    try:
+        s = Session(eng, peer_addr, cfg, transport)
+        cap = max([*cfg.sizes, cfg.pages_bytes, *cfg.msg_sizes])
+        rid, desc = s.remote_region(cap)
+        src = eng.register(new_buffer(cap))
+        dst = eng.register(new_buffer(cap))
+        if cfg.baselines and transport != "shm":
+            raw = _raw_peer(s, cfg, cap)
+        elif cfg.baselines:
+            raw = _raw_peer(s, cfg, max(cfg.msg_sizes))
+        step(f"{transport}: engines up")
+        ctx = _OpContext(s, src, dst, desc, cap, raw, report)
+        for op in cfg.ops:
+            getattr(ctx, f"op_{op}")(step)
+        s.ctrl("free", id=rid)
+    finally:
+        if raw is not None:
+            raw.close()
+        if peer_proc is not None:
+            try:
+                s.ctrl("quit")
+            except Exception:
+                pass
+            peer_proc.close()
+        eng.close()
+
+
+def _raw_peer(s: Session, cfg: BenchConfig, cap: int) -> RawSocketPeer:
+    chunk = _engine_chunk(s.eng)
+    if cfg.connect is None and not cfg.peer_link_addrs:
+        return RawSocketPeer(streams=cfg.links, bufsize=cap, chunk=chunk, host=cfg.host,
+                             bind=cfg.link_addrs or None)
+    hosts = cfg.peer_link_addrs or [h for h, _p in _endpoints(s.peer)]
+    port = s.ctrl("raw", host="0.0.0.0" if len(hosts) > 1 else hosts[0], streams=cfg.links,
+                  bufsize=cap, chunk=chunk)["port"]
+    return RawSocketPeer(streams=cfg.links, bufsize=cap, chunk=chunk, host=hosts, port=port,
+                         bind=cfg.link_addrs or None)
+
+
+def _endpoints(address: bytes) -> list[tuple[str, int]]:
+    from tensorfabric._address import EngineAddress
+
+    return list(EngineAddress.from_bytes(address).endpoints)
+
+
+def _engine_chunk(eng: Any) -> int:
+    """The tcp transport's chunk size (bytes per frame), so the raw baseline chunks the same."""
+    for holder in (eng, getattr(eng, "_tcp", None)):
+        value = getattr(holder, "chunk_size", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    try:
+        from tensorfabric.transports import _tcp
+
+        return int(getattr(_tcp, "CHUNK_SIZE", MiB))
+    except ImportError:
+        return MiB
+
+
+class _OpContext:
+    """One method per op; each appends rows to the report."""
+
+    def __init__(self, s: Session, src: Any, dst: Any, desc: Any, cap: int,
+                 raw: RawSocketPeer | None, report: BenchReport) -> None:
+        self.s, self.src, self.dst, self.desc, self.cap = s, src, dst, desc, cap
+        self.raw, self.report = raw, report
+        self.t, self.links = s.transport, s.cfg.links
+        self.write_timings: dict[int, Timing] = {}
+
+    @property
+    def budget(self) -> float:
+        return self.s.cfg.budget_s
+
+    def _base(self, kind: str, size: int) -> tuple[Timing | None, str]:
+        if kind in ("write", "read") and self.t == "shm":
+            return memcpy_timing(size, self.budget, self.dst.array, self.src.array), "memcpy"
+        if self.raw is None:
+            return None, ""
+        if kind == "write":
+            return self.raw.time_write(size, self.budget), "raw socket"
+        if kind == "read":
+            return self.raw.time_read(size, self.budget), "raw socket"
+        return self.raw.time_echo(size, self.budget), "raw ping-pong"
+
+    def _write_timing(self, size: int) -> Timing:
+        eng, src, desc = self.s.eng, self.src, self.desc
+        t = _timing_for(lambda off: eng.write(src, desc, src_offset=off, dst_offset=off,
+                                              nbytes=size), size, self.cap, self.budget)
+        self.write_timings[size] = t
+        return t
+
+    def op_write(self, step: Progress) -> None:
+        for size in self.s.cfg.sizes:
+            mem0 = self.s.ctrl("memory", reset=True) if self.t == "tcp" else None
+            reset_peak()
+            local0 = proc_memory()
+            t = self._write_timing(size)
+            base, name = self._base("write", size)
+            self.report.rows.append(_row("write", self.t, self.links, size, t, base, name))
+            if mem0 is not None:
+                mem1, local1 = self.s.ctrl("memory"), proc_memory()
+                self.report.memory.append({
+                    "transport": self.t, "op": "write", "size": size,
+                    "peer_peak_growth": mem1.get("VmHWM", 0) - mem0.get("VmRSS", 0),
+                    "local_peak_growth": local1.get("VmHWM", 0) - local0.get("VmRSS", 0)})
+            step(f"{self.t} write {size}")
+
+    def op_read(self, step: Progress) -> None:
+        eng, dst, desc = self.s.eng, self.dst, self.desc
+        for size in self.s.cfg.sizes:
+            t = _timing_for(lambda off: eng.read(desc, dst, src_offset=off, dst_offset=off,
+                                                 nbytes=size), size, self.cap, self.budget)
+            base, name = self._base("read", size)
+            self.report.rows.append(_row("read", self.t, self.links, size, t, base, name))
+            step(f"{self.t} read {size}")
+
+    def op_pages(self, step: Progress) -> None:
+        eng, src, desc, total = self.s.eng, self.src, self.desc, self.s.cfg.pages_bytes
+        rng = np.random.default_rng(0)
+        single = self.write_timings.get(total) or self._write_timing(total)
+        for page in self.s.cfg.page_sizes:
+            n = total // page
+            sp, dp = rng.permutation(n), rng.permutation(n)
+            t = _timing_for(lambda _off: eng.write_pages(src, desc, src_pages=sp, dst_pages=dp,
+                                                         page_size=page),
+                            total, self.cap, self.budget, window=1)
+            row = _row("pages", self.t, self.links, total, t, single, "engine write",
+                       pages=n)
+            row.page_size = page
+            self.report.rows.append(row)
+            step(f"{self.t} pages {page}")
+
+    def op_imm(self, step: Progress) -> None:
+        eng, peer = self.s.eng, self.s.peer
+        n = max(50, int(self.budget / 100e-6))
+        self.s.ctrl("imm_pong", wait=False, n=n + 1, imm_in=IMM_PING, imm_out=IMM_PONG)
+        lat = []
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            w = eng.expect(IMM_PONG, 1, timeout=30)
+            eng.barrier([peer], IMM_PING).wait(30)
+            w.wait(30)
+            if i:
+                lat.append(time.perf_counter() - t0)
+        self.s.reply()
+        t = Timing(lat, 1, lat)
+        base, name = self._base("imm", 8)
+        self.report.rows.append(_row("imm", self.t, self.links, 0, t, base, name,
+                                     bandwidth=False))
+        step(f"{self.t} imm")
+
+    def op_sendrecv(self, step: Progress) -> None:
+        from ._peer import DATA_TAG as tag
+
+        eng, peer = self.s.eng, self.s.peer
+        for size in self.s.cfg.msg_sizes:
+            data = bytes(size)
+            n = max(20, min(2000, int(self.budget / (50e-6 + size / 1e9))))
+            self.s.ctrl("echo", wait=False, n=n + 1)
+            lat = []
+            for i in range(n + 1):
+                t0 = time.perf_counter()
+                eng.send(peer, data, tag=tag).wait(30)
+                eng.recv(tag=tag, timeout=30)
+                if i:
+                    lat.append(time.perf_counter() - t0)
+            self.s.reply()
+            t = Timing(lat, 1, lat)
+            base, name = self._base("sendrecv", size)
+            row = _row("sendrecv", self.t, self.links, size, t, base, name, bandwidth=False)
+            row.gbps = 2 * size / t.p50 / 1e9
+            self.report.rows.append(row)
+            step(f"{self.t} sendrecv {size}")
+
+
+__all__ = ["BenchConfig", "BenchReport", "run_bench", "DATA_TAG"]
