@@ -100,10 +100,12 @@ class Peer:
             eng.unregister(self.regions.pop(cmd["id"]))
             return {}
         if name == "checksum":
+            import zlib
+
             region = self.regions[cmd["id"]]
             arr = np.frombuffer(memoryview(region.array), dtype=np.uint8)
             view = arr[cmd["offset"]:cmd["offset"] + cmd["nbytes"]]
-            return {"sum": int(view.sum(dtype=np.uint64))}
+            return {"crc32": zlib.crc32(memoryview(view))}
         if name == "imm_pong":
             timeout = cmd.get("timeout", 30.0)
             for _ in range(cmd["n"]):
@@ -116,9 +118,12 @@ class Peer:
                 m = eng.recv(tag=DATA_TAG, timeout=timeout)
                 eng.send(m.peer, m.data, tag=DATA_TAG).wait(timeout)
             return {}
-        if name == "expect":
-            eng.expect(cmd["imm"], cmd["count"], timeout=cmd["timeout"]).wait(cmd["timeout"])
-            return {}
+        if name == "expect":  # {"done": false} when fewer than count arrive within timeout
+            try:
+                eng.expect(cmd["imm"], cmd["count"], timeout=cmd["timeout"]).wait(cmd["timeout"])
+            except tf.TransferTimeout:
+                return {"done": False}
+            return {"done": True}
         if name == "memory":
             mem = proc_memory()
             if cmd.get("reset"):
