@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,10 +74,25 @@ def _fan_out(socks: list[socket.socket], jobs: list[tuple[int, int]],
         t.join()
 
 
-def _serve(conn: mp.connection.Connection, host: str, streams: int, bufsize: int,
-           chunk: int) -> None:
+def child_env() -> dict[str, str]:
+    """This environment with the directory holding this ``tensorfabric`` first on PYTHONPATH,
+    so bench children import the same code as this process (a checkout or an install)."""
+    import tensorfabric
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tensorfabric.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+_SERVE_CMD = "from tensorfabric.bench._baselines import _serve_main; _serve_main()"
+
+
+def _serve_main() -> None:
+    """Child process entry (``python -c _SERVE_CMD HOST STREAMS BUFSIZE CHUNK``)."""
+    host, streams, bufsize, chunk = sys.argv[1], *map(int, sys.argv[2:5])
     srv = socket.create_server((host, 0))
-    conn.send(srv.getsockname()[1])
+    print(srv.getsockname()[1], flush=True)
     _serve_socket(srv, streams, bufsize, chunk)
 
 
@@ -129,17 +146,17 @@ class RawSocketPeer:
         """
         hosts = [host] if isinstance(host, str) else list(host)
         self.streams, self.chunk = streams, chunk
-        self._proc: mp.process.BaseProcess | None = None
+        self._proc: subprocess.Popen[str] | None = None
         if port is None:
-            ctx = mp.get_context("spawn")
-            parent, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_serve, args=(child, hosts[0], streams, bufsize, chunk),
-                                     daemon=True, name="tf-bench-raw")
-            self._proc.start()
-            if not parent.poll(30):
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _SERVE_CMD, hosts[0], str(streams),
+                 str(bufsize), str(chunk)], stdout=subprocess.PIPE, text=True, env=child_env())
+            assert self._proc.stdout is not None
+            line = self._proc.stdout.readline().strip()
+            if not line.isdigit():
                 self._proc.kill()
-                raise TimeoutError("raw socket baseline peer did not start within 30 s")
-            port = parent.recv()
+                raise RuntimeError(f"raw socket baseline peer failed (exit {self._proc.wait()})")
+            port = int(line)
         self.socks = []
         for i in range(streams):
             src = (bind[i % len(bind)], 0) if bind else None
@@ -210,9 +227,11 @@ class RawSocketPeer:
         for s in self.socks:
             s.close()
         if self._proc is not None:
-            self._proc.join(5)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
+                self._proc.wait()
 
     def __enter__(self) -> RawSocketPeer:
         return self

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
 BENCH_SECRET_ENV = "TENSORFABRIC_SECRET"
 _DEFAULT_SECRET = "tensorfabric-bench"
+KNOWN_TRANSPORTS = ("tcp", "shm", "nixl")
 
 
 def bench_secret() -> str:
@@ -21,29 +21,21 @@ def engine_from_options(
 ) -> Any:
     """An :class:`tensorfabric.Engine` restricted to ``transport`` with the given links.
 
-    ``link_addrs`` lists the local addresses the links bind to (one per link, one per NIC);
-    when given it sets the link count.
+    ``link_addrs`` lists the local addresses of this engine's NICs: it listens on each (so a
+    peer's link ``i`` arrives on NIC ``i``) and binds its own link ``i`` to entry ``i``; when
+    given it sets the link count.
     """
     import tensorfabric as tf
 
-    kwargs: dict[str, Any] = dict(secret=bench_secret(), host=host, port=port, timeout=timeout,
-                                  name=name)
-    params = inspect.signature(tf.Engine).parameters
-    kwargs["links"] = list(link_addrs) if link_addrs else links
-    if "transports" in params:
-        kwargs["transports"] = _transports_for(transport)
-    elif transport != "tcp" and "shm" in params:
-        kwargs["shm"] = transport == "shm"
-    elif "shm" in params:
-        kwargs["shm"] = False
+    if transport not in KNOWN_TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}: use tcp, shm or nixl")
+    # shm moves the data into shared-memory regions; control messages still go over tcp.
+    transports = {"tcp": ("tcp",), "shm": ("shm", "tcp"), "nixl": ("nixl", "tcp")}[transport]
+    kwargs: dict[str, Any] = dict(secret=bench_secret(), timeout=timeout, name=name,
+                                  transports=transports)
+    if link_addrs:
+        kwargs["links"] = list(link_addrs)
+        kwargs["listen"] = [(a, port if i == 0 else 0) for i, a in enumerate(link_addrs)]
+    else:
+        kwargs.update(host=host, port=port, links=links)
     return tf.Engine(**kwargs)
-
-
-def _transports_for(transport: str) -> tuple[str, ...]:
-    if transport == "tcp":
-        return ("tcp",)
-    if transport == "shm":
-        return ("shm", "tcp")  # tcp carries control (send/recv) where shm cannot
-    if transport == "nixl":
-        return ("nixl", "tcp")
-    raise ValueError(f"unknown transport {transport!r}: use tcp, shm or nixl")

@@ -73,7 +73,7 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     from ._peer import ADDRESS_LINE
 
     chosen = [net.links[i] for i in (links if links is not None else range(len(net.links)))]
-    peer = net.popen("b", [sys.executable, "-m", "tensorfabric.bench._peer",
+    peer = net.popen("b", [sys.executable, "-c", "from tensorfabric.bench._peer import main; main()",
                            "--host", chosen[0].addr_b, "--links", str(len(chosen)),
                            "--link-addrs", ",".join(link.addr_b for link in chosen),
                            "--idle-timeout", str(timeout)],
@@ -82,7 +82,7 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     line = peer.stdout.readline().split()
     if len(line) != 2 or line[0] != ADDRESS_LINE:
         raise RuntimeError(f"multilink peer failed to start (exit {peer.wait(10)})")
-    driver = net.popen("a", [sys.executable, "-m", "tensorfabric.bench._multilink",
+    driver = net.popen("a", [sys.executable, "-c", "from tensorfabric.bench._multilink import main; main()",
                              "--peer", line[1], "--nbytes", str(nbytes), "--reps", str(reps),
                              "--timeout", str(timeout),
                              "--link-addrs", ",".join(link.addr_a for link in chosen)],

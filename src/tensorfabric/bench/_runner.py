@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ._baselines import RawSocketPeer, memcpy_timing
+from tensorfabric import TensorFabricError
+
+from ._baselines import RawSocketPeer, child_env, memcpy_timing
 from ._engine import engine_from_options
 from ._peer import ADDRESS_LINE, CTRL_TAG, DATA_TAG, REPLY_TAG, new_buffer, proc_memory, reset_peak
 from ._stats import KiB, MiB, Row, Timing, repeat, window_for
@@ -88,10 +90,10 @@ class PeerProcess:
     """The peer engine in a child process (``python -m tensorfabric.bench._peer``)."""
 
     def __init__(self, transport: str, cfg: BenchConfig) -> None:
-        argv = [sys.executable, "-m", "tensorfabric.bench._peer", "--host", cfg.host,
+        argv = [sys.executable, "-c", "from tensorfabric.bench._peer import main; main()", "--host", cfg.host,
                 "--transport", transport, "--links", str(cfg.links),
                 "--link-addrs", ",".join(cfg.peer_link_addrs), "--idle-timeout", "300"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         if len(line) != 2 or line[0] != ADDRESS_LINE:
@@ -170,11 +172,18 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport
     step = progress or (lambda _d: None)
     for transport in cfg.transports:
         try:
-            _run_transport(cfg, transport, report, step)
-        except ImportError as exc:
+            _check_transport(transport)
+        except (ImportError, TensorFabricError) as exc:
             report.skipped[transport] = str(exc)
             step(f"{transport}: skipped")
+            continue
+        _run_transport(cfg, transport, report, step)
     return report
+
+
+def _check_transport(transport: str) -> None:
+    """Raise (ImportError or ConfigError) when this build cannot run ``transport``."""
+    engine_from_options(transport=transport, name="bench-probe").close()
 
 
 def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: Progress) -> None:
@@ -230,16 +239,12 @@ def _endpoints(address: bytes) -> list[tuple[str, int]]:
 
 def _engine_chunk(eng: Any) -> int:
     """The tcp transport's chunk size (bytes per frame), so the raw baseline chunks the same."""
-    for holder in (eng, getattr(eng, "_tcp", None)):
-        value = getattr(holder, "chunk_size", None)
-        if isinstance(value, int) and value > 0:
-            return value
-    try:
-        from tensorfabric.transports import _tcp
+    value = getattr(getattr(eng, "_tcp", None), "chunk_bytes", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    from tensorfabric._ops import DEFAULT_CHUNK
 
-        return int(getattr(_tcp, "CHUNK_SIZE", MiB))
-    except ImportError:
-        return MiB
+    return int(DEFAULT_CHUNK)
 
 
 class _OpContext:
