@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import zlib
@@ -69,6 +70,7 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     ``on_started(rep)`` is called as each timed transfer begins (from this process).
     """
     import subprocess
+    import tempfile
 
     from ._peer import ADDRESS_LINE
 
@@ -82,11 +84,12 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     line = peer.stdout.readline().split()
     if len(line) != 2 or line[0] != ADDRESS_LINE:
         raise RuntimeError(f"multilink peer failed to start (exit {peer.wait(10)})")
+    errors = tempfile.TemporaryFile(mode="w+")
     driver = net.popen("a", [sys.executable, "-c", "from tensorfabric.bench._multilink import main; main()",
                              "--peer", line[1], "--nbytes", str(nbytes), "--reps", str(reps),
                              "--timeout", str(timeout),
                              "--link-addrs", ",".join(link.addr_a for link in chosen)],
-                       stdout=subprocess.PIPE, text=True, env=env)
+                       stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     assert driver.stdout is not None
     results = []
     for text in driver.stdout:
@@ -96,8 +99,12 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
             results.append(json.loads(text))
     rc = driver.wait(timeout)
     peer.wait(timeout)
+    errors.seek(0)
+    err_text = errors.read()[-3000:]
+    errors.close()
     if rc != 0 or len(results) != reps:
-        raise RuntimeError(f"multilink driver exited {rc} after {len(results)} of {reps} transfers")
+        raise RuntimeError(f"multilink driver exited {rc} after {len(results)} of {reps} "
+                           f"transfers:\n{err_text}")
     return results
 
 
@@ -109,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if os.environ.get("TENSORFABRIC_BENCH_LOG"):
+        import logging
+
+        logging.basicConfig(level=os.environ["TENSORFABRIC_BENCH_LOG"].upper(),
+                            format="driver %(asctime)s %(name)s %(message)s")
     drive(bytes.fromhex(args.peer), args.link_addrs.split(","), args.nbytes, args.reps,
           args.timeout)
     sys.stdout.flush()

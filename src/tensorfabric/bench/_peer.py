@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--link-addrs", default="")
     parser.add_argument("--idle-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
+    if os.environ.get("TENSORFABRIC_BENCH_LOG"):
+        import logging
+
+        logging.basicConfig(level=os.environ["TENSORFABRIC_BENCH_LOG"].upper(),
+                            format="peer %(asctime)s %(name)s %(message)s")
     engine = engine_from_options(
         host=args.host, port=args.port, transport=args.transport, links=args.links,
         link_addrs=[a for a in args.link_addrs.split(",") if a], name="bench-peer",
