@@ -190,11 +190,17 @@ class RawSocketPeer:
     def echo(self, size: int, count: int = 1) -> list[float]:
         """``count`` round trips of ``size`` bytes (at least one) on the first stream.
 
-        Returns each round trip's seconds; the command header goes out once, before them.
+        Returns each round trip's seconds. With ``count == 1`` the command header travels in
+        the same ``sendall`` as the payload, so one round trip is one message each way.
         """
         size = max(1, size)
-        self._cmd(_ECHO, size, count)
         sock, view, out = self.socks[0], self.view[:size], []
+        if count == 1:
+            t0 = time.perf_counter()
+            sock.sendall(_HDR.pack(_ECHO, size, 1) + view)
+            _recv_exact(sock, view)
+            return [time.perf_counter() - t0]
+        self._cmd(_ECHO, size, count)
         for _ in range(count):
             t0 = time.perf_counter()
             sock.sendall(view)
