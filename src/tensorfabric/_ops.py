@@ -87,35 +87,60 @@ def coalesce(src_off: np.ndarray, dst_off: np.ndarray, length: int) -> tuple[np.
     return src_off[starts], dst_off[starts], counts.astype(np.uint64) * np.uint64(length)
 
 
+def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
+                chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut segments into pieces that fill frames of at most ``chunk_bytes`` bytes and
+    ``MAX_SEGS_PER_CHUNK`` segments, in order. Returns (src, dst, len, bounds) where frame
+    ``k`` holds pieces ``bounds[k]:bounds[k + 1]``. Vectorized: a paged write of thousands of
+    pages costs a few numpy calls, not a Python loop per page."""
+    lengths = lengths.astype(np.int64, copy=False)
+    keep = lengths > 0
+    if not keep.all():
+        src_off, dst_off, lengths = src_off[keep], dst_off[keep], lengths[keep]
+    n = len(lengths)
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, np.zeros(2, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1])
+    starts = ends - lengths
+    # Cut points: every segment boundary and every chunk_bytes boundary of the byte stream.
+    cuts = np.union1d(np.append(starts, total),
+                      np.arange(0, total + 1, chunk_bytes, dtype=np.int64))
+    cuts = cuts[cuts <= total]
+    p_start, p_end = cuts[:-1], cuts[1:]
+    seg = np.searchsorted(starts, p_start, side="right") - 1
+    within = p_start - starts[seg]
+    p_src = src_off[seg].astype(np.int64) + within
+    p_dst = dst_off[seg].astype(np.int64) + within
+    p_len = p_end - p_start
+    # Frames by bytes, then split frames holding more than MAX_SEGS_PER_CHUNK pieces.
+    frame = p_start // chunk_bytes
+    first = np.flatnonzero(np.r_[True, frame[1:] != frame[:-1]])
+    rank = np.arange(len(frame)) - np.repeat(first, np.diff(np.r_[first, len(frame)]))
+    key = frame * (len(frame) + 1) + rank // MAX_SEGS_PER_CHUNK
+    bounds = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return p_src, p_dst, p_len, np.r_[bounds, len(key)]
+
+
 def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                  src: memoryview, src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
                  chunk_bytes: int = DEFAULT_CHUNK) -> list[Chunk]:
     """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``."""
-    pieces: list[list[tuple[int, int, int]]] = []  # per chunk: (src_off, dst_off, len)
-    cur: list[tuple[int, int, int]] = []
-    cur_bytes = 0
-    for s, d, n in zip(src_off.tolist(), dst_off.tolist(), lengths.tolist()):
-        while n > 0:
-            take = min(n, chunk_bytes - cur_bytes)
-            cur.append((s, d, take))
-            cur_bytes += take
-            s += take
-            d += take
-            n -= take
-            if cur_bytes >= chunk_bytes or len(cur) >= MAX_SEGS_PER_CHUNK:
-                pieces.append(cur)
-                cur, cur_bytes = [], 0
-    if cur or not pieces:
-        pieces.append(cur)
+    p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes)
+    table = np.empty(len(p_len), dtype=w.SEG_DTYPE)
+    table["offset"] = p_dst
+    table["length"] = p_len
+    srcs, lens = p_src.tolist(), p_len.tolist()
     flags = w.FLAG_IMM if imm is not None else 0
-    nchunks = len(pieces)
+    nchunks = len(bounds) - 1
     chunks = []
-    for i, segs in enumerate(pieces):
-        table = np.array([(d, n) for _, d, n in segs], dtype=w.SEG_DTYPE).tobytes()
-        ext = key + table
-        nbytes = sum(n for _, _, n in segs)
+    for i in range(nchunks):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        ext = key + table[a:b].tobytes()
+        nbytes = sum(lens[a:b])
         head = w.pack_header(op, flags, len(ext), wop.op_id, region, nbytes, imm or 0, i, nchunks)
-        payload = [src[s:s + n] for s, _, n in segs]
+        payload = [src[s:s + n] for s, n in zip(srcs[a:b], lens[a:b])]
         chunks.append(Chunk(wop, i, head + ext, payload, nbytes, region=region))
     wop.remaining = nchunks
     return chunks
