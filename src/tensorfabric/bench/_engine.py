@@ -18,6 +18,7 @@ def bench_secret() -> str:
 def engine_from_options(
     *, host: str = "127.0.0.1", port: int = 0, transport: str = "tcp", links: int = 1,
     link_addrs: list[str] | None = None, name: str = "bench", timeout: float = 60.0,
+    chunk_bytes: int | None = None,
 ) -> Any:
     """An :class:`tensorfabric.Engine` restricted to ``transport`` with the given links.
 
@@ -33,6 +34,8 @@ def engine_from_options(
     transports = {"tcp": ("tcp",), "shm": ("shm", "tcp"), "nixl": ("nixl", "tcp")}[transport]
     kwargs: dict[str, Any] = dict(secret=bench_secret(), timeout=timeout, name=name,
                                   transports=transports)
+    if chunk_bytes:
+        kwargs["chunk_bytes"] = chunk_bytes
     if link_addrs:
         kwargs["links"] = list(link_addrs)
         kwargs["listen"] = [(a, port if i == 0 else 0) for i, a in enumerate(link_addrs)]

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,7 @@ class Peer:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             self.engine.send(msg.peer, json.dumps(reply).encode(), tag=REPLY_TAG).wait(30)
             if cmd["cmd"] == "quit":
+                time.sleep(0.2)  # let acknowledgements still queued on the links go out
                 return
 
     def handle(self, cmd: dict[str, Any], peer: bytes) -> dict[str, Any]:
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--links", type=int, default=1)
     parser.add_argument("--link-addrs", default="")
     parser.add_argument("--idle-timeout", type=float, default=600.0)
+    parser.add_argument("--chunk-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     if os.environ.get("TENSORFABRIC_BENCH_LOG"):
         import logging
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = engine_from_options(
         host=args.host, port=args.port, transport=args.transport, links=args.links,
         link_addrs=[a for a in args.link_addrs.split(",") if a], name="bench-peer",
+        chunk_bytes=args.chunk_bytes or None,
     )
     with engine:
         print(ADDRESS_LINE, engine.address.hex(), flush=True)

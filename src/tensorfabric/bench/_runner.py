@@ -50,6 +50,7 @@ class BenchConfig:
     connect: str | None = None
     baselines: bool = True
     timeout: float = 60.0
+    chunk_bytes: int | None = None  #: the engines' tcp chunk (default: the engine's own)
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -92,7 +93,8 @@ class PeerProcess:
     def __init__(self, transport: str, cfg: BenchConfig) -> None:
         argv = [sys.executable, "-c", "from tensorfabric.bench._peer import main; main()", "--host", cfg.host,
                 "--transport", transport, "--links", str(cfg.links),
-                "--link-addrs", ",".join(cfg.peer_link_addrs), "--idle-timeout", "300"]
+                "--link-addrs", ",".join(cfg.peer_link_addrs), "--idle-timeout", "300",
+                "--chunk-bytes", str(cfg.chunk_bytes or 0)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
@@ -116,8 +118,14 @@ class Session:
         self.eng, self.peer, self.cfg, self.transport = engine, peer, cfg, transport
 
     def ctrl(self, cmd: str, wait: bool = True, **args: Any) -> dict[str, Any]:
-        self.eng.send(self.peer, json.dumps({"cmd": cmd, **args}).encode(),
-                      tag=CTRL_TAG).wait(self.cfg.timeout)
+        sent = self.eng.send(self.peer, json.dumps({"cmd": cmd, **args}).encode(), tag=CTRL_TAG)
+        if cmd == "quit":
+            # The peer's reply proves it got the message; its acknowledgement of the message
+            # itself may be cut off by the peer exiting right after replying.
+            out = self.reply()
+            sent.cancel()
+            return out
+        sent.wait(self.cfg.timeout)
         return self.reply() if wait else {}
 
     def reply(self) -> dict[str, Any]:
@@ -231,7 +239,8 @@ def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: 
     peer_proc = None if cfg.connect else PeerProcess(transport, cfg)
     peer_addr = bytes.fromhex(cfg.connect) if cfg.connect else peer_proc.address  # type: ignore[union-attr]
     eng = engine_from_options(host=cfg.host, transport=transport, links=cfg.links,
-                              link_addrs=cfg.link_addrs, name="bench", timeout=cfg.timeout)
+                              link_addrs=cfg.link_addrs, name="bench", timeout=cfg.timeout,
+                              chunk_bytes=cfg.chunk_bytes)
     raw = None
     try:
         s = Session(eng, peer_addr, cfg, transport)

@@ -55,6 +55,7 @@ def bench(
     connect: Optional[str] = typer.Option(
         None, help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
     budget: Optional[float] = typer.Option(None, help="Seconds spent per measured point."),
+    chunk: Optional[str] = typer.Option(None, help="The engines' tcp chunk size (e.g. 4m); the raw baseline uses the same."),
     quick: bool = typer.Option(False, help="Fewer sizes and shorter points (about 15 s)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
     plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
@@ -97,6 +98,9 @@ def bench(
         kw["ops"] = tuple(op_list)
     if budget is not None:
         kw["budget_s"] = budget
+    chunk_v = pick(chunk, "chunk", None)
+    if chunk_v:
+        kw["chunk_bytes"] = parse_size(str(chunk_v))
     if connect:
         kw["connect"] = (Path(connect[1:]).read_text().strip() if connect.startswith("@")
                          else connect.strip())
