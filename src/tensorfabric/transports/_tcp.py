@@ -567,8 +567,8 @@ class PeerLinks:
                 log.warning("link %d to %s made no progress for %.1f s; closing it", c.index,
                             self.name, self.t.link_timeout)
                 c.fail(BrokenError("link stalled"))
-        for i, c in enumerate(self.conns):
-            if c is None and not self.dialing[i] and not self.closed:
+        for i, slot in enumerate(self.conns):
+            if slot is None and not self.dialing[i] and not self.closed:
                 self._dial_later(i, 2.0 if self.refused else 0.5)
         with self.cond:
             dead = (not self.live() and self.down_since is not None
@@ -580,14 +580,8 @@ class PeerLinks:
         err = BrokenError(f"every link to peer {self.name} is down: {self.last_error}",
                           peer=self.name)
         err.__cause__ = self.last_error
-        for c in queued:
-            c.wop.transfer._fail(err)
-
-    def drop(self, pred: Callable[[Chunk], bool]) -> None:
-        with self.cond:
-            keep = [c for c in self.queue if not pred(c)]
-            self.queue.clear()
-            self.queue.extend(keep)
+        for chunk in queued:
+            chunk.wop.transfer._fail(err)
 
     def close(self, error: BaseException) -> None:
         self.closed = True
