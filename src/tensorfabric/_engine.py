@@ -162,6 +162,19 @@ class Engine:
                                               daemon=True)
         self._timer_thread.start()
 
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Engine:
+        """An engine configured by a TOML, JSON or YAML file (see ``docs/multilink.md``);
+        keyword arguments override the file."""
+        from pathlib import Path
+
+        from ._config import engine_kwargs, read_config_file
+
+        p = Path(path)
+        kwargs = engine_kwargs(read_config_file(p), base=p.parent)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     # -- identity -------------------------------------------------------------------------
 
     @property
