@@ -192,7 +192,9 @@ class Conn:
                     return None
                 if self.replies:
                     return ("frame", self.replies.popleft())
-                if links is not None and links.queue:
+                if links is not None and links.queue and len(self.inflight) < self.t.window:
+                    # a bounded window per link: a slow link holds few chunks, so it never
+                    # keeps the tail of a transfer waiting long after the fast links are done
                     return ("chunk", links.queue.popleft())
                 if self.tail:
                     return ("frame", [])
@@ -391,7 +393,10 @@ class Conn:
 
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
         with self.cond:
-            return self.inflight.pop((op_id, chunk), None)
+            c = self.inflight.pop((op_id, chunk), None)
+            if c is not None and len(self.inflight) == self.t.window - 1:
+                self.cond.notify_all()  # this link's writer may take the next chunk
+            return c
 
     def _on_reply(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
@@ -618,8 +623,10 @@ class TcpTransport(Transport):
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
         chunk_bytes: int = DEFAULT_CHUNK,
+        window: int = 4,
     ) -> None:
         self.engine_id = engine_id
+        self.window = window  # chunks in flight (sent, not acknowledged) per link
         self.chunk_bytes = chunk_bytes
         self.op_ids = itertools.count(1)  # shared with the engine: unique per dialled peer
         self.secret = secret
