@@ -87,12 +87,38 @@ def coalesce(src_off: np.ndarray, dst_off: np.ndarray, length: int) -> tuple[np.
     return src_off[starts], dst_off[starts], counts.astype(np.uint64) * np.uint64(length)
 
 
+MIN_TAIL_CHUNK = 256 << 10
+
+
+def frame_starts(total: int, chunk_bytes: int, links: int = 1) -> np.ndarray:
+    """Byte offsets where frames start, and ``total`` at the end.
+
+    One link: fixed ``chunk_bytes`` frames. Several links: guided sizes, each frame at most
+    ``remaining / (2 * links)`` (and at least ``MIN_TAIL_CHUNK``), so the frames get smaller
+    towards the end and the links finish together instead of one link carrying a whole
+    last chunk alone (the tail costs at most a small frame's time, whatever the link speed).
+    """
+    if links <= 1 or total <= chunk_bytes:
+        return np.append(np.arange(0, total, chunk_bytes, dtype=np.int64), total)
+    # Full frames while the rest is large; then the guided tail (a few dozen frames at most).
+    nfull = max(0, (total - 2 * links * chunk_bytes) // chunk_bytes)
+    head = np.arange(0, (nfull + 1) * chunk_bytes, chunk_bytes, dtype=np.int64)
+    tail: list[int] = []
+    pos = int(head[-1])
+    floor = min(MIN_TAIL_CHUNK, chunk_bytes)
+    while pos < total:
+        pos = min(total, pos + min(chunk_bytes, max(floor, (total - pos) // (2 * links))))
+        tail.append(pos)
+    return np.append(head, np.array(tail, dtype=np.int64))
+
+
 def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
-                chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cut segments into pieces that fill frames of at most ``chunk_bytes`` bytes and
-    ``MAX_SEGS_PER_CHUNK`` segments, in order. Returns (src, dst, len, bounds) where frame
-    ``k`` holds pieces ``bounds[k]:bounds[k + 1]``. Vectorized: a paged write of thousands of
-    pages costs a few numpy calls, not a Python loop per page."""
+                chunk_bytes: int, links: int = 1,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut segments into pieces that fill frames (at most ``chunk_bytes`` bytes, sized by
+    :func:`frame_starts`) of at most ``MAX_SEGS_PER_CHUNK`` segments, in order. Returns (src,
+    dst, len, bounds) where frame ``k`` holds pieces ``bounds[k]:bounds[k + 1]``. Vectorized: a
+    paged write of thousands of pages costs a few numpy calls, not a Python loop per page."""
     lengths = lengths.astype(np.int64, copy=False)
     keep = lengths > 0
     if not keep.all():
@@ -104,10 +130,9 @@ def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
     ends = np.cumsum(lengths)
     total = int(ends[-1])
     starts = ends - lengths
-    # Cut points: every segment boundary and every chunk_bytes boundary of the byte stream.
-    cuts = np.union1d(np.append(starts, total),
-                      np.arange(0, total + 1, chunk_bytes, dtype=np.int64))
-    cuts = cuts[cuts <= total]
+    # Cut points: every segment boundary and every frame boundary of the byte stream.
+    fstarts = frame_starts(total, chunk_bytes, links)
+    cuts = np.union1d(np.append(starts, total), fstarts)
     p_start, p_end = cuts[:-1], cuts[1:]
     seg = np.searchsorted(starts, p_start, side="right") - 1
     within = p_start - starts[seg]
@@ -115,7 +140,7 @@ def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
     p_dst = dst_off[seg].astype(np.int64) + within
     p_len = p_end - p_start
     # Frames by bytes, then split frames holding more than MAX_SEGS_PER_CHUNK pieces.
-    frame = p_start // chunk_bytes
+    frame = np.searchsorted(fstarts, p_start, side="right") - 1
     first = np.flatnonzero(np.r_[True, frame[1:] != frame[:-1]])
     rank = np.arange(len(frame)) - np.repeat(first, np.diff(np.r_[first, len(frame)]))
     key = frame * (len(frame) + 1) + rank // MAX_SEGS_PER_CHUNK
@@ -125,9 +150,10 @@ def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
 
 def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                  src: memoryview, src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
-                 chunk_bytes: int = DEFAULT_CHUNK) -> list[Chunk]:
-    """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``."""
-    p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes)
+                 chunk_bytes: int = DEFAULT_CHUNK, links: int = 1) -> list[Chunk]:
+    """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``
+    (smaller towards the end when ``links`` > 1, see :func:`frame_starts`)."""
+    p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes, links)
     table = np.empty(len(p_len), dtype=w.SEG_DTYPE)
     table["offset"] = p_dst
     table["length"] = p_len

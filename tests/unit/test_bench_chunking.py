@@ -25,7 +25,7 @@ def _reference(src_off, dst_off, lengths, chunk_bytes):  # type: ignore[no-untyp
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(segs=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 10**9),
                                st.integers(0, 50_000)), max_size=80),
        chunk=st.integers(1, 100_000))
@@ -43,3 +43,18 @@ def test_plan_caps_segments_per_frame() -> None:
     ps, pd, pl, bounds = plan_pieces(off, off[::-1].copy(), np.full(n, 1024, np.uint64), 64 << 20)
     sizes = np.diff(bounds)
     assert sizes.max() <= MAX_SEGS_PER_CHUNK and sizes.sum() == n and int(pl.sum()) == n * 1024
+
+
+@settings(deadline=None, max_examples=60)
+@given(total=st.integers(1, 1 << 34), chunk=st.sampled_from([4096, 1 << 20, 4 << 20]),
+       links=st.integers(1, 8))
+def test_frame_starts_cover_the_op_in_bounded_frames(total: int, chunk: int, links: int) -> None:
+    from tensorfabric._ops import frame_starts
+
+    starts = frame_starts(total, chunk, links)
+    sizes = np.diff(starts)
+    assert starts[0] == 0 and starts[-1] == total
+    assert (sizes > 0).all() and (sizes <= chunk).all()
+    if links > 1 and total > 16 * chunk:
+        # the tail shrinks: the last frame is at most a small slice of the op
+        assert sizes[-1] <= max(256 << 10, chunk // 4)

@@ -771,7 +771,7 @@ class TcpTransport(Transport):
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
               imm: int | None) -> None:
         chunks = write_chunks(wop, w.Op.WRITE, desc.region_id, desc.key, imm, src, src_off,
-                              dst_off, lengths, self.chunk_bytes)
+                              dst_off, lengths, self.chunk_bytes, self.nlinks)
         self.submit(peer, chunks)
 
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
