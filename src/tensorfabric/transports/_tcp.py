@@ -351,7 +351,14 @@ class Conn:
             raise ProtocolError(f"message of {plen} bytes exceeds {w.MAX_MESSAGE}")
         data = bytearray(plen)
         self._recv_into(memoryview(data))
+        key = (self.peer.engine_id, op_id)
+        if not self.t.first_delivery(key):
+            # resent after a link failure that lost only the acknowledgement: delivered once
+            self._ack(op_id, chunk)
+            return
         status, text = self.t.handler.deliver(self.peer, imm, bytes(data))
+        if status != w.Status.OK:
+            self.t.forget_delivery(key)  # the sender fails it; a retry is a new message
         self._ack(op_id, chunk, status, text)
 
     def _on_read_req(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
@@ -642,6 +649,8 @@ class TcpTransport(Transport):
         self._lock = threading.Lock()
         self._peers: dict[bytes, PeerLinks] = {}
         self._accepted: set[Conn] = set()
+        self._delivered: collections.OrderedDict[tuple[bytes, int], None] = \
+            collections.OrderedDict()  # recent (peer, op) of messages, to drop resent copies
         self._closed = False
         self._listeners: list[socket.socket] = []
         self.endpoints: list[tuple[str, int]] = []
@@ -760,6 +769,20 @@ class TcpTransport(Transport):
             if links is None:
                 links = self._peers[peer.engine_id] = PeerLinks(self, peer)
         return links
+
+    def first_delivery(self, key: tuple[bytes, int]) -> bool:
+        """True the first time a message (peer id, op id) arrives; False for a resent copy."""
+        with self._lock:
+            if key in self._delivered:
+                return False
+            self._delivered[key] = None
+            if len(self._delivered) > 1 << 16:
+                self._delivered.popitem(last=False)
+            return True
+
+    def forget_delivery(self, key: tuple[bytes, int]) -> None:
+        with self._lock:
+            self._delivered.pop(key, None)
 
     def _forget_accepted(self, conn: Conn) -> None:
         with self._lock:
