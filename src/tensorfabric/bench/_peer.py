@@ -77,10 +77,16 @@ class Peer:
                 reply = self.handle(cmd, msg.peer)
             except Exception as exc:  # report to the driver, keep serving
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
-            self.engine.send(msg.peer, json.dumps(reply).encode(), tag=REPLY_TAG).wait(30)
+            sent = self.engine.send(msg.peer, json.dumps(reply).encode(), tag=REPLY_TAG)
             if cmd["cmd"] == "quit":
+                # the driver may close as soon as it has the reply: don't insist on its ack
+                try:
+                    sent.wait(2)
+                except tf.TensorFabricError:
+                    pass
                 time.sleep(0.2)  # let acknowledgements still queued on the links go out
                 return
+            sent.wait(30)
 
     def handle(self, cmd: dict[str, Any], peer: bytes) -> dict[str, Any]:
         import tensorfabric as tf
