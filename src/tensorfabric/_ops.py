@@ -3,6 +3,7 @@ counting one immediate there), and each wire op into chunks (one frame each)."""
 
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any, Callable
 
@@ -153,6 +154,9 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                  chunk_bytes: int = DEFAULT_CHUNK, links: int = 1) -> list[Chunk]:
     """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``
     (smaller towards the end when ``links`` > 1, see :func:`frame_starts`)."""
+    if len(lengths) == 1 and int(lengths[0]) <= chunk_bytes:
+        return [_one_frame(wop, op, region, key, imm, src, int(src_off[0]), int(dst_off[0]),
+                           int(lengths[0]))]
     p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes, links)
     table = np.empty(len(p_len), dtype=w.SEG_DTYPE)
     table["offset"] = p_dst
@@ -170,6 +174,19 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
         chunks.append(Chunk(wop, i, head + ext, payload, nbytes, region=region))
     wop.remaining = nchunks
     return chunks
+
+
+_ONE_SEG = struct.Struct("<QQ")  # one SEG_DTYPE entry: offset, length
+
+
+def _one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
+               src: memoryview, s: int, d: int, n: int) -> Chunk:
+    """The common small write: one segment in one frame, without numpy (latency path)."""
+    ext = key + _ONE_SEG.pack(d, n) if n else key
+    head = w.pack_header(op, w.FLAG_IMM if imm is not None else 0, len(ext), wop.op_id, region,
+                         n, imm or 0, 0, 1)
+    wop.remaining = 1
+    return Chunk(wop, 0, head + ext, [src[s:s + n]] if n else [], n, region=region)
 
 
 def read_chunks(wop: WireOp, region: int, key: bytes, src_off: int, dst: memoryview,
