@@ -63,10 +63,10 @@ def test_config_file_formats(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tensorfabric.cli._bench import load_config
 
     j = tmp_path / "links.json"
-    j.write_text(json.dumps({"links": 2, "link_addrs": ["10.0.0.1", "10.0.1.1"]}))
+    j.write_text(json.dumps({"links": ["10.0.0.1", "10.0.1.1"]}))  # an engine config
     t = tmp_path / "links.toml"
-    t.write_text('[bench]\nlinks = 2\nlink_addrs = ["10.0.0.1", "10.0.1.1"]\n')
+    t.write_text('[bench]\nlink_addrs = ["10.0.0.1", "10.0.1.1"]\n')
     y = tmp_path / "links.yaml"
-    y.write_text("links: 2\nlink_addrs: [10.0.0.1, 10.0.1.1]\n")
+    y.write_text("bench:\n  link_addrs: [10.0.0.1, 10.0.1.1]\n")
     for path in (j, t, y):
-        assert load_config(path) == {"links": 2, "link_addrs": ["10.0.0.1", "10.0.1.1"]}
+        assert load_config(path) == {"link_addrs": ["10.0.0.1", "10.0.1.1"]}

@@ -16,25 +16,27 @@ def _csv(text: str | None) -> list[str]:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """A bench/link config file: JSON, TOML or YAML (by extension), a flat mapping.
+    """Bench options from a JSON, TOML or YAML file (by extension).
 
-    Keys: ``transport``, ``links``, ``link_addrs``, ``peer_link_addrs``, ``sizes``,
-    ``page_sizes``, ``ops``, ``host``. Command-line options override the file.
+    The file may be an engine config (``Engine.from_config``: ``links`` is the list of local
+    link addresses) with an optional ``[bench]`` table for bench options; keys: ``transport``,
+    ``links``, ``link_addrs``, ``peer_link_addrs``, ``sizes``, ``page_sizes``, ``ops``,
+    ``host``, ``chunk``. Command-line options override the file.
     """
-    text = path.read_text()
-    if path.suffix in (".toml",):
-        import tomllib
+    from tensorfabric._config import read_config_file
 
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path}: expected a mapping of options")
-    return data.get("bench", data)
+    data = read_config_file(path)
+    opts = dict(data.get("bench", {}))
+    links = data.get("links")
+    if isinstance(links, list):
+        opts.setdefault("link_addrs", links)
+    elif isinstance(links, int):
+        opts.setdefault("links", links)
+    for key in ("transport", "link_addrs", "peer_link_addrs", "sizes", "page_sizes", "ops",
+                "host", "chunk"):
+        if key in data and key not in opts:
+            opts[key] = data[key]
+    return opts
 
 
 def bench(
