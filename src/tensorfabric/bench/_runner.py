@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -84,7 +85,8 @@ def machine_meta() -> dict[str, Any]:
 
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "numpy": np.__version__, "argv": sys.argv}
+            "platform": platform.platform(), "numpy": np.__version__, "argv": sys.argv,
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 class PeerProcess:
@@ -207,11 +209,22 @@ def _row(op: str, transport: str, links: int, size: int, t: Timing, base: Timing
     if base is not None:
         if bandwidth:
             row.baseline_value = size / base.per_op / 1e9
-            row.ratio = gbps / row.baseline_value if gbps else None
+            row.ratio = _paired_ratio(base.batch_times, t.batch_times)
+            if row.ratio is None:
+                row.ratio = gbps / row.baseline_value if gbps else None
         else:  # latency-bound: ratio > 1 means faster than the baseline
             row.baseline_value = base.p50 * 1e6
-            row.ratio = base.p50 / t.p50
+            row.ratio = _paired_ratio(base.latencies, t.latencies) or base.p50 / t.p50
     return row
+
+
+def _paired_ratio(base: list[float], eng: list[float]) -> float | None:
+    """Median of per-round ratios base_i / engine_i, when the two were measured in
+    alternation (same length): each pair saw the same machine load, so on a shared machine
+    this is steadier than the ratio of the two medians."""
+    if len(base) != len(eng) or not base:
+        return None
+    return statistics.median(b / e for b, e in zip(base, eng))
 
 
 def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport:

@@ -130,6 +130,10 @@ def _run_with_progress(cfg: Any, run: Any) -> Any:
 
 def _print(report: Any, format_table: Any) -> None:
     typer.echo(format_table(report.rows))
+    load = report.meta.get("loadavg")
+    if load:
+        typer.echo(f"load average {load[0]:.1f} on {report.meta.get('cpus')} cpus "
+                   "(ratios: median of engine/baseline pairs measured in alternation)")
     for mem in report.memory:
         if mem["size"] == max(m["size"] for m in report.memory):
             typer.echo(f"engine memory ({mem['transport']} write {mem['size'] >> 20} MiB): "
