@@ -35,6 +35,10 @@ def build_app() -> Any:
         add_completion=False,
         pretty_exceptions_show_locals=False,
     )
+    @app.callback()
+    def _root() -> None:
+        """tensorfabric: move tensors between processes and machines, run LLM systems on top."""
+
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(f"tensorfabric.cli.{name}")
