@@ -106,7 +106,7 @@ def _serve_socket(srv: socket.socket, streams: int, bufsize: int, chunk: int) ->
         socks.append(s)
     srv.close()
     buf = np.ones(bufsize, dtype=np.uint8)  # pre-faulted: every page touched
-    view = memoryview(buf)
+    view = buf.data  # a writable memoryview of the array
     hdr = bytearray(_HDR.size)
     ctl = socks[0]
     while True:
@@ -165,7 +165,7 @@ class RawSocketPeer:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.socks.append(s)
         self.buf = np.ones(bufsize, dtype=np.uint8)
-        self.view = memoryview(self.buf)
+        self.view = self.buf.data
         self._ack = bytearray(1)
 
     def _cmd(self, cmd: int, size: int, count: int = 1) -> None:

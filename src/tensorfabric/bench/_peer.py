@@ -111,9 +111,8 @@ class Peer:
             import zlib
 
             region = self.regions[cmd["id"]]
-            arr = np.frombuffer(memoryview(region.array), dtype=np.uint8)
-            view = arr[cmd["offset"]:cmd["offset"] + cmd["nbytes"]]
-            return {"crc32": zlib.crc32(memoryview(view))}
+            view = region.view[cmd["offset"]:cmd["offset"] + cmd["nbytes"]]
+            return {"crc32": zlib.crc32(view)}
         if name == "imm_pong":
             timeout = cmd.get("timeout", 30.0)
             for _ in range(cmd["n"]):

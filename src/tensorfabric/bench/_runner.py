@@ -334,8 +334,12 @@ class _OpContext:
             def copy(off: int = 0) -> None:
                 np.copyto(d[off:off + size], src[off:off + size])
 
+            def copies() -> None:
+                for i in range(w):
+                    copy((i % slots) * size)
+
             pair.base_one = copy
-            pair.base_batch = lambda: [copy((i % slots) * size) for i in range(w)]
+            pair.base_batch = copies
             return "memcpy"
         raw = self.raw
         if raw is None:
@@ -345,8 +349,12 @@ class _OpContext:
             pair.base_batch = lambda: raw.write(size, w)
             return "raw socket"
         if kind == "read":
+            def reads() -> None:
+                for _ in range(w):
+                    raw.read(size)
+
             pair.base_one = lambda: raw.read(size)
-            pair.base_batch = lambda: [raw.read(size) for _ in range(w)]
+            pair.base_batch = reads
             return "raw socket"
         pair.base_one = lambda: raw.echo(size)
         return "raw ping-pong"
@@ -365,10 +373,10 @@ class _OpContext:
             mem0 = self.s.ctrl("memory", reset=True) if self.t == "tcp" else None
             reset_peak()
             local0 = proc_memory()
-            pair = _engine_pair(lambda off, n=size: eng.write(src, desc, src_offset=off,
-                                                               dst_offset=off, nbytes=n),
-                                size, self.cap)
-            row = self._point("write", size, pair)
+            def start(off: int, n: int = size) -> Any:
+                return eng.write(src, desc, src_offset=off, dst_offset=off, nbytes=n)
+
+            row = self._point("write", size, _engine_pair(start, size, self.cap))
             self.write_rows[size] = row
             if mem0 is not None:
                 mem1, local1 = self.s.ctrl("memory"), proc_memory()
@@ -381,10 +389,10 @@ class _OpContext:
     def op_read(self, step: Progress) -> None:
         eng, dst, desc = self.s.eng, self.dst, self.desc
         for size in self.s.cfg.sizes:
-            pair = _engine_pair(lambda off, n=size: eng.read(desc, dst, src_offset=off,
-                                                              dst_offset=off, nbytes=n),
-                                size, self.cap)
-            self._point("read", size, pair)
+            def start(off: int, n: int = size) -> Any:
+                return eng.read(desc, dst, src_offset=off, dst_offset=off, nbytes=n)
+
+            self._point("read", size, _engine_pair(start, size, self.cap))
             step(f"{self.t} read {human_size(size)}")
 
     def op_pages(self, step: Progress) -> None:
@@ -395,9 +403,10 @@ class _OpContext:
         for page in self.s.cfg.page_sizes:
             n = total // page
             sp, dp = rng.permutation(n), rng.permutation(n)
-            paged = Pair(lambda sp=sp, dp=dp, page=page: eng.write_pages(
-                src, desc, src_pages=sp, dst_pages=dp, page_size=page).wait(60),
-                lambda: eng.write(src, desc, nbytes=total).wait(60))
+            def paged_op(sp: np.ndarray = sp, dp: np.ndarray = dp, page: int = page) -> None:
+                eng.write_pages(src, desc, src_pages=sp, dst_pages=dp, page_size=page).wait(60)
+
+            paged = Pair(paged_op, lambda: eng.write(src, desc, nbytes=total).wait(60))
             t, single = paged.measure(self.budget)
             row = _row("pages", self.t, self.links, total, t, single, "engine write")
             row.page_size = page

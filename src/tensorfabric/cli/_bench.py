@@ -71,7 +71,9 @@ def bench(
     from tensorfabric.bench import BenchConfig, format_table, parse_size, plot_rows, run_bench
 
     file_opts = load_config(config) if config else {}
-    pick = lambda cli, key, default: cli if cli is not None else file_opts.get(key, default)  # noqa: E731
+    def pick(cli: Any, key: str, default: Any) -> Any:
+        return cli if cli is not None else file_opts.get(key, default)
+
     addrs = _csv(link_addrs) or list(file_opts.get("link_addrs", []))
     peer_addrs = _csv(peer_link_addrs) or list(file_opts.get("peer_link_addrs", []))
     nlinks = int(pick(links, "links", len(addrs) or 1))
