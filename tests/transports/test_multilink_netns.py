@@ -72,7 +72,8 @@ def test_link_down_mid_transfer_completes_checksummed(child_env: dict[str, str])
             timers.append(t)
 
         start = time.monotonic()
-        (r,) = _transfer(net, child_env, seconds=3.0, on_started=fail_link)
+        # a downed veth sends no reset: the engines notice after link_timeout without progress
+        (r,) = _transfer(net, child_env, seconds=3.0, on_started=fail_link, link_timeout=1.5)
         for t in timers:
             t.join()
         assert timers, "the transfer never started"

@@ -18,7 +18,7 @@ def bench_secret() -> str:
 def engine_from_options(
     *, host: str = "127.0.0.1", port: int = 0, transport: str = "tcp", links: int = 1,
     link_addrs: list[str] | None = None, name: str = "bench", timeout: float = 60.0,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int | None = None, link_timeout: float | None = None,
 ) -> Any:
     """An :class:`tensorfabric.Engine` restricted to ``transport`` with the given links.
 
@@ -36,6 +36,8 @@ def engine_from_options(
                                   transports=transports)
     if chunk_bytes:
         kwargs["chunk_bytes"] = chunk_bytes
+    if link_timeout:
+        kwargs["link_timeout"] = link_timeout
     if link_addrs:
         kwargs["links"] = list(link_addrs)
         kwargs["listen"] = [(a, port if i == 0 else 0) for i, a in enumerate(link_addrs)]

@@ -26,12 +26,13 @@ IMM_BASE = 0x4D4C0000
 
 
 def drive(peer: bytes, link_addrs: list[str], nbytes: int, reps: int = 1,
-          timeout: float = 60.0, warmup: int = 8 << 20) -> list[dict[str, Any]]:
+          timeout: float = 60.0, warmup: int = 8 << 20,
+          link_timeout: float | None = None) -> list[dict[str, Any]]:
     """Time ``reps`` writes of ``nbytes`` to ``peer`` over ``len(link_addrs)`` links."""
     from ._runner import BenchConfig, Session
 
     eng = engine_from_options(host=link_addrs[0], links=len(link_addrs), link_addrs=link_addrs,
-                              name="multilink", timeout=timeout)
+                              name="multilink", timeout=timeout, link_timeout=link_timeout)
     out = []
     with eng:
         s = Session(eng, peer, BenchConfig(timeout=timeout), "tcp")
@@ -63,7 +64,8 @@ def drive(peer: bytes, link_addrs: list[str], nbytes: int, reps: int = 1,
 
 def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None = None,
                    on_started: Any = None, timeout: float = 60.0,
-                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                   env: dict[str, str] | None = None,
+                   link_timeout: float | None = None) -> list[dict[str, Any]]:
     """Peer in namespace b, :func:`drive` in namespace a, over the links of ``net``
     (a :class:`tensorfabric.testing.netns.NetnsLinks`; ``links`` picks some by index).
 
@@ -78,7 +80,8 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     peer = net.popen("b", [sys.executable, "-c", "from tensorfabric.bench._peer import main; main()",
                            "--host", chosen[0].addr_b, "--links", str(len(chosen)),
                            "--link-addrs", ",".join(link.addr_b for link in chosen),
-                           "--idle-timeout", str(timeout)],
+                           "--idle-timeout", str(timeout),
+                           "--link-timeout", str(link_timeout or 0)],
                      stdout=subprocess.PIPE, text=True, env=env)
     assert peer.stdout is not None
     line = peer.stdout.readline().split()
@@ -87,7 +90,7 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
     errors = tempfile.TemporaryFile(mode="w+")
     driver = net.popen("a", [sys.executable, "-c", "from tensorfabric.bench._multilink import main; main()",
                              "--peer", line[1], "--nbytes", str(nbytes), "--reps", str(reps),
-                             "--timeout", str(timeout),
+                             "--timeout", str(timeout), "--link-timeout", str(link_timeout or 0),
                              "--link-addrs", ",".join(link.addr_a for link in chosen)],
                        stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     assert driver.stdout is not None
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nbytes", type=int, required=True)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--link-timeout", type=float, default=0.0)
     args = parser.parse_args(argv)
     if os.environ.get("TENSORFABRIC_BENCH_LOG"):
         import logging
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=os.environ["TENSORFABRIC_BENCH_LOG"].upper(),
                             format="driver %(asctime)s %(name)s %(message)s")
     drive(bytes.fromhex(args.peer), args.link_addrs.split(","), args.nbytes, args.reps,
-          args.timeout)
+          args.timeout, link_timeout=args.link_timeout or None)
     sys.stdout.flush()
 
 

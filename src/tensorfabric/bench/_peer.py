@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--link-addrs", default="")
     parser.add_argument("--idle-timeout", type=float, default=600.0)
     parser.add_argument("--chunk-bytes", type=int, default=0)
+    parser.add_argument("--link-timeout", type=float, default=0.0)
     args = parser.parse_args(argv)
     if os.environ.get("TENSORFABRIC_BENCH_LOG"):
         import logging
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = engine_from_options(
         host=args.host, port=args.port, transport=args.transport, links=args.links,
         link_addrs=[a for a in args.link_addrs.split(",") if a], name="bench-peer",
-        chunk_bytes=args.chunk_bytes or None,
+        chunk_bytes=args.chunk_bytes or None, link_timeout=args.link_timeout or None,
     )
     with engine:
         print(ADDRESS_LINE, engine.address.hex(), flush=True)
