@@ -233,6 +233,9 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport
         k: v for k, v in cfg.__dict__.items() if k != "connect"}})
     step = progress or (lambda _d: None)
     for transport in cfg.transports:
+        if transport == "nixl":
+            _run_nixl(cfg, report, step)
+            continue
         try:
             _check_transport(transport)
         except (ImportError, TensorFabricError) as exc:
@@ -241,6 +244,26 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport
             continue
         _run_transport(cfg, transport, report, step)
     return report
+
+
+def _run_nixl(cfg: BenchConfig, report: BenchReport, step: Progress) -> None:
+    """The nixl transport against raw NIXL (UCX shm and tcp), alternated in the same two
+    processes by the nixl transport's own benchmark (``transports._nixl_bench.compare``)."""
+    try:
+        _check_transport("nixl")
+        from tensorfabric.transports._nixl_bench import compare
+    except (ImportError, TensorFabricError) as exc:
+        report.skipped["nixl"] = str(exc)
+        step("nixl: skipped")
+        return
+    ops = tuple(o for o in cfg.ops if o in ("write", "read")) or ("write",)
+    for r in compare(list(cfg.sizes), ops=ops, rounds=3):
+        per_op = r["size"] / (r["wrapper_gbps"] * 1e9)
+        report.rows.append(Row(
+            r["op"], f"nixl/{r['tls']}", 1, r["size"], r["wrapper_gbps"], 1 / per_op,
+            per_op * 1e6, float("nan"), baseline="raw NIXL", baseline_value=r["raw_gbps"],
+            ratio=r["ratio"], extra={"ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"]}))
+    step("nixl: compared with raw NIXL")
 
 
 def _check_transport(transport: str) -> None:
