@@ -80,3 +80,31 @@ def test_link_down_mid_transfer_completes_checksummed(child_env: dict[str, str])
         # One link of two carried most of it: slower than both, yet finished well in time.
         assert r["bytes_per_s"] < 0.9 * net.total_bytes_per_s
         assert time.monotonic() - start < 45
+
+
+def _netns_names() -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_namespaces_removed_on_error_and_stale_ones_swept() -> None:
+    import subprocess
+
+    from tensorfabric.testing.netns import cleanup_stale
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with NetnsLinks(2) as net:
+            names = set(net.ns.values())
+            assert names <= _netns_names()
+            raise RuntimeError("boom")
+    assert not names & _netns_names()
+    # a run killed with SIGKILL leaves its namespaces; the next one removes them
+    stale = "tfnet-999999999-deadbeef-a"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        assert stale in cleanup_stale()
+        assert stale not in _netns_names()
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True)
