@@ -12,6 +12,7 @@ import secrets
 import ssl
 import threading
 import time
+import weakref
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -94,7 +95,7 @@ class Engine:
         name: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK,
         connect_timeout: float = 5.0,
-        link_timeout: float = 5.0,
+        link_timeout: float = 3.0,
         reconnect_grace: float = 2.0,
         inbox_bytes: int = 256 << 20,
         tls_server: ssl.SSLContext | None = None,
@@ -131,7 +132,9 @@ class Engine:
         self._inbox_waiters: dict[int, collections.deque[Transfer]] = {}
         self._inbox_bytes = 0
         self._inbox_limit = inbox_bytes
-        self._timers: list[tuple[float, int, Transfer]] = []
+        # deadlines of pending transfers; weak, so finished ones (and a recv's message) are
+        # freed as soon as the caller drops them, not when their deadline passes
+        self._timers: list[tuple[float, int, weakref.ref[Transfer]]] = []
         self._timer_seq = itertools.count()
         self._timer_cv = threading.Condition()
         self._addresses: dict[bytes, EngineAddress] = {}
@@ -431,7 +434,7 @@ class Engine:
             self._inbox_waiters.clear()
             self._inbox.clear()
         with self._timer_cv:
-            waiters += [t for _, _, t in self._timers]
+            waiters += [t for _, _, ref in self._timers if (t := ref()) is not None]
             self._timers.clear()
         for t in waiters:
             t._fail(err)
@@ -580,7 +583,8 @@ class Engine:
         t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
         if parts:
             with self._timer_cv:
-                heapq.heappush(self._timers, (t.deadline or 0.0, next(self._timer_seq), t))
+                heapq.heappush(self._timers,
+                               (t.deadline or 0.0, next(self._timer_seq), weakref.ref(t)))
         return t
 
     def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
@@ -611,10 +615,19 @@ class Engine:
             now = time.monotonic()
             expired: list[Transfer] = []
             with self._timer_cv:
-                while self._timers and (self._timers[0][2].done() or self._timers[0][0] <= now):
-                    _, _, t = heapq.heappop(self._timers)
-                    if not t.done():
-                        expired.append(t)
+                while self._timers:
+                    deadline, _, ref = self._timers[0]
+                    top = ref()
+                    if top is not None and not top.done() and deadline > now:
+                        break
+                    heapq.heappop(self._timers)
+                    if top is not None and not top.done():
+                        expired.append(top)
+                if len(self._timers) > 4096:  # drop finished entries buried under live ones
+                    live = [e for e in self._timers if (x := e[2]()) is not None and not x.done()]
+                    if len(live) < len(self._timers) // 2:
+                        heapq.heapify(live)
+                        self._timers = live
                 wait = 0.05
                 if self._timers:
                     wait = min(wait, max(0.0, self._timers[0][0] - now))

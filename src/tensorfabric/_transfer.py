@@ -22,7 +22,7 @@ class Transfer:
 
     __slots__ = (
         "kind", "nbytes", "peer", "deadline", "_lock", "_event", "_error", "_callbacks",
-        "_pending", "_cancel_hooks", "value", "started", "finished",
+        "_pending", "_cancel_hooks", "value", "started", "finished", "__weakref__",
     )
 
     def __init__(self, kind: str, nbytes: int = 0, *, parts: int = 1, peer: str | None = None,

@@ -454,6 +454,26 @@ class Conn:
         else:
             self.t._forget_accepted(self)
 
+    def flush_replies(self, timeout: float) -> None:
+        """Send the replies still queued (acknowledgements of ops that landed) before closing,
+        so a peer whose last op arrived does not see it fail."""
+        if not self.alive or not self.send_lock.acquire(timeout=timeout):
+            return
+        try:
+            with self.cond:
+                frames = list(self.replies)
+                self.replies.clear()
+            if frames or self.tail:
+                self.sock.settimeout(timeout)
+                for frame in frames:
+                    self._send_all(frame)
+                if self.tail:
+                    self._send_all([])
+        except OSError:
+            pass
+        finally:
+            self.send_lock.release()
+
     def stalled(self, now: float, timeout: float) -> bool:
         return bool(self.inflight) and now - max(self.last_rx, self.last_tx) > timeout
 
@@ -474,6 +494,7 @@ class PeerLinks:
         self.last_error: BaseException | None = None
         self.next_redial = [0.0] * transport.nlinks
         self.dialing = [False] * transport.nlinks
+        self._dial_locks = [threading.Lock() for _ in range(transport.nlinks)]
         self.closed = False
         self.failures = 0  # links lost so far
         self.requeued = 0  # chunks resent on other links after a loss
@@ -494,17 +515,21 @@ class PeerLinks:
             self._dial_later(i, 0.0)
 
     def _dial(self, i: int, timeout: float) -> Conn:
-        conn = self.t._dial(self.peer, i, self)
-        with self.cond:
-            old = self.conns[i]
-            self.conns[i] = conn
-            self.down_since = None
-            self.refused = False
-            self.cond.notify_all()
-        if old is not None:
-            old.fail()
-        conn.start()
-        return conn
+        # One dial per link at a time: two threads opening the first link to a peer at once
+        # must share it, not replace one with the other (which would resend what the
+        # replaced link had in flight).
+        with self._dial_locks[i]:
+            current = self.conns[i]
+            if current is not None and current.alive:
+                return current
+            conn = self.t._dial(self.peer, i, self)
+            with self.cond:
+                self.conns[i] = conn
+                self.down_since = None
+                self.refused = False
+                self.cond.notify_all()
+            conn.start()
+            return conn
 
     def _dial_later(self, i: int, delay: float) -> None:
         with self.cond:
@@ -835,6 +860,8 @@ class TcpTransport(Transport):
                 pass
             ls.close()
         err = ClosedError("engine closed")
+        for c in accepted:
+            c.flush_replies(0.5)
         for p in peers:
             p.close(err)
         for c in accepted:
