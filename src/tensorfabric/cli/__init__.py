@@ -8,6 +8,7 @@ happen inside the command functions, never at module import.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 import sys
 
 # Modules providing subcommands, in the order they appear in --help.
@@ -20,7 +21,7 @@ _COMMAND_MODULES = (
 )
 
 
-def build_app():  # type: ignore[no-untyped-def]
+def build_app() -> Any:
     try:
         import typer
     except ImportError as exc:  # pragma: no cover - depends on the install
