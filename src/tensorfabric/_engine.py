@@ -543,7 +543,7 @@ class Engine:
 
     def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
         if tag >= CONTROL_TAG_BASE and self._nixl is not None:
-            return self._nixl.on_control(peer, tag, data)  # type: ignore[no-any-return]
+            return self._nixl.on_control(peer, tag, data)
         msg = Message(peer.to_bytes(), tag, data)
         while True:
             with self._inbox_lock:
@@ -594,7 +594,7 @@ class Engine:
             if name == "shm" and self._shm is not None and self._shm.reaches(peer, desc):
                 return self._shm
             if name == "nixl" and self._nixl is not None and self._nixl.reaches(peer, desc):
-                return self._nixl  # type: ignore[no-any-return]
+                return self._nixl
         return self._tcp
 
     def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
