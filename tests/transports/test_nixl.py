@@ -1,0 +1,87 @@
+"""The shared conformance suite on the nixl transport (NIXL's UCX backend over shm and tcp),
+plus what only nixl has: metadata handed out only after authentication and a region key."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from tensorfabric import Access, AuthenticationError, Engine
+from tensorfabric.testing import Pair, TransportConformance
+
+HAVE_NIXL = any(importlib.util.find_spec(m) is not None for m in ("nixl_cu13", "nixl_cu12", "nixl"))
+pytestmark = [pytest.mark.nixl,
+              pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed "
+                                 "(pip install --no-deps nixl-cu13==1.5.1)")]
+
+SECRET = "nixl-conformance"
+
+
+def nixl_engines(tls: str, name: str = "n") -> tuple[Engine, Engine]:
+    opts = {"tls": tls, "net_devices": "lo"}
+    a = Engine(SECRET, transports=("nixl", "tcp"), nixl=opts, name=f"{name}a")
+    b = Engine(SECRET, transports=("nixl", "tcp"), nixl=opts, name=f"{name}b")
+    return a, b
+
+
+def _pair(tls: str, big: int) -> Iterator[Pair]:
+    a, b = nixl_engines(tls)
+    with a, b:
+        def make(n: int, acc: Access):
+            region = b.register(np.zeros(n, np.uint8), acc)
+            assert a._transport_for(a._peer(b.address), region.descriptor()).name == "nixl"
+            return region
+
+        yield Pair(a, b, make, big=big)
+
+
+class TestNixlShm(TransportConformance):
+    """UCX over shared memory (cma for registered DRAM)."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        yield from _pair("shm", 1 << 30)
+
+
+class TestNixlTcp(TransportConformance):
+    """UCX over tcp on loopback."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        yield from _pair("tcp", 256 << 20)
+
+
+def test_no_metadata_without_the_secret() -> None:
+    """A peer with the wrong cluster secret never gets NIXL metadata: the open goes over
+    the authenticated tcp link, which refuses it."""
+    opts = {"tls": "shm", "net_devices": "lo"}
+    with Engine(SECRET, transports=("nixl", "tcp"), nixl=opts) as owner, \
+            Engine("wrong", transports=("nixl", "tcp"), nixl=opts) as intruder:
+        region = owner.register(np.zeros(4096, np.uint8))
+        with pytest.raises(AuthenticationError):
+            intruder.write(b"x" * 10, region.descriptor()).wait(10)
+        assert not region.array.any()
+        assert not owner._nixl._remote_agents and not owner._nixl._owned
+
+
+def test_missing_nixl_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorfabric.transports import _nixl
+
+    with pytest.raises(ImportError, match=r"tensorfabric\[nixl\]"):
+        _nixl.load_nixl("no_such_nixl_module")
+
+
+def test_bulk_bytes_bypass_the_tcp_links() -> None:
+    """The data goes through NIXL: tcp carries only the open request and its answer."""
+    a, b = nixl_engines("shm", "bypass")
+    with a, b:
+        region = b.register(np.zeros(16 << 20, np.uint8))
+        src = np.random.default_rng(1).integers(0, 256, 16 << 20, dtype=np.uint8)
+        a.write(src, region.descriptor(), imm=3).wait(20)
+        b.expect(3).wait(20)
+        assert np.array_equal(region.array, src)
+        sent = sum(sum(v) for v in a.stats()["links"].values())
+        assert 0 < sent < 64 << 10, f"{sent} bytes went over tcp"
