@@ -69,9 +69,13 @@ def load_nixl(module: str | None = None) -> Any:
     err: Exception | None = None
     for name in names:
         try:
-            return importlib.import_module(f"{name}._api")
+            api = importlib.import_module(f"{name}._api")
         except ImportError as exc:
             err = exc
+            continue
+        for logger in (name, f"{name}._api", "nixl"):  # NIXL logs every agent start at INFO
+            logging.getLogger(logger).setLevel(logging.WARNING)
+        return api
     raise ImportError(f"the nixl transport needs NVIDIA NIXL: {EXTRA_HINT}") from err
 
 
@@ -127,7 +131,7 @@ class NixlTransport(Transport):
         self._remote_agents: dict[bytes, str] = {}  # peer engine id -> its agent (we loaded)
         self._peer_of_agent: dict[str, bytes] = {}  # agent -> authenticated peer engine id
         self._owned: dict[int, tuple[Any, memoryview]] = {}  # region -> (reg dlist, view)
-        self._local: dict[int, Any] = {}  # our region id -> reg dlist of its memory (sources)
+        self._local: dict[int, tuple[Any, int, memoryview]] = {}  # our regions: reg, address
         self._ops: dict[int, _Op] = {}
         self._opens: dict[int, list[Any]] = {}  # request id -> [event, reply]
         self._req_ids = itertools.count(1)
@@ -172,7 +176,6 @@ class NixlTransport(Transport):
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-        logging.getLogger("nixl").setLevel(logging.WARNING)
         return agent
 
     # -- routing ------------------------------------------------------------------------
@@ -196,15 +199,24 @@ class NixlTransport(Transport):
             log.debug("nixl: deregister failed: %s", exc)
 
     def _source(self, view: memoryview, keep: list[Any]) -> None:
-        """Make ``view`` usable as the local side of a transfer. A region of this engine is
-        registered once (until unregistered); any other buffer for the one op."""
+        """Make ``view`` usable as the local side of a transfer. Memory inside a region of this
+        engine is registered once (until unregistered); any other buffer for the one op."""
+        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        end = addr + view.nbytes
         regions = getattr(self.handler, "_regions", {})
         for rid, region in list(regions.items()):
-            if region._view is view:
-                with self._lock:
-                    if rid not in self._local:
-                        self._local[rid] = self._register(view)
-                return
+            rv = region._view
+            if rv is None or rv.nbytes < view.nbytes:
+                continue
+            with self._lock:
+                hit = self._local.get(rid)
+                if hit is None or hit[2] is not rv:
+                    base = np.frombuffer(rv, dtype=np.uint8).ctypes.data
+                    if not (base <= addr and end <= base + rv.nbytes):
+                        continue
+                    hit = self._local[rid] = (self._register(rv), base, rv)
+                if hit[1] <= addr and end <= hit[1] + rv.nbytes:
+                    return
         keep.append(("reg", self._register(view)))
 
     def forget_region(self, region: int) -> None:
@@ -213,7 +225,7 @@ class NixlTransport(Transport):
         with self._lock:
             owned = self._owned.pop(region, None)
             local = self._local.pop(region, None)
-        for reg in (owned[0] if owned else None, local):
+        for reg in (owned[0] if owned else None, local[0] if local else None):
             if reg is not None:
                 self._deregister(reg)
 
@@ -532,7 +544,7 @@ class NixlTransport(Transport):
                     self._agent.remove_remote_agent(name)
                 except Exception:
                     pass
-            for reg in [o[0] for o in self._owned.values()] + list(self._local.values()):
+            for reg in [o[0] for o in self._owned.values()] + [x[0] for x in self._local.values()]:
                 self._deregister(reg)
             self._owned.clear()
             self._local.clear()
