@@ -165,6 +165,10 @@ class Engine:
                 self._nixl = NixlTransport(self._tcp, self, self._id, **dict(nixl or {}))
             except BaseException:
                 self._tcp.close()
+                if self._shm is not None:
+                    self._shm.close()
+                if self._probe is not None:
+                    self._probe.close()
                 raise
         self._address = EngineAddress(
             engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),
