@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from tensorfabric import Access, AuthenticationError, Engine
+from tensorfabric import Access, AuthenticationError, ConfigError, Engine
 from tensorfabric.testing import Pair, TransportConformance
 
 HAVE_NIXL = any(importlib.util.find_spec(m) is not None for m in ("nixl_cu13", "nixl_cu12", "nixl"))
@@ -67,11 +67,23 @@ def test_no_metadata_without_the_secret() -> None:
         assert not owner._nixl._remote_agents and not owner._nixl._owned
 
 
-def test_missing_nixl_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_nixl_names_the_extra() -> None:
     from tensorfabric.transports import _nixl
 
     with pytest.raises(ImportError, match=r"tensorfabric\[nixl\]"):
         _nixl.load_nixl("no_such_nixl_module")
+    with pytest.raises(ImportError, match=r"tensorfabric\[nixl\]"):
+        Engine(SECRET, transports=("nixl", "tcp"), nixl={"module": "no_such_nixl_module"})
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"tsl": "shm"}, "unknown nixl option"),
+    ({"tls": "no_such_tl"}, "could not start its UCX backend"),
+    ({"backend": "NOPE"}, "has no NOPE plugin"),
+])
+def test_bad_options_are_config_errors(opts: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Engine(SECRET, transports=("nixl", "tcp"), nixl=opts)
 
 
 def test_bulk_bytes_bypass_the_tcp_links() -> None:

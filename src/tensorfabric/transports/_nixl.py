@@ -119,7 +119,11 @@ class NixlTransport(Transport):
     def __init__(self, tcp: TcpTransport, handler: InboundHandler, engine_id: bytes, *,
                  backend: str = "UCX", tls: str | None = None, net_devices: str | None = None,
                  backend_params: dict[str, str] | None = None, progress_thread: bool = False,
-                 module: str | None = None, open_timeout: float = 10.0) -> None:
+                 module: str | None = None, open_timeout: float = 10.0,
+                 **unknown: Any) -> None:
+        if unknown:
+            raise ConfigError(f"unknown nixl option(s) {sorted(unknown)}; known: backend, tls, "
+                              "net_devices, backend_params, progress_thread, module, open_timeout")
         self._api = load_nixl(module)
         self.tcp, self.handler, self.backend = tcp, handler, backend
         self.open_timeout = open_timeout
@@ -168,8 +172,11 @@ class NixlTransport(Transport):
             except TensorFabricError:
                 raise
             except Exception as exc:
-                raise ConfigError(f"NIXL could not start its {self.backend} backend: {exc}; "
-                                  "check tls/net_devices (docs/troubleshooting/nixl.md)") from exc
+                hint = ("its plugin needs libfabric.so.1 (EFA installer), libhwloc.so.15 and "
+                        "libcuda.so.1 on the library path" if self.backend == "LIBFABRIC" else
+                        "check the tls and net_devices options")
+                raise ConfigError(f"NIXL could not start its {self.backend} backend ({exc}): "
+                                  f"{hint}; see docs/troubleshooting/nixl.md") from exc
             finally:
                 for k, v in saved.items():
                     if v is None:
