@@ -4,6 +4,7 @@ plus what only nixl has: metadata handed out only after authentication and a reg
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Iterator
 
 import numpy as np
@@ -97,3 +98,46 @@ def test_bulk_bytes_bypass_the_tcp_links() -> None:
         assert np.array_equal(region.array, src)
         sent = sum(sum(v) for v in a.stats()["links"].values())
         assert 0 < sent < 64 << 10, f"{sent} bytes went over tcp"
+
+
+def test_both_directions_at_once() -> None:
+    """Each engine is owner and initiator: metadata loaded in both roles must not clash."""
+    import threading
+
+    a, b = nixl_engines("shm", "both")
+    with a, b:
+        ra, rb = a.register(np.zeros(1 << 20, np.uint8)), b.register(np.zeros(1 << 20, np.uint8))
+        errors: list[BaseException] = []
+
+        def run(src: Engine, dst_desc, imm: int) -> None:
+            try:
+                for i in range(16):
+                    src.write(np.full(1 << 16, i, np.uint8), dst_desc, dst_offset=i << 16,
+                              imm=imm).wait(20)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(a, rb.descriptor(), 1)),
+                   threading.Thread(target=run, args=(b, ra.descriptor(), 2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        b.expect(1, 16).wait(20)
+        a.expect(2, 16).wait(20)
+        for r in (ra, rb):
+            assert all((r.array[i << 16:(i + 1) << 16] == i).all() for i in range(16))
+
+
+def test_cancelled_ops_leave_no_work_behind() -> None:
+    a, b = nixl_engines("shm", "cancel")
+    with a, b:
+        region = b.register(np.zeros(64 << 20, np.uint8))
+        a.write(b"warm", region.descriptor()).wait(20)
+        for _ in range(3):
+            a.write(np.ones(64 << 20, np.uint8), region.descriptor()).cancel()
+        deadline = time.monotonic() + 20
+        while a._nixl._ops and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not a._nixl._ops, "finished or cancelled ops must be dropped by the progress loop"

@@ -449,6 +449,10 @@ class NixlTransport(Transport):
                     continue
                 op.xfer_done = state == "DONE"
                 active = True
+            if op.wop.dead and (op.xfer_done or op.handle is None):
+                self._ops.pop(op_id, None)  # timed out or cancelled: NIXL is done with the memory
+                self._release(op)
+                continue
             if op.xfer_done and op.ack is not None:
                 status, text = op.ack
                 err = None if status == w.Status.OK else status_error(status, text, str(op.peer),
