@@ -141,3 +141,15 @@ def test_cancelled_ops_leave_no_work_behind() -> None:
         while a._nixl._ops and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not a._nixl._ops, "finished or cancelled ops must be dropped by the progress loop"
+
+
+def test_docs_examples_run() -> None:
+    """Every python block in docs/nixl.md runs as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "nixl.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"nixl.md[{i}]", "exec"), {"__name__": "__doc_example__"})
