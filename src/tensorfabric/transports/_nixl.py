@@ -60,6 +60,8 @@ _REPLY = struct.Struct("<4sQBQQII")  # magic, request id, status, address, nbyte
 _NOTE = struct.Struct("<4sQQBBQ16s")  # magic, op id, region, need, has-imm, imm, key (+ table)
 _ACK = struct.Struct("<4sQB")  # magic, op id, status (+ text)
 _env_lock = threading.Lock()
+_HOT_S = 0.5  # keep polling without sleeping this long after the last sign of traffic
+_IDLE_S = 0.0005  # then sleep this long between polls
 
 
 def load_nixl(module: str | None = None) -> Any:
@@ -419,11 +421,12 @@ class NixlTransport(Transport):
                 active = False
             now = time.monotonic()
             if active or self._ops:
-                hot_until = now + 0.05
+                # stay hot a while: over UCX tcp the owner must poll for bytes to arrive at all
+                hot_until = now + _HOT_S
             if now < hot_until:
-                os.sched_yield()  # 2 cores shared with the peer: let it run between polls
+                os.sched_yield()  # cores are shared with the peer: let it run between polls
             else:
-                self._wake.wait(0.002)
+                self._wake.wait(_IDLE_S)
                 self._wake.clear()
 
     def _poll_once(self) -> bool:

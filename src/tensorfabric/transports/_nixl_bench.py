@@ -68,11 +68,12 @@ def _raw_target(conn: Any, env: dict[str, str], nbytes: int) -> None:
     buf = np.full(nbytes, 7, np.uint8)  # pre-faulted
     agent.register_memory([(buf.ctypes.data, nbytes, 0, "")], "DRAM")
     conn.send((agent.get_agent_metadata(), buf.ctypes.data))
-    notifs = 0
+    notifs, spins = 0, 0
     while True:  # progress the worker: UCX over tcp needs the target to poll
         new = agent.get_new_notifs()
         notifs += sum(len(m) for m in new.values())
-        if not conn.poll():
+        spins += 1
+        if spins % 256 or not conn.poll():  # a pipe poll is a syscall: only now and then
             if not new:
                 os.sched_yield()
             continue
