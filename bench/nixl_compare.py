@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-size", default="256MiB")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--net-devices", default="lo")
+    ap.add_argument("--no-confirm", action="store_true",
+                    help="nixl option confirm=False: ops complete when NIXL is done, no owner ack")
     args = ap.parse_args(argv)
     sizes = default_sizes(parse_size(args.max_size), parse_size(args.min_size))
     print(f"# nixl transport vs raw NIXL, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# command: python bench/nixl_compare.py {' '.join(argv or sys.argv[1:])}")
     rows = compare(sizes, tls=tuple(args.tls or ["shm", "tcp"]), ops=tuple(args.ops.split(",")),
                    net_devices=args.net_devices, rounds=args.rounds,
+                   nixl={"confirm": False} if args.no_confirm else None,
                    progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True))
     print("| UCX | op | size | raw NIXL GB/s | nixl transport GB/s | wrapper / raw (range) |")
     print("|---|---|---:|---:|---:|---:|")

@@ -10,7 +10,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from tensorfabric import Access, AuthenticationError, ConfigError, Engine
+from tensorfabric import (Access, AuthenticationError, ConfigError, Engine, TensorFabricError,
+                          TransferTimeout)
 from tensorfabric.testing import Pair, TransportConformance
 
 HAVE_NIXL = any(importlib.util.find_spec(m) is not None for m in ("nixl_cu13", "nixl_cu12", "nixl"))
@@ -153,3 +154,29 @@ def test_docs_examples_run() -> None:
     assert blocks
     for i, code in enumerate(blocks):
         exec(compile(code, f"nixl.md[{i}]", "exec"), {"__name__": "__doc_example__"})
+
+
+def test_without_confirmation_the_owner_still_checks() -> None:
+    """confirm=False: ops complete when NIXL is done; the owner still counts only valid ops."""
+    opts = {"tls": "shm", "net_devices": "lo", "confirm": False}
+    with Engine(SECRET, transports=("nixl", "tcp"), nixl=opts) as a, \
+            Engine(SECRET, transports=("nixl", "tcp"), nixl=opts) as b:
+        region = b.register(np.zeros(1 << 20, np.uint8))
+        desc = region.descriptor()
+        a.write(np.full(1 << 20, 5, np.uint8), desc, imm=8).wait(20)
+        b.expect(8).wait(20)
+        assert (region.array == 5).all()
+        back = np.zeros(1000, np.uint8)
+        a.read(desc, back).wait(20)
+        assert (back == 5).all()
+        b.unregister(region)  # a's open is cached; NIXL may refuse, else the owner does
+        try:
+            a.write(b"x" * 10, desc, imm=9).wait(20)
+        except TensorFabricError:
+            pass
+        with pytest.raises(TransferTimeout):
+            b.expect(9, timeout=0.5).wait()
+        fresh = b.register(np.zeros(100, np.uint8))  # the pair recovers
+        a.write(b"y" * 100, fresh.descriptor(), imm=10).wait(20)
+        b.expect(10).wait(20)
+        assert bytes(fresh.array[:3]) == b"yyy"

@@ -57,7 +57,8 @@ TAG_OPEN = 0xFFFF_FFFF_4E49_0001  # control tags (>= engine CONTROL_TAG_BASE)
 TAG_OPEN_REPLY = 0xFFFF_FFFF_4E49_0002
 _OPEN = struct.Struct("<4sQQB16sI")  # magic, request id, region, need, key, metadata length
 _REPLY = struct.Struct("<4sQBQQII")  # magic, request id, status, address, nbytes, text len, md len
-_NOTE = struct.Struct("<4sQQBBQ16s")  # magic, op id, region, need, has-imm, imm, key (+ table)
+_NOTE = struct.Struct("<4sQQBBQ16s")  # magic, op id, region, need, flags, imm, key (+ table)
+_F_IMM, _F_NO_ACK = 1, 2
 _ACK = struct.Struct("<4sQB")  # magic, op id, status (+ text)
 _env_lock = threading.Lock()
 _HOT_S = 0.5  # keep polling without sleeping this long after the last sign of traffic
@@ -112,7 +113,11 @@ class NixlTransport(Transport):
     for loopback tests). ``backend_params``: passed to NIXL's ``create_backend`` (e.g.
     ``{"num_workers": "2"}``). ``progress_thread``: NIXL's own progress thread (busy polls;
     off by default). ``module``: which NIXL wheel to import (``"nixl_cu12"``...).
-    ``open_timeout``: seconds to wait for a region-open answer.
+    ``open_timeout``: seconds to wait for a region-open answer. ``confirm``: True (default)
+    completes an op when the owner has checked it and acknowledged; False completes it when
+    NIXL reports the transfer done, like raw RDMA (one notification fewer per op; the owner
+    still checks each op and counts its immediate only if it passes, but a refusal after
+    the open is only logged at the owner, not raised at the initiator).
     """
 
     name = "nixl"
@@ -121,14 +126,17 @@ class NixlTransport(Transport):
     def __init__(self, tcp: TcpTransport, handler: InboundHandler, engine_id: bytes, *,
                  backend: str = "UCX", tls: str | None = None, net_devices: str | None = None,
                  backend_params: dict[str, str] | None = None, progress_thread: bool = False,
-                 module: str | None = None, open_timeout: float = 10.0,
+                 module: str | None = None, open_timeout: float = 10.0, confirm: bool = True,
                  **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"unknown nixl option(s) {sorted(unknown)}; known: backend, tls, "
-                              "net_devices, backend_params, progress_thread, module, open_timeout")
+                              "net_devices, backend_params, progress_thread, module, open_timeout, "
+                              "confirm")
         self._api = load_nixl(module)
         self.tcp, self.handler, self.backend = tcp, handler, backend
         self.open_timeout = open_timeout
+        self.confirm = bool(confirm)
+        self._flags = 0 if self.confirm else _F_NO_ACK
         self.agent_name = agent_name(engine_id)
         self._lock = threading.RLock()  # every agent call; NIXL's agent is not thread-safe
         self._agent = self._make_agent(tls, net_devices, dict(backend_params or {}),
@@ -351,8 +359,9 @@ class NixlTransport(Transport):
         keep: list[Any] = [src]
         live = lengths > 0
         table = w.segments_table(dst_off, lengths)
-        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_WRITE),
-                          imm is not None, imm or 0, desc.key) + table
+        flags = self._flags | (_F_IMM if imm is not None else 0)
+        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_WRITE), flags,
+                          imm or 0, desc.key) + table
         if not live.any():
             self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, None, note)
             return
@@ -370,8 +379,8 @@ class NixlTransport(Transport):
         off = np.array([src_offset], np.uint64)
         _check_bounds(remote, desc, off, n, peer)
         keep: list[Any] = [dst]
-        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_READ), False, 0,
-                          desc.key) + w.segments_table(off, n)
+        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_READ),
+                          self._flags, 0, desc.key) + w.segments_table(off, n)
         if not dst.nbytes:
             self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, None, note)
             return
@@ -405,6 +414,7 @@ class NixlTransport(Transport):
             self._release(op)
             if isinstance(exc, TensorFabricError):
                 raise
+            self._drop_peer(op.peer.engine_id)  # e.g. the owner deregistered: reopen next time
             raise BrokenError(f"NIXL could not start the transfer to {op.peer}: {exc}",
                               peer=str(op.peer)) from exc
         self._wake.set()
@@ -456,8 +466,8 @@ class NixlTransport(Transport):
                 self._ops.pop(op_id, None)  # timed out or cancelled: NIXL is done with the memory
                 self._release(op)
                 continue
-            if op.xfer_done and op.ack is not None:
-                status, text = op.ack
+            if op.xfer_done and (op.ack is not None or not self.confirm):
+                status, text = op.ack or (w.Status.OK, "")
                 err = None if status == w.Status.OK else status_error(status, text, str(op.peer),
                                                                       op.region)
                 self._finish(op_id, err)
@@ -474,7 +484,7 @@ class NixlTransport(Transport):
         if msg[:4] != b"tfNN" or len(msg) < _NOTE.size or peer_id is None:
             log.warning("nixl: dropped a notification from unknown agent %r", agent)
             return
-        _, op_id, region, need, has_imm, imm, key = _NOTE.unpack_from(msg)
+        _, op_id, region, need, flags, imm, key = _NOTE.unpack_from(msg)
         body = msg[_NOTE.size:]
         if len(body) % w.SEG_DTYPE.itemsize:
             status, text = w.Status.ERROR, "malformed segment table"
@@ -482,7 +492,11 @@ class NixlTransport(Transport):
             table = np.frombuffer(body, dtype=w.SEG_DTYPE)
             status, text, _ = self.handler.resolve(region, key, need, table)
         if status == w.Status.OK and need == Access.REMOTE_WRITE:
-            self.handler.landed(peer_id, op_id, 0, 1, imm if has_imm else None)
+            self.handler.landed(peer_id, op_id, 0, 1, imm if flags & _F_IMM else None)
+        elif status != w.Status.OK:
+            log.warning("nixl: refused op %d from %s: %s", op_id, agent, text)
+        if flags & _F_NO_ACK:
+            return
         ack = _ACK.pack(b"tfNA", op_id, status) + text.encode()[:2000]
         try:
             with self._lock:

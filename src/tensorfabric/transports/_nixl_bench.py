@@ -138,11 +138,11 @@ def _raw_initiator(out: Any, tconn: Any, env: dict[str, str], sizes: list[int],
 
 # -- the wrapper ------------------------------------------------------------------------------
 
-def _engine(name: str, tls: str, net_devices: str | None) -> Any:
+def _engine(name: str, tls: str, net_devices: str | None, **extra: Any) -> Any:
     from .._engine import Engine
 
     return Engine("nixl-bench", transports=("nixl", "tcp"), name=name,
-                  nixl={"tls": tls, "net_devices": net_devices}, timeout=300)
+                  nixl={"tls": tls, "net_devices": net_devices, **extra}, timeout=300)
 
 
 def _wrap_target(conn: Any, tls: str, net_devices: str | None, nbytes: int) -> None:
@@ -262,12 +262,13 @@ def _finish_rows(rows: list[dict[str, Any]], tls: str) -> list[dict[str, Any]]:
 
 # -- raw and wrapper alternated in one pair of processes ---------------------------------------
 
-def _alt_target(conn: Any, tls: str, net_devices: str | None, nbytes: int) -> None:
+def _alt_target(conn: Any, tls: str, net_devices: str | None, nbytes: int,
+                opts: dict[str, Any]) -> None:
     env = ucx_env(tls, net_devices)
     agent = _raw_agent(f"raw-target-{os.getpid()}", env)
     raw = np.full(nbytes, 7, np.uint8)
     agent.register_memory([(raw.ctypes.data, nbytes, 0, "")], "DRAM")
-    with _engine("target", tls, net_devices) as eng:
+    with _engine("target", tls, net_devices, **opts) as eng:
         region = eng.register(np.full(nbytes, 7, np.uint8))
         conn.send((agent.get_agent_metadata(), raw.ctypes.data, region.descriptor().to_bytes()))
         mode, spins = "wrapper", 0
@@ -289,7 +290,7 @@ def _alt_target(conn: Any, tls: str, net_devices: str | None, nbytes: int) -> No
 
 
 def _alt_initiator(out: Any, tconn: Any, tls: str, net_devices: str | None, sizes: list[int],
-                   ops: list[str], rounds: int) -> None:
+                   ops: list[str], rounds: int, opts: dict[str, Any]) -> None:
     from .._region import RegionDescriptor
 
     if not tconn.poll(120):
@@ -308,7 +309,7 @@ def _alt_initiator(out: Any, tconn: Any, tls: str, net_devices: str | None, size
         tconn.recv()
 
     rows = []
-    with _engine("initiator", tls, net_devices) as eng:
+    with _engine("initiator", tls, net_devices, **opts) as eng:
         if eng._transport_for(eng._peer(desc.owner), desc).name != "nixl":
             raise RuntimeError("the wrapper benchmark would not go through nixl")
         src = eng.register(rsrc.copy())
@@ -360,7 +361,7 @@ def _alt_initiator(out: Any, tconn: Any, tls: str, net_devices: str | None, size
 
 def compare(sizes: list[int] | None = None, *, tls: tuple[str, ...] = ("shm", "tcp"),
             ops: tuple[str, ...] = ("write", "read"), net_devices: str | None = "lo",
-            rounds: int = 5, timeout: float = 1200.0,
+            rounds: int = 5, timeout: float = 1200.0, nixl: dict[str, Any] | None = None,
             progress: Callable[[str], Any] | None = None) -> list[dict[str, Any]]:
     """Raw NIXL and the nixl transport in the same two processes, alternated batch by batch
     ``rounds`` times per size (the order flips every round), so noise hits both alike.
@@ -369,16 +370,18 @@ def compare(sizes: list[int] | None = None, *, tls: tuple[str, ...] = ("shm", "t
     median of the per-round wrapper/raw throughput ratios) and its ``ratio_min``/``ratio_max``.
     Raw NIXL reposts one prepared handle per size (each write carrying a notification);
     the wrapper runs ``Engine.write(..., imm=1)`` / ``Engine.read`` from registered regions,
-    each waited for (that includes the owner's acknowledgement).
+    each waited for (that includes the owner's acknowledgement unless ``nixl`` holds
+    ``{"confirm": False}``; ``nixl`` holds further options for both engines).
     """
     sizes = sizes or default_sizes()
     out = []
     for t in tls:
         if progress:
             progress(f"raw NIXL and nixl transport over UCX {t}")
-        rows = _run_pair(_alt_target, (t, net_devices, max(sizes)), _alt_initiator,
-                         (t, net_devices, sizes, list(ops), rounds), f"nixl compare ({t})",
-                         timeout)
+        opts = dict(nixl or {})
+        rows = _run_pair(_alt_target, (t, net_devices, max(sizes), opts), _alt_initiator,
+                         (t, net_devices, sizes, list(ops), rounds, opts),
+                         f"nixl compare ({t})", timeout)
         for r in rows:
             r["tls"] = t
         out += rows
