@@ -113,6 +113,7 @@ class NixlTransport(Transport):
     for loopback tests). ``backend_params``: passed to NIXL's ``create_backend`` (e.g.
     ``{"num_workers": "2"}``). ``progress_thread``: NIXL's own progress thread (busy polls;
     off by default). ``module``: which NIXL wheel to import (``"nixl_cu12"``...).
+    ``ucx_modules``: UCX_MODULES (default with a ``tls`` preset: ``"^ib,rdmacm"``).
     ``open_timeout``: seconds to wait for a region-open answer. ``confirm``: True (default)
     completes an op when the owner has checked it and acknowledged; False completes it when
     NIXL reports the transfer done, like raw RDMA (one notification fewer per op; the owner
@@ -127,11 +128,11 @@ class NixlTransport(Transport):
                  backend: str = "UCX", tls: str | None = None, net_devices: str | None = None,
                  backend_params: dict[str, str] | None = None, progress_thread: bool = False,
                  module: str | None = None, open_timeout: float = 10.0, confirm: bool = True,
-                 **unknown: Any) -> None:
+                 ucx_modules: str | None = None, **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"unknown nixl option(s) {sorted(unknown)}; known: backend, tls, "
                               "net_devices, backend_params, progress_thread, module, open_timeout, "
-                              "confirm")
+                              "confirm, ucx_modules")
         self._api = load_nixl(module)
         self.tcp, self.handler, self.backend = tcp, handler, backend
         self.open_timeout = open_timeout
@@ -140,13 +141,14 @@ class NixlTransport(Transport):
         self.agent_name = agent_name(engine_id)
         self._lock = threading.RLock()  # every agent call; NIXL's agent is not thread-safe
         self._agent = self._make_agent(tls, net_devices, dict(backend_params or {}),
-                                       progress_thread)
+                                       progress_thread, ucx_modules)
         self._remotes: dict[tuple[bytes, int, int, bytes], _Remote] = {}
         self._remote_agents: dict[bytes, str] = {}  # peer engine id -> its agent (we loaded)
         self._peer_of_agent: dict[str, bytes] = {}  # agent -> authenticated peer engine id
         self._owned: dict[int, tuple[Any, memoryview]] = {}  # region -> (reg dlist, view)
         self._local: dict[int, tuple[Any, int, memoryview]] = {}  # our regions: reg, address
         self._ops: dict[int, _Op] = {}
+        self._retired: list[tuple[Any, memoryview]] = []  # unregistered regions peers opened
         self._opens: dict[int, list[Any]] = {}  # request id -> [event, reply]
         self._req_ids = itertools.count(1)
         self._work: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
@@ -160,16 +162,22 @@ class NixlTransport(Transport):
             th.start()
 
     def _make_agent(self, tls: str | None, net_devices: str | None, params: dict[str, str],
-                    progress_thread: bool) -> Any:
+                    progress_thread: bool, ucx_modules: str | None) -> Any:
         api = self._api
         env = {}
         if tls:
             env["UCX_TLS"] = TLS_PRESETS.get(tls, tls)
         if net_devices:
             env["UCX_NET_DEVICES"] = net_devices
-        sync = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if progress_thread else None
+        if ucx_modules is None and tls in TLS_PRESETS and "UCX_MODULES" not in os.environ:
+            # no InfiniBand needed: skip UCX's ib module, whose bundled libnl-route crashes
+            # the process at exit (nixl-cu13 1.5.1, seen on machines without RDMA NICs)
+            ucx_modules = "^ib,rdmacm"
+        if ucx_modules:
+            env["UCX_MODULES"] = ucx_modules
+        # NIXL's own locking too: UCX may report a failed peer from its async thread
         cfg = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=[],
-                                    sync_mode=sync)
+                                    sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         with _env_lock:  # UCX reads its settings from the environment when the backend starts
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
@@ -237,14 +245,17 @@ class NixlTransport(Transport):
         keep.append(("reg", self._register(view)))
 
     def forget_region(self, region: int) -> None:
-        """The engine unregistered ``region``: deregister it from NIXL (RDMA NICs then refuse
-        peers' accesses with its old key)."""
+        """The engine unregistered ``region``. Peers that opened it keep its metadata, and
+        deregistering memory under them crashed NIXL 1.5.1's initiator (a segfault in
+        createXferReq), so the registration and the buffer are retired, not freed, until
+        the engine closes. The owner refuses every later op on the region."""
         with self._lock:
             owned = self._owned.pop(region, None)
             local = self._local.pop(region, None)
-        for reg in (owned[0] if owned else None, local[0] if local else None):
-            if reg is not None:
-                self._deregister(reg)
+            if owned is not None:
+                self._retired.append(owned)
+        if local is not None:
+            self._deregister(local[0])  # our own sources: no peer holds their metadata
 
     # -- opening a peer's region (initiator) ----------------------------------------------
 
@@ -572,9 +583,11 @@ class NixlTransport(Transport):
                     self._agent.remove_remote_agent(name)
                 except Exception:
                     pass
-            for reg in [o[0] for o in self._owned.values()] + [x[0] for x in self._local.values()]:
+            regs = [o[0] for o in self._owned.values()] + [o[0] for o in self._retired]
+            for reg in regs + [x[0] for x in self._local.values()]:
                 self._deregister(reg)
             self._owned.clear()
+            self._retired.clear()
             self._local.clear()
             self._remote_agents.clear()
             self._agent = None

@@ -28,6 +28,8 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 def ucx_env(tls: str, net_devices: str | None = "lo") -> dict[str, str]:
     env = {"UCX_TLS": TLS_PRESETS.get(tls, tls)}
+    if tls in TLS_PRESETS:
+        env["UCX_MODULES"] = "^ib,rdmacm"  # see NixlTransport: avoids a crash at exit
     if net_devices:
         env["UCX_NET_DEVICES"] = net_devices  # else UCX routes loopback via the external address
     return env
