@@ -26,6 +26,7 @@ class EngineAddress:
     pid: int = 0
     probe_fd: int = -1
     probe_nonce: bytes = b""
+    transports: tuple[str, ...] = ()  #: optional transports it also accepts (e.g. "nixl")
 
     def to_bytes(self) -> bytes:
         body = {
@@ -36,6 +37,8 @@ class EngineAddress:
             "pid": self.pid,
             "probe": [self.probe_fd, self.probe_nonce.hex()],
         }
+        if self.transports:
+            body["x"] = list(self.transports)
         return _MAGIC + json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -55,6 +58,7 @@ class EngineAddress:
                 pid=int(body.get("pid", 0)),
                 probe_fd=int(body.get("probe", [-1, ""])[0]),
                 probe_nonce=bytes.fromhex(body.get("probe", [-1, ""])[1]),
+                transports=tuple(str(x) for x in body.get("x", ())),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"malformed engine address: {exc}") from None

@@ -26,7 +26,7 @@ from ._errors import ConfigError
 
 _ENGINE_KEYS = {
     "host", "port", "listen", "links", "transports", "timeout", "name", "chunk_bytes",
-    "connect_timeout", "link_timeout", "reconnect_grace", "inbox_bytes",
+    "connect_timeout", "link_timeout", "reconnect_grace", "inbox_bytes", "nixl",
 }
 _ALL_KEYS = _ENGINE_KEYS | {"secret_file", "tls"}
 

@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -38,6 +38,9 @@ log = logging.getLogger("tensorfabric")
 
 _U64 = (1 << 64) - 1
 _RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
+#: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
+#: region-open requests), handled by that transport instead of the inbox
+CONTROL_TAG_BASE = 0xFFFF_FFFF_0000_0000
 
 
 class ScatterDest(NamedTuple):
@@ -78,8 +81,9 @@ class Engine:
     opens to each peer, or a list of local addresses to bind them to (one link per entry,
     link ``i`` connecting to the peer's ``i``-th listen address). ``transports`` lists the
     transports this engine may use, in order of preference (``"shm"`` is used for same-host
-    peers' shared-memory regions, ``"tcp"`` for everything else). ``timeout`` is the default
-    deadline (seconds) of every operation.
+    peers' shared-memory regions, ``"tcp"`` for everything else; ``"nixl"`` adds NVIDIA NIXL
+    for peers that have it too, configured by the ``nixl`` options, see ``docs/nixl.md``).
+    ``timeout`` is the default deadline (seconds) of every operation.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class Engine:
         inbox_bytes: int = 256 << 20,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
+        nixl: Mapping[str, Any] | None = None,
     ) -> None:
         secret_bytes = _auth.resolve_secret(secret)
         if isinstance(links, int):
@@ -110,9 +115,10 @@ class Engine:
             link_addrs = list(links)
             if not link_addrs:
                 raise ConfigError("links must name at least one local address")
-        unknown = set(transports) - {"shm", "tcp"}
+        unknown = set(transports) - {"shm", "tcp", "nixl"}
         if unknown:
-            raise ConfigError(f"unknown transport(s) {sorted(unknown)}; known: shm, tcp")
+            raise ConfigError(f"unknown transport(s) {sorted(unknown)}; known: shm, tcp, nixl")
+        self._order = tuple(transports)
         if timeout <= 0 or chunk_bytes < 4096:
             raise ConfigError("timeout must be > 0 and chunk_bytes at least 4096")
         self.timeout = float(timeout)
@@ -154,10 +160,24 @@ class Engine:
             probe_nonce = secrets.token_bytes(16)
             self._probe.map[:16] = probe_nonce
             self._shm = ShmTransport(self._tcp, timeout=connect_timeout)
+        self._nixl: Any = None
+        if "nixl" in transports:
+            from .transports._nixl import NixlTransport  # ImportError names the extra
+
+            try:
+                self._nixl = NixlTransport(self._tcp, self, self._id, **dict(nixl or {}))
+            except BaseException:
+                self._tcp.close()
+                if self._shm is not None:
+                    self._shm.close()
+                if self._probe is not None:
+                    self._probe.close()
+                raise
         self._address = EngineAddress(
             engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),
             host_id=host_id(), pid=os.getpid(),
             probe_fd=self._probe.fd if self._probe else -1, probe_nonce=probe_nonce,
+            transports=("nixl",) if self._nixl is not None else (),
         )
         self._address_bytes = self._address.to_bytes()
         self._tcp.start(self._address)
@@ -226,6 +246,8 @@ class Engine:
         with self._lock:
             if self._regions.get(region.id) is region:
                 del self._regions[region.id]
+        if self._nixl is not None:
+            self._nixl.forget_region(region.id)
         region._release()
 
     # -- ops ------------------------------------------------------------------------------
@@ -422,6 +444,8 @@ class Engine:
             self._regions.clear()
         with self._timer_cv:
             self._timer_cv.notify_all()
+        if self._nixl is not None:
+            self._nixl.close()
         self._tcp.close()
         if self._shm is not None:
             self._shm.close()
@@ -525,6 +549,8 @@ class Engine:
             self._drain_imm(imm)
 
     def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
+        if tag >= CONTROL_TAG_BASE and self._nixl is not None:
+            return self._nixl.on_control(peer, tag, data)
         msg = Message(peer.to_bytes(), tag, data)
         while True:
             with self._inbox_lock:
@@ -571,8 +597,11 @@ class Engine:
         return addr
 
     def _transport_for(self, peer: EngineAddress, desc: RegionDescriptor) -> Transport:
-        if self._shm is not None and self._shm.reaches(peer, desc):
-            return self._shm
+        for name in self._order:  # shm and nixl in the caller's order; tcp reaches everyone
+            if name == "shm" and self._shm is not None and self._shm.reaches(peer, desc):
+                return self._shm
+            if name == "nixl" and self._nixl is not None and self._nixl.reaches(peer, desc):
+                return self._nixl
         return self._tcp
 
     def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
