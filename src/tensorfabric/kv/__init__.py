@@ -18,12 +18,19 @@ from ._errors import (
     PrefillFailedError,
     WorkerUnavailableError,
 )
+from ._config import WorkerConfig
 from ._layout import KVLayout
+from ._protocol import HandoffStats
 
 _LAZY = {
     "PagedKVPool": "._cache",
     "PagedKVCache": "._cache",
     "PagedLayer": "._cache",
+    "DecodeWorker": "._decode",
+    "PrefillWorker": "._prefill",
+    "DisaggregatedCluster": "._cluster",
+    "DisaggResult": "._cluster",
+    "KVClient": "._cluster",
 }
 
 __all__ = [
@@ -34,6 +41,14 @@ __all__ = [
     "PagedKVCache",
     "PagedKVPool",
     "PagedLayer",
+    # disaggregated prefill / decode
+    "DecodeWorker",
+    "DisaggResult",
+    "DisaggregatedCluster",
+    "HandoffStats",
+    "KVClient",
+    "PrefillWorker",
+    "WorkerConfig",
     # errors
     "BlockStateError",
     "KVCacheFullError",

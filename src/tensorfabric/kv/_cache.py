@@ -115,7 +115,8 @@ class PagedLayer(CacheLayerMixin):
             raise KVError("PagedKVCache holds one sequence: run requests with batch size 1")
         start, end = self.length, self.length + key_states.shape[-2]
         cache.prepare(end)
-        rows = pool.rows(cache.table, start, end)
+        all_rows = cache.rows(end)
+        rows = all_rows[start:end]
         data = pool.layer_rows(self.layer)
         bs = pool.layout.block_size
         data.index_copy_(0, rows, key_states[0].transpose(0, 1).to(data.dtype))
@@ -127,8 +128,9 @@ class PagedLayer(CacheLayerMixin):
             cache.on_layer(self.layer, start, end)
         if start == 0:
             return key_states.contiguous(), value_states.contiguous()
-        keys, values = pool.read(cache.table, self.layer, end)
-        return keys.unsqueeze(0).contiguous(), values.unsqueeze(0).contiguous()
+        keys = data.index_select(0, all_rows).transpose(0, 1).unsqueeze(0).contiguous()
+        values = data.index_select(0, all_rows + bs).transpose(0, 1).unsqueeze(0).contiguous()
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -159,6 +161,7 @@ class PagedKVCache(Cache):
         self.table = table if table is not None else pool.new_table()
         self.on_layer = on_layer
         self._prepared = self.table.num_tokens
+        self._rows: torch.Tensor | None = None
         super().__init__(layers=[PagedLayer(self, i) for i in range(pool.layout.num_layers)])
 
     def prepare(self, end: int) -> None:
@@ -175,6 +178,13 @@ class PagedKVCache(Cache):
                 alloc.free([old])
                 table.block_ids[i] = new
         self._prepared = end
+        self._rows = None
+
+    def rows(self, end: int) -> torch.Tensor:
+        """Key row indices of tokens ``[0, end)``, shared by every layer of a step."""
+        if self._rows is None or len(self._rows) != end:
+            self._rows = self.pool.rows(self.table, 0, end)
+        return self._rows
 
     def release(self) -> None:
         """Give the request's blocks back to the pool (idempotent)."""

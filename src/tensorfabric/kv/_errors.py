@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import tensorfabric
-
-_Base: type[Exception] = getattr(tensorfabric, "TensorFabricError", Exception)
+from tensorfabric._errors import TensorFabricError
 
 
-class KVError(_Base):  # type: ignore[valid-type,misc]
+class KVError(TensorFabricError):
     """Base class of paged-KV and disaggregation errors."""
 
 
