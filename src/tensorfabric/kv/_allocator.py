@@ -47,8 +47,8 @@ class BlockAllocator:
             if n > len(self._free):
                 raise KVCacheFullError(
                     f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_blocks} "
-                    "free. Retry when running requests finish, or start the worker with more "
-                    "--kv-blocks.",
+                    "free. Retry when running requests finish, or give the worker a larger KV "
+                    "pool (more blocks).",
                     needed=n,
                     free=len(self._free),
                 )

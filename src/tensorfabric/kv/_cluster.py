@@ -62,18 +62,21 @@ class KVClient:
 
     def submit(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
                prefill_worker: str | None = None, max_attempts: int | None = None,
-               local: bool = False, fault_layer_delay_s: float = 0.0) -> Future[DisaggResult]:
+               local: bool = False, prefill_timeout: float | None = None,
+               fault_layer_delay_s: float = 0.0) -> Future[DisaggResult]:
         """Queue a request. ``prompt`` is text (chat-templated by the decode worker) or token ids.
 
         ``local=True`` makes the decode worker prefill itself (the single-process baseline).
-        ``prefill_worker`` pins the first attempt to one worker; ``fault_layer_delay_s`` makes
+        ``prefill_worker`` pins the first attempt to one worker; ``prefill_timeout`` overrides
+        the decode worker's deadline for one prefill attempt; ``fault_layer_delay_s`` makes
         the prefill worker pause after each layer's write (fault injection for tests).
         """
         cid = next(self._ids)
         fut: Future[DisaggResult] = Future()
         fields: dict[str, Any] = {"client_id": cid, "max_new_tokens": max_new_tokens,
                                   "prefill_worker": prefill_worker, "max_attempts": max_attempts,
-                                  "local": local, "fault_layer_delay_s": fault_layer_delay_s}
+                                  "local": local, "prefill_timeout": prefill_timeout,
+                                  "fault_layer_delay_s": fault_layer_delay_s}
         if isinstance(prompt, str):
             fields["prompt"] = prompt
         else:
@@ -190,7 +193,7 @@ class _Proc:
         self.info = info
         return info
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
@@ -198,6 +201,10 @@ class _Proc:
                 self.proc.stdin.close()
             except (OSError, ValueError):
                 pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -299,10 +306,12 @@ class DisaggregatedCluster:
         if self.client is not None:
             self.client.close()
             self.client = None
-        for proc in self.prefill.values():
-            proc.stop()
-        if hasattr(self, "decode"):
-            self.decode.stop()
+        procs = list(self.prefill.values()) + ([self.decode] if hasattr(self, "decode") else [])
+        for proc in procs:  # all at once, then wait: shutdown takes one timeout, not N
+            proc.request_stop()
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            proc.stop(max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> DisaggregatedCluster:
         return self

@@ -151,7 +151,7 @@ class PrefillWorker:
             src_pages, dst_pages = table.block_ids[:nb], dst_blocks[:nb]
 
             def ship(layer: int, start: int, end: int) -> None:
-                if key in self._aborted:
+                if key in self._aborted or self._stop.is_set():
                     raise _Aborted()
                 t0 = time.perf_counter()
                 t = self.engine.write_pages(
