@@ -145,3 +145,16 @@ def test_forked_tables_copy_on_write(lm) -> None:  # type: ignore[no-untyped-def
     first.release()
     second.release()
     assert pool.allocator.num_free == 16
+
+
+def test_handoff_stats_busy_time_and_wire_form() -> None:
+    from tensorfabric.kv import HandoffStats
+    from tensorfabric.kv._protocol import busy_time, decode_message, encode
+
+    assert busy_time([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == 3.0 and busy_time([]) == 0.0
+    s = HandoffStats(kv_bytes=2_000_000_000, transfer_busy_s=2.0, worker="p0")
+    assert s.gbps == 1.0 and HandoffStats.from_dict({**s.to_dict(), "future": 1}) == s
+    assert decode_message(encode("result", kind="x", type_="y")) == {
+        "type": "result", "kind": "x", "type_": "y"}
+    with pytest.raises(ValueError):
+        decode_message(b"[1, 2]")
