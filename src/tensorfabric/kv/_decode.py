@@ -156,7 +156,10 @@ class DecodeWorker:
             self.engine.send(peer, data, tag=tag).wait(self.config.timeout)
             return True
         except tf.TensorFabricError as exc:
-            log.warning("decode worker %s: send failed: %s", self.name, exc)
+            # A client that closes right after its last result can cut off the acknowledgement
+            # of a message it did receive: not worth a warning.
+            level = logging.INFO if tag == TAG_CLIENT else logging.WARNING
+            log.log(level, "decode worker %s: send failed: %s", self.name, exc)
             return False
 
     def _on_hello(self, msg: dict[str, Any]) -> None:
@@ -264,7 +267,8 @@ class DecodeWorker:
         req.layer_expects = [self.engine.expect(req.imm, 1, timeout=limit)
                              for _ in range(self.layout.num_layers)]
         req.expect = tf.gather(req.layer_expects, "kv-landed")
-        req.expect.add_done_callback(lambda t, r=req, imm=req.imm: self._on_landed(r, imm, t))
+        imm = req.imm
+        req.expect.add_done_callback(lambda t: self._on_landed(req, imm, t))
         data = encode("prefill", rid=req.rid, imm=req.imm, ids=req.ids,
                       blocks=req.table.block_ids, fault_layer_delay_s=req.fault)
         try:

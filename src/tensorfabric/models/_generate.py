@@ -128,7 +128,7 @@ def _as_ids(loaded: LoadedModel, prompt: str | Messages | Sequence[int]) -> list
     items = list(prompt)
     if items and isinstance(items[0], dict):
         return chat_ids(loaded, items)  # type: ignore[arg-type]
-    return [int(t) for t in items]  # type: ignore[arg-type]
+    return [int(t) for t in items]  # type: ignore[call-overload]
 
 
 def _torch() -> Any:

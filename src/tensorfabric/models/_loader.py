@@ -184,7 +184,7 @@ def _load_gguf(
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # After dequantization the weights are plain tensors; drop the GGUF marker so the model
     # behaves (and serializes) like any other checkpoint.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if cached is not None:
