@@ -63,20 +63,24 @@ class KVClient:
     def submit(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
                prefill_worker: str | None = None, max_attempts: int | None = None,
                local: bool = False, prefill_timeout: float | None = None,
-               fault_layer_delay_s: float = 0.0) -> Future[DisaggResult]:
+               fault_layer_delay_s: float = 0.0,
+               measure_replay: bool = False) -> Future[DisaggResult]:
         """Queue a request. ``prompt`` is text (chat-templated by the decode worker) or token ids.
 
         ``local=True`` makes the decode worker prefill itself (the single-process baseline).
         ``prefill_worker`` pins the first attempt to one worker; ``prefill_timeout`` overrides
         the decode worker's deadline for one prefill attempt; ``fault_layer_delay_s`` makes
-        the prefill worker pause after each layer's write (fault injection for tests).
+        the prefill worker pause after each layer's write (fault injection for tests);
+        ``measure_replay`` makes it time the same writes again without compute
+        (``stats.extra["replay_s"]``, for benchmarks).
         """
         cid = next(self._ids)
         fut: Future[DisaggResult] = Future()
         fields: dict[str, Any] = {"client_id": cid, "max_new_tokens": max_new_tokens,
                                   "prefill_worker": prefill_worker, "max_attempts": max_attempts,
                                   "local": local, "prefill_timeout": prefill_timeout,
-                                  "fault_layer_delay_s": fault_layer_delay_s}
+                                  "fault_layer_delay_s": fault_layer_delay_s,
+                                  "measure_replay": measure_replay}
         if isinstance(prompt, str):
             fields["prompt"] = prompt
         else:

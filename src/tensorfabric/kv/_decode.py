@@ -52,6 +52,7 @@ class _Request:
     max_attempts: int
     pinned: str | None
     fault: float
+    replay: bool
     local: bool
     prefill_timeout: float
     admitted: float
@@ -205,6 +206,7 @@ class DecodeWorker:
             ids=[int(t) for t in ids], max_new_tokens=int(msg.get("max_new_tokens", 64)),
             max_attempts=int(msg.get("max_attempts") or self.config.max_attempts),
             pinned=msg.get("prefill_worker"), fault=float(msg.get("fault_layer_delay_s", 0.0)),
+            replay=bool(msg.get("measure_replay", False)),
             local=bool(msg.get("local", False)), admitted=time.perf_counter(),
             prefill_timeout=float(msg.get("prefill_timeout") or self.config.prefill_timeout))
         need = self.layout.blocks_for(len(req.ids) + req.max_new_tokens)
@@ -270,7 +272,8 @@ class DecodeWorker:
         imm = req.imm
         req.expect.add_done_callback(lambda t: self._on_landed(req, imm, t))
         data = encode("prefill", rid=req.rid, imm=req.imm, ids=req.ids,
-                      blocks=req.table.block_ids, fault_layer_delay_s=req.fault)
+                      blocks=req.table.block_ids, fault_layer_delay_s=req.fault,
+                      measure_replay=req.replay)
         try:
             self.engine.send(peer.address, data, tag=TAG_PREFILL).wait(self.config.timeout)
         except tf.TensorFabricError as exc:
