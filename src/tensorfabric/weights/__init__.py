@@ -20,8 +20,27 @@ from tensorfabric.weights._layout import (
     specs_of,
 )
 from tensorfabric.weights._plan import Chunk, WeightPlan, checksum, fanout
+from tensorfabric.weights._planner import Cluster, Prediction, kimi_k2, predict
+from tensorfabric.weights._publisher import Faults, Publisher, PublishResult
+from tensorfabric.weights._slots import SlotSet, Snapshot
+from tensorfabric.weights._subscriber import Subscriber
+from tensorfabric.weights._torch import bind_torch, model_tensors
 
 __all__ = [
+    # publishing and receiving
+    "Publisher",
+    "PublishResult",
+    "Subscriber",
+    "Snapshot",
+    "SlotSet",
+    "Faults",
+    "bind_torch",
+    "model_tensors",
+    # the analytic planner
+    "Cluster",
+    "Prediction",
+    "predict",
+    "kimi_k2",
     # layouts and plans
     "TensorSpec",
     "Part",
