@@ -17,6 +17,7 @@ from tensorfabric.weights import (
     shard,
     specs_of,
 )
+from tensorfabric.weights._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from tensorfabric.weights._plan import depth
 
 
@@ -80,7 +81,9 @@ def test_bf16_rounding_matches_torch_bit_for_bit() -> None:
                         np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3.0e38, 1 + 2**-8, 1 + 3 * 2**-8],
                                  dtype=np.float32)])
     plan = WeightPlan(specs_of({"x": x}), [DstTensor("x", "bfloat16", (Part("x"),))], chunk_bytes=1000)
-    np.testing.assert_array_equal(_run(plan, {"x": x})["x"], _bf16(x))
+    np.testing.assert_array_equal(_run(plan, {"x": x})["x"], _bf16(x))  # torch path
+    np.testing.assert_array_equal(f32_to_bf16_bits(x), _bf16(x))  # numpy fallback
+    np.testing.assert_array_equal(bf16_bits_to_f32(_bf16(x)).view(np.uint32), _bf16(x).astype(np.uint32) << 16)
 
 
 def test_plan_rejects_inconsistent_mappings() -> None:

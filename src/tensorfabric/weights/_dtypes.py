@@ -67,6 +67,10 @@ def convert_into(out: np.ndarray, src: np.ndarray, src_dtype: str, dst_dtype: st
     if src_dtype == dst_dtype:
         np.copyto(out, src, casting="no")
         return
+    torch = _torch()
+    if torch is not None and "bfloat16" in (src_dtype, dst_dtype):
+        _torch_view(torch, out, dst_dtype).copy_(_torch_view(torch, src, src_dtype))
+        return
     if dst_dtype == "bfloat16":
         values = src if src_dtype != "bfloat16" else bf16_bits_to_f32(src)
         np.copyto(out, f32_to_bf16_bits(values.astype(np.float32, copy=False)))
@@ -75,6 +79,25 @@ def convert_into(out: np.ndarray, src: np.ndarray, src_dtype: str, dst_dtype: st
         np.copyto(out, bf16_bits_to_f32(src), casting="unsafe")
         return
     np.copyto(out, src, casting="unsafe")
+
+
+_TORCH: list[Any] = []
+
+
+def _torch() -> Any:
+    """torch if it can be imported (its bf16 cast is ~20x faster than the numpy fallback)."""
+    if not _TORCH:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        _TORCH.append(torch)
+    return _TORCH[0]
+
+
+def _torch_view(torch: Any, arr: np.ndarray, dtype: str) -> Any:
+    t = torch.from_numpy(arr) if arr.ndim else torch.from_numpy(arr.reshape(1))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def as_storage(value: Any) -> tuple[np.ndarray, str]:
