@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import subprocess_env
+from conftest import subprocess_env
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -17,6 +17,7 @@ from tensorfabric.weights._errors import WeightsError
 from tensorfabric.weights._plan import WeightPlan, checksum, fanout
 
 log = logging.getLogger("tensorfabric.weights")
+_GRACE = 1.0  # extra seconds to wait for a replica's own verdict after the round's deadline
 
 
 @dataclass
@@ -228,6 +229,7 @@ class Publisher:
         rnd = self._rounds
         with self._cond:
             reps = {n: self._replicas[n] for n in names if n in self._replicas}
+        log.debug("publisher: round %d of version %d to %s", rnd, version, names)
         told = [n for n, r in reps.items()
                 if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout))
                 or self._fail(result, n, "dead: unreachable", drop=True)]
@@ -249,7 +251,7 @@ class Publisher:
         result.stages["write"] = result.stages.get("write", 0.0) + time.perf_counter() - t0
         for n in live:
             self._tell(reps[n].address, proto.encode("commit", v=version, r=rnd, crcs=self.crcs))
-        done = self._await("done", live, rnd, deadline)
+        done = self._await("done", live, rnd, deadline + _GRACE)  # replicas time out first
         result.stages["commit"] = result.stages.get("commit", 0.0) + time.perf_counter() - t0
         for n in live:
             msg = done.get(n)

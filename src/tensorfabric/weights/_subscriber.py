@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -54,6 +55,7 @@ class Subscriber:
                 self.slots.extras[i] = bind(i, self.slots.views[i])
         self.rejected: list[tuple[int, str]] = []  # (version, reason) of refused updates
         self._update: _Update | None = None
+        self._seen: collections.deque[int] = collections.deque(maxlen=256)  # rounds prepared
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._welcome = threading.Event()
@@ -125,6 +127,9 @@ class Subscriber:
             self.rejected.append((0, str(msg.get("reason"))))
             self._welcome.set()
         elif kind == "prepare":
+            if rnd in self._seen:
+                return  # a duplicate delivery of a prepare we already acted on
+            self._seen.append(rnd)
             self._prepare(version, rnd, msg["chunks"], float(msg.get("timeout", self.timeout)))
         elif kind in ("go", "commit", "abort"):
             up = self._update
@@ -141,6 +146,7 @@ class Subscriber:
                 up.aborted.set()
 
     def _prepare(self, version: int, rnd: int, chunks: list[list[int]], timeout: float) -> None:
+        log.debug("%s: prepare version %d round %d", self.name, version, rnd)
         old = self._update
         if old is not None:
             old.aborted.set()  # a newer round supersedes an unfinished one
