@@ -54,7 +54,7 @@ def bind_torch(factory: Callable[[], Any], dtypes: dict[str, str] | None = None
         for full, t in names.items():
             canonical = next(n for n, u in names.items() if u is t)
             if canonical not in views:
-                raise KeyError(f"slot has no tensor {canonical!r} for the model's {full!r}")
+                continue  # e.g. lm_head.weight, tied to the embeddings by tie_weights() below
             if id(t) not in by_id:
                 dtype = (dtypes or {}).get(canonical, str(views[canonical].dtype))
                 view = _as_torch(views[canonical], dtype)
@@ -66,6 +66,11 @@ def bind_torch(factory: Callable[[], Any], dtypes: dict[str, str] | None = None
                 owner._parameters[leaf] = by_id[id(t)]
             else:
                 owner._buffers[leaf] = by_id[id(t)]
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+        if missing:
+            raise KeyError(f"the slot layout lacks {missing[:3]} that the model needs")
         return model.eval()
 
     return bind
