@@ -11,6 +11,7 @@ from tensorfabric.weights import (
     LayoutError,
     Part,
     WeightPlan,
+    checksum,
     fanout,
     fuse,
     same_layout,
@@ -111,3 +112,23 @@ def test_fanout_shapes() -> None:
     assert depth(fanout(5, "chain")) == 5
     with pytest.raises(LayoutError):
         fanout(3, "ring")
+
+
+@pytest.mark.parametrize("kind", ["lanesum", "crc32"])
+def test_checksums_catch_flips_stale_bytes_and_misplaced_blocks(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, size=5 * 8192 + 77, dtype=np.uint8)
+    base = checksum(a, kind)
+    assert checksum(a.copy(), kind) == base
+    for i in (0, 8191, 3 * 8192 + 5, a.nbytes - 1):  # single bit flips, in blocks and in the tail
+        b = a.copy()
+        b[i] ^= 0x10
+        assert checksum(b, kind) != base
+    b = a.copy()
+    b[100:600] = 0  # stale or missing bytes
+    assert checksum(b, kind) != base
+    b = a.copy()
+    b[0:8192], b[8192:16384] = a[8192:16384], a[0:8192]  # blocks landing in each other's place
+    assert checksum(b, kind) != base
+    with pytest.raises(LayoutError):
+        checksum(a, "md5")

@@ -36,6 +36,7 @@ class Cluster:
     h2d_gbs: float | None = None  # host->device copy rate if trainer weights sit in host memory
     checksum_gbs: float = 1000.0  # receiver verification rate (GPU: memory-bound)
     shared_gbs: float | None = None  # cap on all bytes moved at once (one host's memory bus)
+    cores: int | None = None  # all processes share this many CPU cores (one host); None: cluster
     submit_s: float = 23e-6  # CPU cost to post one write (TransferEngine: ~23 us per WR)
     control_s: float = 2e-3  # control round trips per update (go, commit, acks)
 
@@ -85,6 +86,12 @@ def predict(c: Cluster) -> Prediction:
     if c.shared_gbs:
         moved = c.params * c.dst_bytes * c.replicas / 1e9
         stages["shared host bandwidth"] = moved / c.shared_gbs
+    if c.cores:  # one host: every copy and checksum competes for the same cores
+        model_gb = c.params * c.dst_bytes / 1e9
+        moved = model_gb * c.replicas
+        cpu = (stages["prepare (gather+convert)"] + model_gb / c.checksum_gbs
+               + moved / link + moved / c.checksum_gbs)
+        stages[f"host CPU ({c.cores} cores shared)"] = cpu / c.cores
     bottleneck = max(stages, key=lambda k: stages[k])
     chunk = min(c.chunk_bytes / 1e9, shard, sent or shard)
     fill = chunk / (c.prepare_gbs or link) + hops * chunk / link + chunk / c.checksum_gbs

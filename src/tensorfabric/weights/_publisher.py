@@ -14,7 +14,7 @@ import numpy as np
 import tensorfabric as tf
 from tensorfabric.weights import _protocol as proto
 from tensorfabric.weights._errors import WeightsError
-from tensorfabric.weights._plan import WeightPlan, checksum, fanout
+from tensorfabric.weights._plan import CHECKSUMS, WeightPlan, checksum, fanout
 
 log = logging.getLogger("tensorfabric.weights")
 _GRACE = 1.0  # extra seconds to wait for a replica's own verdict after the round's deadline
@@ -63,12 +63,15 @@ class Publisher:
 
     def __init__(self, engine: Any, plan: WeightPlan, *, fanout: str = "tree", degree: int = 2,
                  roots: int = 1, window: int = 4, timeout: float = 30.0,
-                 faults: Faults | None = None) -> None:
+                 checksum: str = "lanesum", faults: Faults | None = None) -> None:
         if len(plan.chunks) >= proto.MAX_CHUNKS:
             raise WeightsError(f"plan has {len(plan.chunks)} chunks; raise chunk_bytes")
         self.engine, self.plan, self.timeout = engine, plan, timeout
         self.fanout, self.degree, self.roots, self.window = fanout, degree, roots, window
         self.faults = faults or Faults()
+        if checksum not in CHECKSUMS:
+            raise WeightsError(f"unknown checksum {checksum!r}: use one of {CHECKSUMS}")
+        self.checksum = checksum
         self.version = 0
         self._rounds = 0
         self.crcs: list[int] = []
@@ -204,7 +207,7 @@ class Publisher:
         self.crcs = []
         for c in self.plan.chunks:
             self.plan.prepare(c.index, sources, self._arr)
-            self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes]))
+            self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum))
 
     def _await(self, kind: str, names: list[str], rnd: int, deadline: float) -> dict[str, dict[str, Any]]:
         got: dict[str, dict[str, Any]] = {}
@@ -231,7 +234,8 @@ class Publisher:
             reps = {n: self._replicas[n] for n in names if n in self._replicas}
         log.debug("publisher: round %d of version %d to %s", rnd, version, names)
         told = [n for n, r in reps.items()
-                if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout))
+                if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout,
+                                                  checksum=self.checksum))
                 or self._fail(result, n, "dead: unreachable", drop=True)]
         ready = self._await("ready", told, rnd, deadline)
         for n in told:
@@ -280,7 +284,7 @@ class Publisher:
         for c in self.plan.chunks:
             if prepare is not None:
                 self.plan.prepare(c.index, prepare, self._arr)
-                self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes]))
+                self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum))
             if c.index in self.faults.corrupt:
                 self._arr[c.offset] ^= 0xFF  # after the checksum: the replica must notice
             if c.index in self.faults.drop:

@@ -33,6 +33,7 @@ class _Update:
         self.commit = threading.Event()
         self.crcs: list[int] = []
         self.aborted = threading.Event()
+        self.checksum = "lanesum"
 
 
 class Subscriber:
@@ -130,7 +131,8 @@ class Subscriber:
             if rnd in self._seen:
                 return  # a duplicate delivery of a prepare we already acted on
             self._seen.append(rnd)
-            self._prepare(version, rnd, msg["chunks"], float(msg.get("timeout", self.timeout)))
+            self._prepare(version, rnd, msg["chunks"], float(msg.get("timeout", self.timeout)),
+                          str(msg.get("checksum", "crc32")))
         elif kind in ("go", "commit", "abort"):
             up = self._update
             if up is None or up.round != rnd:
@@ -145,7 +147,8 @@ class Subscriber:
             else:
                 up.aborted.set()
 
-    def _prepare(self, version: int, rnd: int, chunks: list[list[int]], timeout: float) -> None:
+    def _prepare(self, version: int, rnd: int, chunks: list[list[int]], timeout: float,
+                 kind: str) -> None:
         log.debug("%s: prepare version %d round %d", self.name, version, rnd)
         old = self._update
         if old is not None:
@@ -157,6 +160,7 @@ class Subscriber:
             self._send(proto.encode("done", name=self.name, v=version, r=rnd, ok=False, reason=str(exc)))
             return
         up = _Update(version, rnd, slot, chunks, deadline)
+        up.checksum = kind
         self._update = up
         threading.Thread(target=self._receive, args=(up,), name=f"weights-rx-{version}", daemon=True).start()
         self._send(proto.encode("ready", name=self.name, v=version, r=rnd, slot=slot))
@@ -216,7 +220,7 @@ class Subscriber:
                 for addr, desc in up.children:
                     forwards.append(self.engine.write(region, desc, src_offset=off, dst_offset=off,
                                                       nbytes=n, imm=proto.imm(up.round, i)))
-                crcs.append(checksum(arr[off : off + n]))
+                crcs.append(checksum(arr[off : off + n], up.checksum))
             while not up.commit.wait(self._left(up, "the commit")):
                 pass
         finally:
