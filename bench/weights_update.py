@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import tensorfabric as tf  # noqa: E402
-from tensorfabric.weights import Cluster, Publisher, WeightPlan, predict, same_layout, specs_of  # noqa: E402
+from tensorfabric.weights import (  # noqa: E402
+    Cluster,
+    Publisher,
+    WeightPlan,
+    checksum,
+    predict,
+    same_layout,
+    specs_of,
+)
 from tensorfabric.weights._publisher import Replica  # noqa: E402
 
 SECRET = "weights-bench"
@@ -79,13 +86,16 @@ def _raw_write(pub: Publisher, targets: list[Any], slot: int) -> float:
 def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
     plan = pub.plan
     src = plan.check_sources(tensors)
-    t0 = time.perf_counter()
-    for c in plan.chunks:
-        plan.prepare(c.index, src, pub._arr)
-    prep = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    zlib.crc32(pub._arr[: plan.nbytes])
-    crc = time.perf_counter() - t0
+    prep = crc = float("inf")
+    for _ in range(2):  # the first pass also faults the staging pages in
+        t0 = time.perf_counter()
+        for c in plan.chunks:
+            plan.prepare(c.index, src, pub._arr)
+        prep = min(prep, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for c in plan.chunks:
+            checksum(pub._arr[c.offset : c.offset + c.nbytes], pub.checksum)
+        crc = min(crc, time.perf_counter() - t0)
     return {"prepare_gbs": plan.source_nbytes / prep / 1e9, "checksum_gbs": plan.nbytes / crc / 1e9}
 
 
