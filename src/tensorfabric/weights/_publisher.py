@@ -237,7 +237,9 @@ class Publisher:
                 if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout,
                                                   checksum=self.checksum))
                 or self._fail(result, n, "dead: unreachable", drop=True)]
+        t_ready = time.perf_counter()
         ready = self._await("ready", told, rnd, deadline)
+        result.stages["ready"] = result.stages.get("ready", 0.0) + time.perf_counter() - t_ready
         for n in told:
             msg = ready.get(n)
             if msg is None or msg["kind"] != "ready":
@@ -255,8 +257,9 @@ class Publisher:
         result.stages["write"] = result.stages.get("write", 0.0) + time.perf_counter() - t0
         for n in live:
             self._tell(reps[n].address, proto.encode("commit", v=version, r=rnd, crcs=self.crcs))
+        t_commit = time.perf_counter()
         done = self._await("done", live, rnd, deadline + _GRACE)  # replicas time out first
-        result.stages["commit"] = result.stages.get("commit", 0.0) + time.perf_counter() - t0
+        result.stages["commit"] = result.stages.get("commit", 0.0) + time.perf_counter() - t_commit
         for n in live:
             msg = done.get(n)
             if msg is not None and msg["ok"]:
@@ -281,10 +284,16 @@ class Publisher:
         dead: set[str] = set()
         if prepare is not None:
             self.crcs = []
+        clock = time.perf_counter
+        spent = {"prepare": 0.0, "checksum": 0.0, "drain": 0.0}
         for c in self.plan.chunks:
             if prepare is not None:
+                t0 = clock()
                 self.plan.prepare(c.index, prepare, self._arr)
+                t1 = clock()
                 self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum))
+                spent["prepare"] += t1 - t0
+                spent["checksum"] += clock() - t1
             if c.index in self.faults.corrupt:
                 self._arr[c.offset] ^= 0xFF  # after the checksum: the replica must notice
             if c.index in self.faults.drop:
@@ -297,8 +306,12 @@ class Publisher:
                 inflight.append((n, t))
             while len(inflight) > self.window * max(1, len(roots)):
                 self._reap(inflight.pop(0), dead, result, deadline)
+        t0 = clock()
         while inflight:
             self._reap(inflight.pop(0), dead, result, deadline)
+        spent["drain"] += clock() - t0
+        for k, v in spent.items():
+            result.stages[k] = result.stages.get(k, 0.0) + v
         for i in self.faults.corrupt:  # restore the staging copy for later catch-ups
             if i < len(self.plan.chunks):
                 self._arr[self.plan.chunks[i].offset] ^= 0xFF
