@@ -82,6 +82,12 @@ def _raw_write(pub: Publisher, targets: list[Any], slot: int) -> float:
     return time.perf_counter() - t0
 
 
+def pub_slot(pub: Publisher, rep: Replica) -> int:
+    """The slot a replica serves now (versions alternate slots, starting with slot 0); the raw
+    baseline writes into the other one, which no reader uses between updates."""
+    return (rep.version - 1) % 2
+
+
 def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
     plan = pub.plan
     src = plan.check_sources(tensors)
@@ -147,15 +153,18 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
             reps: list[Replica] = [pub._replicas[name] for name in sorted(pub.replicas)]
             for slot in (0, 1):  # touch every slot page once so no run pays first-touch faults
                 _raw_write(pub, reps, slot)
-            raw1 = min(_raw_write(pub, reps[:1], 0) for _ in range(args.repeat))
-            rawn = min(_raw_write(pub, reps, 0) for _ in range(args.repeat)) if n > 1 else raw1
             pub.publish(tensors)  # warm-up: first round opens control paths
-            times = []
-            for _ in range(args.repeat):
+            raws, rawns, times = [], [], []
+            for _ in range(args.repeat):  # interleaved, so load drift hits baseline and update alike
+                raws.append(_raw_write(pub, reps[:1], 1 - pub_slot(pub, reps[0])))
+                if n > 1:
+                    rawns.append(_raw_write(pub, reps, 1 - pub_slot(pub, reps[0])))
                 res = pub.publish(tensors)
                 if not res.ok:
                     raise RuntimeError(f"publish failed: {res.failed}")
                 times.append(res.seconds)
+            raw1 = min(raws)
+            rawn = min(rawns) if n > 1 else raw1
         finally:
             for p in procs:
                 if p.stdin:
@@ -197,7 +206,7 @@ def main() -> None:
     p.add_argument("--transports", default="shm,tcp")
     p.add_argument("--dtypes", default="float32,bfloat16", help="replica dtypes (trainer is fp32)")
     p.add_argument("--replicas", default="1,2,4")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--fanout", default="chain", help="direct, chain or tree")
     p.add_argument("--chunk-mb", type=float, default=16.0)
     p.add_argument("--json", help="also write the rows as JSON here")

@@ -34,6 +34,7 @@ class _Update:
         self.crcs: list[int] = []
         self.aborted = threading.Event()
         self.checksum = "lanesum"
+        self.thread: threading.Thread | None = None
 
 
 class Subscriber:
@@ -152,7 +153,9 @@ class Subscriber:
         log.debug("%s: prepare version %d round %d", self.name, version, rnd)
         old = self._update
         if old is not None:
-            old.aborted.set()  # a newer round supersedes an unfinished one
+            old.aborted.set()  # a newer round supersedes an unfinished one; let it give up
+            if old.thread is not None:  # its slot first, so the two never share a reservation
+                old.thread.join(timeout=self.timeout)
         deadline = time.monotonic() + timeout
         try:
             slot = self.slots.reserve(timeout=min(timeout, self.timeout))
@@ -162,7 +165,9 @@ class Subscriber:
         up = _Update(version, rnd, slot, chunks, deadline)
         up.checksum = kind
         self._update = up
-        threading.Thread(target=self._receive, args=(up,), name=f"weights-rx-{version}", daemon=True).start()
+        up.thread = threading.Thread(target=self._receive, args=(up,), name=f"weights-rx-{version}",
+                                     daemon=True)
+        up.thread.start()
         self._send(proto.encode("ready", name=self.name, v=version, r=rnd, slot=slot))
 
     # -- data ----------------------------------------------------------------------------------
