@@ -87,6 +87,7 @@ _TORCH: list[Any] = []
 def _torch() -> Any:
     """torch if it can be imported (its bf16 cast is ~20x faster than the numpy fallback)."""
     if not _TORCH:
+        torch: Any
         try:
             import torch
         except ImportError:

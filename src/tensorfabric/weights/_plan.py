@@ -13,7 +13,7 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -175,7 +175,7 @@ def checksum(buf: np.ndarray | memoryview | bytes, kind: str = "lanesum") -> int
     swapped within one block. Use ``crc32`` where that matters more than speed.
     """
     if kind == "crc32":
-        return zlib.crc32(buf)
+        return zlib.crc32(cast(Any, buf))
     if kind != "lanesum":
         raise LayoutError(f"unknown checksum {kind!r}: use one of {CHECKSUMS}")
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1)
@@ -183,8 +183,8 @@ def checksum(buf: np.ndarray | memoryview | bytes, kind: str = "lanesum") -> int
     crc = 0
     if body:
         sums = arr[:body].view(np.uint64).reshape(-1, 16, 64).sum(axis=1, dtype=np.uint64)
-        crc = zlib.crc32(sums, crc)
-    return zlib.crc32(arr[body:], crc)
+        crc = zlib.crc32(cast(Any, sums), crc)
+    return zlib.crc32(cast(Any, arr[body:]), crc)
 
 
 def fanout(n: int, kind: str = "tree", *, degree: int = 2, roots: int = 1) -> list[int]:
