@@ -104,31 +104,6 @@ def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
     return {"prepare_gbs": plan.source_nbytes / prep / 1e9, "checksum_gbs": plan.nbytes / crc / 1e9}
 
 
-def _effective_cores() -> float:
-    """Core-equivalents this process gets now: memcpy work in 2 threads vs 1 (a busy, shared
-    machine gives fewer than os.cpu_count())."""
-    import threading
-
-    a, bufs = np.ones(32 << 20, np.uint8), [np.empty(32 << 20, np.uint8) for _ in range(2)]
-
-    def work(i: int) -> None:
-        for _ in range(8):
-            np.copyto(bufs[i], a)
-
-    work(0)
-    t0 = time.perf_counter()
-    work(0)
-    one = time.perf_counter() - t0
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    two = time.perf_counter() - t0
-    return max(1.0, min(float(os.cpu_count() or 1), 2 * one / two))
-
-
 def _rtt(transport: str) -> float:
     with tf.Engine(secret=SECRET, **_engine_kwargs(transport)) as a, \
             tf.Engine(secret=SECRET, **_engine_kwargs(transport)) as b:
@@ -177,7 +152,8 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
         dst_bytes=plan.nbytes / sum(s.numel for s in src), nics_per_gpu=1, nic_gbit=raw_gbs * 8,
         link_efficiency=1.0, fanout=args.fanout, chunk_bytes=args.chunk_mb * 2**20,
         prepare_gbs=rates["prepare_gbs"], checksum_gbs=rates["checksum_gbs"],
-        shared_gbs=plan.nbytes * n / rawn / 1e9 if n > 1 else None, cores=_effective_cores(),
+        shared_gbs=plan.nbytes * n / rawn / 1e9 if n > 1 else None, cores=os.cpu_count(),
+        link_cpu=1.0 if transport == "shm" else 2.0,
         submit_s=50e-6, control_s=3 * args.rtt))
     return {"transport": transport, "dtype": dtype, "replicas": n, "mb": plan.nbytes / 1e6,
             "raw_gbs": raw_gbs, "raw_n_gbs": plan.nbytes * n / rawn / 1e9, "update_s": t,

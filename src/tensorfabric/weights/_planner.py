@@ -37,6 +37,7 @@ class Cluster:
     checksum_gbs: float = 1000.0  # receiver verification rate (GPU: memory-bound)
     shared_gbs: float | None = None  # cap on all bytes moved at once (one host's memory bus)
     cores: float | None = None  # all processes share this many CPU cores (one host); None: cluster
+    link_cpu: float = 1.0  # cores a link keeps busy at full rate (one host: shm 1, tcp loopback 2)
     submit_s: float = 23e-6  # CPU cost to post one write (TransferEngine: ~23 us per WR)
     control_s: float = 2e-3  # control round trips per update (go, commit, acks)
 
@@ -90,7 +91,7 @@ def predict(c: Cluster) -> Prediction:
         model_gb = c.params * c.dst_bytes / 1e9
         moved = model_gb * c.replicas
         cpu = (stages["prepare (gather+convert)"] + model_gb / c.checksum_gbs
-               + moved / link + moved / c.checksum_gbs)
+               + moved / link * c.link_cpu + moved / c.checksum_gbs)
         stages[f"host CPU ({c.cores:.1f} cores shared)"] = cpu / c.cores
     bottleneck = max(stages, key=lambda k: stages[k])
     chunk = min(c.chunk_bytes / 1e9, shard, sent or shard)
