@@ -166,11 +166,10 @@ def test_update_gives_every_replica_the_publishers_logits_and_readers_one_versio
     lm.model.load_state_dict(v1, strict=False)
     assert not np.array_equal(gen1, gen2)
     r0.call(cmd="loop", ids=PROMPT, steps=3, out=str(tmp))
-    time.sleep(1.0)
+    time.sleep(0.5)
     res = pub.publish(v2)
     assert res.ok, res
-    time.sleep(1.0)
-    runs = r0.call(cmd="stop")["runs"]
+    runs = r0.call(cmd="stop", until_version=2)["runs"]
     versions = [v for v, _ in runs]
     assert 1 in versions and 2 in versions, versions
     for v, path in runs:  # each whole generation used one version: all-old or all-new

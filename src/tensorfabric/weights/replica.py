@@ -7,7 +7,8 @@ Used by the integration tests, ``bench/weights_update.py`` and ``examples/weight
 
 Commands: ``{"cmd": "version"}``, ``{"cmd": "wait", "version": v}``, ``{"cmd": "digest"}``,
 ``{"cmd": "logits", "ids": [...], "out": path}``, ``{"cmd": "loop", "ids": [...], "steps": n,
-"out": dir}`` (greedy generations back to back, each under one lease, until ``{"cmd": "stop"}``),
+"out": dir}`` (greedy generations back to back, each under one lease, until ``{"cmd": "stop"}``;
+``"until_version": v`` first waits for a run of version >= v),
 ``{"cmd": "exit"}``. Replies carry the served ``version``.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,13 @@ def _handle(sub: Any, cmd: dict[str, Any], state: dict[str, Any]) -> dict[str, A
     if name == "loop":
         state["loop"] = _Loop(sub, cmd["ids"], int(cmd.get("steps", 3)), Path(cmd["out"]))
         return {"started": True}
-    if name == "stop":
+    if name == "stop":  # optionally once a run of version >= until_version was recorded
         loop = state.pop("loop")
+        deadline = time.monotonic() + float(cmd.get("timeout", 60))
+        until = int(cmd.get("until_version", 0))
+        while (not any(v >= until for v, _ in loop.runs) and loop.thread.is_alive()
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         loop.stop.set()
         loop.thread.join(timeout=60)
         return {"runs": loop.runs}
