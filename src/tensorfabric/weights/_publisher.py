@@ -139,8 +139,10 @@ class Publisher:
             return
         slots = [tf.RegionDescriptor.from_bytes(bytes.fromhex(h)) for h in msg["slots"]]
         with self._cond:
-            self._replicas[name] = Replica(name, bytes(peer), slots)
-            self._joiners.append(name)
+            old = self._replicas.get(name)
+            if old is None or old.address != bytes(peer) or old.slots != slots:  # new or restarted
+                self._replicas[name] = Replica(name, bytes(peer), slots)
+                self._joiners.append(name)
             self._cond.notify_all()
         self._tell(peer, proto.encode("welcome", v=self.version))
 

@@ -62,10 +62,9 @@ class Subscriber:
         self._closed = threading.Event()
         self._welcome = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"weights-sub-{name}", daemon=True)
+        self._hello = proto.encode("hello", name=name, fingerprint=layout.fingerprint(),
+                                   slots=[r.descriptor().to_bytes().hex() for r in self.regions])
         self._thread.start()
-        self._send(proto.encode(
-            "hello", name=name, fingerprint=layout.fingerprint(),
-            slots=[r.descriptor().to_bytes().hex() for r in self.regions]))
 
     # -- reading -----------------------------------------------------------------------------
     @contextmanager
@@ -99,13 +98,18 @@ class Subscriber:
 
     # -- control ------------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
+        timeout = self.timeout if self._welcome.is_set() else min(self.timeout, 2.0)
         try:
-            self.engine.send(self.publisher, data, tag=proto.TAG_PUBLISHER, timeout=self.timeout).wait(self.timeout)
+            self.engine.send(self.publisher, data, tag=proto.TAG_PUBLISHER, timeout=timeout).wait(timeout)
         except tf.TensorFabricError as exc:
             log.warning("%s: cannot reach the publisher: %s", self.name, exc)
 
     def _serve(self) -> None:
+        next_hello = 0.0
         while not self._closed.is_set():
+            if not self._welcome.is_set() and time.monotonic() >= next_hello:
+                self._send(self._hello)  # repeated until answered: the publisher may start later
+                next_hello = time.monotonic() + 1.0
             try:
                 msg = self.engine.recv(tag=proto.TAG_REPLICA, timeout=0.2)
             except tf.TransferTimeout:
