@@ -1,0 +1,217 @@
+"""Weight-update benchmark: the default model to 1, 2, 4 replica processes over shm and tcp.
+
+For each transport it first measures the baseline in the same run: the engine's raw ``write``
+rate of the same bytes into one replica's slot (chunked and windowed like the publisher), and
+the aggregate rate into N replicas at once. Then it publishes versions and reports the update
+time, the effective throughput (one replica's bytes / update time) as a ratio to the raw rate,
+the time for N replicas relative to 1, and the analytic planner's prediction from the rates
+measured here (prepare, checksum, raw write, host cores).
+
+    python bench/weights_update.py                       # full matrix (several minutes)
+    python bench/weights_update.py --replicas 1,2 --transports shm --dtypes float32 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import tensorfabric as tf  # noqa: E402
+from tensorfabric.weights import (  # noqa: E402
+    Cluster,
+    Publisher,
+    WeightPlan,
+    checksum,
+    predict,
+    same_layout,
+    specs_of,
+)
+from tensorfabric.weights._publisher import Replica  # noqa: E402
+
+SECRET = "weights-bench"
+
+
+def _engine_kwargs(transport: str) -> dict[str, Any]:
+    return {"transports": ["shm", "tcp"] if transport == "shm" else ["tcp"]}
+
+
+def _spawn(n: int, pub: Publisher, transport: str, tmp: Path) -> list[subprocess.Popen[str]]:
+    layout = tmp / "layout.json"
+    layout.write_text(json.dumps(pub.plan.layout.to_json()))
+    env = dict(os.environ, TENSORFABRIC_SECRET=SECRET, PYTHONPATH=str(ROOT / "src"))
+    procs = []
+    for i in range(n):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tensorfabric.weights.replica", "--name", f"r{i}",
+             "--publisher", pub.engine.address.hex(), "--layout", str(layout), "--timeout", "120",
+             "--engine", json.dumps(_engine_kwargs(transport))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+    for p in procs:
+        assert p.stdout is not None and json.loads(p.stdout.readline())["ready"]
+    pub.wait_replicas(n, timeout=60)
+    return procs
+
+
+def _raw_write(pub: Publisher, targets: list[Any], slot: int) -> float:
+    """Seconds to write the whole staging buffer to every target's slot, chunked and windowed."""
+    eng, plan = pub.engine, pub.plan
+    t0 = time.perf_counter()
+    inflight: list[Any] = []
+    for c in plan.chunks:
+        for r in targets:
+            inflight.append(eng.write(pub.staging, r.slots[slot], src_offset=c.offset,
+                                      dst_offset=c.offset, nbytes=c.nbytes))
+        while len(inflight) > pub.window * len(targets):
+            inflight.pop(0).wait(120)
+    for t in inflight:
+        t.wait(120)
+    return time.perf_counter() - t0
+
+
+def pub_slot(pub: Publisher, rep: Replica) -> int:
+    """The slot a replica serves now (versions alternate slots, starting with slot 0); the raw
+    baseline writes into the other one, which no reader uses between updates."""
+    return (rep.version - 1) % 2
+
+
+def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
+    plan = pub.plan
+    src = plan.check_sources(tensors)
+    prep = crc = float("inf")
+    for _ in range(2):  # the first pass also faults the staging pages in
+        t0 = time.perf_counter()
+        for c in plan.chunks:
+            plan.prepare(c.index, src, pub._arr)
+        prep = min(prep, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for c in plan.chunks:
+            checksum(pub._arr[c.offset : c.offset + c.nbytes], pub.checksum)
+        crc = min(crc, time.perf_counter() - t0)
+    return {"prepare_gbs": plan.source_nbytes / prep / 1e9, "checksum_gbs": plan.nbytes / crc / 1e9}
+
+
+def _rtt(transport: str) -> float:
+    with tf.Engine(secret=SECRET, **_engine_kwargs(transport)) as a, \
+            tf.Engine(secret=SECRET, **_engine_kwargs(transport)) as b:
+        a.send(b.address, b"x", tag=1).wait(10)
+        b.recv(tag=1, timeout=10)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a.send(b.address, b"x", tag=1).wait(10)
+            b.recv(tag=1, timeout=10)
+        return (time.perf_counter() - t0) / 20
+
+
+def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: argparse.Namespace,
+             tmp: Path) -> dict[str, Any]:
+    src = specs_of(tensors)
+    plan = WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=int(args.chunk_mb * 2**20))
+    with tf.Engine(secret=SECRET, name="publisher", timeout=120, **_engine_kwargs(transport)) as eng, \
+            Publisher(eng, plan, fanout=args.fanout, timeout=120) as pub:
+        procs = _spawn(n, pub, transport, tmp)
+        try:
+            rates = _rates(pub, tensors)
+            reps: list[Replica] = [pub._replicas[name] for name in sorted(pub.replicas)]
+            for slot in (0, 1):  # touch every slot page once so no run pays first-touch faults
+                _raw_write(pub, reps, slot)
+            pub.publish(tensors)  # warm-up: first round opens control paths
+            raws, rawns, times = [], [], []
+            for _ in range(args.repeat):  # interleaved, so load drift hits baseline and update alike
+                raws.append(_raw_write(pub, reps[:1], 1 - pub_slot(pub, reps[0])))
+                if n > 1:
+                    rawns.append(_raw_write(pub, reps, 1 - pub_slot(pub, reps[0])))
+                res = pub.publish(tensors)
+                if not res.ok:
+                    raise RuntimeError(f"publish failed: {res.failed}")
+                times.append(res.seconds)
+            raw1 = min(raws)
+            rawn = min(rawns) if n > 1 else raw1
+        finally:
+            for p in procs:
+                if p.stdin:
+                    p.stdin.close()
+                p.wait(timeout=30)
+    t = min(times)  # best of: the raw baseline is a best-of too
+    raw_gbs = plan.nbytes / raw1 / 1e9
+    pred = predict(Cluster(
+        params=sum(s.numel for s in src), src_gpus=1, dst_gpus=n, replicas=n, src_bytes=4,
+        dst_bytes=plan.nbytes / sum(s.numel for s in src), nics_per_gpu=1, nic_gbit=raw_gbs * 8,
+        link_efficiency=1.0, fanout=args.fanout, chunk_bytes=args.chunk_mb * 2**20,
+        prepare_gbs=rates["prepare_gbs"], checksum_gbs=rates["checksum_gbs"],
+        shared_gbs=plan.nbytes * n / rawn / 1e9 if n > 1 else None, cores=os.cpu_count(),
+        link_cpu=1.0 if transport == "shm" else 2.0,
+        submit_s=50e-6, control_s=3 * args.rtt))
+    return {"transport": transport, "dtype": dtype, "replicas": n, "mb": plan.nbytes / 1e6,
+            "raw_gbs": raw_gbs, "raw_n_gbs": plan.nbytes * n / rawn / 1e9, "update_s": t,
+            "eff_gbs": plan.nbytes / t / 1e9, "ratio": plan.nbytes / t / 1e9 / raw_gbs,
+            "pred_s": pred.total_s, "pred_err": pred.total_s / t - 1, "bottleneck": pred.bottleneck,
+            "stages": {k: round(v, 4) for k, v in res.stages.items()},
+            **rates}
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    one = {(r["transport"], r["dtype"]): r["update_s"] for r in rows if r["replicas"] == 1}
+    out = ["| transport | replica dtype | replicas | MB per replica | raw write GB/s | update s | "
+           "effective GB/s | effective / raw | time vs 1 replica | planner s | planner error | "
+           "planner bottleneck |", "|" + "---|" * 12]
+    for r in rows:
+        base = one.get((r["transport"], r["dtype"]))
+        vs1 = f"{r['update_s'] / base:.2f}x" if base else "-"
+        out.append(f"| {r['transport']} | {r['dtype']} | {r['replicas']} | {r['mb']:.0f} | "
+                   f"{r['raw_gbs']:.2f} | {r['update_s']:.3f} | {r['eff_gbs']:.2f} | {r['ratio']:.2f} | "
+                   f"{vs1} | {r['pred_s']:.3f} | {r['pred_err']:+.0%} | {r['bottleneck']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transports", default="shm,tcp")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="replica dtypes (trainer is fp32)")
+    p.add_argument("--replicas", default="1,2,4")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--fanout", default="chain", help="direct, chain or tree")
+    p.add_argument("--chunk-mb", type=float, default=16.0)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    args = p.parse_args()
+
+    import torch
+
+    from tensorfabric.models import load_model
+    from tensorfabric.weights import model_tensors
+
+    torch.set_num_threads(1)
+    tensors = model_tensors(load_model().model)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for transport in args.transports.split(","):
+            args.rtt = _rtt(transport)
+            for dtype in args.dtypes.split(","):
+                for n in [int(x) for x in args.replicas.split(",")]:
+                    row = run_case(tensors, transport, dtype, n, args, Path(d))
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                          flush=True)
+    print()
+    print(f"# weights update, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{platform.node()} ({os.cpu_count()} cores), fan-out {args.fanout}, chunk {args.chunk_mb} MiB")
+    print(_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
