@@ -41,6 +41,7 @@ class ServerConfig:
 @dataclass
 class EdgeConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct), a .gguf file or a HF folder
+    host: str = "127.0.0.1"  # where the edge engine listens (the cloud dials back to it)
     quantize: str = "int8"  # "int8" (torch dynamic quantization of Linear layers) or "none"
     max_context: int = 2048
 

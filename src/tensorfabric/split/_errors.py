@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-try:
-    from tensorfabric import ConfigError as _ConfigBase
-    from tensorfabric import TensorFabricError as _Base
-except ImportError:  # TEMP: engine not merged yet in this checkout
-    _Base = Exception  # type: ignore[misc,assignment]
-    _ConfigBase = ValueError  # type: ignore[misc,assignment]
+from .._errors import ConfigError, TensorFabricError
 
 
-class SplitError(_Base):  # type: ignore[valid-type,misc]
+class SplitError(TensorFabricError):
     """Base class of edge/cloud serving errors."""
 
 
-class SplitConfigError(SplitError, _ConfigBase):  # type: ignore[valid-type,misc]
+class SplitConfigError(SplitError, ConfigError):
     """The deployment config is invalid; the message names the key and what is allowed."""
 
 
@@ -23,4 +18,4 @@ class CloudUnavailable(SplitError):
 
 
 class Overloaded(SplitError):
-    """Too many requests are queued at this tier; retry later (HTTP 429)."""
+    """Too many requests are waiting at this tier; retry later (HTTP 429/503)."""

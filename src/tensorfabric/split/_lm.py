@@ -52,6 +52,13 @@ class ChatModel:
         self.lock = threading.Lock()
         self.config = model.config
 
+    def warmup(self) -> None:
+        """Run two tokens once: the first forward in a process pays for page faults and lazy
+        kernel setup (seconds on a busy machine), which should not land on a user request."""
+        with self.lock:
+            for _ in self.stream(self.encode_chat([{"role": "user", "content": "Hi"}]), max_new_tokens=2):
+                pass
+
     # ------------------------------------------------------------------ tokens
 
     def encode_chat(self, messages: Sequence[dict[str, str]], prefix: str = "") -> list[int]:
