@@ -175,7 +175,10 @@ def _phone_valid(s: str) -> bool:
         return 8 <= digits <= 15
     # Without a country code ask for a separator-rich 9+ digit shape, so dates, years and
     # amounts ("2024-01-15", "1,000,000") stay untouched.
-    return 9 <= digits <= 15 and not re.fullmatch(r"\d{4}-\d{2}-\d{2}.*", s)
+    # "ddd-dd-dddd" is the SSN shape (its own recognizer validates it).
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}.*|\d{3}[- ]\d{2}[- ]\d{4}", s):
+        return False
+    return 9 <= digits <= 15
 
 
 def _ipv6_valid(s: str) -> bool:
