@@ -9,6 +9,7 @@ FastAPI, uvicorn and prometheus-client load on use: ``pip install 'tensorfabric[
 from __future__ import annotations
 
 from ._launch import CloudProcess, build_edge, launch, start_cloud_process
+from ._process import ServerProcess
 
 
 def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -18,4 +19,6 @@ def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
     return _create(*args, **kwargs)
 
 
-__all__ = ["CloudProcess", "build_edge", "create_app", "launch", "start_cloud_process"]
+__all__ = [
+    "CloudProcess", "ServerProcess", "build_edge", "create_app", "launch", "start_cloud_process",
+]

@@ -215,7 +215,11 @@ def _parse(body: Any, header_route: str | None, models: dict[str, str | None]) -
         messages.append({"role": role, "content": _content(m)})
     if body.get("n", 1) != 1:
         raise ValueError("only n=1 is supported")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 128
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = 128
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 8192:
         raise ValueError("max_tokens must be an integer in 1..8192")
     explicit = models[model]
