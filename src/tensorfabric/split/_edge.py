@@ -108,6 +108,7 @@ class EdgeTier:
         self._head: Any = None
         self._head_lock = threading.Lock()
         self._imm = itertools.count(secrets.randbits(40) << 20)
+        self.hidden_bytes_shipped = 0  # layer split: bytes of hidden states written to the cloud
         if cloud_address is not None:
             tls_server, tls_client = tls_contexts(cfg.cloud.tls)
             self.engine = Engine(
@@ -301,6 +302,7 @@ class EdgeTier:
                     h = self._head.forward(x, cache, pos).contiguous().numpy()
                 imm = next(self._imm)
                 self.engine.write(h, desc, imm=imm, timeout=t).wait(t + 1.0)
+                self.hidden_bytes_shipped += h.nbytes
                 rep = self.cloud.call("ls_step", t, session=sid, n=int(x.shape[1]), imm=imm)
                 pos += int(x.shape[1])
                 tok = int(rep["token"])
