@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import tensorfabric
-
-# The engine's error tree lives in the top-level package; fall back to a local root only while
-# a checkout predates it, so this module never breaks ``import tensorfabric.models``.
-_Base: type[Exception] = getattr(tensorfabric, "TensorFabricError", Exception)
+from tensorfabric._errors import TensorFabricError
 
 
-class ModelError(_Base):  # type: ignore[valid-type,misc]
+class ModelError(TensorFabricError):
     """Base class of model loading and generation errors."""
 
 

@@ -463,6 +463,8 @@ class PeerLinks:
         self.next_redial = [0.0] * transport.nlinks
         self.dialing = [False] * transport.nlinks
         self.closed = False
+        self.failures = 0  # links lost so far
+        self.requeued = 0  # chunks resent on other links after a loss
 
     def live(self) -> list[Conn]:
         return [c for c in self.conns if c is not None and c.alive]
@@ -544,9 +546,11 @@ class PeerLinks:
             if conn.index < len(self.conns) and self.conns[conn.index] is conn:
                 self.conns[conn.index] = None
             # the unacknowledged chunks go first, to whichever link is free
+            self.failures += 1
             for c in reversed(inflight):
                 if not c.wop.dead:
                     self.queue.appendleft(c)
+                    self.requeued += 1
             if not self.live() and self.down_since is None:
                 self.down_since = time.monotonic()
             self.last_error = exc
