@@ -33,6 +33,15 @@ class CloudTier:
         self.cfg = cfg
         self.model = model or load_chat_model(cfg.cloud.model)
         self.model.warmup()
+        self.disagg: Any = None
+        if cfg.cloud.disaggregated:
+            # Prefill and decode in their own processes, KV cache moved with write_pages.
+            from ..kv import DisaggregatedCluster
+
+            self.disagg = DisaggregatedCluster(
+                None if cfg.cloud.model == "default" else cfg.cloud.model,
+                secret=cfg.resolve_secret(), timeout=cfg.cloud.timeout,
+            )  # fmt: skip
         tls_server, tls_client = tls_contexts(cfg.cloud.tls)
         self.engine = Engine(
             cfg.resolve_secret(), host=cfg.cloud.host, port=cfg.cloud.port,
@@ -112,6 +121,9 @@ class CloudTier:
     def _chat(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
         m = self.model
         ids = m.encode_chat(req["messages"], prefix=req.get("prefix", ""))
+        if self.disagg is not None:
+            self._chat_disaggregated(peer, rid, ids, int(req.get("max_tokens", 128)))
+            return
         m.acquire(timeout=self.cfg.server.request_timeout)
         n, finish = 0, "length"
         try:
@@ -133,6 +145,32 @@ class CloudTier:
         self.served += 1
         self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
                            "prompt_tokens": len(ids), "completion_tokens": n})
+
+    def _chat_disaggregated(self, peer: bytes, rid: int, ids: list[int], max_tokens: int) -> None:
+        """Greedy generation on the kv prefill/decode workers; the answer arrives whole and is
+        forwarded token by token (the kv client has no streaming interface yet)."""
+        from ._lm import _Detokenizer
+
+        fut = self.disagg.submit(ids, max_new_tokens=max_tokens)
+        deadline = time.monotonic() + self.cfg.server.request_timeout
+        while not fut.done():
+            if (peer, rid) in self._cancelled or time.monotonic() > deadline:
+                fut.cancel()
+                return
+            # keep the edge's progress timer alive while the workers run
+            self._reply(peer, {"id": rid, "event": "delta", "text": "", "token": -1, "logprob": 0.0})
+            try:
+                fut.result(timeout=min(1.0, self.cfg.cloud.timeout / 3))
+            except TimeoutError:
+                continue
+        res = fut.result()
+        detok = _Detokenizer(self.model)
+        for tok in res.tokens:
+            self._reply(peer, {"id": rid, "event": "delta", "text": detok.push(tok), "token": tok,
+                               "logprob": 0.0})  # fmt: skip
+        self.served += 1
+        self._reply(peer, {"id": rid, "event": "done", "finish_reason": "stop" if res.stopped else "length",
+                           "prompt_tokens": len(ids), "completion_tokens": len(res.tokens)})  # fmt: skip
 
     # ------------------------------------------------------------------ layer split
 
@@ -186,6 +224,8 @@ class CloudTier:
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.disagg is not None:
+            self.disagg.close()
         self.engine.close()
         if self._record is not None:
             self._record.close()

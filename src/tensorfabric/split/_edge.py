@@ -238,6 +238,8 @@ class EdgeTier:
                 if ev["event"] == "done":
                     finish = ev.get("finish_reason", "stop")
                     break
+                if ev.get("token", 0) < 0:
+                    continue  # keep-alive from a cloud still working (disaggregated workers)
                 n += 1
                 produced.append(ev["text"])
                 text = restorer.feed(ev["text"])
