@@ -179,6 +179,7 @@ def main() -> int:
 
     e, c, r = phases["edge"], phases["cloud"], phases["routed"]
     equal = [a.strip() == b.strip() for a, b in zip(e["texts"], c["texts"])]
+    words = [a.split()[:5] == b.split()[:5] for a, b in zip(e["texts"], c["texts"])]
     kept = [t == "edge" for t in r["tiers"]]
     kept_equal = [eq for eq, k in zip(equal, kept) if k]
     link = f"cloud in a netns behind tbf {args.rate}" if net else "cloud on loopback (no root: no netns)"
@@ -196,6 +197,8 @@ def main() -> int:
           f"{sum(equal)}/{len(equal)} of all prompts; {sum(kept_equal)}/{len(kept_equal)} of the "
           f"prompts the router kept at the edge (threshold {args.threshold}); degraded replies: "
           f"{sum(ph['degraded'] for ph in phases.values())}")  # fmt: skip
+    print(f"same first 5 words: {sum(words)}/{len(words)} of all prompts; "
+          f"{sum(w for w, k in zip(words, kept) if k)}/{len(kept_equal)} of those kept at the edge")
     return 0
 
 

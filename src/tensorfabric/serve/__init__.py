@@ -12,7 +12,7 @@ from ._launch import CloudProcess, build_edge, launch, start_cloud_process
 from ._process import ServerProcess
 
 
-def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
+def create_app(*args, **kwargs):
     """Build the FastAPI app for an :class:`~tensorfabric.split._edge.EdgeTier` (lazy import)."""
     from ._app import create_app as _create
 

@@ -227,8 +227,9 @@ def _parse(body: Any, header_route: str | None, models: dict[str, str | None]) -
         if header_route not in ("edge", "cloud", "auto"):
             raise ValueError("x-tensorfabric-route must be edge, cloud or auto")
         explicit = None if header_route == "auto" else header_route
-    temperature = float(body.get("temperature") if body.get("temperature") is not None else 0.0)
-    top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
+    t, p = body.get("temperature"), body.get("top_p")
+    temperature = 0.0 if t is None else float(t)
+    top_p = 1.0 if p is None else float(p)
     if not 0.0 <= temperature <= 2.0 or not 0.0 < top_p <= 1.0:
         raise ValueError("temperature must be in [0, 2] and top_p in (0, 1]")
     seed = body.get("seed")

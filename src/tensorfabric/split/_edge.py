@@ -16,7 +16,7 @@ import importlib
 import itertools
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,7 +154,7 @@ class EdgeTier:
         prompt_ids = self.model.encode_chat(msgs)
         rreq = RouteRequest(len(prompt_ids), req.max_tokens, req.explicit, mapping.counts(), req.stream)  # type: ignore[arg-type]
         timeout = self.cfg.server.request_timeout
-        edge_steps: Iterator[TokenStep] | None = None
+        edge_steps: Generator[TokenStep, None, None] | None = None
         probe: list[TokenStep] = []
         decision = self.policy.pre_route(rreq)
         try:
@@ -191,7 +191,9 @@ class EdgeTier:
                 edge_steps.close()
                 self.model.lock.release()
 
-    def _edge_stream(self, prompt_ids: Sequence[int], req: ChatRequest) -> Iterator[TokenStep]:
+    def _edge_stream(
+        self, prompt_ids: Sequence[int], req: ChatRequest
+    ) -> Generator[TokenStep, None, None]:
         return self.model.stream(
             prompt_ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed,
@@ -263,7 +265,7 @@ class EdgeTier:
                 )  # fmt: skip
             finally:
                 if steps is not None:
-                    steps.close()  # type: ignore[attr-defined]
+                    steps.close()
                 self.model.lock.release()
             return
         self.health.record_success()

@@ -28,8 +28,8 @@ class LayerStage:
     projects to logits. Stateless apart from the per-sequence caches it hands out."""
 
     def __init__(self, model: Any, start: int, end: int) -> None:
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
+        inner: Any = getattr(model, "model", None)
+        layers: Any = getattr(inner, "layers", None)
         if layers is None or not hasattr(inner, "rotary_emb"):
             raise SplitConfigError(
                 f"layer split needs a Llama-style decoder (model.model.layers, rotary_emb); "
@@ -57,10 +57,10 @@ class LayerStage:
                 for mod in layer.modules():
                     if isinstance(getattr(mod, "layer_idx", None), int):
                         mod.layer_idx -= start
-        self.embed = inner.embed_tokens if self.first else None
-        self.rotary = inner.rotary_emb
-        self.norm = inner.norm if self.last else None
-        self.lm_head = model.lm_head if self.last else None
+        self.embed: Any = inner.embed_tokens if self.first else None
+        self.rotary: Any = inner.rotary_emb
+        self.norm: Any = inner.norm if self.last else None
+        self.lm_head: Any = model.lm_head if self.last else None
         self.hidden_size = int(model.config.hidden_size)
 
     def new_cache(self) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +100,7 @@ class ChatModel:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> Iterator[TokenStep]:
+    ) -> Generator[TokenStep, None, None]:
         """Generate token by token (greedy when ``temperature`` is 0). Caller holds ``lock``."""
         torch = _torch()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -183,7 +183,7 @@ def make_policy(spec: Mapping[str, Any]) -> RoutingPolicy:
     if kind == "confidence":
         return ConfidencePolicy(**opts)
     if kind in ("edge_only", "cloud_only"):
-        return FixedPolicy(kind.split("_")[0], **opts)  # type: ignore[arg-type]
+        return FixedPolicy("edge" if kind == "edge_only" else "cloud", **opts)
     if isinstance(kind, str) and ":" in kind:
         module, _, attr = kind.partition(":")
         try:
