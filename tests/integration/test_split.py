@@ -143,3 +143,29 @@ def test_stalled_cloud_edge_takes_over_then_cloud_returns(cloud, full) -> None: 
     finally:
         os.kill(pid, signal.SIGCONT)
         edge.close()
+
+
+def test_disaggregated_cloud_answers_like_the_whole_model(full) -> None:  # type: ignore[no-untyped-def]
+    """cloud.disaggregated: the cloud tier generates on tensorfabric.kv's prefill and decode
+    worker processes (KV cache moved with write_pages); greedy output equals one process."""
+    import threading
+
+    from tensorfabric.split._cloud import CloudTier
+    from tensorfabric.split._edge import EdgeTier
+
+    tier = CloudTier(cfg(cloud={"disaggregated": True, "timeout": 30.0}), model=full)
+    th = threading.Thread(target=tier.serve_forever, daemon=True)
+    th.start()
+    edge = EdgeTier(cfg(cloud={"timeout": 30.0}), full, tier.address)
+    try:
+        text = "Name three colors."
+        ids = full.encode_chat([{"role": "user", "content": text}])
+        with full.lock:
+            ref = full.decode([s.token_id for s in full.stream(ids, max_new_tokens=12) if not s.stop])
+        out, _, done = run(edge, text, max_tokens=12)
+        assert done.tier == "cloud" and not done.degraded
+        assert out == ref and tier.disagg is not None and tier.served == 1
+    finally:
+        edge.close()
+        tier.close()
+        th.join(5)
