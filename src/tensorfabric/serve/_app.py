@@ -166,7 +166,10 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
                 release()
                 await run_in_threadpool(g.close)  # runs the generator's cleanup (model lock)
             metrics.record(done, time.perf_counter() - started)
-            headers.update({"x-tensorfabric-tier": done.tier, "x-tensorfabric-degraded": str(done.degraded).lower()})
+            headers.update({
+                "x-tensorfabric-tier": done.tier, "x-tensorfabric-route-reason": done.reason,
+                "x-tensorfabric-degraded": str(done.degraded).lower(),
+            })  # fmt: skip
             return JSONResponse(_completion(cid, model, text, done), headers=headers)
 
         async def sse() -> AsyncIterator[bytes]:
