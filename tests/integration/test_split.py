@@ -133,7 +133,7 @@ def test_stalled_cloud_edge_takes_over_then_cloud_returns(cloud, full) -> None: 
         t1 = time.monotonic()
         out2, route2, done2 = run(edge, "Hello!", max_tokens=4)
         assert (route2.decision.reason, done2.tier, done2.degraded) == ("cloud_down", "edge", True)
-        assert out2 and time.monotonic() - t1 < 10
+        assert out2 and time.monotonic() - t1 < 30  # no cloud attempt (generous: busy CI hosts)
 
         os.kill(pid, signal.SIGCONT)
         assert edge.health.wait_available(30), edge.health.last_error
