@@ -147,3 +147,19 @@ def test_50_concurrent_clients_each_answered_or_refused(server) -> None:  # type
             assert body["error"]["code"] == "overloaded" and "retry" in body["error"]["message"]
     h = httpx.get(f"{server.url.removesuffix('/v1')}/health").json()
     assert h["in_flight"] == 0  # nothing left hanging
+
+
+def test_client_disconnect_mid_stream_frees_the_model(server) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": "tensorfabric-edge", "messages": ask("Tell me a long story about dragons."),
+            "max_tokens": 200, "stream": True}  # fmt: skip
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{server.url}/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # got real text: hang up mid-answer
+    r2 = httpx.post(f"{server.url}/chat/completions", timeout=60, json={
+        "model": "tensorfabric-edge", "messages": ask("Hi"), "max_tokens": 3})  # fmt: skip
+    assert r2.status_code == 200
+    h = httpx.get(f"{server.url.removesuffix('/v1')}/health").json()
+    assert h["in_flight"] == 0

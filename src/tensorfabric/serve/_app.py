@@ -194,7 +194,10 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
                 yield f"data: {json.dumps(err)}\n\n".encode()
             finally:
                 release()
-                await run_in_threadpool(g.close)
+                # Not awaited: this also runs when the client went away and the task is being
+                # cancelled. The close waits for a next() still running in a worker thread,
+                # then the generator's cleanup releases the model and cancels cloud work.
+                threading.Thread(target=g.close, name="tf-close-stream", daemon=True).start()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
