@@ -119,7 +119,7 @@ class EdgeTier:
             self.cloud = CloudClient(self.engine, cloud_address)
             h = cfg.health
             self.health = CloudHealth(
-                lambda: self.cloud.ping(h.probe_timeout),  # type: ignore[union-attr]
+                lambda: self._probe_cloud(h.probe_timeout),
                 failures_to_open=h.failures_to_open, backoff_initial=h.backoff_initial,
                 backoff_max=h.backoff_max, on_change=on_cloud_change,
             )  # fmt: skip
@@ -130,6 +130,20 @@ class EdgeTier:
 
             self._full = full_model
             self._head = LayerStage(full_model.model, 0, cfg.layer_split.layers_at_edge)
+
+    def _probe_cloud(self, timeout: float) -> bool:
+        """Ping the cloud; with ``cloud.address_file``, follow a restarted cloud's new address."""
+        assert self.cloud is not None
+        path = self.cfg.cloud.address_file
+        if path:
+            try:
+                with open(path) as f:
+                    fresh = bytes.fromhex(f.read().strip())
+            except (OSError, ValueError):
+                fresh = b""
+            if fresh and fresh != self.cloud.cloud:
+                self.cloud.cloud = fresh
+        return self.cloud.ping(timeout)
 
     @property
     def cloud_available(self) -> bool:
