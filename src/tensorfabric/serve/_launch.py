@@ -8,6 +8,7 @@ uvicorn until interrupted. With ``cloud.launch: remote`` it connects to ``cloud.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -144,6 +145,15 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
 
     cloud: CloudProcess | None = None
     edge = None
+    if cfg.cloud.launch == "local" and not cfg.cloud.address_file:
+        # A respawned cloud has a new engine address; the edge's prober reads it from here.
+        import tempfile
+
+        fd, cfg.cloud.address_file = tempfile.mkstemp(prefix="tensorfabric-cloud-", suffix=".addr")
+        os.close(fd)
+        own_address_file: str | None = cfg.cloud.address_file
+    else:
+        own_address_file = None
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -179,6 +189,8 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
         else:
             address = _cloud_address(cfg)
         edge = build_edge(cfg, address)
+        if cloud is not None:
+            _start_watchdog(cfg, cloud, announce)
         app = create_app(edge, model_name=cfg.server.model_name, max_queue=cfg.server.max_queue)
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
@@ -191,11 +203,44 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
     except KeyboardInterrupt:
         pass
     finally:
+        _stopping.set()
         if edge is not None:
             edge.close()
         if cloud is not None:
             cloud.stop()
         sock.close()
+        if own_address_file:
+            with contextlib.suppress(OSError):
+                os.unlink(own_address_file)
+
+
+def _start_watchdog(cfg: DeployConfig, cloud: CloudProcess, announce: Callable[[str], None]) -> None:
+    """Respawn the local cloud process if it dies (crash, OOM kill); the edge answers degraded
+    meanwhile and takes the new process back through ``cloud.address_file``. The thread lives
+    as long as the server, so the child's parent-death signal stays tied to it."""
+
+    def watch() -> None:
+        backoff = cfg.health.backoff_initial
+        while True:
+            code = cloud.proc.wait()
+            if code in (-signal.SIGTERM, -signal.SIGKILL) and _stopping.is_set():
+                return
+            announce(f"cloud tier process exited with code {code}; restarting it ...")
+            time.sleep(backoff)
+            try:
+                fresh = wait_cloud_ready(spawn_cloud_process(cfg), 600.0)
+            except CloudUnavailable as exc:
+                announce(f"cloud tier restart failed: {exc}")
+                backoff = min(cfg.health.backoff_max, backoff * 2)
+                continue
+            cloud.proc, cloud.address = fresh.proc, fresh.address
+            backoff = cfg.health.backoff_initial
+            announce("cloud tier restarted")
+
+    threading.Thread(target=watch, name="tf-cloud-watchdog", daemon=True).start()
+
+
+_stopping = threading.Event()
 
 
 def _safe(fn: Callable[..., Any], *args: Any) -> Any:
