@@ -223,8 +223,8 @@ def _start_watchdog(cfg: DeployConfig, cloud: CloudProcess, announce: Callable[[
         backoff = cfg.health.backoff_initial
         while True:
             code = cloud.proc.wait()
-            if code in (-signal.SIGTERM, -signal.SIGKILL) and _stopping.is_set():
-                return
+            if code == -signal.SIGTERM or _stopping.is_set():
+                return  # stopped on purpose (our shutdown, or the operator): not a crash
             announce(f"cloud tier process exited with code {code}; restarting it ...")
             time.sleep(backoff)
             try:
