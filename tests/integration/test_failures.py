@@ -55,8 +55,10 @@ def test_link_reset_mid_transfer_is_resent_on_other_links() -> None:
         victim = links.live()[1]
 
         def cut() -> None:
-            time.sleep(0.02)
-            victim.sock.shutdown(2)  # a reset in the middle of the transfer
+            end = time.monotonic() + 30
+            while not victim.inflight and time.monotonic() < end:
+                time.sleep(0.0005)
+            victim.sock.shutdown(2)  # a reset while the link has chunks in flight
 
         threading.Thread(target=cut).start()
         t.wait(120)

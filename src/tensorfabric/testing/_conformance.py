@@ -317,7 +317,7 @@ class TransportConformance:
     def test_bad_arguments(self, pair: Pair) -> None:
         dst = pair.region(100)
         with pytest.raises(ConfigError):
-            pair.a.write(object(), dst.descriptor())  # type: ignore[arg-type]
+            pair.a.write(object(), dst.descriptor())
         with pytest.raises(ConfigError):
             pair.a.write(b"x" * 10, dst.descriptor(), src_offset=5, nbytes=10)
         with pytest.raises(ConfigError):
