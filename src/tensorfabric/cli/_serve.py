@@ -8,11 +8,6 @@ from typing import Any
 def register(app: Any) -> None:
     import typer
 
-    if getattr(app, "registered_callback", None) is None:
-        # With a single registered command typer would make it the whole program and reject
-        # "serve" as an extra argument; an empty callback keeps subcommand mode.
-        app.callback()(lambda: None)
-
     @app.command("serve")
     def serve(
         config: str = typer.Option(None, "--config", "-c", help="YAML deployment config (docs/serve.md)."),
