@@ -1,0 +1,249 @@
+"""The cloud tier: a process that serves chat generation and layer-split steps to edges.
+
+It owns an :class:`~tensorfabric.Engine` listening on ``cloud.host:cloud.port`` and answers
+RPCs (see :mod:`._rpc`). It only ever sees what the edge sends: scrubbed text, or hidden states
+computed from scrubbed text. ``cloud.record_received`` appends every received message to a file
+so an audit (and the tests) can prove that no original PII arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .._engine import Engine
+from .._errors import ClosedError, TensorFabricError, TransferTimeout
+from ._config import DeployConfig
+from ._lm import ChatModel, load_chat_model
+from ._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
+from ._tls import tls_contexts
+
+__all__ = ["CloudTier"]
+
+log = logging.getLogger("tensorfabric.split.cloud")
+
+
+class CloudTier:
+    """Serve ``ping``, ``chat`` (streamed) and ``ls_*`` (layer split) until :meth:`close`."""
+
+    def __init__(self, cfg: DeployConfig, *, model: ChatModel | None = None) -> None:
+        self.cfg = cfg
+        self.model = model or load_chat_model(cfg.cloud.model)
+        self.model.warmup()
+        self.disagg: Any = None
+        if cfg.cloud.disaggregated:
+            # Prefill and decode in their own processes, KV cache moved with write_pages.
+            from ..kv import DisaggregatedCluster
+
+            self.disagg = DisaggregatedCluster(
+                None if cfg.cloud.model == "default" else cfg.cloud.model,
+                secret=cfg.resolve_secret(), timeout=cfg.cloud.timeout,
+            )  # fmt: skip
+        tls_server, tls_client = tls_contexts(cfg.cloud.tls)
+        self.engine = Engine(
+            cfg.resolve_secret(), host=cfg.cloud.host, port=cfg.cloud.port,
+            links=cfg.cloud.links, timeout=cfg.cloud.timeout, name="tf-cloud",
+            tls_server=tls_server, tls_client=tls_client,
+        )  # fmt: skip
+        self._record = open(cfg.cloud.record_received, "ab") if cfg.cloud.record_received else None
+        self._record_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tf-cloud")
+        self._cancelled: set[tuple[bytes, int]] = set()
+        self._sessions: dict[tuple[bytes, int], Any] = {}
+        self._session_ids = iter(range(1, 1 << 62))
+        self._tail: Any = None
+        self._tail_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.served = 0
+
+    @property
+    def address(self) -> bytes:
+        return self.engine.address
+
+    # ------------------------------------------------------------------ loop
+
+    def serve_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.engine.recv(tag=TAG_REQUEST, timeout=0.5)
+            except TransferTimeout:
+                continue
+            except ClosedError:
+                return
+            if self._record is not None:
+                with self._record_lock:
+                    self._record.write(msg.data + b"\n")
+                    self._record.flush()
+            try:
+                req = decode_msg(msg.data)
+            except ValueError:
+                log.warning("dropped a malformed request from %r", msg.peer[:40])
+                continue
+            if req.get("op") == "cancel":
+                self._cancelled.add((msg.peer, int(req.get("target", -1))))
+                continue
+            self._pool.submit(self._handle, msg.peer, req)
+
+    def _reply(self, peer: bytes, obj: dict[str, Any]) -> None:
+        try:
+            self.engine.send(peer, encode_msg(obj), tag=TAG_REPLY).wait(self.cfg.cloud.timeout)
+        except TensorFabricError as exc:  # the edge went away; it will time out and retry
+            log.info("reply to edge failed: %s", exc)
+
+    def _handle(self, peer: bytes, req: dict[str, Any]) -> None:
+        rid = req.get("id", -1)
+        op = req.get("op")
+        try:
+            if op == "ping":
+                self._reply(peer, {"id": rid, "event": "pong", "model": self.model.name})
+            elif op == "chat":
+                self._chat(peer, rid, req)
+            elif op == "ls_open":
+                self._ls_open(peer, rid, req)
+            elif op == "ls_step":
+                self._ls_step(peer, rid, req)
+            elif op == "ls_close":
+                self._sessions.pop((peer, int(req.get("session", -1))), None)
+                self._reply(peer, {"id": rid, "event": "ok"})
+            else:
+                self._reply(peer, {"id": rid, "event": "error", "message": f"unknown op {op!r}"})
+        except Exception as exc:  # every request gets an answer, even a failing one
+            log.exception("request %s %s failed", op, rid)
+            self._reply(peer, {"id": rid, "event": "error", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            self._cancelled.discard((peer, rid))
+
+    # ------------------------------------------------------------------ chat
+
+    def _chat(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
+        m = self.model
+        ids = m.encode_chat(req["messages"], prefix=req.get("prefix", ""))
+        if self.disagg is not None:
+            self._chat_disaggregated(peer, rid, ids, int(req.get("max_tokens", 128)))
+            return
+        m.acquire(timeout=self.cfg.server.request_timeout)
+        n, finish = 0, "length"
+        try:
+            for step in m.stream(
+                ids, max_new_tokens=int(req.get("max_tokens", 128)),
+                temperature=float(req.get("temperature", 0.0)),
+                top_p=float(req.get("top_p", 1.0)), seed=req.get("seed"),
+            ):  # fmt: skip
+                if (peer, rid) in self._cancelled or self._stop.is_set():
+                    return
+                if step.stop:
+                    finish = "stop"
+                    break
+                n += 1
+                self._reply(peer, {"id": rid, "event": "delta", "text": step.text,
+                                   "token": step.token_id, "logprob": step.logprob})
+        finally:
+            m.lock.release()
+        self.served += 1
+        self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
+                           "prompt_tokens": len(ids), "completion_tokens": n})
+
+    def _chat_disaggregated(self, peer: bytes, rid: int, ids: list[int], max_tokens: int) -> None:
+        """Greedy generation on the kv prefill/decode workers; the answer arrives whole and is
+        forwarded token by token (the kv client has no streaming interface yet)."""
+        from ._lm import _Detokenizer
+
+        fut = self.disagg.submit(ids, max_new_tokens=max_tokens)
+        deadline = time.monotonic() + self.cfg.server.request_timeout
+        while not fut.done():
+            if (peer, rid) in self._cancelled or time.monotonic() > deadline:
+                fut.cancel()
+                return
+            # keep the edge's progress timer alive while the workers run
+            self._reply(peer, {"id": rid, "event": "delta", "text": "", "token": -1, "logprob": 0.0})
+            try:
+                fut.result(timeout=min(1.0, self.cfg.cloud.timeout / 3))
+            except TimeoutError:
+                continue
+        res = fut.result()
+        detok = _Detokenizer(self.model)
+        for tok in res.tokens:
+            self._reply(peer, {"id": rid, "event": "delta", "text": detok.push(tok), "token": tok,
+                               "logprob": 0.0})  # fmt: skip
+        self.served += 1
+        self._reply(peer, {"id": rid, "event": "done", "finish_reason": "stop" if res.stopped else "length",
+                           "prompt_tokens": len(ids), "completion_tokens": len(res.tokens)})  # fmt: skip
+
+    # ------------------------------------------------------------------ layer split
+
+    def _stage(self) -> Any:
+        with self._tail_lock:
+            if self._tail is None:
+                from ._layersplit import LayerStage
+
+                k = self.cfg.layer_split.layers_at_edge
+                n = len(self.model.model.model.layers)
+                self._tail = LayerStage(self.model.model, k, n)
+            return self._tail
+
+    def _ls_open(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
+        stage = self._stage()
+        max_tokens = int(req["max_positions"])
+        region = self.engine.alloc(max_tokens * stage.hidden_size * 4)
+        sid = next(self._session_ids)
+        self._sessions[(peer, sid)] = [region, stage.new_cache(), 0, max_tokens]
+        self._reply(peer, {"id": rid, "event": "ok", "session": sid,
+                           "desc": region.descriptor().to_bytes().hex(),
+                           "hidden_size": stage.hidden_size, "layers_at_edge": stage.start})
+
+    def _ls_step(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
+        import numpy as np
+        import torch
+
+        sess = self._sessions.get((peer, int(req["session"])))
+        if sess is None:
+            raise KeyError("unknown layer-split session (expired or never opened)")
+        region, cache, pos, max_tokens = sess
+        n = int(req["n"])
+        if pos + n > max_tokens:
+            raise ValueError(f"session holds {max_tokens} positions; step needs {pos + n}")
+        stage = self._stage()
+        self.engine.expect(int(req["imm"]), timeout=self.cfg.cloud.timeout).wait()
+        hidden = np.frombuffer(region.array, dtype=np.float32, count=n * stage.hidden_size)
+        x = torch.from_numpy(hidden.copy()).view(1, n, stage.hidden_size)
+        self.model.acquire(timeout=self.cfg.server.request_timeout)
+        try:
+            logits = stage.forward(x, cache, pos)
+        finally:
+            self.model.lock.release()
+        sess[2] = pos + n
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = int(torch.argmax(logits))
+        self._reply(peer, {"id": rid, "event": "token", "token": tok, "logprob": float(logp[tok])})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.disagg is not None:
+            self.disagg.close()
+        self.engine.close()
+        if self._record is not None:
+            self._record.close()
+
+
+def run_cloud(cfg: DeployConfig, *, announce: Any = print) -> None:
+    """Run a cloud tier in this process until interrupted; announce its address (hex)."""
+    started = time.perf_counter()
+    tier = CloudTier(cfg)
+    announce(f"TENSORFABRIC_CLOUD_ADDRESS {tier.address.hex()}")
+    if cfg.cloud.address_file:
+        from pathlib import Path
+
+        Path(cfg.cloud.address_file).write_text(tier.address.hex())
+    log.info("cloud tier ready in %.1f s on %s", time.perf_counter() - started, tier.engine)
+    try:
+        tier.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tier.close()

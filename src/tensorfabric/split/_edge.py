@@ -1,0 +1,354 @@
+"""The edge tier: PII scrubbing, routing, the local model, and the cloud client with failover.
+
+:meth:`EdgeTier.chat` is a generator of events for one request: first a :class:`RouteInfo`
+(where it is answered and why), then text pieces (PII already restored), then :class:`Done`.
+The HTTP layer turns them into an OpenAI response or server-sent events.
+
+Failure handling: a cloud call that fails or stalls for ``cloud.timeout`` seconds opens the
+breaker (:class:`CloudHealth`); the edge then answers with its own model, continuing from any
+text the cloud already produced, and marks the reply ``degraded``. While the breaker is open
+every request is answered at the edge; a background prober closes it when the cloud is back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import secrets
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._engine import Engine
+from .._region import RegionDescriptor
+from ._config import DeployConfig
+from ._errors import CloudUnavailable, SplitConfigError
+from ._health import CloudHealth
+from ._lm import ChatModel, TokenStep
+from ._pii import GazetteerNameDetector, NameDetector, PiiMapping, PiiScrubber, StreamRestorer
+from ._routing import Decision, Probe, RouteRequest, RoutingPolicy, make_policy
+from ._rpc import CloudClient
+from ._tls import tls_contexts
+
+__all__ = ["ChatRequest", "Done", "EdgeTier", "RouteInfo", "build_scrubber"]
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    explicit: str | None = None  # "edge" | "cloud" | None
+
+
+@dataclass
+class RouteInfo:
+    decision: Decision
+    degraded: bool
+    pii: dict[str, int]
+    prompt_tokens: int
+
+
+@dataclass
+class Done:
+    tier: str  # who produced the answer: edge | cloud | cloud+edge (edge finished it)
+    reason: str
+    degraded: bool
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    confidence: float | None = None
+    pii: dict[str, int] = field(default_factory=dict)
+    cloud_error: str | None = None
+
+
+def build_scrubber(cfg: DeployConfig) -> PiiScrubber | None:
+    p = cfg.pii
+    if not p.enabled:
+        return None
+    detector: NameDetector | None = None
+    if p.name_detector:
+        module, _, attr = p.name_detector.partition(":")
+        try:
+            detector = getattr(importlib.import_module(module), attr)()
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise SplitConfigError(
+                f"pii.name_detector {p.name_detector!r} could not be loaded ({exc}); "
+                "name a factory as 'package.module:function'"
+            ) from exc
+    elif p.names:
+        detector = GazetteerNameDetector(p.names)
+    return PiiScrubber(kinds=p.kinds, name_detector=detector)
+
+
+class EdgeTier:
+    """Everything the edge process does for a request, minus HTTP."""
+
+    def __init__(
+        self,
+        cfg: DeployConfig,
+        model: ChatModel,
+        cloud_address: bytes | None,
+        *,
+        policy: RoutingPolicy | None = None,
+        full_model: ChatModel | None = None,
+        on_cloud_change: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.policy = policy or make_policy(cfg.routing)
+        self.scrubber = build_scrubber(cfg)
+        self.engine: Engine | None = None
+        self.cloud: CloudClient | None = None
+        self.health: CloudHealth | None = None
+        self._head: Any = None
+        self._head_lock = threading.Lock()
+        self._imm = itertools.count(secrets.randbits(40) << 20)
+        self.hidden_bytes_shipped = 0  # layer split: bytes of hidden states written to the cloud
+        if cloud_address is not None:
+            tls_server, tls_client = tls_contexts(cfg.cloud.tls)
+            self.engine = Engine(
+                cfg.resolve_secret(), host=cfg.edge.host, port=0, links=cfg.cloud.links,
+                timeout=cfg.cloud.timeout, name="tf-edge", connect_timeout=cfg.cloud.connect_timeout,
+                tls_server=tls_server, tls_client=tls_client,
+            )  # fmt: skip
+            self.cloud = CloudClient(self.engine, cloud_address)
+            h = cfg.health
+            self.health = CloudHealth(
+                lambda: self._probe_cloud(h.probe_timeout),
+                failures_to_open=h.failures_to_open, backoff_initial=h.backoff_initial,
+                backoff_max=h.backoff_max, on_change=on_cloud_change,
+            )  # fmt: skip
+        if cfg.mode == "layer_split":
+            if full_model is None:
+                raise SplitConfigError("mode: layer_split needs the full-precision model at the edge")
+            from ._layersplit import LayerStage
+
+            self._full = full_model
+            self._head = LayerStage(full_model.model, 0, cfg.layer_split.layers_at_edge)
+
+    def _probe_cloud(self, timeout: float) -> bool:
+        """Ping the cloud; with ``cloud.address_file``, follow a restarted cloud's new address."""
+        assert self.cloud is not None
+        path = self.cfg.cloud.address_file
+        if path:
+            try:
+                with open(path) as f:
+                    fresh = bytes.fromhex(f.read().strip())
+            except (OSError, ValueError):
+                fresh = b""
+            if fresh and fresh != self.cloud.cloud:
+                self.cloud.cloud = fresh
+        return self.cloud.ping(timeout)
+
+    @property
+    def cloud_available(self) -> bool:
+        return self.health is not None and self.health.available
+
+    # ------------------------------------------------------------------ request
+
+    def scrub(self, messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], PiiMapping]:
+        mapping = PiiMapping()
+        if self.scrubber is None:
+            return [dict(m) for m in messages], mapping
+        out = []
+        for m in messages:
+            text, _ = self.scrubber.scrub(str(m.get("content", "")), mapping)
+            out.append({"role": m.get("role", "user"), "content": text})
+        return out, mapping
+
+    def chat(self, req: ChatRequest) -> Iterator[RouteInfo | str | Done]:
+        """Events for one request; see the module docstring. Closing it early is safe."""
+        msgs, mapping = self.scrub(req.messages)
+        restorer = StreamRestorer(mapping)
+        prompt_ids = self.model.encode_chat(msgs)
+        rreq = RouteRequest(len(prompt_ids), req.max_tokens, req.explicit, mapping.counts(), req.stream)  # type: ignore[arg-type]
+        timeout = self.cfg.server.request_timeout
+        edge_steps: Generator[TokenStep, None, None] | None = None
+        probe: list[TokenStep] = []
+        decision = self.policy.pre_route(rreq)
+        try:
+            if decision is None or decision.tier == "edge":
+                self.model.acquire(timeout)
+                edge_steps = self._edge_stream(prompt_ids, req)
+            if decision is None:
+                for step in edge_steps:  # type: ignore[union-attr]
+                    probe.append(step)
+                    if step.stop or len(probe) >= self.policy.probe_tokens:
+                        break
+                done = bool(probe) and probe[-1].stop
+                decision = self.policy.after_probe(
+                    rreq, Probe([s.token_id for s in probe], [s.logprob for s in probe], done)
+                )
+            degraded = False
+            if decision.tier == "cloud" and not self.cloud_available:
+                degraded = True
+                decision = Decision("edge", "cloud_down", decision.confidence)
+                if edge_steps is None:
+                    self.model.acquire(timeout)
+                    edge_steps = self._edge_stream(prompt_ids, req)
+            if decision.tier == "cloud" and edge_steps is not None:
+                edge_steps.close()
+                self.model.lock.release()
+                edge_steps, probe = None, []
+            yield RouteInfo(decision, degraded, mapping.counts(), len(prompt_ids))
+            if edge_steps is not None:
+                yield from self._finish_edge(probe, edge_steps, restorer, decision, degraded, rreq, mapping)
+                return
+            yield from self._cloud_path(msgs, prompt_ids, req, restorer, decision, rreq, mapping)
+        finally:
+            if edge_steps is not None:
+                edge_steps.close()
+                self.model.lock.release()
+
+    def _edge_stream(
+        self, prompt_ids: Sequence[int], req: ChatRequest
+    ) -> Generator[TokenStep, None, None]:
+        return self.model.stream(
+            prompt_ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
+            top_p=req.top_p, seed=req.seed,
+        )  # fmt: skip
+
+    def _finish_edge(
+        self, probe: list[TokenStep], steps: Iterator[TokenStep], restorer: StreamRestorer,
+        decision: Decision, degraded: bool, rreq: RouteRequest, mapping: PiiMapping,
+        tier: str = "edge", already: int = 0, cloud_error: str | None = None,
+    ) -> Iterator[str | Done]:  # fmt: skip
+        n, finish = already, "length"
+        for step in itertools.chain(probe, steps):
+            if step.stop:
+                finish = "stop"
+                break
+            n += 1
+            text = restorer.feed(step.text)
+            if text:
+                yield text
+            if n >= rreq.max_tokens:
+                break
+        tail = restorer.flush()
+        if tail:
+            yield tail
+        yield Done(tier, decision.reason, degraded, finish, rreq.prompt_tokens, n,
+                   decision.confidence, mapping.counts(), cloud_error)  # fmt: skip
+
+    def _cloud_path(
+        self, msgs: list[dict[str, str]], prompt_ids: list[int], req: ChatRequest,
+        restorer: StreamRestorer, decision: Decision, rreq: RouteRequest, mapping: PiiMapping,
+    ) -> Iterator[str | Done]:  # fmt: skip
+        assert self.cloud is not None and self.health is not None
+        produced: list[str] = []
+        n, finish = 0, "length"
+        try:
+            if self.cfg.mode == "layer_split":
+                events = self._split_stream(prompt_ids, req)
+            else:
+                events = self.cloud.stream(
+                    "chat", self.cfg.cloud.timeout, messages=msgs, max_tokens=req.max_tokens,
+                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                )  # fmt: skip
+            for ev in events:
+                if ev["event"] == "done":
+                    finish = ev.get("finish_reason", "stop")
+                    break
+                if ev.get("token", 0) < 0:
+                    continue  # keep-alive from a cloud still working (disaggregated workers)
+                n += 1
+                produced.append(ev["text"])
+                text = restorer.feed(ev["text"])
+                if text:
+                    yield text
+        except CloudUnavailable as exc:
+            self.health.record_failure(str(exc))
+            # Finish at the edge, continuing from what the cloud already produced.
+            self.model.acquire(self.cfg.server.request_timeout)
+            steps = None
+            try:
+                left = req.max_tokens - n
+                ids = self.model.encode_chat(msgs, prefix="".join(produced))
+                steps = self.model.stream(ids, max_new_tokens=max(left, 0), temperature=req.temperature,
+                                          top_p=req.top_p, seed=req.seed)  # fmt: skip
+                tier = "cloud+edge" if n else "edge"
+                reason = decision.reason if n else "cloud_failed"
+                yield from self._finish_edge(
+                    [], steps, restorer, Decision("edge", reason, decision.confidence), True, rreq,
+                    mapping, tier=tier, already=n, cloud_error=str(exc),
+                )  # fmt: skip
+            finally:
+                if steps is not None:
+                    steps.close()
+                self.model.lock.release()
+            return
+        self.health.record_success()
+        tail = restorer.flush()
+        if tail:
+            yield tail
+        yield Done("cloud", decision.reason, False, finish, rreq.prompt_tokens, n,
+                   decision.confidence, mapping.counts())  # fmt: skip
+
+    # ------------------------------------------------------------------ layer split
+
+    def _split_stream(self, prompt_ids: list[int], req: ChatRequest) -> Iterator[dict[str, Any]]:
+        """Greedy generation with layers [0, k) here and [k, n) in the cloud."""
+        import torch
+
+        from ._lm import _Detokenizer
+
+        assert self.cloud is not None and self.engine is not None
+        t = self.cfg.cloud.timeout
+        total = len(prompt_ids) + req.max_tokens
+        opened = self.cloud.call("ls_open", t, max_positions=total)
+        sid = opened["session"]
+        if opened.get("layers_at_edge") != self._head.end:
+            self.cloud.call("ls_close", 2.0, session=sid)
+            raise SplitConfigError(
+                f"layer split mismatch: this edge runs {self._head.end} layers but the cloud "
+                f"expects {opened.get('layers_at_edge')}; set the same layer_split.layers_at_edge "
+                "on both tiers"
+            )
+        desc = RegionDescriptor.from_bytes(bytes.fromhex(opened["desc"]))
+        cache = self._head.new_cache()
+        detok = _Detokenizer(self._full)
+        x = torch.tensor([prompt_ids], dtype=torch.long)
+        pos = 0
+        try:
+            for _ in range(req.max_tokens):
+                with self._head_lock:
+                    h = self._head.forward(x, cache, pos).contiguous().numpy()
+                imm = next(self._imm)
+                self.engine.write(h, desc, imm=imm, timeout=t).wait(t + 1.0)
+                self.hidden_bytes_shipped += h.nbytes
+                rep = self.cloud.call("ls_step", t, session=sid, n=int(x.shape[1]), imm=imm)
+                pos += int(x.shape[1])
+                tok = int(rep["token"])
+                if tok in self._full.stop_ids:
+                    yield {"event": "done", "finish_reason": "stop"}
+                    return
+                yield {"event": "delta", "text": detok.push(tok), "token": tok,
+                       "logprob": rep["logprob"]}  # fmt: skip
+                x = torch.tensor([[tok]], dtype=torch.long)
+            yield {"event": "done", "finish_reason": "length"}
+        except Exception as exc:
+            if isinstance(exc, CloudUnavailable):
+                raise
+            from .._errors import TensorFabricError
+
+            if isinstance(exc, TensorFabricError):
+                raise CloudUnavailable(f"layer-split transfer failed: {exc}") from exc
+            raise
+        finally:
+            try:
+                self.cloud.call("ls_close", 2.0, session=sid)
+            except CloudUnavailable:
+                pass
+
+    def close(self) -> None:
+        if self.health is not None:
+            self.health.close()
+        if self.cloud is not None:
+            self.cloud.close()
+        if self.engine is not None:
+            self.engine.close()
