@@ -1,0 +1,665 @@
+"""The engine: one per process, one API over every transport."""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import ssl
+import threading
+import time
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from . import _auth, _wire as w
+from ._address import EngineAddress
+from ._buffers import Buffer, as_bytes_view
+from ._errors import (
+    AccessError,
+    ClosedError,
+    ConfigError,
+    TensorFabricError,
+    TransferTimeout,
+)
+from ._ops import DEFAULT_CHUNK, WireOp, coalesce, simple_chunk
+from ._region import KEY_BYTES, Access, MemoryRegion, RegionDescriptor, ShmBacking
+from ._transfer import Transfer
+from .transports._base import Transport
+from .transports._shm import ShmTransport, host_id
+from .transports._tcp import TcpTransport
+
+log = logging.getLogger("tensorfabric")
+
+_U64 = (1 << 64) - 1
+_RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
+
+
+class ScatterDest(NamedTuple):
+    """One destination of :meth:`Engine.scatter`."""
+
+    dst: RegionDescriptor
+    src_offset: int
+    dst_offset: int
+    nbytes: int
+
+
+class Message(NamedTuple):
+    """A two-sided message received with :meth:`Engine.recv`."""
+
+    peer: bytes  #: the sender's address; pass it to ``send`` to answer
+    tag: int
+    data: bytes
+
+
+def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(spec, tuple):
+        return spec[0], int(spec[1])
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, 0
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ConfigError(f"bad listen address {spec!r}: expected HOST:PORT") from None
+
+
+class Engine:
+    """Moves bytes between registered memory regions of this and other engines.
+
+    ``secret`` (or ``$TENSORFABRIC_SECRET``) authenticates peers; every engine of a cluster
+    needs the same one. ``listen`` names the local addresses to accept links on (one per NIC,
+    ``"HOST:PORT"``; default ``host:port``). ``links`` is the number of TCP links this engine
+    opens to each peer, or a list of local addresses to bind them to (one link per entry,
+    link ``i`` connecting to the peer's ``i``-th listen address). ``transports`` lists the
+    transports this engine may use, in order of preference (``"shm"`` is used for same-host
+    peers' shared-memory regions, ``"tcp"`` for everything else). ``timeout`` is the default
+    deadline (seconds) of every operation.
+    """
+
+    def __init__(
+        self,
+        secret: str | bytes | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        listen: Sequence[str | tuple[str, int]] | None = None,
+        links: int | Sequence[str | None] = 1,
+        transports: Sequence[str] = ("shm", "tcp"),
+        timeout: float = 30.0,
+        name: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK,
+        connect_timeout: float = 5.0,
+        link_timeout: float = 5.0,
+        reconnect_grace: float = 2.0,
+        inbox_bytes: int = 256 << 20,
+        tls_server: ssl.SSLContext | None = None,
+        tls_client: ssl.SSLContext | None = None,
+    ) -> None:
+        secret_bytes = _auth.resolve_secret(secret)
+        if isinstance(links, int):
+            if links < 1:
+                raise ConfigError("links must be at least 1")
+            link_addrs: list[str | None] = [None] * links
+        else:
+            link_addrs = list(links)
+            if not link_addrs:
+                raise ConfigError("links must name at least one local address")
+        unknown = set(transports) - {"shm", "tcp"}
+        if unknown:
+            raise ConfigError(f"unknown transport(s) {sorted(unknown)}; known: shm, tcp")
+        if timeout <= 0 or chunk_bytes < 4096:
+            raise ConfigError("timeout must be > 0 and chunk_bytes at least 4096")
+        self.timeout = float(timeout)
+        self.name = name or f"engine-{os.getpid()}"
+        self._id = secrets.token_bytes(16)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._regions: dict[int, MemoryRegion] = {}
+        self._region_ids = itertools.count(1)
+        self._imm_lock = threading.Lock()
+        self._imm_counts: collections.Counter[int] = collections.Counter()
+        self._imm_waiters: dict[int, collections.deque[list[Any]]] = {}
+        self._partial: dict[tuple[bytes, int], tuple[float, set[int]]] = {}
+        self._recent: collections.OrderedDict[tuple[bytes, int], None] = collections.OrderedDict()
+        self._inbox_lock = threading.Lock()
+        self._inbox: dict[int, collections.deque[Message]] = {}
+        self._inbox_waiters: dict[int, collections.deque[Transfer]] = {}
+        self._inbox_bytes = 0
+        self._inbox_limit = inbox_bytes
+        self._timers: list[tuple[float, int, Transfer]] = []
+        self._timer_seq = itertools.count()
+        self._timer_cv = threading.Condition()
+        self._addresses: dict[bytes, EngineAddress] = {}
+
+        endpoints = [_parse_endpoint(e) for e in (listen or [(host, port)])]
+        self._tcp = TcpTransport(
+            engine_id=self._id, secret=secret_bytes, handler=self, listen=endpoints,
+            link_addrs=link_addrs, connect_timeout=connect_timeout, link_timeout=link_timeout,
+            reconnect_grace=reconnect_grace, tls_server=tls_server, tls_client=tls_client,
+            chunk_bytes=chunk_bytes,
+        )
+        self._shm: ShmTransport | None = None
+        self._probe: ShmBacking | None = None
+        probe_nonce = b""
+        if "shm" in transports:
+            self._probe = ShmBacking(16, "tensorfabric-probe")
+            probe_nonce = secrets.token_bytes(16)
+            self._probe.map[:16] = probe_nonce
+            self._shm = ShmTransport(self._tcp, timeout=connect_timeout)
+        self._address = EngineAddress(
+            engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),
+            host_id=host_id(), pid=os.getpid(),
+            probe_fd=self._probe.fd if self._probe else -1, probe_nonce=probe_nonce,
+        )
+        self._address_bytes = self._address.to_bytes()
+        self._tcp.start(self._address)
+        self._timer_thread = threading.Thread(target=self._timer_loop, name="tf-timer",
+                                              daemon=True)
+        self._timer_thread.start()
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def address(self) -> bytes:
+        """This engine's address: give it to peers out of band."""
+        return self._address_bytes
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return list(self._address.endpoints)
+
+    def __repr__(self) -> str:
+        return f"<Engine {self._address}{' closed' if self._closed else ''}>"
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def register(self, buffer: Buffer, access: Access = Access.READ_WRITE) -> MemoryRegion:
+        """Register memory for remote access. The buffer must stay alive while registered.
+
+        Accepts numpy arrays (C-contiguous), bytearray, memoryview, and CPU torch tensors.
+        """
+        self._check_open()
+        access = Access(access)
+        view = as_bytes_view(buffer, writable=bool(access & Access.REMOTE_WRITE))
+        return self._add_region(view, access, buffer, None)
+
+    def alloc(self, nbytes: int, access: Access = Access.READ_WRITE) -> MemoryRegion:
+        """A new zeroed region in shared memory, which same-host peers write with one copy."""
+        self._check_open()
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise ConfigError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        shm = ShmBacking(nbytes, f"tensorfabric-{self.name}")
+        view = memoryview(shm.map)[:nbytes]
+        return self._add_region(view, Access(access), None, shm)
+
+    def _add_region(self, view: memoryview, access: Access, owner: Any,
+                    shm: ShmBacking | None) -> MemoryRegion:
+        with self._lock:
+            rid = next(self._region_ids)
+            region = MemoryRegion(self, rid, view, access, secrets.token_bytes(KEY_BYTES), owner, shm)
+            self._regions[rid] = region
+        return region
+
+    def unregister(self, region: MemoryRegion) -> None:
+        """Stop remote access to a region; later accesses by peers fail with AccessError."""
+        with self._lock:
+            if self._regions.get(region.id) is region:
+                del self._regions[region.id]
+        region._release()
+
+    # -- ops ------------------------------------------------------------------------------
+
+    def write(self, src: MemoryRegion | Buffer, dst: RegionDescriptor | bytes, *,
+              src_offset: int = 0, dst_offset: int = 0, nbytes: int | None = None,
+              imm: int | None = None, timeout: float | None = None) -> Transfer:
+        """Write ``nbytes`` of ``src`` (default: the rest of it) into the peer's region.
+
+        With ``imm``, the peer's ``expect(imm)`` counts this write once it has fully landed.
+        """
+        view = self._src_view(src)
+        desc = self._descriptor(dst, Access.REMOTE_WRITE)
+        if nbytes is None:
+            nbytes = view.nbytes - _nonneg("src_offset", src_offset)
+        _check_range("source", src_offset, nbytes, view.nbytes)
+        _check_dst_range(desc, dst_offset, nbytes)
+        return self._write(desc, view, np.array([src_offset], np.uint64),
+                           np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
+                           _imm(imm), timeout, "write")
+
+    def write_pages(self, src: MemoryRegion | Buffer, dst: RegionDescriptor | bytes, *,
+                    src_pages: Sequence[int] | np.ndarray, dst_pages: Sequence[int] | np.ndarray,
+                    page_size: int, src_stride: int | None = None, dst_stride: int | None = None,
+                    src_offset: int = 0, dst_offset: int = 0, imm: int | None = None,
+                    timeout: float | None = None) -> Transfer:
+        """Copy pages: page ``i`` is ``page_size`` bytes from ``src_offset + src_pages[i] *
+        src_stride`` to ``dst_offset + dst_pages[i] * dst_stride`` (strides default to
+        ``page_size``). Adjacent pages are merged and pages are batched into few frames."""
+        view = self._src_view(src)
+        desc = self._descriptor(dst, Access.REMOTE_WRITE)
+        sp = _index_array("src_pages", src_pages)
+        dp = _index_array("dst_pages", dst_pages)
+        if len(sp) != len(dp):
+            raise ConfigError(f"src_pages has {len(sp)} entries but dst_pages has {len(dp)}")
+        if not isinstance(page_size, (int, np.integer)) or page_size <= 0:
+            raise ConfigError(f"page_size must be a positive int, got {page_size!r}")
+        page_size = int(page_size)
+        ss = page_size if src_stride is None else _nonneg("src_stride", src_stride)
+        ds = page_size if dst_stride is None else _nonneg("dst_stride", dst_stride)
+        so = np.uint64(_nonneg("src_offset", src_offset)) + sp * np.uint64(ss)
+        do = np.uint64(_nonneg("dst_offset", dst_offset)) + dp * np.uint64(ds)
+        if len(sp):
+            _check_range("source pages", int(so.max()), page_size, view.nbytes)
+            _check_dst_range(desc, int(do.max()), page_size)
+        so, do, lens = coalesce(so, do, page_size)
+        return self._write(desc, view, so, do, lens, _imm(imm), timeout, "write_pages")
+
+    def scatter(self, src: MemoryRegion | Buffer, dests: Iterable[ScatterDest | tuple[Any, ...]],
+                *, imm: int | None = None, timeout: float | None = None) -> Transfer:
+        """Write pieces of one source to many destinations; ``imm`` is counted once per entry."""
+        view = self._src_view(src)
+        items = [ScatterDest(*d) for d in dests]
+        plans = []
+        for d in items:
+            desc = self._descriptor(d.dst, Access.REMOTE_WRITE)
+            _check_range("source", d.src_offset, d.nbytes, view.nbytes)
+            _check_dst_range(desc, d.dst_offset, d.nbytes)
+            plans.append(desc)
+        total = sum(d.nbytes for d in items)
+        t = self._new_transfer("scatter", total, len(items), timeout, None)
+        for d, desc in zip(items, plans):
+            self._start_write(t, desc, view, np.array([d.src_offset], np.uint64),
+                              np.array([d.dst_offset], np.uint64), np.array([d.nbytes], np.uint64),
+                              _imm(imm))
+        return t
+
+    def barrier(self, peers: Iterable[bytes | RegionDescriptor], imm: int, *,
+                timeout: float | None = None) -> Transfer:
+        """Send the immediate ``imm`` (no data) to each peer; done when all have counted it."""
+        addrs = [self._peer(p.owner if isinstance(p, RegionDescriptor) else p) for p in peers]
+        value = _imm(imm)
+        if value is None:
+            raise ConfigError("barrier needs an immediate value")
+        t = self._new_transfer("barrier", 0, len(addrs), timeout, None)
+        for addr in addrs:
+            wop = WireOp(next(self._tcp.op_ids), t, str(addr))
+            self._submit_control(t, addr, simple_chunk(wop, w.Op.IMM, imm=value))
+        return t
+
+    def read(self, src: RegionDescriptor | bytes, dst: MemoryRegion | Buffer, *,
+             src_offset: int = 0, dst_offset: int = 0, nbytes: int | None = None,
+             timeout: float | None = None) -> Transfer:
+        """One-sided get: copy ``nbytes`` of the peer's region into local memory ``dst``."""
+        desc = self._descriptor(src, Access.REMOTE_READ)
+        out = dst.view if isinstance(dst, MemoryRegion) else as_bytes_view(dst, writable=True)
+        if nbytes is None:
+            nbytes = out.nbytes - _nonneg("dst_offset", dst_offset)
+        _check_range("destination", dst_offset, nbytes, out.nbytes)
+        if _nonneg("src_offset", src_offset) + nbytes > desc.nbytes:
+            raise AccessError(f"read of {nbytes} bytes at {src_offset} is outside the peer's "
+                              f"{desc.nbytes}-byte region", region=desc.region_id,
+                              offset=src_offset, nbytes=nbytes)
+        peer = self._peer(desc.owner)
+        t = self._new_transfer("read", nbytes, 1, timeout, str(peer))
+        wop = WireOp(next(self._tcp.op_ids), t, str(peer))
+        target = out[dst_offset:dst_offset + nbytes]
+        try:
+            self._transport_for(peer, desc).read(peer, desc, wop, src_offset, target)
+        except TensorFabricError as exc:
+            t._fail(exc)
+        return t
+
+    def send(self, peer: bytes | RegionDescriptor, data: Buffer, *, tag: int = 0,
+             timeout: float | None = None) -> Transfer:
+        """Send a small message (at most 64 MiB) that the peer takes with ``recv(tag=...)``."""
+        addr = self._peer(peer.owner if isinstance(peer, RegionDescriptor) else peer)
+        payload = as_bytes_view(data, writable=False) if not isinstance(data, bytes) else data
+        if len(payload) > w.MAX_MESSAGE:
+            raise ConfigError(f"message of {len(payload)} bytes exceeds {w.MAX_MESSAGE}; "
+                              "register a region and use write() for bulk data")
+        tagv = _imm(tag)
+        t = self._new_transfer("send", len(payload), 1, timeout, str(addr))
+        wop = WireOp(next(self._tcp.op_ids), t, str(addr))
+        self._submit_control(t, addr, simple_chunk(wop, w.Op.SEND, imm=tagv or 0, payload=payload))
+        return t
+
+    def recv_async(self, *, tag: int = 0, timeout: float | None = None) -> Transfer:
+        """A transfer whose ``value`` is the next :class:`Message` with ``tag``."""
+        self._check_open()
+        t = self._new_transfer("recv", 0, 1, timeout, None)
+        with self._inbox_lock:
+            box = self._inbox.get(tag)
+            if box:
+                msg = box.popleft()
+                self._inbox_bytes -= len(msg.data)
+            else:
+                msg = None
+                self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
+        if msg is not None:
+            t._complete(msg)
+        return t
+
+    def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
+        """Wait for the next message with ``tag``; raises TransferTimeout after ``timeout``."""
+        return self.recv_async(tag=tag, timeout=timeout).result()  # type: ignore[no-any-return]
+
+    def expect(self, imm: int, count: int = 1, *, timeout: float | None = None) -> Transfer:
+        """A transfer that completes once ``count`` ops carrying ``imm`` have fully landed here.
+
+        Arrivals before the call are counted too; a completed expect consumes its ``count``.
+        """
+        self._check_open()
+        value = _imm(imm)
+        if value is None or not isinstance(count, int) or count < 1:
+            raise ConfigError("expect needs an immediate value and a count >= 1")
+        t = self._new_transfer("expect", 0, 1, timeout, None)
+        with self._imm_lock:
+            have = self._imm_counts.get(value, 0)
+            if have >= count and not self._imm_waiters.get(value):
+                self._imm_counts[value] = have - count
+                waiter = None
+            else:
+                waiter = [count, t, 0]
+                self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
+        if waiter is None:
+            t._part_done()
+            return t
+        self._drain_imm(value)
+
+        def give_back() -> None:  # a timed-out or cancelled expect returns what it consumed
+            with self._imm_lock:
+                q = self._imm_waiters.get(value)
+                if q is not None and waiter in q:
+                    q.remove(waiter)
+                    self._imm_counts[value] += waiter[2]
+            self._drain_imm(value)
+
+        t._on_abort(give_back)
+        return t
+
+    def connect(self, peer: bytes, *, timeout: float | None = None) -> None:
+        """Open the links to ``peer`` now (ops also connect lazily). Raises on a bad secret."""
+        addr = self._peer(peer)
+        links = self._tcp.peer_links(addr)
+        links.connect_first(timeout or self._tcp.connect_timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes sent per link per peer, regions and pending immediates (for tests and tools)."""
+        with self._imm_lock:
+            imms = dict(self._imm_counts)
+        return {"links": self._tcp.link_stats(), "regions": len(self._regions), "imm": imms}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close links, stop threads, release shared memory. Pending ops fail with ClosedError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            regions = list(self._regions.values())
+            self._regions.clear()
+        with self._timer_cv:
+            self._timer_cv.notify_all()
+        self._tcp.close()
+        if self._shm is not None:
+            self._shm.close()
+        err = ClosedError("engine closed")
+        with self._imm_lock:
+            waiters = [wt[1] for q in self._imm_waiters.values() for wt in q]
+            self._imm_waiters.clear()
+        with self._inbox_lock:
+            waiters += [t for q in self._inbox_waiters.values() for t in q]
+            self._inbox_waiters.clear()
+            self._inbox.clear()
+        with self._timer_cv:
+            waiters += [t for _, _, t in self._timers]
+            self._timers.clear()
+        for t in waiters:
+            t._fail(err)
+        for r in regions:
+            r._release()
+        if self._probe is not None:
+            self._probe.close()
+        self._timer_thread.join(timeout=2)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- InboundHandler (called by transports) --------------------------------------------
+
+    def resolve(self, region: int, key: bytes, need: int,
+                table: np.ndarray) -> tuple[int, str, memoryview | None]:
+        r = self._regions.get(region)
+        if r is None or r.closed:
+            return w.Status.NO_REGION, f"region {region} is not registered", None
+        if not hmac.compare_digest(r._key, key):
+            return w.Status.BAD_KEY, f"wrong access key for region {region}", None
+        if need not in (1, 2, 3) or (Access(need) & r.access) != need:
+            what = "write" if need & Access.REMOTE_WRITE else "read"
+            return w.Status.NOT_PERMITTED, f"region {region} does not allow remote {what}", None
+        view = r._view
+        if view is None:
+            return w.Status.NO_REGION, f"region {region} is not registered", None
+        if len(table):
+            size = np.uint64(view.nbytes)
+            off, n = table["offset"], table["length"]
+            if not bool(np.all((off <= size) & (n <= size - np.minimum(off, size)))):
+                return (w.Status.OUT_OF_BOUNDS,
+                        f"access outside region {region} ({view.nbytes} bytes)", None)
+        return w.Status.OK, "", view
+
+    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
+               imm: int | None) -> None:
+        if imm is None:
+            return
+        key = (peer_id, op_id)
+        with self._imm_lock:
+            if key in self._recent:
+                return  # a resent chunk of an op already counted
+            if nchunks > 1:
+                entry = self._partial.get(key)
+                if entry is None:
+                    entry = self._partial[key] = (time.monotonic(), set())
+                entry[1].add(chunk)
+                if len(entry[1]) < nchunks:
+                    return
+                del self._partial[key]
+            self._recent[key] = None
+            if len(self._recent) > _RECENT_OPS:
+                self._recent.popitem(last=False)
+            self._imm_counts[imm] += 1
+        self._drain_imm(imm)
+
+    def _drain_imm(self, imm: int) -> None:
+        done: list[list[Any]] = []
+        with self._imm_lock:
+            q = self._imm_waiters.get(imm)
+            while q:
+                waiter = q[0]
+                have = self._imm_counts.get(imm, 0)
+                take = min(have, waiter[0] - waiter[2])
+                waiter[2] += take
+                self._imm_counts[imm] = have - take
+                if waiter[2] < waiter[0]:
+                    break
+                q.popleft()
+                done.append(waiter)
+            if q is not None and not q:
+                del self._imm_waiters[imm]
+        give_back = 0
+        for waiter in done:
+            if not waiter[1]._complete(None):
+                give_back += waiter[0]  # it timed out meanwhile: return what it consumed
+        if give_back:
+            with self._imm_lock:
+                self._imm_counts[imm] += give_back
+            self._drain_imm(imm)
+
+    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
+        msg = Message(peer.to_bytes(), tag, data)
+        while True:
+            with self._inbox_lock:
+                waiters = self._inbox_waiters.get(tag)
+                t = waiters.popleft() if waiters else None
+                if t is None:
+                    if self._inbox_bytes + len(data) > self._inbox_limit:
+                        return w.Status.INBOX_FULL, (
+                            f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
+                            "it is not calling recv()")
+                    self._inbox.setdefault(tag, collections.deque()).append(msg)
+                    self._inbox_bytes += len(data)
+                    return w.Status.OK, ""
+            if t._complete(msg):
+                return w.Status.OK, ""
+            # that waiter had timed out: offer the message to the next one
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("engine is closed")
+
+    def _src_view(self, src: MemoryRegion | Buffer) -> memoryview:
+        self._check_open()
+        if isinstance(src, MemoryRegion):
+            return src.view
+        return as_bytes_view(src, writable=False)
+
+    def _descriptor(self, dst: RegionDescriptor | bytes, need: Access) -> RegionDescriptor:
+        self._check_open()
+        desc = dst if isinstance(dst, RegionDescriptor) else RegionDescriptor.from_bytes(dst)
+        if not desc.access & need:
+            what = "write to" if need == Access.REMOTE_WRITE else "read from"
+            raise AccessError(f"region {desc.region_id} does not allow peers to {what} it",
+                              region=desc.region_id)
+        return desc
+
+    def _peer(self, address: bytes) -> EngineAddress:
+        addr = self._addresses.get(address)
+        if addr is None:
+            addr = EngineAddress.from_bytes(address)
+            self._addresses[bytes(address)] = addr
+        return addr
+
+    def _transport_for(self, peer: EngineAddress, desc: RegionDescriptor) -> Transport:
+        if self._shm is not None and self._shm.reaches(peer, desc):
+            return self._shm
+        return self._tcp
+
+    def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
+                      peer: str | None) -> Transfer:
+        limit = self.timeout if timeout is None else float(timeout)
+        if limit <= 0:
+            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
+        t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
+        if parts:
+            with self._timer_cv:
+                heapq.heappush(self._timers, (t.deadline or 0.0, next(self._timer_seq), t))
+        return t
+
+    def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
+               lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
+        peer = self._peer(desc.owner)
+        t = self._new_transfer(kind, int(lens.sum()) if len(lens) else 0, 1, timeout, str(peer))
+        self._start_write(t, desc, view, so, do, lens, imm)
+        return t
+
+    def _start_write(self, t: Transfer, desc: RegionDescriptor, view: memoryview,
+                     so: np.ndarray, do: np.ndarray, lens: np.ndarray, imm: int | None) -> None:
+        peer = self._peer(desc.owner)
+        wop = WireOp(next(self._tcp.op_ids), t, str(peer))
+        try:
+            self._transport_for(peer, desc).write(peer, desc, wop, view, so, do, lens, imm)
+        except TensorFabricError as exc:
+            t._fail(exc)
+
+    def _submit_control(self, t: Transfer, addr: EngineAddress, chunk: Any) -> None:
+        try:
+            self._tcp.submit(addr, [chunk])
+        except TensorFabricError as exc:
+            t._fail(exc)
+
+    def _timer_loop(self) -> None:
+        next_tick = 0.0
+        while not self._closed:
+            now = time.monotonic()
+            expired: list[Transfer] = []
+            with self._timer_cv:
+                while self._timers and (self._timers[0][2].done() or self._timers[0][0] <= now):
+                    _, _, t = heapq.heappop(self._timers)
+                    if not t.done():
+                        expired.append(t)
+                wait = 0.05
+                if self._timers:
+                    wait = min(wait, max(0.0, self._timers[0][0] - now))
+            for t in expired:
+                t._fail(TransferTimeout(f"{t.kind} did not complete within its timeout",
+                                        peer=t.peer, nbytes=t.nbytes))
+            if now >= next_tick:
+                next_tick = now + 0.1
+                try:
+                    self._tcp.tick(now)
+                except Exception:
+                    log.exception("tensorfabric: link housekeeping failed")
+                self._sweep_partial(now)
+            with self._timer_cv:
+                if not self._closed:
+                    self._timer_cv.wait(wait)
+
+    def _sweep_partial(self, now: float) -> None:
+        with self._imm_lock:
+            stale = [k for k, (t0, _) in self._partial.items() if now - t0 > 600]
+            for k in stale:
+                del self._partial[k]
+
+
+def _nonneg(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _imm(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or not 0 <= value <= _U64:
+        raise ConfigError(f"immediate must be an int in [0, 2**64), got {value!r}")
+    return int(value)
+
+
+def _index_array(name: str, pages: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(pages)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ConfigError(f"{name} must be a 1-D sequence of page indices")
+    if arr.size and int(arr.min()) < 0:
+        raise ConfigError(f"{name} has a negative page index")
+    return arr.astype(np.uint64)
+
+
+def _check_range(what: str, offset: int, nbytes: int, size: int) -> None:
+    _nonneg(f"{what} offset", offset)
+    _nonneg("nbytes", nbytes)
+    if offset + nbytes > size:
+        raise ConfigError(f"{what} range [{offset}, {offset + nbytes}) is outside its "
+                          f"{size}-byte buffer", offset=offset, nbytes=nbytes)
+
+
+def _check_dst_range(desc: RegionDescriptor, offset: int, nbytes: int) -> None:
+    _nonneg("dst_offset", offset)
+    _nonneg("nbytes", nbytes)
+    if offset + nbytes > desc.nbytes:
+        raise AccessError(f"write of {nbytes} bytes at {offset} is outside the peer's "
+                          f"{desc.nbytes}-byte region {desc.region_id}", region=desc.region_id,
+                          offset=offset, nbytes=nbytes)

@@ -1,0 +1,194 @@
+"""The handle every operation returns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, Generator
+
+from ._errors import CancelledError, TensorFabricError, TransferTimeout
+
+log = logging.getLogger("tensorfabric")
+
+
+class Transfer:
+    """A handle on one logical operation (a write, a read, a scatter, an expect, ...).
+
+    It completes when every part of the operation has completed, or fails with the first error.
+    Thread-safe. Awaitable from asyncio (``await transfer``).
+    """
+
+    __slots__ = (
+        "kind", "nbytes", "peer", "deadline", "_lock", "_event", "_error", "_callbacks",
+        "_pending", "_cancel_hooks", "value", "started", "finished",
+    )
+
+    def __init__(self, kind: str, nbytes: int = 0, *, parts: int = 1, peer: str | None = None,
+                 deadline: float | None = None) -> None:
+        self.kind = kind
+        self.nbytes = nbytes
+        self.peer = peer
+        self.deadline = deadline  # time.monotonic() value, or None
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Transfer], Any]] = []
+        self._cancel_hooks: list[Callable[[], Any]] = []
+        self._pending = parts
+        self.value: Any = None  #: what the op produced (e.g. the ``Message`` of a recv)
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        if parts == 0:
+            self._finish(None)
+
+    # -- completion, called by the engine and transports ---------------------------------
+
+    def _add_parts(self, n: int) -> None:
+        with self._lock:
+            self._pending += n
+
+    def _part_done(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._pending -= 1
+            if self._pending > 0:
+                return
+        self._finish(None)
+
+    def _complete(self, value: Any = None) -> bool:
+        """Finish successfully with ``value`` unless already finished (e.g. timed out)."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self.value = value
+        return self._finish(None)
+
+    def _fail(self, error: BaseException) -> bool:
+        """Fail the transfer unless it already finished. Returns True if this call failed it."""
+        return self._finish(error)
+
+    def _finish(self, error: BaseException | None) -> bool:
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._error = error
+            self.finished = time.perf_counter()
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+            hooks, self._cancel_hooks = self._cancel_hooks, []
+        if error is not None:
+            for hook in hooks:
+                _run_quietly(hook)
+        for cb in callbacks:
+            _run_quietly(cb, self)
+        return True
+
+    def _on_abort(self, hook: Callable[[], Any]) -> None:
+        """Run ``hook`` if this transfer fails or is cancelled (to drop queued work)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._cancel_hooks.append(hook)
+                return
+        if self._error is not None:
+            _run_quietly(hook)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """True once the transfer has completed, failed or been cancelled."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Transfer:
+        """Block until done; raise the operation's error if it failed.
+
+        ``timeout`` bounds this wait (seconds); the operation's own deadline still applies.
+        Raises :class:`TransferTimeout` if the wait ran out (the operation goes on).
+        """
+        if timeout is None and self.deadline is not None:
+            # never block past the op's own deadline (plus slack for the engine's timer)
+            timeout = max(0.0, self.deadline - time.monotonic()) + 5.0
+        if not self._event.wait(timeout):
+            raise TransferTimeout(
+                f"{self.kind} not done after {timeout:.3g} s", peer=self.peer, nbytes=self.nbytes
+            )
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait, then return the operation's value (a ``Message`` for recv, else None)."""
+        self.wait(timeout)
+        return self.value
+
+    def exception(self) -> BaseException | None:
+        return self._error if self._event.is_set() else None
+
+    def cancel(self) -> bool:
+        """Cancel the operation. Returns False if it had already finished.
+
+        Parts not yet sent are dropped; bytes already on the wire may still land at the peer.
+        """
+        return self._finish(CancelledError(f"{self.kind} was cancelled", peer=self.peer))
+
+    def cancelled(self) -> bool:
+        return isinstance(self.exception(), CancelledError)
+
+    def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
+        """Call ``fn(transfer)`` when done (at once if already done), from the completing thread."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        _run_quietly(fn, self)
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds from submission to completion, once done."""
+        return None if self.finished is None else self.finished - self.started
+
+    def __await__(self) -> Generator[Any, None, Transfer]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Transfer) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        self.add_done_callback(wake)
+        yield from fut.__await__()
+        return self.wait(0)
+
+    def __repr__(self) -> str:
+        state = "pending"
+        if self.done():
+            state = "ok" if self._error is None else f"failed: {type(self._error).__name__}"
+        return f"<Transfer {self.kind} {self.nbytes} bytes {state}>"
+
+
+def _run_quietly(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a user callback must not kill an engine thread
+        log.exception("tensorfabric: callback %r raised", fn)
+
+
+def gather(transfers: list[Transfer], kind: str = "group") -> Transfer:
+    """One transfer that completes when all of ``transfers`` have (fails on the first error)."""
+    group = Transfer(kind, sum(t.nbytes for t in transfers), parts=len(transfers))
+
+    def one_done(t: Transfer) -> None:
+        err = t.exception()
+        if err is not None:
+            group._fail(err)
+        else:
+            group._part_done()
+
+    for t in transfers:
+        t.add_done_callback(one_done)
+    group._on_abort(lambda: [t.cancel() for t in transfers])
+    return group
+
+
+__all__ = ["Transfer", "gather", "TensorFabricError"]

@@ -1,0 +1,80 @@
+"""The contract between the engine and a transport."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from .._address import EngineAddress
+from .._ops import WireOp
+from .._region import RegionDescriptor
+
+
+class InboundHandler(Protocol):
+    """What a transport calls when a peer's operation arrives. The engine implements it.
+
+    Every method is called from a transport thread and must not block on the network.
+    """
+
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray) -> tuple[int, str, memoryview | None]:
+        """Check a remote access before any byte lands: returns ``(Status, reason, region view)``.
+
+        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment must lie
+        inside the region and ``need`` (an ``Access`` flag) must be granted, and ``key`` must be
+        the region's key, else a non-OK status and nothing is touched.
+        """
+
+    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int, imm: int | None) -> None:
+        """A chunk's bytes are in place. Counts ``imm`` once per logical op, however many
+        chunks (and links) carried it, and never twice for a resent chunk."""
+
+    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
+        """A two-sided message arrived. Returns a status (the inbox may be full)."""
+
+
+class Transport(ABC):
+    """A way to move bytes between this engine and a peer engine.
+
+    The engine validates every argument (types, local bounds, the descriptor's permissions)
+    before calling a transport, builds the :class:`WireOp` whose ``transfer`` reports the
+    outcome, and picks the transport per peer and region. A transport's methods never wait for
+    the peer: they queue the work and return (a first connection to a peer may be dialled in
+    the caller's thread, bounded by the connect timeout). Completion and failure are reported
+    only through ``wop`` (``wop.chunk_replied`` / ``wop.transfer._fail``); errors the peer
+    reports are mapped to :class:`AccessError` or :class:`TransportError`, lost peers to
+    :class:`BrokenError`. Calls may overlap from any number of threads.
+
+    Buffer ownership: the caller keeps ``src`` (and a read's ``dst``) alive and unchanged until
+    the transfer completes. Transports never copy payloads into buffers of their own on the
+    receive path: bytes land in the destination region directly.
+    """
+
+    name: ClassVar[str]
+    #: can write into / read from a peer's memory without the peer's CPU taking part per byte
+    one_sided: ClassVar[bool] = True
+    #: can move device (GPU) memory
+    device_memory: ClassVar[bool] = False
+    #: only works between engines on the same host
+    same_host_only: ClassVar[bool] = False
+
+    def reaches(self, peer: EngineAddress, desc: RegionDescriptor | None) -> bool:
+        """Whether this transport can carry ops to ``desc`` (or, with None, to ``peer``)."""
+        return True
+
+    @abstractmethod
+    def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
+              src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
+              imm: int | None) -> None:
+        """Copy ``src[src_off[i]:+lengths[i]]`` to the region at ``dst_off[i]`` for every i,
+        then, once all bytes are in place at the peer, count ``imm`` there once."""
+
+    @abstractmethod
+    def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
+             dst: memoryview) -> None:
+        """Copy ``dst.nbytes`` bytes of the region from ``src_offset`` into ``dst``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop every thread, close every socket and mapping. Pending work fails with ClosedError."""
