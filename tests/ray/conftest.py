@@ -1,7 +1,7 @@
 """A real local Ray cluster of pool nodes with fake GPUs and labels, shared by a test module.
 
-Starting Ray costs seconds, so the cluster is module-scoped; tests that kill nodes run last
-in their module.
+Starting Ray costs seconds, so one cluster serves the whole session. Tests that kill nodes
+kill only eu-a1/eu-a2 (the transport test uses "us" and "eu-b").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ NODES: dict[str, tuple[NodeClaims, int]] = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool_cluster() -> Iterator[dict]:
     """Start head + NODES; yield {"cluster", "nodes": name -> ray node, "ids": name -> id}."""
     from ray.cluster_utils import Cluster

@@ -85,10 +85,10 @@ def test_compiled_selectors_drive_ray_fallback(pool):
                                       allow_simulated=True))  # fmt: skip
     placement = compile_spec(s, nodes)
     assert [c["tensorfabric.io/gpu"] for c in placement.candidates] == ["RTX4090", "A100"]
-    # Make the first candidate impossible for Ray (a node id that does not exist), so Ray
-    # must use the fallback entry.
+    # Make the first candidate impossible for Ray (a GPU model no node has), so Ray must use
+    # the fallback entry.
     opts = placement.ray_options()
-    opts["label_selector"] = {**opts["label_selector"], "ray.io/node-id": "f" * 56}
+    opts["label_selector"] = {**opts["label_selector"], "tensorfabric.io/gpu": "H200"}
 
     @ray.remote(num_cpus=0)
     def where():

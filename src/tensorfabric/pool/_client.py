@@ -123,16 +123,16 @@ class DeploymentHandle:
     def __init__(self, pool: Pool, name: str) -> None:
         self._pool, self.name = pool, name
         self._replicas: list[Any] = []
-        self._known = 0  # replicas at the last refresh
         self._refreshed = 0.0
         self._rr = itertools.count()
         self._lock = threading.Lock()
         self.retries = 0  # calls re-sent after a replica failed (for tests and status)
+        self.refresh_s = 1.0  # how often to ask the controller for the current replicas
 
     def _refresh(self) -> list[Any]:
         reps = self._pool._get(self._pool.controller.replica_handles.remote(self.name), 30.0)
         with self._lock:
-            self._replicas, self._known, self._refreshed = list(reps), len(reps), time.monotonic()
+            self._replicas, self._refreshed = list(reps), time.monotonic()
         return reps
 
     def call(self, *args: Any, method: str | None = None, timeout: float = 60.0,
@@ -142,8 +142,8 @@ class DeploymentHandle:
         last: BaseException | None = None
         while time.monotonic() < deadline:
             reps = self._replicas
-            if not reps or (len(reps) < self._known and time.monotonic() - self._refreshed > 1.0):
-                reps = self._refresh()  # a replica was lost: pick up its replacement
+            if not reps or time.monotonic() - self._refreshed > self.refresh_s:
+                reps = self._refresh()  # picks up replacements and new replicas
             if not reps:
                 time.sleep(0.2)  # every replica is being replaced
                 self._refresh()

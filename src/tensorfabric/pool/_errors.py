@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-try:  # the engine's error tree; fall back only while the engine is not merged in
-    from tensorfabric import TensorFabricError
-except ImportError:  # pragma: no cover - removed once the engine lands on main
-
-    class TensorFabricError(Exception):  # type: ignore[no-redef]
-        """Root of tensorfabric's errors."""
+from .._errors import TensorFabricError
 
 
 class PoolError(TensorFabricError):
