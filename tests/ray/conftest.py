@@ -46,7 +46,8 @@ def pool_cluster() -> Iterator[dict]:
         initialize_head=True,
         head_node_args={
             "num_cpus": 2, "num_gpus": 0, "labels": {"tensorfabric.io/role": "head"},
-            "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+            # Notice a killed node in ~3 s, yet tolerate a loaded 2-core CI machine.
+            "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                                "health_check_failure_threshold": 3,
                                "health_check_initial_delay_ms": 0},
         },

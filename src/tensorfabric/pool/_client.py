@@ -72,7 +72,7 @@ class Pool:
         try:
             return self._ray.get(ref, timeout=timeout)
         except self._ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
+            cause = getattr(exc, "cause", None)
             if isinstance(cause, PoolError):
                 raise cause from None  # the controller's own message, without Ray's wrapping
             raise

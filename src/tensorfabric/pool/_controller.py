@@ -125,7 +125,10 @@ class PoolController:
         out = {}
         for n in self.nodes():
             if n.alive and not n.is_head and n.claims is not None and n.node_id not in self._verified:
-                out[n.node_id] = self.verify(n.node_id, timeout)
+                try:
+                    out[n.node_id] = self.verify(n.node_id, timeout)
+                except PoolError as exc:  # it died meanwhile: skip it, verify the others
+                    out[n.node_id] = {"verified": False, "reason": str(exc), "score": 0.0}
         return out
 
     def _get_engine(self) -> Any:
