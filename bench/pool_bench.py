@@ -41,7 +41,7 @@ def start_cluster():  # type: ignore[no-untyped-def]
     })  # fmt: skip
     nodes = {}
     for name, zone, gpus in (("a1", "eu-west-a", 1), ("a2", "eu-west-a", 1), ("b", "eu-west-b", 2)):
-        claims = NodeClaims("eu-west", zone, "DE", "datacenter", "A100", 16, "medium", True)
+        claims = NodeClaims("eu-west", zone, "DE", "datacenter", "A100", 16, "low", True)
         nodes[name] = cluster.add_node(num_cpus=1, num_gpus=gpus, labels=claims.to_labels())
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="tensorfabric-pool", log_to_driver=False)

@@ -23,11 +23,11 @@ SECRET = "pool-test-secret"
 # name -> (claims, GPUs). "liar" claims 80 GB on a host that has far less: it must fail
 # verification. Simulated GPUs are checked against host memory (this host: ~24 GB).
 NODES: dict[str, tuple[NodeClaims, int]] = {
-    "eu-a1": (NodeClaims("eu-west", "eu-west-a", "DE", "datacenter", "A100", 16, "medium", True), 1),
-    "eu-a2": (NodeClaims("eu-west", "eu-west-a", "DE", "datacenter", "A100", 16, "medium", True), 1),
-    "eu-b": (NodeClaims("eu-west", "eu-west-b", "FR", "datacenter", "A100", 16, "medium", True), 2),
+    "eu-a1": (NodeClaims("eu-west", "eu-west-a", "DE", "datacenter", "A100", 16, "low", True), 1),
+    "eu-a2": (NodeClaims("eu-west", "eu-west-a", "DE", "datacenter", "A100", 16, "low", True), 1),
+    "eu-b": (NodeClaims("eu-west", "eu-west-b", "FR", "datacenter", "A100", 16, "low", True), 2),
     "us": (NodeClaims("us-east", "us-east-a", "US", "consumer", "RTX4090", 8, "low", True), 1),
-    "liar": (NodeClaims("eu-central", "eu-central-a", "DE", "miner", "H100", 80, "medium", True), 1),
+    "liar": (NodeClaims("eu-central", "eu-central-a", "DE", "miner", "H100", 80, "low", True), 1),
 }
 
 

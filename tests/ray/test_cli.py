@@ -83,7 +83,7 @@ def test_pool_cli_up_join_deploy_status_down(tmp_path: Path, child_env: dict[str
     addr = f"127.0.0.1:{port}"
     node_args = ["--address", addr, "--region", "eu-west", "--zone", "eu-west-a",
                  "--country", "DE", "--provider", "datacenter", "--gpu-model", "A100",
-                 "--gpu-memory-gb", "16", "--link-tier", "medium", "--simulated",
+                 "--gpu-memory-gb", "16", "--link-tier", "low", "--simulated",
                  "--num-gpus", "1", "--num-cpus", "1"]  # fmt: skip
     t0 = time.monotonic()
     mark = lambda what: print(f"{time.monotonic() - t0:6.1f}s {what}")  # noqa: E731

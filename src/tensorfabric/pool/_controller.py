@@ -121,17 +121,26 @@ class PoolController:
         return rec
 
     def verify_pending(self, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-        """Verify every alive pool node that has no record yet."""
-        out = {}
-        for n in self.nodes():
-            if n.alive and not n.is_head and n.claims is not None and n.node_id not in self._verified:
-                try:
-                    out[n.node_id] = self.verify(n.node_id, timeout)
-                except PoolError as exc:  # it died meanwhile: skip it, verify the others
-                    out[n.node_id] = {"verified": False, "reason": str(exc), "score": 0.0}
-        return out
+        """Verify every alive pool node that has no record yet (all at once)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [n.node_id for n in self.nodes() if n.alive and not n.is_head
+                and n.claims is not None and n.node_id not in self._verified]  # fmt: skip
+
+        def one(node_id: str) -> dict[str, Any]:
+            try:
+                return self.verify(node_id, timeout)
+            except PoolError as exc:  # it died meanwhile: skip it, verify the others
+                return {"verified": False, "reason": str(exc), "score": 0.0}
+
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            return dict(zip(todo, ex.map(one, todo)))
 
     def _get_engine(self) -> Any:
+        with self._lock:
+            return self._make_engine()
+
+    def _make_engine(self) -> Any:
         if self._engine is None:
             import tensorfabric as tf
 
