@@ -78,6 +78,7 @@ def up(
         n = len(pool.status()["nodes"])
     except PoolError as exc:
         _fail(exc)
+    assert address is not None
     typer.echo(f"pool controller ready on {address} ({n} node(s)).")
     typer.echo("join a GPU node with:\n  TENSORFABRIC_SECRET=... tensorfabric pool join "
                f"--address <this host's IP>:{address.rsplit(':', 1)[1]} --region R --zone Z "

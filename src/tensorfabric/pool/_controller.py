@@ -63,7 +63,7 @@ class PoolController:
         self._deployments: dict[str, Deployment] = {}
         self._engine: Any = None
         self._stop = threading.Event()
-        self._replica_cls = ray.remote(ReplicaHost)
+        self._replica_cls: Any = ray.remote(ReplicaHost)
         self._probe = ray.remote(measure_node)
         self._monitor = threading.Thread(target=self._monitor_loop, daemon=True)
         self._monitor.start()

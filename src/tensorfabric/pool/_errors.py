@@ -21,7 +21,7 @@ class PlacementError(PoolError):
         self.requirement = requirement
         self.deployment = deployment
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]  # survive Ray's pickling
+    def __reduce__(self) -> tuple[object, ...]:  # survive Ray's pickling
         return (_rebuild_placement_error, (str(self), self.requirement, self.deployment))
 
 

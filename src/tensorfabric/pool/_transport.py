@@ -108,7 +108,6 @@ class TensorFabricTransport(TensorTransportManager):
     def extract_tensor_transport_metadata(self, obj_id: str, rdt_object: list[Any]) -> TensorFabricTransportMetadata:  # fmt: skip
         import tensorfabric as tf
 
-        eng = process_engine() if rdt_object else None
         meta, descs, held = [], [], []
         for t in rdt_object:
             if t.device.type != "cpu":
@@ -120,7 +119,7 @@ class TensorFabricTransport(TensorTransportManager):
             if src.numel() == 0:
                 descs.append(b"")
                 continue
-            region = eng.register(_bytes_view(src), access=tf.Access.REMOTE_READ)
+            region = process_engine().register(_bytes_view(src), access=tf.Access.REMOTE_READ)
             held.append((region, src))
             descs.append(region.descriptor().to_bytes())
         with self._lock:
@@ -145,7 +144,7 @@ class TensorFabricTransport(TensorTransportManager):
         for i, (shape, dtype) in enumerate(metas):
             buf = target_buffers[i] if target_buffers else None
             if buf is None or not buf.is_contiguous() or buf.shape != shape or buf.dtype != dtype:
-                buf = torch.empty(shape, dtype=dtype)
+                buf = torch.empty(shape, dtype=dtype)  # type: ignore[arg-type]  # torch dtypes here
             out.append(buf)
         if not any(descs):
             return out

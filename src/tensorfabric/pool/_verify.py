@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ._labels import LINK_TIERS, NodeClaims
 
@@ -49,12 +49,13 @@ def _measure_memory(claims: NodeClaims) -> tuple[str, float, bool]:
 
 def _measure_compute(seconds: float = 0.2) -> float:
     """GFLOP/s of a float32 matmul loop on the node's device (the node's score)."""
+    mm: Callable[[], float]
     try:
         import torch
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        a = torch.randn(512, 512, device=dev)
-        mm = lambda: (a @ a).sum().item()  # noqa: E731 - .item() synchronizes cuda
+        t = torch.randn(512, 512, device=dev)
+        mm = lambda: (t @ t).sum().item()  # noqa: E731 - .item() synchronizes cuda
     except ImportError:
         import numpy as np
 
@@ -82,7 +83,7 @@ def _measure_transfer(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) 
         t0 = time.perf_counter()
         eng.write(payload, desc, imm=imm).wait(timeout)
         seconds = time.perf_counter() - t0
-    return {"transfer_mb_s": nbytes / seconds / 1e6, "sha256": hashlib.sha256(payload).hexdigest()}
+    return {"transfer_mb_s": nbytes / seconds / 1e6, "sha256": hashlib.sha256(payload.tobytes()).hexdigest()}
 
 
 def measure_node(labels: dict[str, str], desc_bytes: bytes, nbytes: int, imm: int,
