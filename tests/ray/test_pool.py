@@ -159,7 +159,7 @@ def test_node_loss_replaces_replica_in_another_zone(pool, pool_cluster):
     t.join(60)
     assert not errors, errors[:3]
     replaced = next(e for e in dep["events"] if e["event"] == "replaced")
-    assert replaced["from_zone"] == "eu-west-a" and replaced["zone"] == "eu-west-b"
+    assert replaced["from_zone"] == "eu-west-a" and replaced["zone"] == "eu-west-b", dep
     assert ids[replaced["node"]] == "eu-b" and replaced["recovery_s"] < 30
     assert dep["ready"] == 2
     assert len(results) > n_at_recovery  # still answering after recovery

@@ -188,13 +188,16 @@ class PoolController:
         tried: list[str] = []
         for sel in selectors:
             key = repr(sorted(sel.items()))
-            if key in tried or not any(
-                match(n.labels, sel) and n.available_gpus >= spec.num_gpus for n in nodes
-            ):
-                continue  # nothing free matches: asking Ray would only wait for the timeout
+            fits = [n for n in nodes if match(n.labels, sel) and n.total_gpus >= spec.num_gpus]
+            if key in tried or not fits:
+                continue
             tried.append(key)
+            # Ray's free-resource view can lag by a second: where it says "busy", still ask
+            # Ray, but wait briefly so a truly busy candidate does not cost the full timeout.
+            free = any(n.available_gpus >= spec.num_gpus for n in fits)
+            wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
             pg = placement_group([bundle or {"CPU": 0.001}], bundle_label_selector=[sel])
-            if not pg.wait(spec.placement_timeout_s):
+            if not pg.wait(wait_s):
                 remove_placement_group(pg)
                 continue
             actor = self._replica_cls.options(
