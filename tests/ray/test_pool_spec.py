@@ -78,7 +78,7 @@ def test_unmet_requirement_is_named(fields, requirement):
      ({"name": "t", "run": {"actor": "m:C"}, "replicas": 0}, "replicas=0"),
      ({"name": "t", "run": {"actor": "m:C"}, "min_link_tier": "fast"}, "min_link_tier"),
      ({"name": "t", "run": {"actor": "m:C"}, "gpu": ["A100"]}, "unknown field(s) gpu"),
-     ({"name": "t", "run": {"serve": "edge"}}, "serve tiers")],
+     ({"name": "t", "run": {"serve": "edge"}}, "edges run on the edge devices")],
 )  # fmt: skip
 def test_bad_specs_name_the_field(data, words):
     with pytest.raises(SpecError, match=None) as info:
@@ -91,3 +91,10 @@ def test_examples_parse():
 
     for path in sorted((Path(__file__).parents[2] / "examples" / "pool").glob("*.yaml")):
         assert DeploymentSpec.from_yaml(path).name
+
+
+def test_serve_cloud_is_the_tier_replica():
+    s = DeploymentSpec.from_dict({"name": "t", "run": {"serve": "cloud",
+                                                       "config": {"cloud": {"model": "x"}}}})
+    assert s.run.target == "tensorfabric.pool._tiers:CloudTierReplica"
+    assert s.run.kwargs == {"config": {"cloud": {"model": "x"}}}

@@ -41,7 +41,10 @@ _KNOWN = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What each replica runs: a class (``actor``) or a function (``function``) by import path."""
+    """What each replica runs: a class (``actor``) or a function (``function``) by import path.
+
+    ``serve: cloud`` (with an optional split ``config``) is shorthand for the cloud tier's
+    replica class, :class:`tensorfabric.pool._tiers.CloudTierReplica`."""
 
     kind: str  # "actor" | "function"
     target: str  # "package.module:Name"
@@ -53,15 +56,23 @@ class RunSpec:
         kinds = [k for k in ("actor", "function", "serve") if k in data]
         if len(kinds) != 1:
             raise SpecError(
-                "run: give exactly one of 'actor: pkg.module:Class' or "
-                "'function: pkg.module:func'"
+                "run: give exactly one of 'actor: pkg.module:Class', "
+                "'function: pkg.module:func' or 'serve: cloud'"
             )
         kind = kinds[0]
         if kind == "serve":
-            raise SpecError(
-                "run.serve: the edge/cloud serve tiers are not available to the pool yet; "
-                "run them through 'actor: <import path>' instead"
-            )
+            from ._tiers import SERVE_TIERS
+
+            tier = str(data["serve"])
+            if tier not in SERVE_TIERS:
+                raise SpecError(
+                    f"run.serve={tier!r}: the pool runs the {', '.join(SERVE_TIERS)} tier "
+                    "(edges run on the edge devices)"
+                )
+            extra = set(data) - {"serve", "config"}
+            if extra:
+                raise SpecError(f"run: unknown field(s) {', '.join(sorted(extra))}")
+            return cls("actor", SERVE_TIERS[tier], (), {"config": dict(data.get("config") or {})})
         target = str(data[kind])
         if not _TARGET.match(target):
             raise SpecError(f"run.{kind}={target!r}: use the form 'package.module:Name'")
