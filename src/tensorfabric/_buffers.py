@@ -41,11 +41,11 @@ def as_bytes_view(obj: Buffer, *, writable: bool) -> memoryview:
     else:
         arr = _torch_tensor_to_numpy(obj)
         if arr is not None:
-            mv = memoryview(arr)
+            mv = memoryview(arr)  # type: ignore[arg-type]
         elif isinstance(obj, np.ndarray):
             if not obj.flags.c_contiguous:
                 raise ConfigError("numpy array is not C-contiguous; use np.ascontiguousarray")
-            mv = memoryview(obj.reshape(-1).view(np.uint8)) if obj.size else memoryview(b"")
+            mv = memoryview(obj.reshape(-1).view(np.uint8)) if obj.size else memoryview(b"")  # type: ignore[arg-type]
         else:
             try:
                 mv = memoryview(obj)

@@ -162,6 +162,19 @@ class Engine:
                                               daemon=True)
         self._timer_thread.start()
 
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Engine:
+        """An engine configured by a TOML, JSON or YAML file (see ``docs/multilink.md``);
+        keyword arguments override the file."""
+        from pathlib import Path
+
+        from ._config import engine_kwargs, read_config_file
+
+        p = Path(path)
+        kwargs = engine_kwargs(read_config_file(p), base=p.parent)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     # -- identity -------------------------------------------------------------------------
 
     @property
@@ -345,7 +358,8 @@ class Engine:
 
     def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
         """Wait for the next message with ``tag``; raises TransferTimeout after ``timeout``."""
-        return self.recv_async(tag=tag, timeout=timeout).result()  # type: ignore[no-any-return]
+        msg: Message = self.recv_async(tag=tag, timeout=timeout).result()
+        return msg
 
     def expect(self, imm: int, count: int = 1, *, timeout: float | None = None) -> Transfer:
         """A transfer that completes once ``count`` ops carrying ``imm`` have fully landed here.
@@ -357,15 +371,15 @@ class Engine:
         if value is None or not isinstance(count, int) or count < 1:
             raise ConfigError("expect needs an immediate value and a count >= 1")
         t = self._new_transfer("expect", 0, 1, timeout, None)
+        waiter: list[Any] = [count, t, 0]  # wanted, transfer, consumed so far
         with self._imm_lock:
             have = self._imm_counts.get(value, 0)
-            if have >= count and not self._imm_waiters.get(value):
+            ready = have >= count and not self._imm_waiters.get(value)
+            if ready:
                 self._imm_counts[value] = have - count
-                waiter = None
             else:
-                waiter = [count, t, 0]
                 self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
-        if waiter is None:
+        if ready:
             t._part_done()
             return t
         self._drain_imm(value)
@@ -375,7 +389,7 @@ class Engine:
                 q = self._imm_waiters.get(value)
                 if q is not None and waiter in q:
                     q.remove(waiter)
-                    self._imm_counts[value] += waiter[2]
+                    self._imm_counts[value] += int(waiter[2])
             self._drain_imm(value)
 
         t._on_abort(give_back)

@@ -87,35 +87,86 @@ def coalesce(src_off: np.ndarray, dst_off: np.ndarray, length: int) -> tuple[np.
     return src_off[starts], dst_off[starts], counts.astype(np.uint64) * np.uint64(length)
 
 
+MIN_TAIL_CHUNK = 256 << 10
+
+
+def frame_starts(total: int, chunk_bytes: int, links: int = 1) -> np.ndarray:
+    """Byte offsets where frames start, and ``total`` at the end.
+
+    One link: fixed ``chunk_bytes`` frames. Several links: guided sizes, each frame at most
+    ``remaining / (2 * links)`` (and at least ``MIN_TAIL_CHUNK``), so the frames get smaller
+    towards the end and the links finish together instead of one link carrying a whole
+    last chunk alone (the tail costs at most a small frame's time, whatever the link speed).
+    """
+    if links <= 1 or total <= chunk_bytes:
+        return np.append(np.arange(0, total, chunk_bytes, dtype=np.int64), total)
+    # Full frames while the rest is large; then the guided tail (a few dozen frames at most).
+    nfull = max(0, (total - 2 * links * chunk_bytes) // chunk_bytes)
+    head = np.arange(0, (nfull + 1) * chunk_bytes, chunk_bytes, dtype=np.int64)
+    tail: list[int] = []
+    pos = int(head[-1])
+    floor = min(MIN_TAIL_CHUNK, chunk_bytes)
+    while pos < total:
+        pos = min(total, pos + min(chunk_bytes, max(floor, (total - pos) // (2 * links))))
+        tail.append(pos)
+    return np.append(head, np.array(tail, dtype=np.int64))
+
+
+def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
+                chunk_bytes: int, links: int = 1,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut segments into pieces that fill frames (at most ``chunk_bytes`` bytes, sized by
+    :func:`frame_starts`) of at most ``MAX_SEGS_PER_CHUNK`` segments, in order. Returns (src,
+    dst, len, bounds) where frame ``k`` holds pieces ``bounds[k]:bounds[k + 1]``. Vectorized: a
+    paged write of thousands of pages costs a few numpy calls, not a Python loop per page."""
+    lengths = lengths.astype(np.int64, copy=False)
+    keep = lengths > 0
+    if not keep.all():
+        src_off, dst_off, lengths = src_off[keep], dst_off[keep], lengths[keep]
+    n = len(lengths)
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, np.zeros(2, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1])
+    starts = ends - lengths
+    # Cut points: every segment boundary and every frame boundary of the byte stream.
+    fstarts = frame_starts(total, chunk_bytes, links)
+    cuts = np.union1d(np.append(starts, total), fstarts)
+    p_start, p_end = cuts[:-1], cuts[1:]
+    seg = np.searchsorted(starts, p_start, side="right") - 1
+    within = p_start - starts[seg]
+    p_src = src_off[seg].astype(np.int64) + within
+    p_dst = dst_off[seg].astype(np.int64) + within
+    p_len = p_end - p_start
+    # Frames by bytes, then split frames holding more than MAX_SEGS_PER_CHUNK pieces.
+    frame = np.searchsorted(fstarts, p_start, side="right") - 1
+    first = np.flatnonzero(np.r_[True, frame[1:] != frame[:-1]])
+    rank = np.arange(len(frame)) - np.repeat(first, np.diff(np.r_[first, len(frame)]))
+    key = frame * (len(frame) + 1) + rank // MAX_SEGS_PER_CHUNK
+    bounds = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return p_src, p_dst, p_len, np.r_[bounds, len(key)]
+
+
 def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                  src: memoryview, src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
-                 chunk_bytes: int = DEFAULT_CHUNK) -> list[Chunk]:
-    """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``."""
-    pieces: list[list[tuple[int, int, int]]] = []  # per chunk: (src_off, dst_off, len)
-    cur: list[tuple[int, int, int]] = []
-    cur_bytes = 0
-    for s, d, n in zip(src_off.tolist(), dst_off.tolist(), lengths.tolist()):
-        while n > 0:
-            take = min(n, chunk_bytes - cur_bytes)
-            cur.append((s, d, take))
-            cur_bytes += take
-            s += take
-            d += take
-            n -= take
-            if cur_bytes >= chunk_bytes or len(cur) >= MAX_SEGS_PER_CHUNK:
-                pieces.append(cur)
-                cur, cur_bytes = [], 0
-    if cur or not pieces:
-        pieces.append(cur)
+                 chunk_bytes: int = DEFAULT_CHUNK, links: int = 1) -> list[Chunk]:
+    """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``
+    (smaller towards the end when ``links`` > 1, see :func:`frame_starts`)."""
+    p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes, links)
+    table = np.empty(len(p_len), dtype=w.SEG_DTYPE)
+    table["offset"] = p_dst
+    table["length"] = p_len
+    srcs, lens = p_src.tolist(), p_len.tolist()
     flags = w.FLAG_IMM if imm is not None else 0
-    nchunks = len(pieces)
+    nchunks = len(bounds) - 1
     chunks = []
-    for i, segs in enumerate(pieces):
-        table = np.array([(d, n) for _, d, n in segs], dtype=w.SEG_DTYPE).tobytes()
-        ext = key + table
-        nbytes = sum(n for _, _, n in segs)
+    for i in range(nchunks):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        ext = key + table[a:b].tobytes()
+        nbytes = sum(lens[a:b])
         head = w.pack_header(op, flags, len(ext), wop.op_id, region, nbytes, imm or 0, i, nchunks)
-        payload = [src[s:s + n] for s, _, n in segs]
+        payload = [src[s:s + n] for s, n in zip(srcs[a:b], lens[a:b])]
         chunks.append(Chunk(wop, i, head + ext, payload, nbytes, region=region))
     wop.remaining = nchunks
     return chunks

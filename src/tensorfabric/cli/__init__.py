@@ -8,6 +8,7 @@ happen inside the command functions, never at module import.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 import sys
 
 # Modules providing subcommands, in the order they appear in --help.
@@ -20,7 +21,7 @@ _COMMAND_MODULES = (
 )
 
 
-def build_app():  # type: ignore[no-untyped-def]
+def build_app() -> Any:
     try:
         import typer
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -34,6 +35,10 @@ def build_app():  # type: ignore[no-untyped-def]
         add_completion=False,
         pretty_exceptions_show_locals=False,
     )
+    @app.callback()
+    def _root() -> None:
+        """tensorfabric: move tensors between processes and machines, run LLM systems on top."""
+
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(f"tensorfabric.cli.{name}")

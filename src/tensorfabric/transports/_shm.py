@@ -200,7 +200,7 @@ class ShmTransport(Transport):
 def _copy_segments(dst: np.ndarray, src: memoryview, src_off: np.ndarray, dst_off: np.ndarray,
                    lengths: np.ndarray) -> None:
     srcarr = np.frombuffer(src, dtype=np.uint8)
-    dmv = memoryview(dst)
+    dmv = memoryview(dst)  # type: ignore[arg-type]
     for s, d, n in zip(src_off.tolist(), dst_off.tolist(), lengths.tolist()):
         if n >= _NUMPY_COPY:
             np.copyto(dst[d:d + n], srcarr[s:s + n])  # releases the GIL for big copies

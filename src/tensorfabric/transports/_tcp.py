@@ -192,7 +192,9 @@ class Conn:
                     return None
                 if self.replies:
                     return ("frame", self.replies.popleft())
-                if links is not None and links.queue:
+                if links is not None and links.queue and len(self.inflight) < self.t.window:
+                    # a bounded window per link: a slow link holds few chunks, so it never
+                    # keeps the tail of a transfer waiting long after the fast links are done
                     return ("chunk", links.queue.popleft())
                 if self.tail:
                     return ("frame", [])
@@ -391,7 +393,10 @@ class Conn:
 
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
         with self.cond:
-            return self.inflight.pop((op_id, chunk), None)
+            c = self.inflight.pop((op_id, chunk), None)
+            if c is not None and len(self.inflight) == self.t.window - 1:
+                self.cond.notify_all()  # this link's writer may take the next chunk
+            return c
 
     def _on_reply(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
@@ -463,6 +468,8 @@ class PeerLinks:
         self.next_redial = [0.0] * transport.nlinks
         self.dialing = [False] * transport.nlinks
         self.closed = False
+        self.failures = 0  # links lost so far
+        self.requeued = 0  # chunks resent on other links after a loss
 
     def live(self) -> list[Conn]:
         return [c for c in self.conns if c is not None and c.alive]
@@ -544,9 +551,11 @@ class PeerLinks:
             if conn.index < len(self.conns) and self.conns[conn.index] is conn:
                 self.conns[conn.index] = None
             # the unacknowledged chunks go first, to whichever link is free
+            self.failures += 1
             for c in reversed(inflight):
                 if not c.wop.dead:
                     self.queue.appendleft(c)
+                    self.requeued += 1
             if not self.live() and self.down_since is None:
                 self.down_since = time.monotonic()
             self.last_error = exc
@@ -563,8 +572,8 @@ class PeerLinks:
                 log.warning("link %d to %s made no progress for %.1f s; closing it", c.index,
                             self.name, self.t.link_timeout)
                 c.fail(BrokenError("link stalled"))
-        for i, c in enumerate(self.conns):
-            if c is None and not self.dialing[i] and not self.closed:
+        for i, slot in enumerate(self.conns):
+            if slot is None and not self.dialing[i] and not self.closed:
                 self._dial_later(i, 2.0 if self.refused else 0.5)
         with self.cond:
             dead = (not self.live() and self.down_since is not None
@@ -576,14 +585,8 @@ class PeerLinks:
         err = BrokenError(f"every link to peer {self.name} is down: {self.last_error}",
                           peer=self.name)
         err.__cause__ = self.last_error
-        for c in queued:
-            c.wop.transfer._fail(err)
-
-    def drop(self, pred: Callable[[Chunk], bool]) -> None:
-        with self.cond:
-            keep = [c for c in self.queue if not pred(c)]
-            self.queue.clear()
-            self.queue.extend(keep)
+        for chunk in queued:
+            chunk.wop.transfer._fail(err)
 
     def close(self, error: BaseException) -> None:
         self.closed = True
@@ -620,8 +623,10 @@ class TcpTransport(Transport):
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
         chunk_bytes: int = DEFAULT_CHUNK,
+        window: int = 4,
     ) -> None:
         self.engine_id = engine_id
+        self.window = window  # chunks in flight (sent, not acknowledged) per link
         self.chunk_bytes = chunk_bytes
         self.op_ids = itertools.count(1)  # shared with the engine: unique per dialled peer
         self.secret = secret
@@ -766,7 +771,7 @@ class TcpTransport(Transport):
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
               imm: int | None) -> None:
         chunks = write_chunks(wop, w.Op.WRITE, desc.region_id, desc.key, imm, src, src_off,
-                              dst_off, lengths, self.chunk_bytes)
+                              dst_off, lengths, self.chunk_bytes, self.nlinks)
         self.submit(peer, chunks)
 
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,

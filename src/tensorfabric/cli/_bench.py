@@ -1,0 +1,149 @@
+"""``tensorfabric bench``: sweep the engine's ops against baselines measured in the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+_TRANSPORTS = ("tcp", "shm", "nixl")
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """A bench/link config file: JSON, TOML or YAML (by extension), a flat mapping.
+
+    Keys: ``transport``, ``links``, ``link_addrs``, ``peer_link_addrs``, ``sizes``,
+    ``page_sizes``, ``ops``, ``host``. Command-line options override the file.
+    """
+    text = path.read_text()
+    if path.suffix in (".toml",):
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of options")
+    return data.get("bench", data)
+
+
+def bench(
+    transport: Optional[str] = typer.Option(None, help="tcp, shm, nixl or all (tcp and shm, nixl if installed)."),
+    links: Optional[int] = typer.Option(None, help="tcp links per peer (default 1)."),
+    link_addrs: Optional[str] = typer.Option(
+        None, help="This side's local link addresses, comma separated (one per NIC; sets --links)."),
+    peer_link_addrs: Optional[str] = typer.Option(
+        None, help="The spawned local peer's link addresses (one per NIC)."),
+    config: Optional[Path] = typer.Option(None, exists=True, help="JSON/TOML/YAML file with these options."),
+    sizes: Optional[str] = typer.Option(None, help="Write/read sizes, e.g. 4k,64k,1m,64m,256m."),
+    page_sizes: Optional[str] = typer.Option(None, help="Page sizes for paged writes, e.g. 1k,4k,16k,64k."),
+    ops: Optional[str] = typer.Option(None, help="Comma list of write,pages,read,imm,sendrecv."),
+    host: Optional[str] = typer.Option(None, help="Address the engines listen on (default 127.0.0.1)."),
+    listen: Optional[str] = typer.Option(
+        None, help="Run only the peer side on this address and print its engine address."),
+    port: int = typer.Option(0, help="Port for --listen (0: any)."),
+    connect: Optional[str] = typer.Option(
+        None, help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
+    budget: Optional[float] = typer.Option(None, help="Seconds spent per measured point."),
+    chunk: Optional[str] = typer.Option(None, help="The engines' tcp chunk size (e.g. 4m); the raw baseline uses the same."),
+    quick: bool = typer.Option(False, help="Fewer sizes and shorter points (about 15 s)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
+    plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
+    no_baselines: bool = typer.Option(False, help="Skip the baselines (ratios left empty)."),
+) -> None:
+    """Measure write, paged write, read, immediate and send/recv between two engines.
+
+    By default two local engines run in two processes; every figure is a ratio to a baseline
+    measured in the same run (raw socket for tcp, memcpy for shm, raw ping-pong for latency).
+    """
+    from tensorfabric.bench import BenchConfig, format_table, parse_size, plot_rows, run_bench
+
+    file_opts = load_config(config) if config else {}
+    pick = lambda cli, key, default: cli if cli is not None else file_opts.get(key, default)  # noqa: E731
+    addrs = _csv(link_addrs) or list(file_opts.get("link_addrs", []))
+    peer_addrs = _csv(peer_link_addrs) or list(file_opts.get("peer_link_addrs", []))
+    nlinks = int(pick(links, "links", len(addrs) or 1))
+    host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
+
+    kind = pick(transport, "transport", "all")
+    if listen:
+        _serve_listen(listen, port, "tcp" if kind == "all" else kind, nlinks, addrs)
+        return
+    if kind == "all":  # across hosts only tcp (and nixl, when asked for) can reach the peer
+        transports: tuple[str, ...] = ("tcp",) if connect else ("tcp", "shm", "nixl")
+    else:
+        transports = tuple(_csv(kind))
+    for t in transports:
+        if t not in _TRANSPORTS:
+            raise typer.BadParameter(f"unknown transport {t!r}: use tcp, shm, nixl or all")
+    kw: dict[str, Any] = dict(transports=transports, links=nlinks, link_addrs=addrs,
+                              peer_link_addrs=peer_addrs, host=host_v,
+                              baselines=not no_baselines)
+    for key, cli in (("sizes", sizes), ("page_sizes", page_sizes)):
+        vals = _csv(cli) if cli is not None else file_opts.get(key)
+        if vals:
+            kw[key] = tuple(parse_size(str(v)) for v in vals)
+    op_list = _csv(ops) if ops is not None else file_opts.get("ops")
+    if op_list:
+        kw["ops"] = tuple(op_list)
+    if budget is not None:
+        kw["budget_s"] = budget
+    chunk_v = pick(chunk, "chunk", None)
+    if chunk_v:
+        kw["chunk_bytes"] = parse_size(str(chunk_v))
+    if connect:
+        kw["connect"] = (Path(connect[1:]).read_text().strip() if connect.startswith("@")
+                         else connect.strip())
+    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    report = _run_with_progress(cfg, run_bench)
+    _print(report, format_table)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_json(), indent=1))
+        typer.echo(f"wrote {json_out}")
+    if plot:
+        plot_rows(report.rows, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def _run_with_progress(cfg: Any, run: Any) -> Any:
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return run(cfg, lambda d: typer.echo(d, err=True))
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("starting engines", total=cfg.steps())
+        return run(cfg, lambda d: bar.update(task, advance=1, description=d))
+
+
+def _print(report: Any, format_table: Any) -> None:
+    typer.echo(format_table(report.rows))
+    for mem in report.memory:
+        if mem["size"] == max(m["size"] for m in report.memory):
+            typer.echo(f"engine memory ({mem['transport']} write {mem['size'] >> 20} MiB): "
+                       f"peer peak +{mem['peer_peak_growth'] / 2**20:.1f} MiB, "
+                       f"local peak +{mem['local_peak_growth'] / 2**20:.1f} MiB over resident")
+    for name, why in report.skipped.items():
+        typer.echo(f"{name}: skipped ({why})")
+
+
+def _serve_listen(host: str, port: int, transport: str, links: int, addrs: list[str]) -> None:
+    from tensorfabric.bench._peer import main as peer_main
+
+    argv = ["--host", host, "--port", str(port), "--transport", transport,
+            "--links", str(links), "--link-addrs", ",".join(addrs)]
+    peer_main(argv)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,48 @@
+"""The shared conformance suite on each built-in transport."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from tensorfabric import Access, Engine
+from tensorfabric.testing import Pair, TransportConformance
+
+SECRET = "conformance-secret"
+
+
+class TestTcp(TransportConformance):
+    """One link, regions in private memory: every op goes over the socket."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        with Engine(SECRET, transports=("tcp",), name="a") as a, \
+                Engine(SECRET, transports=("tcp",), name="b") as b:
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
+
+
+class TestTcpMultiLink(TransportConformance):
+    """Three links per peer and small chunks, so ops are striped."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        with Engine(SECRET, transports=("tcp",), links=3, chunk_bytes=1 << 20) as a, \
+                Engine(SECRET, transports=("tcp",), links=3) as b:
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc),
+                       big=256 << 20)
+
+
+class TestShm(TransportConformance):
+    """Same host, regions from alloc(): data is copied straight into shared memory."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        with Engine(SECRET, name="a") as a, Engine(SECRET, name="b") as b:
+            def make(n: int, acc: Access):
+                region = b.alloc(n, acc)
+                assert a._transport_for(a._peer(b.address), region.descriptor()).name == "shm"
+                return region
+
+            yield Pair(a, b, make)
