@@ -124,6 +124,23 @@ def test_replica_that_cannot_start_reports_why(pool):
     assert pool.status()["deployments"] == []
 
 
+@pytest.mark.model
+def test_split_cloud_tier_runs_as_a_replica(pool):
+    """``run: {serve: cloud}`` starts the edge/cloud work's cloud tier; it answers over the
+    engine at the address its replica reports."""
+    pytest.importorskip("tensorfabric.split")
+    import tensorfabric as tf
+    from tensorfabric.split._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
+
+    h = pool.deploy(spec("cloud", run={"serve": "cloud"}, countries=["US"]), timeout=240)
+    addr = bytes.fromhex(h.call(method="address", timeout=60))
+    with tf.Engine(host=ray.util.get_node_ip_address(), name="edge-probe") as eng:
+        eng.send(addr, encode_msg({"op": "ping", "id": 7}), tag=TAG_REQUEST).wait(30)
+        reply = decode_msg(eng.recv(tag=TAG_REPLY, timeout=60).data)
+    assert reply["id"] == 7 and reply["event"] == "pong" and "SmolLM2" in reply["model"]
+    pool.down("cloud")
+
+
 def test_node_loss_replaces_replica_in_another_zone(pool, pool_cluster):
     """Kill the node of the zone-a replica: the replacement goes to eu-west-b (which has a
     spare GPU) rather than the free eu-west-a node; calls in flight keep succeeding."""

@@ -31,8 +31,8 @@ class CloudTierReplica:
         data = dict(config or {})
         cloud = dict(data.get("cloud") or {})
         cloud.setdefault("host", ray.util.get_node_ip_address())
-        cloud.setdefault("launch", "remote")  # the secret must come from the pool, not be random
         data["cloud"] = cloud
+        data.setdefault("secret", "env:TENSORFABRIC_SECRET")  # the pool's secret, never random
         self.tier = CloudTier(parse_config(data))
         self._thread = threading.Thread(target=self.tier.serve_forever, daemon=True)
         self._thread.start()
