@@ -47,7 +47,9 @@ def main() -> None:
         for i in range(20):  # calls keep succeeding across the failover
             handle.call(f"call {i}")
         print(f"20 calls answered in {time.perf_counter() - t0:.2f} s during the failover")
-        time.sleep(1)
+        deadline = time.monotonic() + 60
+        while pool.status()["deployments"][0]["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.2)  # the replacement replica is starting
         render(pool.status())
         pool.down()
     finally:
