@@ -1,0 +1,165 @@
+"""Client side of the pool: connect to the cluster, talk to the controller, call deployments."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ._errors import PoolError, ReplicaUnavailable
+from ._spec import DeploymentSpec
+
+NAMESPACE = "tensorfabric-pool"
+CONTROLLER = "controller"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("the GPU pool needs Ray: pip install 'tensorfabric[ray]'") from exc
+    return ray
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at ``address`` as a driver (``auto``: the local node's cluster)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    except ConnectionError as exc:
+        raise PoolError(
+            f"cannot reach a Ray cluster at {address or 'auto'}: {exc}. Start one with "
+            "'tensorfabric pool up' or pass --address HOST:PORT"
+        ) from exc
+
+
+def controller(create: bool = True) -> Any:
+    """The pool controller actor (created on the head node if ``create`` and absent)."""
+    ray = _ray()
+    if not create:
+        try:
+            return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+        except ValueError:
+            raise PoolError(
+                "no pool controller runs on this cluster; start it with 'tensorfabric pool up'"
+            ) from None
+    from ._controller import PoolController
+
+    return (
+        ray.remote(PoolController)
+        .options(
+            name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_concurrency=32, max_restarts=0,
+            resources={"node:__internal_head__": 0.001},  # never on an untrusted worker
+        )  # fmt: skip
+        .remote()
+    )
+
+
+class Pool:
+    """A connected view of the pool: verify nodes, deploy specs, read status, remove."""
+
+    def __init__(self, address: str | None = None, *, create: bool = True) -> None:
+        connect(address)
+        self._ray = _ray()
+        self.controller = controller(create)
+
+    def _get(self, ref: Any, timeout: float) -> Any:
+        try:
+            return self._ray.get(ref, timeout=timeout)
+        except self._ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, PoolError):
+                raise cause from None  # the controller's own message, without Ray's wrapping
+            raise
+
+    def verify_pending(self, timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+        return self._get(self.controller.verify_pending.remote(timeout / 2), timeout)
+
+    def verify(self, node_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        return self._get(self.controller.verify.remote(node_id, timeout / 2), timeout)
+
+    def deploy(self, spec: DeploymentSpec | dict[str, Any] | str | Path,
+               timeout: float = 300.0) -> DeploymentHandle:  # fmt: skip
+        """Place ``spec`` (a spec, a dict, or a YAML path) and wait until every replica answers."""
+        if isinstance(spec, (str, Path)):
+            spec = DeploymentSpec.from_yaml(spec)
+        elif isinstance(spec, dict):
+            spec = DeploymentSpec.from_dict(spec)
+        self._get(self.controller.deploy.remote(_spec_dict(spec)), timeout)
+        return DeploymentHandle(self, spec.name)
+
+    def handle(self, name: str) -> DeploymentHandle:
+        return DeploymentHandle(self, name)
+
+    def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        return self._get(self.controller.status.remote(), timeout)
+
+    def down(self, name: str | None = None, timeout: float = 60.0) -> list[str]:
+        return self._get(self.controller.remove.remote(name), timeout)
+
+
+def _spec_dict(spec: DeploymentSpec) -> dict[str, Any]:
+    d = spec.as_dict()
+    run = d.pop("run")
+    d["run"] = {run["kind"]: run["target"], "args": list(run["args"]), "kwargs": run["kwargs"]}
+    for key in ("regions", "countries", "providers", "gpus"):
+        d[key] = list(d[key])
+    return d
+
+
+class DeploymentHandle:
+    """Calls a deployment's replicas round-robin; a call whose replica dies is retried on
+    another (after failover, on the replacement) until ``timeout``.
+
+    Calls must be safe to repeat: a request may run twice if its replica died after
+    running it but before answering.
+    """
+
+    def __init__(self, pool: Pool, name: str) -> None:
+        self._pool, self.name = pool, name
+        self._replicas: list[Any] = []
+        self._refreshed = 0.0
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self.retries = 0  # calls re-sent after a replica failed (for tests and status)
+        self.refresh_s = 1.0  # how often to ask the controller for the current replicas
+
+    def _refresh(self) -> list[Any]:
+        reps = self._pool._get(self._pool.controller.replica_handles.remote(self.name), 30.0)
+        with self._lock:
+            self._replicas, self._refreshed = list(reps), time.monotonic()
+        return reps
+
+    def call(self, *args: Any, method: str | None = None, timeout: float = 60.0,
+             attempt_timeout: float = 10.0, **kwargs: Any) -> Any:  # fmt: skip
+        ray = self._pool._ray
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            reps = self._replicas
+            if not reps or time.monotonic() - self._refreshed > self.refresh_s:
+                reps = self._refresh()  # picks up replacements and new replicas
+            if not reps:
+                time.sleep(0.2)  # every replica is being replaced
+                self._refresh()
+                continue
+            actor = reps[next(self._rr) % len(reps)]
+            try:
+                ref = actor.call.remote(method, args, kwargs)
+                return ray.get(ref, timeout=max(0.1, min(attempt_timeout, deadline - time.monotonic())))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                last = exc
+                self.retries += 1
+                with self._lock:
+                    if actor in self._replicas:
+                        self._replicas.remove(actor)
+        raise ReplicaUnavailable(
+            f"deployment {self.name!r}: no replica answered within {timeout:g} s "
+            f"(last error: {type(last).__name__ if last else 'none'}); "
+            "see 'tensorfabric pool status'"
+        )

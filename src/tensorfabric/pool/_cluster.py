@@ -1,0 +1,113 @@
+"""Starting and joining pool nodes with ``ray start``, gated by the cluster secret.
+
+The cluster secret does two jobs. It derives the Ray token (Ray's token authentication,
+``RAY_AUTH_MODE=token``): without it a node cannot register with the head and a driver cannot
+connect. And it is the tensorfabric engine's secret (``TENSORFABRIC_SECRET``), so the
+engines on pool nodes authenticate each other. Both travel only in the environment of the
+processes started here, never on Ray's command line or in task arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ._errors import PoolError
+from ._labels import JOIN_ID, ROLE, NodeClaims
+
+SECRET_ENV = "TENSORFABRIC_SECRET"
+
+
+def resolve_secret(secret: str | None) -> str:
+    secret = secret or os.environ.get(SECRET_ENV)
+    if not secret:
+        raise PoolError(
+            f"the pool needs the cluster secret: set {SECRET_ENV} (preferred: it stays out of "
+            "'ps' output) or pass --secret"
+        )
+    if len(secret) < 8:
+        raise PoolError("the cluster secret is too short: use at least 8 characters")
+    return secret
+
+
+def ray_token(secret: str) -> str:
+    """The Ray auth token derived from the cluster secret (hex, 64 characters)."""
+    return hmac.new(secret.encode(), b"tensorfabric pool: ray auth token", hashlib.sha256).hexdigest()
+
+
+def cluster_env(secret: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Ray processes and drivers of this pool."""
+    env = dict(os.environ if base is None else base)
+    env[SECRET_ENV] = secret
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = ray_token(secret)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    return env
+
+
+def use_secret(secret: str) -> None:
+    """Make this process a driver of the pool (before ``ray.init``)."""
+    os.environ.update({k: v for k, v in cluster_env(secret, {}).items()})
+
+
+def _ray_cli() -> list[str]:
+    exe = shutil.which("ray")
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = None,
+               temp_dir: str | None = None) -> subprocess.Popen[bytes] | None:  # fmt: skip
+    """``ray start --head`` with token auth and no GPUs (replicas never land on the head)."""
+    cmd = _ray_cli() + ["start", "--head", f"--port={port}", "--num-gpus=0",
+                        f"--labels={ROLE}=head", "--disable-usage-stats",
+                        "--include-dashboard=false"]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
+    return _run(cmd, secret, block)
+
+
+def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: bool,
+         num_gpus: int | None = None, num_cpus: float | None = None) -> subprocess.Popen[bytes] | None:  # fmt: skip
+    """``ray start --address`` with the node's claims as labels (and a join id to find it)."""
+    labels = {**claims.to_labels(), JOIN_ID: join_id}
+    cmd = _ray_cli() + ["start", f"--address={address}", "--disable-usage-stats",
+                        "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items())]  # fmt: skip
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    return _run(cmd, secret, block)
+
+
+def _run(cmd: list[str], secret: str, block: bool) -> subprocess.Popen[bytes] | None:
+    env = cluster_env(secret)
+    if block:
+        return subprocess.Popen(cmd + ["--block"], env=env)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise PoolError(f"'{' '.join(cmd[:3])} ...' failed: {' | '.join(tail)}")
+    return None
+
+
+def wait_for_node(join_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The ``ray.nodes()`` entry of the node that joined with ``join_id``."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for n in ray.nodes():
+            if n["Alive"] and (n.get("Labels") or {}).get(JOIN_ID) == join_id:
+                return n
+        time.sleep(0.5)
+    raise PoolError(f"the node did not appear in the cluster within {timeout:g} s")

@@ -1,0 +1,130 @@
+"""Node verification: measure what a node claims before it takes work.
+
+The controller (on the head) registers a landing buffer with its engine and runs
+:func:`measure_node` as a Ray task pinned to the node (``ray.io/node-id``). The task measures
+device memory (and touches a slice of it), runs a matmul benchmark, and writes a random
+payload into the head's buffer through the tensorfabric engine. The controller checks the
+payload's hash on arrival and compares the figures with the node's labels (:func:`judge`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, Callable
+
+from ._labels import LINK_TIERS, NodeClaims
+
+# A node may report a little less than it claims (GB vs GiB rounding, driver reservations).
+MEMORY_TOLERANCE = 0.93
+
+
+def _host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def _measure_memory(claims: NodeClaims) -> tuple[str, float, bool]:
+    """(device, measured GB, probe ok): the probe writes and reads back part of the memory."""
+    import numpy as np
+
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    probe_bytes = int(min(claims.gpu_memory_gb * 1e9, 256 * 2**20))
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        t = torch.full((probe_bytes // 4,), 7.0, device="cuda")
+        ok = bool(t.sum().item() == 7.0 * t.numel())
+        return props.name, props.total_memory / 1e9, ok
+    if not claims.simulated:
+        return "none", 0.0, False
+    buf = np.full(probe_bytes, 7, dtype=np.uint8)
+    ok = int(buf[:: 4096].sum()) == 7 * len(buf[:: 4096])
+    return "cpu (simulated GPU)", _host_memory_gb(), ok
+
+
+def _measure_compute(seconds: float = 0.2) -> float:
+    """GFLOP/s of a float32 matmul loop on the node's device (the node's score)."""
+    mm: Callable[[], float]
+    try:
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        t = torch.randn(512, 512, device=dev)
+        mm = lambda: (t @ t).sum().item()  # noqa: E731 - .item() synchronizes cuda
+    except ImportError:
+        import numpy as np
+
+        a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+        mm = lambda: float((a @ a).sum())  # noqa: E731
+    mm()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        mm()
+        n += 1
+    return n * 2 * 512**3 / (time.perf_counter() - t0) / 1e9
+
+
+def _measure_transfer(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) -> dict[str, Any]:
+    import numpy as np
+
+    import tensorfabric as tf
+    import ray
+
+    payload = np.random.default_rng().integers(0, 256, nbytes, dtype=np.uint8)
+    desc = tf.RegionDescriptor.from_bytes(desc_bytes)
+    host = ray.util.get_node_ip_address()
+    with tf.Engine(host=host, port=0, timeout=timeout, name="pool-verify") as eng:
+        eng.write(payload[:4096], desc, nbytes=4096).wait(timeout)  # connect + warm up
+        t0 = time.perf_counter()
+        eng.write(payload, desc, imm=imm).wait(timeout)
+        seconds = time.perf_counter() - t0
+    return {"transfer_mb_s": nbytes / seconds / 1e6, "sha256": hashlib.sha256(payload.tobytes()).hexdigest()}
+
+
+def measure_node(labels: dict[str, str], desc_bytes: bytes, nbytes: int, imm: int,
+                 timeout: float) -> dict[str, Any]:  # fmt: skip
+    """Runs on the node being verified. Returns the raw measurements (no verdict)."""
+    claims = NodeClaims.from_labels(labels)
+    if claims is None:
+        return {"error": "the node has no tensorfabric.io labels (it did not join the pool)"}
+    out: dict[str, Any] = {}
+    try:
+        out["device"], out["memory_gb"], out["memory_probe_ok"] = _measure_memory(claims)
+        out["gflops"] = _measure_compute()
+        out.update(_measure_transfer(desc_bytes, nbytes, imm, timeout))
+    except Exception as exc:  # reported as a failed claim, not a crash of the controller
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def judge(claims: NodeClaims, measured: dict[str, Any], landed_sha256: str | None) -> tuple[bool, str]:
+    """(verified, reason) from a node's claims and its measurements."""
+    if "error" in measured:
+        return False, f"verification failed on the node: {measured['error']}"
+    if measured["device"] == "none":
+        return False, f"claims GPU {claims.gpu_model} but no CUDA device is visible on the node"
+    if not measured["device"].startswith("cpu") and claims.gpu_model.lower() not in measured[
+        "device"
+    ].lower().replace(" ", ""):
+        return False, f"claims GPU {claims.gpu_model} but the device is {measured['device']}"
+    if not measured["memory_probe_ok"]:
+        return False, "the memory probe read back wrong values"
+    if measured["memory_gb"] < claims.gpu_memory_gb * MEMORY_TOLERANCE:
+        return False, (
+            f"claims {claims.gpu_memory_gb:g} GB of GPU memory, measured "
+            f"{measured['memory_gb']:.1f} GB"
+        )
+    if landed_sha256 != measured["sha256"]:
+        return False, "the verification payload arrived corrupted"
+    need = LINK_TIERS[claims.link_tier]
+    if measured["transfer_mb_s"] < need:
+        return False, (
+            f"claims link tier {claims.link_tier} (>= {need:g} MB/s), measured "
+            f"{measured['transfer_mb_s']:.0f} MB/s"
+        )
+    return True, "ok"

@@ -1,0 +1,186 @@
+"""The pool on a real local Ray cluster: verification, placement, errors, failover.
+
+One cluster for the module (conftest.pool_cluster); the node-killing test runs last.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tensorfabric.pool import DeploymentSpec, PlacementError, PoolError, compile_spec  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def pool(pool_cluster):
+    from tensorfabric.pool import Pool
+
+    p = Pool(pool_cluster["cluster"].address)
+    records = p.verify_pending()
+    assert len(records) == len(pool_cluster["ids"])
+    yield p
+    ray.get(p.controller.shutdown.remote(), timeout=60)
+    ray.kill(p.controller)
+
+
+def spec(name: str, **kw) -> dict:
+    base = {"name": name, "run": {"actor": "pool_apps:Echo", "kwargs": {"greeting": name}},
+            "allow_simulated": True, "num_cpus": 0, "placement_timeout_s": 5}  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def node_status(pool, ids) -> dict:
+    by_id = {n["node_id"]: n for n in pool.status()["nodes"]}
+    return {name: by_id[nid] for name, nid in ids.items()}
+
+
+def test_verification_measures_claims(pool, pool_cluster):
+    nodes = node_status(pool, pool_cluster["ids"])
+    liar = nodes.pop("liar")
+    assert not liar["verified"]
+    assert "claims 80 GB" in liar["reason"] and "measured" in liar["reason"]
+    for name, n in nodes.items():
+        assert n["verified"], (name, n["reason"])
+        assert n["score"] > 0  # GFLOP/s of the matmul probe
+
+
+def test_placement_follows_preference_region_and_verification(pool, pool_cluster):
+    ids = {v: k for k, v in pool_cluster["ids"].items()}
+    # H200 exists nowhere, H100 only on the unverified liar: verified-only falls back to A100,
+    # and the two replicas spread over both eu-west zones.
+    h = pool.deploy(spec("pref", gpus=["H200", "H100", "A100"], regions=["eu-*"],
+                         verified_only=True, replicas=2))  # fmt: skip
+    dep = pool.status()["deployments"][0]
+    assert dep["state"] == "ready" and dep["ready"] == 2
+    assert {ids[r["node_id"]] for r in dep["replicas"]} <= {"eu-a1", "eu-a2", "eu-b"}
+    assert {r["zone"] for r in dep["replicas"]} == {"eu-west-a", "eu-west-b"}
+    answers = [h.call(i) for i in range(4)]
+    assert [a["x"] for a in answers] == [0, 1, 2, 3] and answers[0]["greeting"] == "pref"
+    assert len({a["zone"] for a in answers}) == 2  # round-robin over both replicas
+    pool.down("pref")
+    # Without verified_only the preferred H100 is taken, although its claims failed.
+    pool.deploy(spec("unverified", gpus=["H100", "A100"], regions=["eu-*"]))
+    (rep,) = pool.status()["deployments"][0]["replicas"]
+    assert ids[rep["node_id"]] == "liar"
+    pool.down("unverified")
+    # A function by import path, placed outside eu by country.
+    f = pool.deploy(spec("fn", run={"function": "pool_apps:square"}, countries=["US"]))
+    assert f.call(7) == 49
+    pool.down("fn")
+
+
+def test_compiled_selectors_drive_ray_fallback(pool):
+    """Ray itself (fallback_strategy) takes the next candidate when the first has no node."""
+    from tensorfabric.pool._compile import NodeView
+
+    nodes = ray.get(pool.controller.nodes.remote())
+    s = DeploymentSpec.from_dict(spec("x", gpus=["RTX4090", "A100"], verified_only=True,
+                                      allow_simulated=True))  # fmt: skip
+    placement = compile_spec(s, nodes)
+    assert [c["tensorfabric.io/gpu"] for c in placement.candidates] == ["RTX4090", "A100"]
+    # Make the first candidate impossible for Ray (a GPU model no node has), so Ray must use
+    # the fallback entry.
+    opts = placement.ray_options()
+    opts["label_selector"] = {**opts["label_selector"], "tensorfabric.io/gpu": "H200"}
+
+    @ray.remote(num_cpus=0)
+    def where():
+        return ray.get_runtime_context().get_node_labels()["tensorfabric.io/gpu"]
+
+    assert ray.get(where.options(**opts).remote(), timeout=30) == "A100"
+    assert isinstance(nodes[0], NodeView)
+
+
+@pytest.mark.parametrize(
+    "fields, requirement, words",
+    [
+        ({"regions": ["ap-*"]}, "regions", "regions present: eu-central, eu-west, us-east"),
+        ({"gpus": ["B200"], "regions": ["eu-*"]}, "gpus", "models present: A100, H100"),
+        ({"min_gpu_memory_gb": 100}, "min_gpu_memory_gb", "largest GPU memory"),
+        ({"gpus": ["H100"], "verified_only": True}, "verified_only", "claims 80 GB"),
+        ({"gpus": ["A100"], "replicas": 5}, "replicas", "4 such slot(s)"),
+        ({"allow_simulated": False}, "allow_simulated", "simulated GPUs"),
+        ({"min_link_tier": "ultra"}, "min_link_tier", "link tiers"),
+    ],
+)
+def test_impossible_spec_names_the_requirement(pool, fields, requirement, words):
+    with pytest.raises(PlacementError) as info:
+        pool.deploy(spec("nope", **fields))
+    assert info.value.requirement == requirement
+    assert words in str(info.value)
+    assert pool.status()["deployments"] == []  # nothing left half-placed
+
+
+def test_replica_that_cannot_start_reports_why(pool):
+    with pytest.raises(PoolError, match="model weights not found"):
+        pool.deploy(spec("broken", run={"actor": "pool_apps:Broken"}, gpus=["A100"]))
+    assert pool.status()["deployments"] == []
+
+
+@pytest.mark.model
+def test_split_cloud_tier_runs_as_a_replica(pool):
+    """``run: {serve: cloud}`` starts the edge/cloud work's cloud tier; it answers over the
+    engine at the address its replica reports."""
+    pytest.importorskip("tensorfabric.split")
+    import tensorfabric as tf
+    from tensorfabric.split._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
+
+    h = pool.deploy(spec("cloud", run={"serve": "cloud"}, countries=["US"]), timeout=240)
+    addr = bytes.fromhex(h.call(method="address", timeout=60))
+    with tf.Engine(host=ray.util.get_node_ip_address(), name="edge-probe") as eng:
+        eng.send(addr, encode_msg({"op": "ping", "id": 7}), tag=TAG_REQUEST).wait(30)
+        reply = decode_msg(eng.recv(tag=TAG_REPLY, timeout=60).data)
+    assert reply["id"] == 7 and reply["event"] == "pong" and "SmolLM2" in reply["model"]
+    pool.down("cloud")
+
+
+def test_node_loss_replaces_replica_in_another_zone(pool, pool_cluster):
+    """Kill the node of the zone-a replica: the replacement goes to eu-west-b (which has a
+    spare GPU) rather than the free eu-west-a node; calls in flight keep succeeding."""
+    ids = {v: k for k, v in pool_cluster["ids"].items()}
+    h = pool.deploy(spec("ha", gpus=["A100"], regions=["eu-west"], verified_only=True,
+                         replicas=2))  # fmt: skip
+    reps = pool.status()["deployments"][0]["replicas"]
+    victim = next(r for r in reps if r["zone"] == "eu-west-a")
+    results, errors, stop = [], [], threading.Event()
+
+    def traffic():
+        i = 0
+        while not stop.is_set():
+            try:
+                results.append(h.call(i, timeout=60))
+            except Exception as exc:  # any failure the handle could not hide
+                errors.append(exc)
+            i += 1
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    time.sleep(0.5)
+    pool_cluster["cluster"].remove_node(pool_cluster["nodes"][ids[victim["node_id"]]])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        dep = pool.status()["deployments"][0]
+        if dep["state"] == "ready" and any(e["event"] == "replaced" for e in dep["events"]):
+            break
+        time.sleep(0.2)
+    n_at_recovery = len(results)
+    time.sleep(1.0)
+    stop.set()
+    t.join(60)
+    assert not errors, errors[:3]
+    replaced = next(e for e in dep["events"] if e["event"] == "replaced")
+    assert replaced["from_zone"] == "eu-west-a" and replaced["zone"] == "eu-west-b", dep
+    assert ids[replaced["node"]] == "eu-b" and replaced["recovery_s"] < 30
+    assert dep["ready"] == 2
+    assert len(results) > n_at_recovery  # still answering after recovery
+    after = results[n_at_recovery:]
+    assert {r["zone"] for r in after} == {"eu-west-b"}
+    assert len({r["pid"] for r in after}) == 2  # the replacement answers too
+    pool.down("ha")
