@@ -421,10 +421,25 @@ class Engine:
         return t
 
     def connect(self, peer: bytes, *, timeout: float | None = None) -> None:
-        """Open the links to ``peer`` now (ops also connect lazily). Raises on a bad secret."""
+        """Open every link to ``peer`` now and wait until they are up (ops also connect
+        lazily, with the first link at once and the others in the background).
+
+        Raises AuthenticationError on a bad secret, BrokenError if the peer cannot be reached,
+        TransferTimeout if not every link came up within ``timeout``.
+        """
+        limit = timeout or self._tcp.connect_timeout
         addr = self._peer(peer)
         links = self._tcp.peer_links(addr)
-        links.connect_first(timeout or self._tcp.connect_timeout)
+        links.connect_first(limit)
+        deadline = time.monotonic() + limit
+        with links.cond:
+            while len(links.live()) < len(links.conns):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferTimeout(
+                        f"only {len(links.live())} of {len(links.conns)} links to {addr} came "
+                        f"up within {limit} s", peer=str(addr))
+                links.cond.wait(left)
 
     def stats(self) -> dict[str, Any]:
         """Bytes sent per link per peer, regions and pending immediates (for tests and tools)."""

@@ -23,6 +23,7 @@ def test_toml_config_with_links_and_secret_file(tmp_path: Path) -> None:
         assert a.timeout == 12 and a.name == "a"
         assert [h for h, _ in b.endpoints] == ["127.0.0.1", "127.0.0.2"]
         dst = b.register(np.zeros(16 << 20, np.uint8))
+        a.connect(b.address, timeout=30)  # both links up before the write is striped
         a.write(np.ones(16 << 20, np.uint8), dst.descriptor()).wait(30)
         assert dst.array.all()
         sent = next(iter(a.stats()["links"].values()))

@@ -11,7 +11,8 @@ from tensorfabric.split import SplitConfigError, load_config, parse_config
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TENSORFABRIC_SECRET", raising=False)
     cfg = parse_config(None)
     assert cfg.mode == "route" and cfg.edge.quantize == "int8" and cfg.cloud.launch == "local"
     assert cfg.pii.enabled and cfg.routing == {"policy": "confidence"}
