@@ -192,11 +192,16 @@ def _load_gguf(
     return model, tokenizer, False
 
 
+_CACHE_FORMAT = 2
+
+
 def _gguf_cache_path(path: Path, dtype: Any, cache_dir: str | Path | None) -> Path:
     import transformers
 
     stat = path.stat()
-    ident = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{transformers.__version__}"
+    # bump _CACHE_FORMAT whenever what is written changes: entries of older code are not reused
+    ident = (f"{_CACHE_FORMAT}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
+             f"{transformers.__version__}")
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
