@@ -119,9 +119,11 @@ def _rtt(transport: str) -> float:
 def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: argparse.Namespace,
              tmp: Path) -> dict[str, Any]:
     src = specs_of(tensors)
-    plan = WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=int(args.chunk_mb * 2**20))
+    plan = WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=int(args.chunk_mb * 2**20),
+                      direct_min_bytes=int(args.direct_min_kb * 1024) if args.zero_copy else None)
     with tf.Engine(secret=SECRET, name="publisher", timeout=120, **_engine_kwargs(transport)) as eng, \
-            Publisher(eng, plan, fanout=args.fanout, timeout=120) as pub:
+            Publisher(eng, plan, fanout=args.fanout, timeout=120, zero_copy=args.zero_copy,
+                      window=args.window) as pub:
         procs = _spawn(n, pub, transport, tmp)
         try:
             rates = _rates(pub, tensors)
@@ -185,6 +187,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--fanout", default="chain", help="direct, chain or tree")
     p.add_argument("--chunk-mb", type=float, default=16.0)
+    p.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
+                   help="stage every chunk (the pre-zero-copy path), for comparison")
+    p.add_argument("--direct-min-kb", type=float, default=256.0,
+                   help="smallest unconverted piece written straight from trainer memory")
+    p.add_argument("--window", type=int, default=4, help="chunks in flight per root")
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args()
 
@@ -207,7 +214,8 @@ def main() -> None:
                           flush=True)
     print()
     print(f"# weights update, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"{platform.node()} ({os.cpu_count()} cores), fan-out {args.fanout}, chunk {args.chunk_mb} MiB")
+          f"{platform.node()} ({os.cpu_count()} cores), fan-out {args.fanout}, chunk {args.chunk_mb} MiB, "
+          f"zero-copy {'>= %g KiB' % args.direct_min_kb if args.zero_copy else 'off'}, window {args.window}")
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -22,6 +22,8 @@ from tensorfabric.weights._errors import LayoutError
 from tensorfabric.weights._layout import DstTensor, LayoutMap, TensorSpec
 
 DEFAULT_CHUNK_BYTES = 8 << 20
+#: an unconverted piece at least this large becomes its own chunk, written from trainer memory
+DEFAULT_DIRECT_MIN_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class Chunk:
     offset: int  # first byte in the replica layout
     nbytes: int  # contiguous bytes, including alignment padding between tensors
     pieces: tuple[Piece, ...]
+    #: set when the chunk is exactly a contiguous byte range of one trainer tensor, unconverted:
+    #: the publisher may then write it straight from the trainer's memory (no staging copy)
+    source: str | None = None
+    src_offset: int = 0  # byte offset of the chunk in that trainer tensor
 
 
 def _rows(spec: TensorSpec) -> tuple[int, int]:
@@ -59,12 +65,14 @@ class WeightPlan:
     """
 
     def __init__(self, source: Sequence[TensorSpec], dest: Sequence[DstTensor], *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 direct_min_bytes: int | None = DEFAULT_DIRECT_MIN_BYTES) -> None:
         if chunk_bytes <= 0:
             raise LayoutError("chunk_bytes must be positive")
         self.map = LayoutMap(source, dest)
         self.layout = self.map.layout
         self.chunk_bytes = chunk_bytes
+        self.direct_min_bytes = direct_min_bytes  # None: every chunk goes through staging
         self.chunks = self._cut()
 
     @property
@@ -87,13 +95,34 @@ class WeightPlan:
                 out.append(Piece(i, r0, r1, off + r0 * row_bytes, (r1 - r0) * row_bytes))
         return out
 
+    def _direct(self, piece: Piece) -> tuple[str, int] | None:
+        """(trainer tensor, byte offset) when ``piece`` is an unconverted contiguous range of one
+        trainer tensor (a whole tensor or a dim-0 slice, same dtype), else None."""
+        if self.direct_min_bytes is None or piece.nbytes < self.direct_min_bytes:
+            return None
+        dst = self.map.dest[piece.tensor]
+        if len(dst.parts) != 1:
+            return None
+        part = dst.parts[0]
+        src = self.map.source[part.source]
+        if src.dtype != dst.dtype or part.dim not in (None, 0):
+            return None
+        rows, row_bytes = _rows(self.layout.specs[piece.tensor])
+        first = part.start if part.dim == 0 else 0
+        return part.source, (first + piece.row0) * row_bytes
+
     def _cut(self) -> list[Chunk]:
         chunks: list[Chunk] = []
         group: list[Piece] = []
         for piece in self._pieces():
-            if group and piece.offset + piece.nbytes - group[0].offset > self.chunk_bytes:
+            direct = self._direct(piece)
+            if group and (direct is not None
+                          or piece.offset + piece.nbytes - group[0].offset > self.chunk_bytes):
                 chunks.append(self._chunk(len(chunks), group))
                 group = []
+            if direct is not None:  # its own chunk, exactly the piece's bytes
+                chunks.append(Chunk(len(chunks), piece.offset, piece.nbytes, (piece,), *direct))
+                continue
             group.append(piece)
         if group:
             chunks.append(self._chunk(len(chunks), group))
@@ -118,6 +147,18 @@ class WeightPlan:
                 )
             out[name] = (arr, dtype)
         return out
+
+    def source_bytes(self, index: int, sources: Mapping[str, tuple[np.ndarray, str]]) -> np.ndarray | None:
+        """Chunk ``index``'s bytes as a uint8 view of the trainer's tensor (no copy), or None
+        when the chunk needs staging (converted, fused, or the tensor is not C-contiguous)."""
+        c = self.chunks[index]
+        if c.source is None:
+            return None
+        arr = sources[c.source][0]
+        if not arr.flags.c_contiguous:
+            return None
+        flat = arr.reshape(-1).view(np.uint8)
+        return flat[c.src_offset : c.src_offset + c.nbytes]
 
     def prepare(self, index: int, sources: Mapping[str, tuple[np.ndarray, str]],
                 staging: np.ndarray) -> None:

@@ -56,14 +56,22 @@ class Faults:
 class Publisher:
     """Publishes versions of the trainer's weights to every replica that said hello.
 
-    ``plan`` maps the trainer's tensors to the replicas' layout; it is computed once. The
-    publisher keeps the latest version in a staging region (one copy of the replica layout) so
-    late joiners and replicas that missed a round catch up from it.
+    ``plan`` maps the trainer's tensors to the replicas' layout; it is computed once. Chunks
+    that need a conversion or a fusion are prepared into a staging region (one copy of the
+    replica layout); with ``zero_copy`` (default) the others (``Chunk.source`` set: a
+    contiguous, unconverted range of one trainer tensor) are written straight from the
+    trainer's memory, which must not change while ``publish`` runs.
+
+    Late joiners and replicas that missed a round catch up from staging. After a zero-copy
+    publish staging lacks the zero-copy chunks, so a catch-up first re-stages them from the
+    tensors last published and checks them against that version's checksums: if the trainer
+    has changed them since, the catch-up is skipped and the replica gets the next ``publish``.
     """
 
     def __init__(self, engine: Any, plan: WeightPlan, *, fanout: str = "tree", degree: int = 2,
                  roots: int = 1, window: int = 4, timeout: float = 30.0,
-                 checksum: str = "lanesum", faults: Faults | None = None) -> None:
+                 checksum: str = "lanesum", faults: Faults | None = None,
+                 zero_copy: bool = True) -> None:
         if len(plan.chunks) >= proto.MAX_CHUNKS:
             raise WeightsError(f"plan has {len(plan.chunks)} chunks; raise chunk_bytes")
         self.engine, self.plan, self.timeout = engine, plan, timeout
@@ -72,6 +80,9 @@ class Publisher:
         if checksum not in CHECKSUMS:
             raise WeightsError(f"unknown checksum {checksum!r}: use one of {CHECKSUMS}")
         self.checksum = checksum
+        self.zero_copy = zero_copy
+        self._staged = True  # staging holds every chunk of ``version``
+        self._last: Mapping[str, Any] | None = None  # sources of the last zero-copy publish
         self.version = 0
         self._rounds = 0
         self.crcs: list[int] = []
@@ -174,8 +185,27 @@ class Publisher:
                 with self._round:
                     behind = [n for n in names if n in self._replicas
                               and self._replicas[n].version < self.version]
-                    if behind:
+                    if behind and self._restage():
                         self._run_round(self.version, behind, prepare=None, result=PublishResult(self.version))
+
+    def _restage(self) -> bool:
+        """Make staging hold every chunk of ``version`` (after a zero-copy publish it lacks the
+        zero-copy ones): copy them from the tensors last published and check each against the
+        version's checksum. False when the trainer has changed them since."""
+        if self._staged:
+            return True
+        if self._last is None:
+            return False
+        for c in self.plan.chunks:
+            if c.source is None:
+                continue
+            self.plan.prepare(c.index, self._last, self._arr)
+            if checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum) != self.crcs[c.index]:
+                log.info("publisher: version %d changed in the trainer's memory since it was "
+                         "published; late joiners get the next publish", self.version)
+                return False
+        self._staged, self._last = True, None
+        return True
 
     # -- publishing ---------------------------------------------------------------------------
     def publish(self, tensors: Mapping[str, Any], *, timeout: float | None = None) -> PublishResult:
@@ -195,13 +225,14 @@ class Publisher:
                                 timeout=timeout)
             else:  # nobody to send to: still prepare, so late joiners get this version
                 self._prepare_all(sources)
+                self._staged, self._last = True, None
             retry = [n for n, why in result.failed.items() if n in self._replicas
                      and not why.startswith(("dead", "corrupt"))]
             if retry:  # e.g. a relay died mid-round: its subtree gets the version directly
                 for n in retry:
                     result.failed.pop(n)
                 self._run_round(self.version, retry, prepare=None, result=result, direct=True,
-                                timeout=timeout)
+                                timeout=timeout, sources=sources)
             result.seconds = time.perf_counter() - t0
             return result
 
@@ -226,7 +257,11 @@ class Publisher:
                 self._cond.wait(min(left, 0.25))
 
     def _run_round(self, version: int, names: list[str], *, prepare: Mapping[str, Any] | None,
-                   result: PublishResult, direct: bool = False, timeout: float | None = None) -> None:
+                   result: PublishResult, direct: bool = False, timeout: float | None = None,
+                   sources: Mapping[str, Any] | None = None) -> None:
+        """One round of ``version`` to ``names``. ``prepare``: the trainer's tensors, to stage
+        and checksum afresh; else the chunks of ``self.crcs`` are resent, the zero-copy ones
+        from ``sources`` if given (the same tensors, still unchanged), else from staging."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         chunks = [[c.offset, c.nbytes] for c in self.plan.chunks]
@@ -255,7 +290,8 @@ class Publisher:
             self._tell(reps[n].address, proto.encode("go", v=version, r=rnd, children=kids))
         roots = [n for i, n in enumerate(live) if parents[i] < 0]
         t0 = time.perf_counter()
-        self._write_chunks(rnd, roots, desc, prepare, result, deadline)
+        self._write_chunks(rnd, roots, desc, prepare, result, deadline,
+                           sources=prepare if prepare is not None else sources)
         result.stages["write"] = result.stages.get("write", 0.0) + time.perf_counter() - t0
         for n in live:
             self._tell(reps[n].address, proto.encode("commit", v=version, r=rnd, crcs=self.crcs))
@@ -281,29 +317,43 @@ class Publisher:
         return False
 
     def _write_chunks(self, rnd: int, roots: list[str], desc: dict[str, Any],
-                      prepare: Mapping[str, Any] | None, result: PublishResult, deadline: float) -> None:
+                      prepare: Mapping[str, Any] | None, result: PublishResult, deadline: float,
+                      sources: Mapping[str, Any] | None = None) -> None:
         inflight: list[tuple[str, Any]] = []
         dead: set[str] = set()
+        zero_copy = self.zero_copy and sources is not None and (prepare is not None or not self._staged)
         if prepare is not None:
             self.crcs = []
+            self._staged = True
         clock = time.perf_counter
         spent = {"prepare": 0.0, "checksum": 0.0, "drain": 0.0}
+        flipped: list[np.ndarray] = []  # fault injection: bytes to flip back after the round
         for c in self.plan.chunks:
+            direct = self.plan.source_bytes(c.index, sources) if zero_copy and sources else None
+            src: Any = self.staging if direct is None else direct
+            src_off = c.offset if direct is None else 0
             if prepare is not None:
                 t0 = clock()
-                self.plan.prepare(c.index, prepare, self._arr)
+                if direct is None:
+                    self.plan.prepare(c.index, prepare, self._arr)
+                else:
+                    self._staged = False  # staging lacks this chunk of this version
                 t1 = clock()
-                self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum))
+                body = self._arr[c.offset : c.offset + c.nbytes] if direct is None else direct
+                self.crcs.append(checksum(body, self.checksum))
                 spent["prepare"] += t1 - t0
                 spent["checksum"] += clock() - t1
-            if c.index in self.faults.corrupt:
-                self._arr[c.offset] ^= 0xFF  # after the checksum: the replica must notice
+            if c.index in self.faults.corrupt:  # after the checksum: the replica must notice
+                body = self._arr[c.offset : c.offset + 1] if direct is None else direct[:1]
+                if body.flags.writeable:
+                    body ^= 0xFF
+                    flipped.append(body)
             if c.index in self.faults.drop:
                 continue
             for n in roots:
                 if n in dead:
                     continue
-                t = self.engine.write(self.staging, desc[n], src_offset=c.offset, dst_offset=c.offset,
+                t = self.engine.write(src, desc[n], src_offset=src_off, dst_offset=c.offset,
                                       nbytes=c.nbytes, imm=proto.imm(rnd, c.index))
                 inflight.append((n, t))
             while len(inflight) > self.window * max(1, len(roots)):
@@ -314,9 +364,10 @@ class Publisher:
         spent["drain"] += clock() - t0
         for k, v in spent.items():
             result.stages[k] = result.stages.get(k, 0.0) + v
-        for i in self.faults.corrupt:  # restore the staging copy for later catch-ups
-            if i < len(self.plan.chunks):
-                self._arr[self.plan.chunks[i].offset] ^= 0xFF
+        for body in flipped:  # restore staging (later catch-ups) and the trainer's tensors
+            body ^= 0xFF
+        if prepare is not None and not self._staged:
+            self._last = prepare
 
     def _reap(self, item: tuple[str, Any], dead: set[str], result: PublishResult, deadline: float) -> None:
         name, t = item
