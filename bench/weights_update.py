@@ -132,6 +132,8 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
                 _raw_write(pub, reps, slot)
             pub.publish(tensors)  # warm-up: first round opens control paths
             raws, rawns, times = [], [], []
+            ab: dict[str, list[float]] = {}
+            variants = _variants(src, dtype, args) if args.ab else []
             for _ in range(args.repeat):  # interleaved, so load drift hits baseline and update alike
                 raws.append(_raw_write(pub, reps[:1], 1 - pub_slot(pub, reps[0])))
                 if n > 1:
@@ -140,6 +142,15 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
                 if not res.ok:
                     raise RuntimeError(f"publish failed: {res.failed}")
                 times.append(res.seconds)
+                for name, vplan, zc in variants:  # same replicas, another chunk cut / staging
+                    pub.plan, pub.zero_copy = vplan, zc
+                    try:
+                        vres = pub.publish(tensors)
+                    finally:
+                        pub.plan, pub.zero_copy = plan, args.zero_copy
+                    if not vres.ok:
+                        raise RuntimeError(f"publish ({name}) failed: {vres.failed}")
+                    ab.setdefault(name, []).append(vres.seconds)
             raw1 = min(raws)
             rawn = min(rawns) if n > 1 else raw1
         finally:
@@ -162,7 +173,16 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
             "eff_gbs": plan.nbytes / t / 1e9, "ratio": plan.nbytes / t / 1e9 / raw_gbs,
             "pred_s": pred.total_s, "pred_err": pred.total_s / t - 1, "bottleneck": pred.bottleneck,
             "stages": {k: round(v, 4) for k, v in res.stages.items()},
+            "ab": {k: round(min(v), 4) for k, v in ab.items()},
             **rates}
+
+
+def _variants(src: Any, dtype: str, args: argparse.Namespace) -> list[tuple[str, WeightPlan, bool]]:
+    """The --ab variants: the same layout cut for staging only and for zero-copy at two sizes."""
+    cb = int(args.chunk_mb * 2**20)
+    return [("staged", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=None), False),
+            ("zc256k", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=256 << 10), True),
+            ("zc2m", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=2 << 20), True)]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -189,9 +209,11 @@ def main() -> None:
     p.add_argument("--chunk-mb", type=float, default=16.0)
     p.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
                    help="stage every chunk (the pre-zero-copy path), for comparison")
-    p.add_argument("--direct-min-kb", type=float, default=256.0,
+    p.add_argument("--direct-min-kb", type=float, default=2048.0,
                    help="smallest unconverted piece written straight from trainer memory")
     p.add_argument("--window", type=int, default=4, help="chunks in flight per root")
+    p.add_argument("--ab", action="store_true",
+                   help="also time, interleaved in the same case: staging only, zero-copy >= 256 KiB, >= 2 MiB")
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args()
 

@@ -23,7 +23,7 @@ from tensorfabric.weights._layout import DstTensor, LayoutMap, TensorSpec
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 #: an unconverted piece at least this large becomes its own chunk, written from trainer memory
-DEFAULT_DIRECT_MIN_BYTES = 256 << 10
+DEFAULT_DIRECT_MIN_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
