@@ -7,7 +7,6 @@ One publisher per replica dtype lives in the test process; replicas are
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
