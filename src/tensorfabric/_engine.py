@@ -401,7 +401,7 @@ class Engine:
             have = self._imm_counts.get(value, 0)
             ready = have >= count and not self._imm_waiters.get(value)
             if ready:
-                self._imm_counts[value] = have - count
+                self._set_count(value, have - count)
             else:
                 self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
         if ready:
@@ -538,6 +538,13 @@ class Engine:
             self._imm_counts[imm] += 1
         self._drain_imm(imm)
 
+    def _set_count(self, imm: int, n: int) -> None:
+        """Set an immediate's unclaimed count; zero entries are dropped (no growth per imm)."""
+        if n:
+            self._imm_counts[imm] = n
+        else:
+            self._imm_counts.pop(imm, None)
+
     def _drain_imm(self, imm: int) -> None:
         done: list[list[Any]] = []
         with self._imm_lock:
@@ -547,7 +554,7 @@ class Engine:
                 have = self._imm_counts.get(imm, 0)
                 take = min(have, waiter[0] - waiter[2])
                 waiter[2] += take
-                self._imm_counts[imm] = have - take
+                self._set_count(imm, have - take)
                 if waiter[2] < waiter[0]:
                     break
                 q.popleft()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import re
-from pathlib import Path
 
 import httpx
 import pytest

@@ -7,7 +7,6 @@ One publisher per replica dtype lives in the test process; replicas are
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -114,10 +113,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     torch.set_num_threads(1)  # same reduction order as the single-threaded replicas
     tmp = tmp_path_factory.mktemp("weights")
-    lm = load_model()
+    lm = load_model(cache=False)  # a private copy: this test rewrites its weights
     model_dir = tmp / "config"
     lm.config.save_pretrained(model_dir)
-    v1 = model_tensors(lm.model)
+    v1 = {n: t.clone() for n, t in model_tensors(lm.model).items()}  # not views: kept as v1
     src = specs_of(v1)
     engines = [tf.Engine(secret=SECRET, host="127.0.0.1", port=0, name=f"pub{i}") for i in range(2)]
     pub32 = Publisher(engines[0], WeightPlan(src, same_layout(src), chunk_bytes=16 << 20),

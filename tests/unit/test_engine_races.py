@@ -59,3 +59,12 @@ def test_finished_transfers_are_not_kept_alive() -> None:
         del t
         gc.collect()
         assert ref() is None, "the engine keeps a finished transfer until its deadline"
+
+
+def test_immediate_counters_do_not_grow_per_value() -> None:
+    with tf.Engine("s") as a, tf.Engine("s") as b:
+        region = b.register(np.zeros(16, np.uint8))
+        for imm in range(1000, 1200):  # e.g. one immediate per request
+            a.write(b"x", region.descriptor(), imm=imm).wait(10)
+            b.expect(imm).wait(10)
+        assert b.stats()["imm"] == {}

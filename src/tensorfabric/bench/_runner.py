@@ -16,7 +16,7 @@ import numpy as np
 
 from tensorfabric import TensorFabricError
 
-from ._baselines import RawSocketPeer, child_env, memcpy_timing
+from ._baselines import RawSocketPeer, child_env
 from ._engine import engine_from_options
 from ._peer import ADDRESS_LINE, CTRL_TAG, DATA_TAG, REPLY_TAG, new_buffer, proc_memory, reset_peak
 from ._stats import KiB, MiB, Row, Timing, human_size, window_for

@@ -26,7 +26,8 @@ from typing import Any
 import tensorfabric as tf
 
 from ._allocator import BlockTable
-from ._cache import PagedKVCache, PagedKVPool
+from ._base import WorkerBase
+from ._cache import PagedKVCache
 from ._config import WorkerConfig
 from ._errors import KVCacheFullError, LayoutMismatchError
 from ._layout import KVLayout
@@ -70,20 +71,11 @@ class _Request:
     errors: list[str] = field(default_factory=list)
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerBase):
     """One decode worker process's state. Use :func:`run_worker` to run one."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        from tensorfabric.models import load_model
-
-        self.config = config
-        self.lm = load_model(config.model, dtype=config.dtype, disk_cache=config.disk_cache)
-        self.layout = KVLayout.for_model(self.lm, num_blocks=config.num_blocks,
-                                         block_size=config.block_size)
-        self.engine = tf.Engine(config.secret, name=config.name or None, timeout=config.timeout)
-        self.name = self.engine.name
-        self.region = self.engine.alloc(self.layout.nbytes)
-        self.pool = PagedKVPool(self.layout, self.region.array)
+        super().__init__(config)
         self.desc_hex = self.region.descriptor().to_bytes().hex()
         self._lock = threading.RLock()
         self._peers: dict[str, _Peer] = {}

@@ -18,7 +18,8 @@ from typing import Any
 
 import tensorfabric as tf
 
-from ._cache import PagedKVCache, PagedKVPool
+from ._base import WorkerBase
+from ._cache import PagedKVCache
 from ._config import WorkerConfig
 from ._errors import LayoutMismatchError, WorkerUnavailableError
 from ._layout import KVLayout
@@ -31,20 +32,11 @@ class _Aborted(Exception):
     """The decode worker aborted this job: stop the forward pass at the next layer."""
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerBase):
     """One prefill worker process's state. Use :func:`run_worker` to run one."""
 
     def __init__(self, config: WorkerConfig, decode_address: bytes) -> None:
-        from tensorfabric.models import load_model
-
-        self.config = config
-        self.lm = load_model(config.model, dtype=config.dtype, disk_cache=config.disk_cache)
-        self.layout = KVLayout.for_model(self.lm, num_blocks=config.num_blocks,
-                                         block_size=config.block_size)
-        self.engine = tf.Engine(config.secret, name=config.name or None, timeout=config.timeout)
-        self.name = self.engine.name
-        self.region = self.engine.alloc(self.layout.nbytes)
-        self.pool = PagedKVPool(self.layout, self.region.array)
+        super().__init__(config)
         self.decode_address = decode_address
         self.dst_desc: tf.RegionDescriptor | None = None
         self.dst_layout: KVLayout | None = None

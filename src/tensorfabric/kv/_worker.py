@@ -40,9 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        # The forward pass holds the GIL between torch ops; a shorter switch interval lets the
-        # engine's transport threads complete KV writes (and acknowledge them) during compute.
-        sys.setswitchinterval(0.0005)
         worker: Any
         if role == "decode":
             from ._decode import DecodeWorker
