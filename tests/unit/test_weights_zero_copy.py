@@ -13,16 +13,9 @@ import pytest
 import tensorfabric as tf
 from tensorfabric.weights import Faults, Publisher, Subscriber, WeightPlan, fuse, same_layout, specs_of
 
+from helpers.weights import engine_fleet, expected_bytes, replica_bytes, sample_weights
+
 SECRET = "weights-zero-copy"
-
-
-def _weights(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"emb": rng.standard_normal((300, 64), dtype=np.float32),
-            "q": rng.standard_normal((64, 64), dtype=np.float32),
-            "k": rng.standard_normal((32, 64), dtype=np.float32),
-            "v": rng.standard_normal((32, 64), dtype=np.float32),
-            "norm": rng.standard_normal(64, dtype=np.float32)}
 
 
 def _plan(w: dict[str, np.ndarray]) -> WeightPlan:
@@ -31,30 +24,14 @@ def _plan(w: dict[str, np.ndarray]) -> WeightPlan:
     return WeightPlan(src, dest, chunk_bytes=8192, direct_min_bytes=4096)
 
 
-def _expected(plan: WeightPlan, w: dict[str, np.ndarray]) -> bytes:
-    out = np.zeros(plan.nbytes, np.uint8)
-    src = plan.check_sources(w)
-    for c in plan.chunks:
-        plan.prepare(c.index, src, out)
-    return out.tobytes()
-
-
-def _bytes(sub: Subscriber) -> tuple[int, bytes]:
-    with sub.acquire() as snap:
-        return snap.version, sub.slots.buffers[snap.slot][: sub.layout.nbytes].tobytes()
-
-
 @pytest.fixture(params=["shm", "tcp"])
 def engines(request: pytest.FixtureRequest) -> Iterator[list[tf.Engine]]:
-    engs = [tf.Engine(secret=SECRET, name=f"z{i}", timeout=10, transports=(request.param,) if
-                      request.param == "tcp" else ("shm", "tcp")) for i in range(4)]
-    yield engs
-    for e in engs:
-        e.close()
+    with engine_fleet(request.param, 4, SECRET, "z") as engs:
+        yield engs
 
 
 def test_zero_copy_chunks_verify_and_a_corrupt_one_is_rejected(engines: list[tf.Engine]) -> None:
-    w1, w2 = _weights(1), _weights(2)
+    w1, w2 = sample_weights(1), sample_weights(2)
     plan = _plan(w1)
     direct = [c.index for c in plan.chunks if c.source is not None]
     assert direct and len(direct) < len(plan.chunks)  # both paths are exercised
@@ -66,7 +43,7 @@ def test_zero_copy_chunks_verify_and_a_corrupt_one_is_rejected(engines: list[tf.
         res = pub.publish(w1)
         assert res.ok and sorted(res.updated) == ["s0", "s1"], res
         for s in subs:
-            assert _bytes(s) == (1, _expected(plan, w1))
+            assert replica_bytes(s) == (1, expected_bytes(plan, w1))
         c = plan.chunks[direct[0]]  # it went from w1's memory: staging never held these bytes
         assert not pub.staging.array[c.offset : c.offset + c.nbytes].any()
 
@@ -77,18 +54,18 @@ def test_zero_copy_chunks_verify_and_a_corrupt_one_is_rejected(engines: list[tf.
         assert not res.updated and set(res.failed) == {"s0", "s1"}, res
         assert all(why.startswith("corrupt") for why in res.failed.values()), res
         for s in subs:
-            assert _bytes(s) == (1, _expected(plan, w1))  # still serving the old version
+            assert replica_bytes(s) == (1, expected_bytes(plan, w1))  # still serving the old version
         assert all(np.array_equal(w2[k], before[k]) for k in w2)  # the injected flip was undone
         faults.corrupt = set()
         assert pub.publish(w2).ok
         for s in subs:
-            assert _bytes(s) == (3, _expected(plan, w2))
+            assert replica_bytes(s) == (3, expected_bytes(plan, w2))
         for s in subs:
             s.close()
 
 
 def test_late_joiner_catches_up_only_to_unchanged_trainer_bytes(engines: list[tf.Engine]) -> None:
-    w1, w2 = _weights(1), _weights(2)
+    w1, w2 = sample_weights(1), sample_weights(2)
     plan = _plan(w1)
     with Publisher(engines[0], plan, timeout=10) as pub:
         first = Subscriber(engines[1], engines[0].address, plan.layout, name="first", timeout=10)
@@ -97,7 +74,7 @@ def test_late_joiner_catches_up_only_to_unchanged_trainer_bytes(engines: list[tf
         # staging lacks the zero-copy chunks; the catch-up re-stages them from w1 (unchanged)
         late = Subscriber(engines[2], engines[0].address, plan.layout, name="late", timeout=10)
         assert late.wait_version(1, timeout=10) == 1
-        assert _bytes(late) == (1, _expected(plan, w1))
+        assert replica_bytes(late) == (1, expected_bytes(plan, w1))
 
         assert pub.publish(w2).ok
         w2["emb"] *= 2  # the trainer moves on in place: version 2 is gone from its memory
@@ -107,6 +84,6 @@ def test_late_joiner_catches_up_only_to_unchanged_trainer_bytes(engines: list[tf
         assert later.version == 0 and not later.rejected
         res = pub.publish(w2)  # the next publish brings it up to date
         assert res.ok and sorted(res.updated) == ["first", "late", "later"], res
-        assert _bytes(later) == (3, _expected(plan, w2))
+        assert replica_bytes(later) == (3, expected_bytes(plan, w2))
         for s in (first, late, later):
             s.close()

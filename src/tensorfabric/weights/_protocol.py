@@ -17,7 +17,11 @@ Round r of version v (publisher P, replica R; every message after hello carries 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
+
+import tensorfabric as tf
 
 TAG_REPLICA = 0x5701  # messages to a replica
 TAG_PUBLISHER = 0x5702  # messages to the publisher
@@ -39,3 +43,18 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or "kind" not in msg:
         raise ValueError("not a weights control message")
     return msg
+
+
+def poll(engine: tf.Engine, tag: int, closed: threading.Event,
+         timeout: float = 0.2) -> tf.Message | None:
+    """The next control message with ``tag``, or None if none came within ``timeout`` or the
+    engine failed (then after a short pause, unless ``closed`` is set): control loops call this
+    until they are closed."""
+    try:
+        return engine.recv(tag=tag, timeout=timeout)
+    except tf.TransferTimeout:
+        return None
+    except tf.TensorFabricError:
+        if not closed.is_set():
+            time.sleep(0.05)
+        return None

@@ -122,14 +122,8 @@ class Publisher:
 
     def _serve(self) -> None:
         while not self._closed.is_set():
-            try:
-                msg = self.engine.recv(tag=proto.TAG_PUBLISHER, timeout=0.2)
-            except tf.TransferTimeout:
-                continue
-            except tf.TensorFabricError:
-                if self._closed.is_set():
-                    return
-                time.sleep(0.05)
+            msg = proto.poll(self.engine, proto.TAG_PUBLISHER, self._closed)
+            if msg is None:
                 continue
             try:
                 self._handle(msg.peer, proto.decode(msg.data))

@@ -110,14 +110,8 @@ class Subscriber:
             if not self._welcome.is_set() and time.monotonic() >= next_hello:
                 self._send(self._hello)  # repeated until answered: the publisher may start later
                 next_hello = time.monotonic() + 1.0
-            try:
-                msg = self.engine.recv(tag=proto.TAG_REPLICA, timeout=0.2)
-            except tf.TransferTimeout:
-                continue
-            except tf.TensorFabricError:
-                if self._closed.is_set():
-                    return
-                time.sleep(0.05)
+            msg = proto.poll(self.engine, proto.TAG_REPLICA, self._closed)
+            if msg is None:
                 continue
             try:
                 self._handle(proto.decode(msg.data))
