@@ -86,6 +86,17 @@ class TransportConformance:
         pair.a.read(dst.descriptor(), back).wait(120)
         assert np.array_equal(back[::4096], src[::4096]) and back[-1] == 0xAB
 
+    def test_large_random_write_and_read_are_exact(self, pair: Pair) -> None:
+        # big enough that copies are split across threads and frames across links
+        n = (18 << 20) + 5
+        dst = pair.region(n + 8)
+        src = _rand(n, 17)
+        pair.a.write(src, dst.descriptor(), dst_offset=3).wait(self.T)
+        assert np.array_equal(dst.array[3:3 + n], src)
+        back = np.zeros(n + 1, dtype=np.uint8)
+        pair.a.read(dst.descriptor(), back, src_offset=3, dst_offset=1, nbytes=n).wait(self.T)
+        assert back[0] == 0 and np.array_equal(back[1:], src)
+
     def test_write_from_region_and_offsets(self, pair: Pair) -> None:
         src_region = pair.a.register(_rand(10_000, 3))
         dst = pair.region(20_000)

@@ -4,7 +4,8 @@ Regions made with :meth:`Engine.alloc` live in anonymous shared-memory files (me
 the same host asks the owner, over the authenticated tcp link, to open a region with its key
 (``SHM_OPEN``); only when the owner has checked key and permission does the peer map the file
 (through ``/proc/<owner pid>/fd/<fd>``) and keep the mapping for later ops. A write is then one
-copy into the mapping followed by a small ``SHM_DONE`` frame that the owner checks again and
+copy into the mapping (large ones split across a few copy threads, pages copied in batches: see
+``_copy``) followed by a small ``SHM_DONE`` frame that the owner checks again and
 that carries the immediate; the owner's acknowledgement completes the transfer. Reads copy out
 of a read-only mapping and need no round trip.
 """
@@ -12,6 +13,7 @@ of a read-only mapping and need no round trip.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import mmap
 import os
@@ -27,13 +29,13 @@ from .._errors import AccessError, BrokenError, TensorFabricError
 from .._ops import WireOp, simple_chunk
 from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
+from . import _copy
 from ._base import Transport
 from ._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric.shm")
 
 _INLINE_COPY = 256 << 10  # copies up to this size run in the caller's thread
-_NUMPY_COPY = 64 << 10  # segments from this size are copied with numpy (releases the GIL)
 _MAX_MAPPINGS = 4096
 
 
@@ -62,8 +64,12 @@ class ShmTransport(Transport):
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="tf-shm-copy", daemon=True)
-        self._worker.start()
+        #: how many threads one large copy may use at once
+        self.copy_threads = _copy.COPY_THREADS
+        self._workers = [threading.Thread(target=self._run, name=f"tf-shm-copy-{i}", daemon=True)
+                         for i in range(_copy.COPY_THREADS)]
+        for t in self._workers:
+            t.start()
 
     # -- same host --------------------------------------------------------------------------
 
@@ -136,43 +142,64 @@ class ShmTransport(Transport):
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
               imm: int | None) -> None:
         dst = self._mapping(peer, desc, Access.REMOTE_WRITE)
-        total = int(lengths.sum()) if len(lengths) else 0
+        srcarr = np.frombuffer(src, dtype=np.uint8)
 
-        def copy_then_notify() -> None:
+        def notify() -> None:
+            ext = desc.key + w.segments_table(dst_off, lengths)
+            chunk = simple_chunk(wop, w.Op.SHM_DONE, region=desc.region_id, imm=imm or 0,
+                                 flags=w.FLAG_IMM if imm is not None else 0, ext=ext)
+            self.tcp.submit(peer, [chunk])
+
+        self._copy(wop, dst, srcarr, src_off, dst_off, lengths, notify)
+
+    def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
+             dst: memoryview) -> None:
+        srcmap = self._mapping(peer, desc, Access.REMOTE_READ)
+
+        def done() -> None:
+            wop.remaining = 1
+            wop.chunk_replied(w.Status.OK, "")
+
+        self._copy(wop, np.frombuffer(dst, dtype=np.uint8), srcmap,
+                   np.array([src_offset], dtype=np.int64), np.zeros(1, dtype=np.int64),
+                   np.array([dst.nbytes], dtype=np.int64), done)
+
+    def _copy(self, wop: WireOp, dst: np.ndarray, src: np.ndarray, src_off: np.ndarray,
+              dst_off: np.ndarray, lengths: np.ndarray, then: Callable[[], None]) -> None:
+        """Copy the segments (inline when small, else on up to COPY_THREADS workers at once),
+        then call ``then`` once, from whichever thread finished last."""
+        parts = _copy.split(src_off, dst_off, lengths,
+                            _copy.plan_parts(lengths, self.copy_threads))
+        left = [len(parts)]
+        lock = threading.Lock()
+        failed: list[BaseException] = []
+
+        def run(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
             try:
-                if wop.dead:
-                    return
-                _copy_segments(dst, src, src_off, dst_off, lengths)
-                ext = desc.key + w.segments_table(dst_off, lengths)
-                chunk = simple_chunk(wop, w.Op.SHM_DONE, region=desc.region_id, imm=imm or 0,
-                                     flags=w.FLAG_IMM if imm is not None else 0, ext=ext)
-                self.tcp.submit(peer, [chunk])
+                if not wop.dead and not failed:
+                    _copy.copy_segments(dst, src, *part)
+            except Exception as exc:  # noqa: BLE001 - reported on the transfer below
+                failed.append(exc)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if not last or wop.dead:
+                return
+            try:
+                if failed:
+                    raise failed[0]
+                then()
             except TensorFabricError as exc:
                 wop.transfer._fail(exc)
             except Exception as exc:  # keep the worker alive; report on the transfer
                 wop.transfer._fail(BrokenError(f"shared-memory copy failed: {exc}"))
 
+        total = int(lengths.sum()) if len(lengths) else 0
         if total <= _INLINE_COPY:
-            copy_then_notify()
+            run(parts[0])
         else:
-            self._work.put(copy_then_notify)
-
-    def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
-             dst: memoryview) -> None:
-        srcmap = self._mapping(peer, desc, Access.REMOTE_READ)
-        n = dst.nbytes
-
-        def copy_out() -> None:
-            if wop.dead:
-                return
-            np.copyto(np.frombuffer(dst, dtype=np.uint8), srcmap[src_offset:src_offset + n])
-            wop.remaining = 1
-            wop.chunk_replied(w.Status.OK, "")
-
-        if n <= _INLINE_COPY:
-            copy_out()
-        else:
-            self._work.put(copy_out)
+            for part in parts:
+                self._work.put(functools.partial(run, part))
 
     def _run(self) -> None:
         while True:
@@ -185,8 +212,10 @@ class ShmTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        self._work.put(None)
-        self._worker.join(timeout=5)
+        for _ in self._workers:
+            self._work.put(None)
+        for t in self._workers:
+            t.join(timeout=5)
         with self._lock:
             maps = list(self._maps.values())
             self._maps.clear()
@@ -196,13 +225,3 @@ class ShmTransport(Transport):
             except BufferError:
                 pass  # a numpy view is still alive; the mapping goes with it
 
-
-def _copy_segments(dst: np.ndarray, src: memoryview, src_off: np.ndarray, dst_off: np.ndarray,
-                   lengths: np.ndarray) -> None:
-    srcarr = np.frombuffer(src, dtype=np.uint8)
-    dmv = memoryview(dst)  # type: ignore[arg-type]
-    for s, d, n in zip(src_off.tolist(), dst_off.tolist(), lengths.tolist()):
-        if n >= _NUMPY_COPY:
-            np.copyto(dst[d:d + n], srcarr[s:s + n])  # releases the GIL for big copies
-        else:
-            dmv[d:d + n] = src[s:s + n]

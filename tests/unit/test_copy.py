@@ -1,0 +1,86 @@
+"""The shm transport's segment copier: splitting across threads and batched page copies must
+move exactly the bytes a plain per-segment loop moves."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tensorfabric.transports import _copy
+
+N = 1 << 16
+
+
+def reference(dst: np.ndarray, src: np.ndarray, so: np.ndarray, do: np.ndarray,
+              ln: np.ndarray) -> np.ndarray:
+    out = dst.copy()
+    for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist()):
+        out[d:d + n] = src[s:s + n]
+    return out
+
+
+@st.composite
+def segments(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-overlapping destination segments (any source), of mixed and repeated sizes."""
+    sizes = draw(st.lists(st.sampled_from([1, 3, 64, 512, 4096, 70_000 % N]), min_size=0,
+                          max_size=60))
+    gaps = draw(st.lists(st.integers(0, 40), min_size=len(sizes), max_size=len(sizes)))
+    do, pos = [], 0
+    for size, gap in zip(sizes, gaps):
+        pos += gap
+        if pos + size > N:
+            break
+        do.append(pos)
+        pos += size
+    sizes = sizes[:len(do)]
+    so = [draw(st.integers(0, N - size)) for size in sizes]
+    perm = draw(st.permutations(range(len(do))))
+    pick = lambda xs: np.array([xs[i] for i in perm], dtype=np.int64)  # noqa: E731
+    return pick(so), pick(do), pick(sizes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(segments(), st.integers(1, 5))
+def test_split_then_copy_matches_a_plain_loop(segs, parts) -> None:
+    so, do, ln = segs
+    rng = np.random.default_rng(len(ln))
+    src = rng.integers(0, 256, N, dtype=np.uint8)
+    dst = rng.integers(0, 256, N, dtype=np.uint8)
+    want = reference(dst, src, so, do, ln)
+    pieces = _copy.split(so, do, ln, parts)
+    assert sum(int(p[2].sum()) for p in pieces) == int(ln.sum())
+    assert all((p[2] > 0).all() for p in pieces)
+    for piece in pieces:
+        _copy.copy_segments(dst, src, *piece)
+    np.testing.assert_array_equal(dst, want)
+
+
+def test_split_cuts_one_big_segment_evenly() -> None:
+    pieces = _copy.split(np.array([10]), np.array([1000]), np.array([1 << 20]), 4)
+    assert [int(p[2][0]) for p in pieces] == [1 << 18] * 4
+    assert [int(p[0][0]) for p in pieces] == [10 + i * (1 << 18) for i in range(4)]
+    assert [int(p[1][0]) for p in pieces] == [1000 + i * (1 << 18) for i in range(4)]
+
+
+def test_batched_pages_at_unaligned_offsets_and_readonly_source() -> None:
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, N, dtype=np.uint8)
+    src.flags.writeable = False
+    dst = np.zeros(N, dtype=np.uint8)
+    n, size = 200, 100
+    so = rng.integers(0, N - size, n)
+    do = np.arange(n, dtype=np.int64) * (size + 7) + 3  # not a multiple of the page size
+    ln = np.full(n, size, dtype=np.int64)
+    want = reference(dst, src, so, do, ln)
+    _copy.copy_segments(dst, src, so, do, ln)
+    np.testing.assert_array_equal(dst, want)
+
+
+def test_plan_parts() -> None:
+    mib = 1 << 20
+    assert _copy.plan_parts(np.array([1 * mib]), 4, part_min=2 * mib) == 1
+    assert _copy.plan_parts(np.array([64 * mib]), 4, part_min=2 * mib) == 4
+    assert _copy.plan_parts(np.array([5 * mib]), 4, part_min=2 * mib) == 2
+    assert _copy.plan_parts(np.array([64 * mib]), 1, part_min=2 * mib) == 1
+    assert _copy.plan_parts(np.array([], dtype=np.int64), 4) == 1
