@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -64,5 +65,10 @@ class EngineAddress:
             raise ConfigError(f"malformed engine address: {exc}") from None
 
     def __str__(self) -> str:
-        eps = ",".join(f"{h}:{p}" for h, p in self.endpoints)
-        return f"{self.name}@{eps}"
+        return _label(self.name, self.endpoints)
+
+
+@functools.lru_cache(maxsize=1024)
+def _label(name: str, endpoints: tuple[tuple[str, int], ...]) -> str:
+    # named once per peer: error messages and transfers carry it on every op
+    return f"{name}@" + ",".join(f"{h}:{p}" for h, p in endpoints)

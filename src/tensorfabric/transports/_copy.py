@@ -6,10 +6,10 @@ into the peer's mapping. Two things make that slower than one ``memcpy`` if done
 - One thread does not reach the memory bandwidth of the machine: a second copying thread adds
   about 40% on a 2-core VM (measured: 64 MiB memfd to memfd 5.1 ms on one thread, 3.6 ms on
   two). :func:`split` cuts a segment list into parts of about equal bytes, one per thread.
-- A Python loop over thousands of small pages pays the interpreter per page and holds the GIL
-  while it copies. :func:`copy_segments` copies runs of equal-sized small pages with numpy
-  fancy indexing over a sliding-window view of each buffer (one C loop per batch of pages,
-  GIL released), so two threads copy pages at the same time.
+- Pages in random order read the source out of order. :func:`copy_segments` sorts segments by
+  source offset, and copies many equal-sized pages under 4 KiB with numpy fancy indexing over a
+  sliding-window view of each buffer (one C loop per batch of pages instead of one
+  interpreter round per page).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from numpy.lib.stride_tricks import as_strided
 
 #: Segments from this size are copied one by one with ``np.copyto`` (releases the GIL).
 LARGE_SEGMENT = 64 << 10
+#: Segments below this size, when many have the same length, are copied in batches with
+#: numpy fancy indexing (one C loop per batch); from 4 KiB a plain loop in source order is
+#: faster (measured: 1 KiB pages 5.1 ms batched vs 7.6 ms looped per 16 MiB; 16 KiB 1.25 vs
+#: 0.95 ms).
+SMALL_PAGE = 4 << 10
 #: Equal-length small segments are copied in batches of about this many bytes (the gather
 #: buffer stays in cache).
 BATCH_BYTES = 256 << 10
@@ -59,31 +64,35 @@ def split(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray, parts: 
 
 
 def plan_parts(lengths: np.ndarray, threads: int, part_min: int = PART_MIN) -> int:
-    """How many threads a copy of these segments should use."""
+    """How many threads a copy of these segments should use: several only for big copies of
+    big segments (their copies release the GIL; a loop over small pages holds it)."""
     total = int(lengths.sum()) if len(lengths) else 0
+    if total < LARGE_SEGMENT * len(lengths):
+        return 1
     return max(1, min(threads, total // part_min))
 
 
 def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,
                   lengths: np.ndarray) -> None:
-    """``dst[d:d+n] = src[s:s+n]`` for every segment; ``dst`` and ``src`` are uint8 arrays."""
-    if len(lengths) == 0:
-        return
-    big = lengths >= LARGE_SEGMENT
-    if big.all() or len(lengths) < MIN_BATCH:
-        _loop(dst, src, src_off, dst_off, lengths)
-        return
-    if big.any():
-        _loop(dst, src, src_off[big], dst_off[big], lengths[big])
-        small = ~big
-        src_off, dst_off, lengths = src_off[small], dst_off[small], lengths[small]
-    sizes, counts = np.unique(lengths, return_counts=True)
-    for size, count in zip(sizes.tolist(), counts.tolist()):
-        sel = lengths == size
-        if count < MIN_BATCH:
-            _loop(dst, src, src_off[sel], dst_off[sel], lengths[sel])
-        else:
-            _batched(dst, src, src_off[sel], dst_off[sel], size)
+    """``dst[d:d+n] = src[s:s+n]`` for every segment; ``dst`` and ``src`` are uint8 arrays.
+
+    Segments are copied in source order (reading the source front to back is up to 1.5x
+    faster than reading pages in random order, measured with 4-16 KiB pages); where
+    destination segments overlap, which copy lands last is unspecified.
+    """
+    if len(lengths) > 1:
+        order = np.argsort(src_off, kind="stable")
+        src_off, dst_off, lengths = src_off[order], dst_off[order], lengths[order]
+    small = lengths < SMALL_PAGE
+    if np.count_nonzero(small) >= MIN_BATCH:
+        sizes, counts = np.unique(lengths[small], return_counts=True)
+        for size, count in zip(sizes.tolist(), counts.tolist()):
+            if count >= MIN_BATCH:
+                sel = lengths == size
+                _batched(dst, src, src_off[sel], dst_off[sel], size)
+                rest = ~sel
+                src_off, dst_off, lengths = src_off[rest], dst_off[rest], lengths[rest]
+    _loop(dst, src, src_off, dst_off, lengths)
 
 
 def _loop(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,
@@ -101,8 +110,6 @@ def _batched(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.
     # row i of a window view is buf[i:i+size], so rows can start at any byte offset
     dwin = as_strided(dst, shape=(dst.size - size + 1, size), strides=(1, 1), writeable=True)
     swin = as_strided(src, shape=(src.size - size + 1, size), strides=(1, 1), writeable=False)
-    order = np.argsort(src_off, kind="stable")  # read the source in address order
-    src_off, dst_off = src_off[order], dst_off[order]
     step = max(MIN_BATCH, BATCH_BYTES // size)
     for i in range(0, len(src_off), step):
         dwin[dst_off[i:i + step]] = swin[src_off[i:i + step]]
