@@ -131,11 +131,6 @@ class ShmTransport(Transport):
                 self._maps.popitem(last=False)
         return arr
 
-    def forget(self, peer_id: bytes, region: int) -> None:
-        with self._lock:
-            for key in [k for k in self._maps if k[0] == peer_id and k[1] == region]:
-                del self._maps[key]
-
     # -- ops --------------------------------------------------------------------------------
 
     def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
