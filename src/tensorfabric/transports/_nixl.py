@@ -73,6 +73,7 @@ _env_lock = threading.Lock()
 _HOT_S = 0.5  # keep polling without sleeping this long after the last sign of traffic
 _IDLE_S = 0.0005  # then sleep this long between polls
 _PREP_MAX = 64  # op shapes whose transfer requests are kept for reposting
+_ACK_SHARE = 0.05  # an op done while posting waits for its acknowledgement this share longer
 _PREP_IDLE = 2  # idle requests kept per shape (more are made while ops overlap)
 
 
@@ -493,7 +494,9 @@ class NixlTransport(Transport):
                         rd = self._agent.get_xfer_descs(prep.far, "DRAM")
                         op.handle = self._agent.initialize_xfer(prep.kind, ld, rd, remote.agent,
                                                                 note, [self.backend])
+                    started = time.perf_counter()
                     state = self._agent.transfer(op.handle, note)  # this op's notification
+                    took = time.perf_counter() - started
                     if state == "ERR":
                         raise BrokenError(f"NIXL refused to post the {prep.kind.lower()}")
                     op.xfer_done = state == "DONE"
@@ -505,11 +508,22 @@ class NixlTransport(Transport):
             self._drop_peer(op.peer.engine_id)  # e.g. the owner deregistered: reopen next time
             raise BrokenError(f"NIXL could not start the transfer to {op.peer}: {exc}",
                               peer=str(op.peer)) from exc
-        if op.xfer_done:  # done while posting (UCX shm copies in place): over shm the owner's
-            if self.confirm:  # answer is often in already; take it here, sparing the wake-ups
-                self._poll_notes()  # of the progress thread and of the waiter
+        if op.xfer_done:  # done while posting (UCX shm copies in place)
+            if self.confirm and op.handle is not None:
+                self._await_ack(op, took)
             self._complete(op.wop.op_id, op)
         self._wake.set()
+
+    def _await_ack(self, op: _Op, took: float) -> None:
+        """The bytes moved while posting: poll for the owner's answer here a little while (at
+        most ``_ACK_SHARE`` of the time the post took), which spares two thread wake-ups
+        (progress thread, then the waiter) when it comes in time."""
+        until = time.perf_counter() + took * _ACK_SHARE
+        while True:
+            self._poll_notes()
+            if op.ack is not None or time.perf_counter() >= until:
+                return
+            os.sched_yield()
 
     # -- progress -------------------------------------------------------------------------
 
