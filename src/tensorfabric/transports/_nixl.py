@@ -487,15 +487,19 @@ class NixlTransport(Transport):
                     op.xfer_done = True
                 else:
                     op.prep = prep
+                    carried = note  # a write's note follows its bytes (NIXL sends it after them)
+                    if prep.kind == "READ":  # a read's goes first: the owner checks it while
+                        self._agent.send_notif(remote.agent, note)  # the bytes move
+                        carried = b""
                     if prep.idle:
                         op.handle = prep.idle.pop()
                     else:
                         ld = self._agent.get_xfer_descs(prep.local, "DRAM")
                         rd = self._agent.get_xfer_descs(prep.far, "DRAM")
                         op.handle = self._agent.initialize_xfer(prep.kind, ld, rd, remote.agent,
-                                                                note, [self.backend])
+                                                                carried, [self.backend])
                     started = time.perf_counter()
-                    state = self._agent.transfer(op.handle, note)  # this op's notification
+                    state = self._agent.transfer(op.handle, carried)  # this op's note
                     took = time.perf_counter() - started
                     if state == "ERR":
                         raise BrokenError(f"NIXL refused to post the {prep.kind.lower()}")
