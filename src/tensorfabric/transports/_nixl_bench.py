@@ -35,9 +35,9 @@ def ucx_env(tls: str, net_devices: str | None = "lo") -> dict[str, str]:
     return env
 
 
-def iters_for(size: int, budget: int = 256 * MiB) -> int:
-    """Back-to-back ops per size: about ``budget`` bytes, 3..2000 ops."""
-    return max(3, min(2000, budget // size))
+def iters_for(size: int, budget: int = 256 * MiB, least: int = 3) -> int:
+    """Back-to-back ops per size: about ``budget`` bytes, ``least``..2000 ops."""
+    return max(least, min(2000, budget // size))
 
 
 def default_sizes(max_size: int = 256 * MiB, min_size: int = 4 * KiB) -> list[int]:
@@ -318,7 +318,9 @@ def _alt_initiator(out: Any, tconn: Any, tls: str, net_devices: str | None, size
         dst = eng.register(np.ones(top, np.uint8))
         for op in ops:
             for size in sizes:
-                n = iters_for(size, 64 * MiB)
+                # >= 8 ops a batch: with 3, one stall of a neighbour's process swung a
+                # round's ratio from 0.3 to 3 at 64 MiB and up
+                n = iters_for(size, 64 * MiB, least=8)
                 ld = agent.get_xfer_descs([((rsrc if op == "write" else rdst).ctypes.data,
                                             size, 0)], "DRAM")
                 rd = agent.get_xfer_descs([(raddr, size, 0)], "DRAM")
@@ -370,7 +372,8 @@ def compare(sizes: list[int] | None = None, *, tls: tuple[str, ...] = ("shm", "t
 
     One row per (tls, op, size): ``raw_gbps`` and ``wrapper_gbps`` (medians), ``ratio`` (the
     median of the per-round wrapper/raw throughput ratios) and its ``ratio_min``/``ratio_max``.
-    Raw NIXL reposts one prepared handle per size (each write carrying a notification);
+    A batch is about 64 MiB of ops, and at least 8 ops. Raw NIXL reposts one prepared handle
+    per size (each write carrying a notification);
     the wrapper runs ``Engine.write(..., imm=1)`` / ``Engine.read`` from registered regions,
     each waited for (that includes the owner's acknowledgement unless ``nixl`` holds
     ``{"confirm": False}``; ``nixl`` holds further options for both engines).
