@@ -9,8 +9,9 @@ id. No NIXL metadata is published: a peer gets it only through our authenticated
   NIXL, loads the initiator's metadata (its agent name must match the authenticated engine
   id) and answers with *partial* metadata naming that one region, its size and address.
 * **Write / read**: one NIXL transfer per op (all segments of ``write_pages`` in one
-  descriptor list) whose notification carries op id, region, key, segment table and the
-  immediate. On arrival the owner checks the region again (registered, key, permission,
+  descriptor list) and one notification with op id, region, key, segment table and the
+  immediate (a write's rides on its transfer, after the bytes; a read's goes just before the
+  read). On arrival the owner checks the region again (registered, key, permission,
   bounds), counts the immediate, and acknowledges with a notification back; that
   acknowledgement completes the initiator's transfer, as tcp's and shm's do.
 * **Prepared transfers**: a transfer request is kept after its op (per remote region, local
