@@ -196,3 +196,34 @@ def test_owner_checks_every_note(pair: tuple[Engine, Engine]) -> None:
     for imm in (50, 51, 52, 53, 54):
         with pytest.raises(TransferTimeout):
             b.expect(imm, timeout=0.3).wait()
+
+
+def test_one_shape_from_many_threads(pair: tuple[Engine, Engine]) -> None:
+    """Overlapping ops of one shape each get their own request; at most 2 stay idle after."""
+    import threading
+
+    a, b = pair
+    dst = b.register(np.zeros(1 << 20, np.uint8))
+    src = a.register(np.arange(1 << 20, dtype=np.uint32).astype(np.uint8))
+    desc = dst.descriptor()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pending = [a.write(src, desc, nbytes=1 << 18, imm=60) for _ in range(10)]
+            for t in pending:
+                t.wait(30)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    b.expect(60, 40).wait(20)
+    assert np.array_equal(dst.array[:1 << 18], src.array[:1 << 18])
+    (prep,) = a._nixl._prepared.values()
+    assert 1 <= len(prep.idle) <= 2 and len({id(h) for h in prep.idle}) == len(prep.idle)
+    assert not a._nixl._ops

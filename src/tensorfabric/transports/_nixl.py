@@ -326,9 +326,9 @@ class NixlTransport(Transport):
                                   peer=str(peer))
             self._remote_agents[peer.engine_id] = name
             self._peer_of_agent[name] = peer.engine_id
-        remote = _Remote(name, base, nbytes)
-        self._remotes[key] = remote
-        return remote
+            # threads that opened the region at once share the first answer (and so the
+            # transfer requests prepared against it)
+            return self._remotes.setdefault(key, _Remote(name, base, nbytes))
 
     def _control(self, peer: EngineAddress, tag: int, body: bytes) -> None:
         t = Transfer("nixl-control", len(body), peer=str(peer))
@@ -663,9 +663,10 @@ class NixlTransport(Transport):
     def _drop_peer(self, peer_id: bytes) -> None:
         """A transfer to this peer failed: forget its metadata so later ops open afresh
         (and fail promptly over tcp if it is gone)."""
-        gone = [self._remotes.pop(k) for k in [k for k in self._remotes if k[0] == peer_id]]
-        self._unprepare(lambda p: any(p.remote is r for r in gone))
+        for key in [k for k in self._remotes if k[0] == peer_id]:
+            self._remotes.pop(key, None)
         name = self._remote_agents.pop(peer_id, None)
+        self._unprepare(lambda p: p.remote.agent == agent_name(peer_id))
         if name is not None:
             self._peer_of_agent.pop(name, None)
             try:
