@@ -9,10 +9,16 @@ id. No NIXL metadata is published: a peer gets it only through our authenticated
   NIXL, loads the initiator's metadata (its agent name must match the authenticated engine
   id) and answers with *partial* metadata naming that one region, its size and address.
 * **Write / read**: one NIXL transfer per op (all segments of ``write_pages`` in one
-  descriptor list) whose notification carries op id, region, key, segment table and the
-  immediate. On arrival the owner checks the region again (registered, key, permission,
+  descriptor list) and one notification with op id, region, key, segment table and the
+  immediate (a write's rides on its transfer, after the bytes; a read's goes just before the
+  read). On arrival the owner checks the region again (registered, key, permission,
   bounds), counts the immediate, and acknowledges with a notification back; that
   acknowledgement completes the initiator's transfer, as tcp's and shm's do.
+* **Prepared transfers**: a transfer request is kept after its op (per remote region, local
+  memory and segment shape, at most ``_PREP_MAX`` shapes) and posted again, with the next
+  op's notification, when the same shape comes back; the initiator's checks ran when it was
+  made, the owner's checks run on every op. Requests are released when the local region is
+  unregistered, the peer is dropped, the shape is evicted or the engine closes.
 * A progress thread polls NIXL (transfer states, notifications) with adaptive back-off; with
   the progress thread of NIXL itself off (default) this is the only busy loop.
 
@@ -23,6 +29,7 @@ with invalid keys; UCX's shm/cma/tcp paths check nothing at the target. See docs
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import itertools
 import logging
@@ -31,6 +38,7 @@ import queue
 import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,9 +68,14 @@ _REPLY = struct.Struct("<4sQBQQII")  # magic, request id, status, address, nbyte
 _NOTE = struct.Struct("<4sQQBBQ16s")  # magic, op id, region, need, flags, imm, key (+ table)
 _F_IMM, _F_NO_ACK = 1, 2
 _ACK = struct.Struct("<4sQB")  # magic, op id, status (+ text)
+_SEG1 = struct.Struct("<QQ")  # one entry of a segment table (w.SEG_DTYPE): offset, length
+_NO_SEGS = np.zeros(0, dtype=w.SEG_DTYPE)
 _env_lock = threading.Lock()
 _HOT_S = 0.5  # keep polling without sleeping this long after the last sign of traffic
 _IDLE_S = 0.0005  # then sleep this long between polls
+_PREP_MAX = 64  # op shapes whose transfer requests are kept for reposting
+_ACK_SHARE = 0.05  # an op done while posting waits for its acknowledgement this share longer
+_PREP_IDLE = 2  # idle requests kept per shape (more are made while ops overlap)
 
 
 def load_nixl(module: str | None = None) -> Any:
@@ -93,12 +106,28 @@ class _Remote:
     nbytes: int
 
 
+@dataclass(eq=False)
+class _Prepared:
+    """One op shape: its descriptor lists and the idle NIXL transfer requests made from them.
+    ``local_rid`` is the region of this engine whose registration the local side lies in;
+    None (a per-op registration) is never kept."""
+    remote: _Remote
+    local_rid: int | None
+    kind: str
+    local: np.ndarray
+    far: np.ndarray
+    tail: bytes  # the segment table every op's notification carries
+    idle: list[Any] = field(default_factory=list)
+    live: bool = True  # False once dropped: requests then are released, not kept
+
+
 @dataclass
 class _Op:
     wop: WireOp
     peer: EngineAddress
     region: int
     handle: Any = None  # None: notification-only op (no bytes)
+    prep: _Prepared | None = None  # where the handle came from (and goes back to)
     xfer_done: bool = False
     ack: tuple[int, str] | None = None
     keep: list[Any] = field(default_factory=list)  # views and per-op registrations
@@ -148,6 +177,7 @@ class NixlTransport(Transport):
         self._owned: dict[int, tuple[Any, memoryview]] = {}  # region -> (reg dlist, view)
         self._local: dict[int, tuple[Any, int, memoryview]] = {}  # our regions: reg, address
         self._ops: dict[int, _Op] = {}
+        self._prepared: OrderedDict[tuple[Any, ...], _Prepared] = OrderedDict()
         self._retired: list[tuple[Any, memoryview]] = []  # unregistered regions peers opened
         self._opens: dict[int, list[Any]] = {}  # request id -> [event, reply]
         self._req_ids = itertools.count(1)
@@ -223,9 +253,10 @@ class NixlTransport(Transport):
         except Exception as exc:  # nothing to hand back; the agent frees it on close
             log.debug("nixl: deregister failed: %s", exc)
 
-    def _source(self, view: memoryview, keep: list[Any]) -> None:
+    def _source(self, view: memoryview, keep: list[Any]) -> int | None:
         """Make ``view`` usable as the local side of a transfer. Memory inside a region of this
-        engine is registered once (until unregistered); any other buffer for the one op."""
+        engine is registered once (until unregistered; returns that region's id); any other
+        buffer for the one op (returns None)."""
         addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
         end = addr + view.nbytes
         regions = getattr(self.handler, "_regions", {})
@@ -241,8 +272,9 @@ class NixlTransport(Transport):
                         continue
                     hit = self._local[rid] = (self._register(rv), base, rv)
                 if hit[1] <= addr and end <= hit[1] + rv.nbytes:
-                    return
+                    return rid
         keep.append(("reg", self._register(view)))
+        return None
 
     def forget_region(self, region: int) -> None:
         """The engine unregistered ``region``. Peers that opened it keep its metadata, and
@@ -250,6 +282,7 @@ class NixlTransport(Transport):
         createXferReq), so the registration and the buffer are retired, not freed, until
         the engine closes. The owner refuses every later op on the region."""
         with self._lock:
+            self._unprepare(lambda p: p.local_rid == region)  # before the memory goes
             owned = self._owned.pop(region, None)
             local = self._local.pop(region, None)
             if owned is not None:
@@ -293,9 +326,9 @@ class NixlTransport(Transport):
                                   peer=str(peer))
             self._remote_agents[peer.engine_id] = name
             self._peer_of_agent[name] = peer.engine_id
-        remote = _Remote(name, base, nbytes)
-        self._remotes[key] = remote
-        return remote
+            # threads that opened the region at once share the first answer (and so the
+            # transfer requests prepared against it)
+            return self._remotes.setdefault(key, _Remote(name, base, nbytes))
 
     def _control(self, peer: EngineAddress, tag: int, body: bytes) -> None:
         t = Transfer("nixl-control", len(body), peer=str(peer))
@@ -335,8 +368,7 @@ class NixlTransport(Transport):
 
     def _check_open(self, peer: EngineAddress, data: bytes, region: int, need: int,
                     key: bytes, mlen: int) -> tuple[int, str, int, int, bytes]:
-        empty = np.zeros(0, dtype=w.SEG_DTYPE)
-        status, text, view = self.handler.resolve(region, key, need, empty)
+        status, text, view = self.handler.resolve(region, key, need, _NO_SEGS)
         if status != w.Status.OK or view is None:
             return status, text, 0, 0, b""
         want = agent_name(peer.engine_id)
@@ -366,59 +398,112 @@ class NixlTransport(Transport):
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
               imm: int | None) -> None:
         remote = self._open(peer, desc, Access.REMOTE_WRITE)
-        _check_bounds(remote, desc, dst_off, lengths, peer)
-        keep: list[Any] = [src]
-        live = lengths > 0
-        table = w.segments_table(dst_off, lengths)
         flags = self._flags | (_F_IMM if imm is not None else 0)
-        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_WRITE), flags,
-                          imm or 0, desc.key) + table
-        if not live.any():
-            self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, None, note)
+        head = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_WRITE), flags,
+                          imm or 0, desc.key)
+        op = _Op(wop, peer, desc.region_id, keep=[src])
+        base = _address(src)
+        shape = ("WRITE", id(remote), base, src_off.tobytes(), dst_off.tobytes(),
+                 lengths.tobytes())
+        prep = self._prepared.get(shape)
+        if prep is not None and prep.remote is remote:  # checked when it was prepared
+            self._post(op, remote, head + prep.tail, prep)
             return
-        self._source(src, keep)
-        base = np.frombuffer(src, dtype=np.uint8).ctypes.data
+        _check_bounds(remote, desc, dst_off, lengths, peer)
+        table = w.segments_table(dst_off, lengths)
+        live = lengths > 0
+        if not live.any():
+            self._post(op, remote, head + table)
+            return
+        rid = self._source(src, op.keep)
         n = lengths[live]
         local = np.stack([src_off[live] + np.uint64(base), n, np.zeros_like(n)], axis=1)
         far = np.stack([dst_off[live] + np.uint64(remote.base), n, np.zeros_like(n)], axis=1)
-        self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, ("WRITE", local, far), note)
+        prep = self._prepare(shape, _Prepared(remote, rid, "WRITE", local, far, table))
+        self._post(op, remote, head + table, prep)
 
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
              dst: memoryview) -> None:
         remote = self._open(peer, desc, Access.REMOTE_READ)
+        head = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_READ),
+                          self._flags, 0, desc.key)
+        op = _Op(wop, peer, desc.region_id, keep=[dst])
+        base = _address(dst)
+        shape = ("READ", id(remote), base, src_offset, dst.nbytes)
+        prep = self._prepared.get(shape)
+        if prep is not None and prep.remote is remote:  # checked when it was prepared
+            self._post(op, remote, head + prep.tail, prep)
+            return
         n = np.array([dst.nbytes], np.uint64)
         off = np.array([src_offset], np.uint64)
         _check_bounds(remote, desc, off, n, peer)
-        keep: list[Any] = [dst]
-        note = _NOTE.pack(b"tfNN", wop.op_id, desc.region_id, int(Access.REMOTE_READ),
-                          self._flags, 0, desc.key) + w.segments_table(off, n)
+        table = w.segments_table(off, n)
         if not dst.nbytes:
-            self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, None, note)
+            self._post(op, remote, head + table)
             return
-        self._source(dst, keep)
-        base = np.frombuffer(dst, dtype=np.uint8).ctypes.data
+        rid = self._source(dst, op.keep)
         local = np.array([[base, dst.nbytes, 0]], np.uint64)
         far = np.array([[remote.base + src_offset, dst.nbytes, 0]], np.uint64)
-        self._post(_Op(wop, peer, desc.region_id, keep=keep), remote, ("READ", local, far), note)
+        prep = self._prepare(shape, _Prepared(remote, rid, "READ", local, far, table))
+        self._post(op, remote, head + table, prep)
 
-    def _post(self, op: _Op, remote: _Remote, xfer: tuple[str, np.ndarray, np.ndarray] | None,
-              note: bytes) -> None:
+    def _prepare(self, shape: tuple[Any, ...], prep: _Prepared) -> _Prepared:
+        """Keep ``prep`` for reposting if its local side is a registered region."""
+        if prep.local_rid is None:
+            prep.live = False
+            return prep
+        with self._lock:
+            old = self._prepared.pop(shape, None)
+            if old is not None:
+                self._drop_prepared(old)
+            self._prepared[shape] = prep
+            while len(self._prepared) > _PREP_MAX:
+                self._drop_prepared(self._prepared.popitem(last=False)[1])
+        return prep
+
+    def _drop_prepared(self, prep: _Prepared) -> None:
+        """(under the lock) Release ``prep``'s idle requests; busy ones go when their op ends."""
+        prep.live = False
+        for handle in prep.idle:
+            try:
+                handle.release()
+            except Exception as exc:
+                log.debug("nixl: release: %s", exc)
+        prep.idle.clear()
+
+    def _unprepare(self, which: Callable[[_Prepared], bool]) -> None:
+        with self._lock:
+            for shape in [k for k, p in self._prepared.items() if which(p)]:
+                self._drop_prepared(self._prepared.pop(shape))
+
+    def _post(self, op: _Op, remote: _Remote, note: bytes, prep: _Prepared | None = None) -> None:
+        """Post ``op``: a transfer of ``prep``'s descriptors (a kept request when one is idle)
+        whose completion sends ``note`` to the owner, or, without ``prep``, only ``note``."""
         op.wop.remaining = 1
         self._ops[op.wop.op_id] = op
         try:
             with self._lock:
-                if xfer is None:
+                if prep is None:
                     self._agent.send_notif(remote.agent, note)
                     op.xfer_done = True
                 else:
-                    kind, local, far = xfer
-                    ld = self._agent.get_xfer_descs(local, "DRAM")
-                    rd = self._agent.get_xfer_descs(far, "DRAM")
-                    op.handle = self._agent.initialize_xfer(kind, ld, rd, remote.agent, note,
-                                                            [self.backend])
-                    state = self._agent.transfer(op.handle)
+                    op.prep = prep
+                    carried = note  # a write's note follows its bytes (NIXL sends it after them)
+                    if prep.kind == "READ":  # a read's goes first: the owner checks it while
+                        self._agent.send_notif(remote.agent, note)  # the bytes move
+                        carried = b""
+                    if prep.idle:
+                        op.handle = prep.idle.pop()
+                    else:
+                        ld = self._agent.get_xfer_descs(prep.local, "DRAM")
+                        rd = self._agent.get_xfer_descs(prep.far, "DRAM")
+                        op.handle = self._agent.initialize_xfer(prep.kind, ld, rd, remote.agent,
+                                                                carried, [self.backend])
+                    started = time.perf_counter()
+                    state = self._agent.transfer(op.handle, carried)  # this op's note
+                    took = time.perf_counter() - started
                     if state == "ERR":
-                        raise BrokenError(f"NIXL refused to post the {kind.lower()}")
+                        raise BrokenError(f"NIXL refused to post the {prep.kind.lower()}")
                     op.xfer_done = state == "DONE"
         except Exception as exc:
             self._ops.pop(op.wop.op_id, None)
@@ -428,7 +513,22 @@ class NixlTransport(Transport):
             self._drop_peer(op.peer.engine_id)  # e.g. the owner deregistered: reopen next time
             raise BrokenError(f"NIXL could not start the transfer to {op.peer}: {exc}",
                               peer=str(op.peer)) from exc
+        if op.xfer_done:  # done while posting (UCX shm copies in place)
+            if self.confirm and op.handle is not None:
+                self._await_ack(op, took)
+            self._complete(op.wop.op_id, op)
         self._wake.set()
+
+    def _await_ack(self, op: _Op, took: float) -> None:
+        """The bytes moved while posting: poll for the owner's answer here a little while (at
+        most ``_ACK_SHARE`` of the time the post took), which spares two thread wake-ups
+        (progress thread, then the waiter) when it comes in time."""
+        until = time.perf_counter() + took * _ACK_SHARE
+        while True:
+            self._poll_notes()
+            if op.ack is not None or time.perf_counter() >= until:
+                return
+            os.sched_yield()
 
     # -- progress -------------------------------------------------------------------------
 
@@ -450,14 +550,18 @@ class NixlTransport(Transport):
                 self._wake.wait(_IDLE_S)
                 self._wake.clear()
 
-    def _poll_once(self) -> bool:
+    def _poll_notes(self) -> bool:
+        """Handle the notifications that came in (from any thread: each is handed out once)."""
         with self._lock:
             notes = self._agent.get_new_notifs()
-        active = bool(notes)
         for agent, msgs in notes.items():
             name = agent.decode() if isinstance(agent, bytes) else agent
             for msg in msgs:
                 self._on_note(name, bytes(msg))
+        return bool(notes)
+
+    def _poll_once(self) -> bool:
+        active = self._poll_notes()
         for op_id, op in list(self._ops.items()):
             if not op.xfer_done and op.handle is not None:
                 try:
@@ -474,15 +578,18 @@ class NixlTransport(Transport):
                 op.xfer_done = state == "DONE"
                 active = True
             if op.wop.dead and (op.xfer_done or op.handle is None):
-                self._ops.pop(op_id, None)  # timed out or cancelled: NIXL is done with the memory
-                self._release(op)
+                if self._ops.pop(op_id, None) is not None:  # timed out or cancelled: NIXL is
+                    self._release(op)                       # done with the memory
                 continue
-            if op.xfer_done and (op.ack is not None or not self.confirm):
-                status, text = op.ack or (w.Status.OK, "")
-                err = None if status == w.Status.OK else status_error(status, text, str(op.peer),
-                                                                      op.region)
-                self._finish(op_id, err)
+            self._complete(op_id, op)
         return active
+
+    def _complete(self, op_id: int, op: _Op) -> None:
+        if op.xfer_done and (op.ack is not None or not self.confirm):
+            status, text = op.ack or (w.Status.OK, "")
+            err = None if status == w.Status.OK else status_error(status, text, str(op.peer),
+                                                                  op.region)
+            self._finish(op_id, err)
 
     def _on_note(self, agent: str, msg: bytes) -> None:
         if msg[:4] == b"tfNA" and len(msg) >= _ACK.size:
@@ -496,12 +603,7 @@ class NixlTransport(Transport):
             log.warning("nixl: dropped a notification from unknown agent %r", agent)
             return
         _, op_id, region, need, flags, imm, key = _NOTE.unpack_from(msg)
-        body = msg[_NOTE.size:]
-        if len(body) % w.SEG_DTYPE.itemsize:
-            status, text = w.Status.ERROR, "malformed segment table"
-        else:
-            table = np.frombuffer(body, dtype=w.SEG_DTYPE)
-            status, text, _ = self.handler.resolve(region, key, need, table)
+        status, text = self._check_note(region, key, need, msg[_NOTE.size:])
         if status == w.Status.OK and need == Access.REMOTE_WRITE:
             self.handler.landed(peer_id, op_id, 0, 1, imm if flags & _F_IMM else None)
         elif status != w.Status.OK:
@@ -515,6 +617,22 @@ class NixlTransport(Transport):
         except Exception as exc:
             log.warning("nixl: cannot acknowledge op %d to %s: %s", op_id, agent, exc)
 
+    def _check_note(self, region: int, key: bytes, need: int, body: bytes) -> tuple[int, str]:
+        """The owner's check of one op: region registered, key, permission (the engine's
+        ``resolve``) and every segment inside the region."""
+        if len(body) == _SEG1.size:  # one segment: bounds in plain ints, cheaper than numpy
+            status, text, view = self.handler.resolve(region, key, need, _NO_SEGS)
+            off, n = _SEG1.unpack(body)
+            size = view.nbytes if view is not None else 0
+            if status == w.Status.OK and not (off <= size and n <= size - off):
+                status, text = (w.Status.OUT_OF_BOUNDS,
+                                f"access outside region {region} ({size} bytes)")
+            return status, text
+        if len(body) % w.SEG_DTYPE.itemsize:
+            return w.Status.ERROR, "malformed segment table"
+        table = np.frombuffer(body, dtype=w.SEG_DTYPE)
+        return self.handler.resolve(region, key, need, table)[:2]
+
     def _finish(self, op_id: int, err: BaseException | None) -> None:
         op = self._ops.pop(op_id, None)
         if op is None:
@@ -526,10 +644,15 @@ class NixlTransport(Transport):
             op.wop.transfer._fail(err)
 
     def _release(self, op: _Op) -> None:
-        if op.handle is not None:
+        handle, prep, op.handle = op.handle, op.prep, None
+        if handle is not None:
             try:
                 with self._lock:
-                    op.handle.release()
+                    if (prep is not None and prep.live and op.xfer_done and not self._closed
+                            and len(prep.idle) < _PREP_IDLE):
+                        prep.idle.append(handle)  # done: NIXL may post it again
+                    else:
+                        handle.release()
             except Exception as exc:
                 log.debug("nixl: release: %s", exc)
         for item in op.keep:
@@ -543,6 +666,7 @@ class NixlTransport(Transport):
         for key in [k for k in self._remotes if k[0] == peer_id]:
             self._remotes.pop(key, None)
         name = self._remote_agents.pop(peer_id, None)
+        self._unprepare(lambda p: p.remote.agent == agent_name(peer_id))
         if name is not None:
             self._peer_of_agent.pop(name, None)
             try:
@@ -577,6 +701,7 @@ class NixlTransport(Transport):
         for slot in list(self._opens.values()):
             slot[1] = (w.Status.ERROR, "engine closed", 0, 0, b"")
             slot[0].set()
+        self._unprepare(lambda p: True)
         with self._lock:
             for name in list(self._remote_agents.values()):
                 try:
@@ -591,6 +716,13 @@ class NixlTransport(Transport):
             self._local.clear()
             self._remote_agents.clear()
             self._agent = None
+
+
+def _address(view: memoryview) -> int:
+    try:  # ctypes is cheaper than numpy here, but needs a writable buffer of >= 1 byte
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def _check_bounds(remote: _Remote, desc: RegionDescriptor, off: np.ndarray, n: np.ndarray,

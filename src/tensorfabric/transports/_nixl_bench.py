@@ -35,9 +35,9 @@ def ucx_env(tls: str, net_devices: str | None = "lo") -> dict[str, str]:
     return env
 
 
-def iters_for(size: int, budget: int = 256 * MiB) -> int:
-    """Back-to-back ops per size: about ``budget`` bytes, 3..2000 ops."""
-    return max(3, min(2000, budget // size))
+def iters_for(size: int, budget: int = 256 * MiB, least: int = 3) -> int:
+    """Back-to-back ops per size: about ``budget`` bytes, ``least``..2000 ops."""
+    return max(least, min(2000, budget // size))
 
 
 def default_sizes(max_size: int = 256 * MiB, min_size: int = 4 * KiB) -> list[int]:
@@ -271,7 +271,7 @@ def _alt_target(conn: Any, tls: str, net_devices: str | None, nbytes: int,
     raw = np.full(nbytes, 7, np.uint8)
     agent.register_memory([(raw.ctypes.data, nbytes, 0, "")], "DRAM")
     with _engine("target", tls, net_devices, **opts) as eng:
-        region = eng.register(np.full(nbytes, 7, np.uint8))
+        region = eng.register(raw)  # the same memory: placement (huge pages...) cannot differ
         conn.send((agent.get_agent_metadata(), raw.ctypes.data, region.descriptor().to_bytes()))
         mode, spins = "wrapper", 0
         while True:
@@ -314,11 +314,13 @@ def _alt_initiator(out: Any, tconn: Any, tls: str, net_devices: str | None, size
     with _engine("initiator", tls, net_devices, **opts) as eng:
         if eng._transport_for(eng._peer(desc.owner), desc).name != "nixl":
             raise RuntimeError("the wrapper benchmark would not go through nixl")
-        src = eng.register(rsrc.copy())
-        dst = eng.register(np.ones(top, np.uint8))
+        src = eng.register(rsrc)  # the raw agent's buffers (see _alt_target)
+        dst = eng.register(rdst)
         for op in ops:
             for size in sizes:
-                n = iters_for(size, 64 * MiB)
+                # >= 8 ops a batch: with 3, one stall of a neighbour's process swung a
+                # round's ratio from 0.3 to 3 at 64 MiB and up
+                n = iters_for(size, 64 * MiB, least=8)
                 ld = agent.get_xfer_descs([((rsrc if op == "write" else rdst).ctypes.data,
                                             size, 0)], "DRAM")
                 rd = agent.get_xfer_descs([(raddr, size, 0)], "DRAM")
@@ -368,9 +370,11 @@ def compare(sizes: list[int] | None = None, *, tls: tuple[str, ...] = ("shm", "t
     """Raw NIXL and the nixl transport in the same two processes, alternated batch by batch
     ``rounds`` times per size (the order flips every round), so noise hits both alike.
 
-    One row per (tls, op, size): ``raw_gbps`` and ``wrapper_gbps`` (medians), ``ratio`` (the
+    Both move the same buffers at both ends. One row per (tls, op, size): ``raw_gbps`` and
+    ``wrapper_gbps`` (medians), ``ratio`` (the
     median of the per-round wrapper/raw throughput ratios) and its ``ratio_min``/``ratio_max``.
-    Raw NIXL reposts one prepared handle per size (each write carrying a notification);
+    A batch is about 64 MiB of ops, and at least 8 ops. Raw NIXL reposts one prepared handle
+    per size (each write carrying a notification);
     the wrapper runs ``Engine.write(..., imm=1)`` / ``Engine.read`` from registered regions,
     each waited for (that includes the owner's acknowledgement unless ``nixl`` holds
     ``{"confirm": False}``; ``nixl`` holds further options for both engines).
