@@ -4,8 +4,8 @@ The shared-memory transport copies a write's segments (``src[s:s+n] -> dst[d:d+n
 into the peer's mapping. Two things make that slower than one ``memcpy`` if done naively:
 
 - One thread does not reach the memory bandwidth of the machine: a second copying thread adds
-  about 40% on a 2-core VM (measured: 64 MiB memfd to memfd 5.1 ms on one thread, 3.6 ms on
-  two). :func:`split` cuts a segment list into parts of about equal bytes, one per thread.
+  3-40% on a 2-core VM, depending on the minute (measured: 64 MiB memfd to memfd 5.1 ms on one
+  thread, 3.6 ms on two at best). :func:`split` cuts a segment list into parts of about equal bytes, one per thread.
 - Pages in random order read the source out of order. :func:`copy_segments` sorts segments by
   source offset, and copies many equal-sized pages under 4 KiB with numpy fancy indexing over a
   sliding-window view of each buffer (one C loop per batch of pages instead of one
