@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import tensorfabric as tf  # noqa: E402
 from tensorfabric.weights import (  # noqa: E402
+    CHECKSUMS,
+    DEFAULT_CHECKSUM,
     Cluster,
     Publisher,
     WeightPlan,
@@ -123,7 +125,7 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
                       direct_min_bytes=int(args.direct_min_kb * 1024) if args.zero_copy else None)
     with tf.Engine(secret=SECRET, name="publisher", timeout=120, **_engine_kwargs(transport)) as eng, \
             Publisher(eng, plan, fanout=args.fanout, timeout=120, zero_copy=args.zero_copy,
-                      window=args.window) as pub:
+                      window=args.window, checksum=args.checksum) as pub:
         procs = _spawn(n, pub, transport, tmp)
         try:
             rates = _rates(pub, tensors)
@@ -133,7 +135,7 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
             pub.publish(tensors)  # warm-up: first round opens control paths
             raws, rawns, times = [], [], []
             ab: dict[str, list[float]] = {}
-            variants = _variants(src, dtype, args) if args.ab else []
+            variants = _variants(src, dtype, args)
             for _ in range(args.repeat):  # interleaved, so load drift hits baseline and update alike
                 raws.append(_raw_write(pub, reps[:1], 1 - pub_slot(pub, reps[0])))
                 if n > 1:
@@ -142,12 +144,12 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
                 if not res.ok:
                     raise RuntimeError(f"publish failed: {res.failed}")
                 times.append(res.seconds)
-                for name, vplan, zc in variants:  # same replicas, another chunk cut / staging
-                    pub.plan, pub.zero_copy = vplan, zc
+                for name, vplan, zc, kind in variants:  # same replicas, another cut / checksum
+                    pub.plan, pub.zero_copy, pub.checksum = vplan, zc, kind
                     try:
                         vres = pub.publish(tensors)
                     finally:
-                        pub.plan, pub.zero_copy = plan, args.zero_copy
+                        pub.plan, pub.zero_copy, pub.checksum = plan, args.zero_copy, args.checksum
                     if not vres.ok:
                         raise RuntimeError(f"publish ({name}) failed: {vres.failed}")
                     ab.setdefault(name, []).append(vres.seconds)
@@ -177,12 +179,20 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
             **rates}
 
 
-def _variants(src: Any, dtype: str, args: argparse.Namespace) -> list[tuple[str, WeightPlan, bool]]:
-    """The --ab variants: the same layout cut for staging only and for zero-copy at two sizes."""
+def _variants(src: Any, dtype: str, args: argparse.Namespace) -> list[tuple[str, WeightPlan, bool, str]]:
+    """The --ab variants: the same layout cut for staging only and for zero-copy at two sizes
+    (``--ab``), or the default cut with each other checksum (``--ab-checksum``)."""
     cb = int(args.chunk_mb * 2**20)
-    return [("staged", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=None), False),
-            ("zc256k", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=256 << 10), True),
-            ("zc2m", WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=2 << 20), True)]
+    def cut(direct: int | None) -> WeightPlan:
+        return WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=cb, direct_min_bytes=direct)
+    out = []
+    if args.ab:
+        out += [("staged", cut(None), False, args.checksum), ("zc256k", cut(256 << 10), True, args.checksum),
+                ("zc2m", cut(2 << 20), True, args.checksum)]
+    if args.ab_checksum:
+        default = cut(int(args.direct_min_kb * 1024) if args.zero_copy else None)
+        out += [(kind, default, args.zero_copy, kind) for kind in CHECKSUMS if kind != args.checksum]
+    return out
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -214,6 +224,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4, help="chunks in flight per root")
     p.add_argument("--ab", action="store_true",
                    help="also time, interleaved in the same case: staging only, zero-copy >= 256 KiB, >= 2 MiB")
+    p.add_argument("--checksum", default=DEFAULT_CHECKSUM, choices=CHECKSUMS)
+    p.add_argument("--ab-checksum", action="store_true",
+                   help="also time, interleaved in the same case, the default cut with each other checksum")
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args()
 
@@ -237,7 +250,8 @@ def main() -> None:
     print()
     print(f"# weights update, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()} ({os.cpu_count()} cores), fan-out {args.fanout}, chunk {args.chunk_mb} MiB, "
-          f"zero-copy {'>= %g KiB' % args.direct_min_kb if args.zero_copy else 'off'}, window {args.window}")
+          f"zero-copy {'>= %g KiB' % args.direct_min_kb if args.zero_copy else 'off'}, window {args.window}, "
+          f"checksum {args.checksum}")
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -116,3 +116,26 @@ def test_mismatched_layout_is_refused() -> None:
         assert sub.rejected and "fingerprint" in sub.rejected[0][1]
         assert pub.replicas == []
         sub.close()
+
+
+def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that cannot compute the publisher's checksum (xxhash missing there) refuses the
+    round before taking a slot, says why, and keeps serving what it has."""
+    pytest.importorskip("xxhash")
+    from tensorfabric.weights import _plan as plan_mod
+    w1, w2 = sample_weights(1), sample_weights(2)
+    plan = _plan(w1)
+    with tf.Engine(secret=SECRET) as a, tf.Engine(secret=SECRET) as b, \
+            Publisher(a, plan, checksum="xxh3", timeout=5) as pub:
+        sub = Subscriber(b, a.address, plan.layout, name="old", timeout=5)
+        pub.wait_replicas(1)
+        assert pub.publish(w1).ok
+        monkeypatch.setattr(plan_mod, "_xxhash", None)  # the replica's process lacks xxhash
+        res = pub.publish(w2)
+        assert not res.ok and "xxhash" in res.failed["old"], res
+        assert "pip install 'tensorfabric[weights]'" in sub.rejected[-1][1]
+        assert replica_bytes(sub) == (1, expected_bytes(plan, w1))
+        monkeypatch.undo()
+        assert pub.publish(w2).ok and replica_bytes(sub) == (2, expected_bytes(plan, w2))
+        sub.close()

@@ -19,7 +19,7 @@ from tensorfabric.weights._layout import (
     shard,
     specs_of,
 )
-from tensorfabric.weights._plan import Chunk, WeightPlan, checksum, fanout
+from tensorfabric.weights._plan import CHECKSUMS, DEFAULT_CHECKSUM, Chunk, WeightPlan, checksum, fanout
 from tensorfabric.weights._planner import Cluster, Prediction, kimi_k2, predict
 from tensorfabric.weights._publisher import Faults, Publisher, PublishResult
 from tensorfabric.weights._slots import SlotSet, Snapshot
@@ -55,6 +55,8 @@ __all__ = [
     "shard",
     "fanout",
     "checksum",
+    "CHECKSUMS",
+    "DEFAULT_CHECKSUM",
     # errors
     "WeightsError",
     "LayoutError",

@@ -202,23 +202,45 @@ class WeightPlan:
             base += n
 
 
-CHECKSUMS = ("lanesum", "crc32")
+try:
+    import xxhash as _xxhash
+except ImportError:  # the ``weights`` extra is not installed
+    _xxhash = None
+
+CHECKSUMS = ("xxh3", "lanesum", "crc32")
+#: ``xxh3`` where the ``xxhash`` package is installed (the ``weights`` extra), else ``lanesum``.
+DEFAULT_CHECKSUM = "xxh3" if _xxhash is not None else "lanesum"
 _BLOCK = 16 * 64 * 8  # lanesum block: 16 rows of 64 uint64 lanes (8 KiB)
 
 
-def checksum(buf: np.ndarray | memoryview | bytes, kind: str = "lanesum") -> int:
-    """A 32-bit checksum of a buffer.
+def checksum_available(kind: str) -> str | None:
+    """None if this process can compute checksum ``kind``, else why not."""
+    if kind not in CHECKSUMS:
+        return f"unknown checksum {kind!r}: use one of {CHECKSUMS}"
+    if kind == "xxh3" and _xxhash is None:
+        return ("checksum 'xxh3' needs the xxhash package: pip install 'tensorfabric[weights]' "
+                "(or publish with checksum='lanesum')")
+    return None
 
-    ``crc32``: zlib CRC-32 (about 4-6 GB/s on one core). ``lanesum`` (default, ~3x faster):
-    each 8 KiB block is summed as 16 rows of 64 uint64 lanes, and the CRC-32 of those lane sums
-    (in block order) plus the CRC-32 of the tail is the result. It catches any bit flip, stale
-    or missing bytes, and data landing in the wrong 8 KiB block; it can miss 512-byte pieces
-    swapped within one block. Use ``crc32`` where that matters more than speed.
+
+def checksum(buf: np.ndarray | memoryview | bytes, kind: str = DEFAULT_CHECKSUM) -> int:
+    """A checksum of a buffer (an int of up to 64 bits).
+
+    ``xxh3`` (default where ``xxhash`` is installed): the 64-bit XXH3 hash, as fast as memory
+    can be read (27-30 GB/s on one core here, 2.7x ``lanesum``); it catches any change of the
+    bytes, reordering included. ``crc32``: zlib CRC-32 (about 4-6 GB/s on one core).
+    ``lanesum`` (no extra package, ~2x ``crc32``): each 8 KiB block is summed as 16 rows of 64
+    uint64 lanes, and the CRC-32 of those lane sums (in block order) plus the CRC-32 of the
+    tail is the result. It catches any bit flip, stale or missing bytes, and data landing in
+    the wrong 8 KiB block; it can miss 512-byte pieces swapped within one block.
     """
+    why = checksum_available(kind)
+    if why is not None:
+        raise LayoutError(why)
+    if kind == "xxh3":
+        return int(_xxhash.xxh3_64_intdigest(cast(Any, buf)))
     if kind == "crc32":
         return zlib.crc32(cast(Any, buf))
-    if kind != "lanesum":
-        raise LayoutError(f"unknown checksum {kind!r}: use one of {CHECKSUMS}")
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1)
     body = arr.nbytes - arr.nbytes % _BLOCK
     crc = 0

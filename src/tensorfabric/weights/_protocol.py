@@ -6,7 +6,7 @@ carrying the immediate ``imm(round, chunk)`` so the replica knows when chunk i h
 Round r of version v (publisher P, replica R; every message after hello carries v and r):
   R -> P  hello {name, fingerprint, slots: [descriptor hex, descriptor hex]}   (once, on join)
   P -> R  welcome {version} | error {reason}
-  P -> R  prepare {v, chunks: [[offset, nbytes], ...], timeout, checksum: lanesum | crc32}
+  P -> R  prepare {v, chunks: [[offset, nbytes], ...], timeout, checksum: xxh3 | lanesum | crc32}
   R -> P  ready {v, slot} | done {v, ok: false, reason}    (after readers left the free slot)
   P -> R  go {v, children: [[address hex, descriptor hex], ...]}    (R forwards chunks to them)
   P -> R  commit {v, crcs: [...]}    (a checksum per chunk, after every chunk was written)

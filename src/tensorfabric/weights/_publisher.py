@@ -14,7 +14,7 @@ import numpy as np
 import tensorfabric as tf
 from tensorfabric.weights import _protocol as proto
 from tensorfabric.weights._errors import WeightsError
-from tensorfabric.weights._plan import CHECKSUMS, WeightPlan, checksum, fanout
+from tensorfabric.weights._plan import DEFAULT_CHECKSUM, WeightPlan, checksum, checksum_available, fanout
 
 log = logging.getLogger("tensorfabric.weights")
 _GRACE = 1.0  # extra seconds to wait for a replica's own verdict after the round's deadline
@@ -70,15 +70,16 @@ class Publisher:
 
     def __init__(self, engine: Any, plan: WeightPlan, *, fanout: str = "tree", degree: int = 2,
                  roots: int = 1, window: int = 4, timeout: float = 30.0,
-                 checksum: str = "lanesum", faults: Faults | None = None,
+                 checksum: str = DEFAULT_CHECKSUM, faults: Faults | None = None,
                  zero_copy: bool = True) -> None:
         if len(plan.chunks) >= proto.MAX_CHUNKS:
             raise WeightsError(f"plan has {len(plan.chunks)} chunks; raise chunk_bytes")
         self.engine, self.plan, self.timeout = engine, plan, timeout
         self.fanout, self.degree, self.roots, self.window = fanout, degree, roots, window
         self.faults = faults or Faults()
-        if checksum not in CHECKSUMS:
-            raise WeightsError(f"unknown checksum {checksum!r}: use one of {CHECKSUMS}")
+        why = checksum_available(checksum)
+        if why is not None:
+            raise WeightsError(why)
         self.checksum = checksum
         self.zero_copy = zero_copy
         self._staged = True  # staging holds every chunk of ``version``

@@ -14,7 +14,7 @@ import tensorfabric as tf
 from tensorfabric.weights import _protocol as proto
 from tensorfabric.weights._errors import UpdateRejected
 from tensorfabric.weights._layout import Layout
-from tensorfabric.weights._plan import checksum
+from tensorfabric.weights._plan import DEFAULT_CHECKSUM, checksum, checksum_available
 from tensorfabric.weights._slots import SlotSet, Snapshot
 
 log = logging.getLogger("tensorfabric.weights")
@@ -33,7 +33,7 @@ class _Update:
         self.commit = threading.Event()
         self.crcs: list[int] = []
         self.aborted = threading.Event()
-        self.checksum = "lanesum"
+        self.checksum = DEFAULT_CHECKSUM
         self.thread: threading.Thread | None = None
 
 
@@ -154,6 +154,11 @@ class Subscriber:
             old.aborted.set()  # a newer round supersedes an unfinished one; let it give up
             if old.thread is not None:  # its slot first, so the two never share a reservation
                 old.thread.join(timeout=self.timeout)
+        why = checksum_available(kind)
+        if why is not None:  # refuse before taking a slot: nothing to undo
+            self.rejected.append((version, why))
+            self._send(proto.encode("done", name=self.name, v=version, r=rnd, ok=False, reason=why))
+            return
         deadline = time.monotonic() + timeout
         try:
             slot = self.slots.reserve(timeout=min(timeout, self.timeout))
