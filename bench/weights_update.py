@@ -9,11 +9,18 @@ measured here (prepare, checksum, raw write, host cores).
 
     python bench/weights_update.py                       # full matrix (several minutes)
     python bench/weights_update.py --replicas 1,2 --transports shm --dtypes float32 --repeat 2
+    python bench/weights_update.py --fabric 2gbit        # each process on its own 2 Gbit/s host (root)
+
+One host runs everything by default, so the replicas' copies and checksums compete for the same
+cores and memory bus. ``--fabric RATE`` puts the publisher and every replica in its own network
+namespace with its own capped NIC on an emulated switch, the shape of a real deployment, where
+the links and not one host's CPU bound the update.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,21 +54,25 @@ from tensorfabric.weights._publisher import Replica  # noqa: E402
 SECRET = "weights-bench"
 
 
-def _engine_kwargs(transport: str) -> dict[str, Any]:
-    return {"transports": ["shm", "tcp"] if transport == "shm" else ["tcp"]}
+def _engine_kwargs(transport: str, fab: Any = None, host: int = 0) -> dict[str, Any]:
+    kw: dict[str, Any] = {"transports": ["shm", "tcp"] if transport == "shm" else ["tcp"]}
+    if fab is not None:  # --fabric: host ``host``'s NIC address
+        kw["host"] = fab.addr(host)
+    return kw
 
 
-def _spawn(n: int, pub: Publisher, transport: str, tmp: Path) -> list[subprocess.Popen[str]]:
+def _spawn(n: int, pub: Publisher, transport: str, tmp: Path, fab: Any = None) -> list[subprocess.Popen[str]]:
     layout = tmp / "layout.json"
     layout.write_text(json.dumps(pub.plan.layout.to_json()))
     env = dict(os.environ, TENSORFABRIC_SECRET=SECRET, PYTHONPATH=str(ROOT / "src"))
     procs = []
     for i in range(n):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tensorfabric.weights.replica", "--name", f"r{i}",
-             "--publisher", pub.engine.address.hex(), "--layout", str(layout), "--timeout", "120",
-             "--engine", json.dumps(_engine_kwargs(transport))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        argv = [sys.executable, "-m", "tensorfabric.weights.replica", "--name", f"r{i}",
+                "--publisher", pub.engine.address.hex(), "--layout", str(layout), "--timeout", "120",
+                "--engine", json.dumps(_engine_kwargs(transport, fab, i + 1))]
+        if fab is not None:  # replica i on host i + 1, the publisher on host 0
+            argv = fab.exec_argv(i + 1, argv)
+        procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
     for p in procs:
         assert p.stdout is not None and json.loads(p.stdout.readline())["ready"]
     pub.wait_replicas(n, timeout=60)
@@ -93,7 +104,8 @@ def pub_slot(pub: Publisher, rep: Replica) -> int:
 def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
     plan = pub.plan
     src = plan.check_sources(tensors)
-    prep = crc = float("inf")
+    prep = crc = cp = float("inf")
+    spare = np.empty_like(pub._arr)
     for _ in range(2):  # the first pass also faults the staging pages in
         t0 = time.perf_counter()
         for c in plan.chunks:
@@ -103,7 +115,11 @@ def _rates(pub: Publisher, tensors: dict[str, Any]) -> dict[str, float]:
         for c in plan.chunks:
             checksum(pub._arr[c.offset : c.offset + c.nbytes], pub.checksum)
         crc = min(crc, time.perf_counter() - t0)
-    return {"prepare_gbs": plan.source_nbytes / prep / 1e9, "checksum_gbs": plan.nbytes / crc / 1e9}
+        t0 = time.perf_counter()
+        np.copyto(spare, pub._arr)
+        cp = min(cp, time.perf_counter() - t0)
+    return {"prepare_gbs": plan.source_nbytes / prep / 1e9, "checksum_gbs": plan.nbytes / crc / 1e9,
+            "memory_gbs": 2 * plan.nbytes / cp / 1e9}  # one copy: the bytes read plus written
 
 
 def _rtt(transport: str) -> float:
@@ -123,10 +139,11 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
     src = specs_of(tensors)
     plan = WeightPlan(src, same_layout(src, dtype=dtype), chunk_bytes=int(args.chunk_mb * 2**20),
                       direct_min_bytes=int(args.direct_min_kb * 1024) if args.zero_copy else None)
-    with tf.Engine(secret=SECRET, name="publisher", timeout=120, **_engine_kwargs(transport)) as eng, \
+    fab = args.fab
+    with tf.Engine(secret=SECRET, name="publisher", timeout=120, **_engine_kwargs(transport, fab)) as eng, \
             Publisher(eng, plan, fanout=args.fanout, timeout=120, zero_copy=args.zero_copy,
                       window=args.window, checksum=args.checksum) as pub:
-        procs = _spawn(n, pub, transport, tmp)
+        procs = _spawn(n, pub, transport, tmp, fab)
         try:
             rates = _rates(pub, tensors)
             reps: list[Replica] = [pub._replicas[name] for name in sorted(pub.replicas)]
@@ -161,16 +178,22 @@ def run_case(tensors: dict[str, Any], transport: str, dtype: str, n: int, args: 
                     p.stdin.close()
                 p.wait(timeout=30)
     t = min(times)  # best of: the raw baseline is a best-of too
+    staged = sum(c.nbytes for c in plan.chunks if c.source is None or not args.zero_copy) / plan.nbytes
     raw_gbs = plan.nbytes / raw1 / 1e9
     pred = predict(Cluster(
         params=sum(s.numel for s in src), src_gpus=1, dst_gpus=n, replicas=n, src_bytes=4,
         dst_bytes=plan.nbytes / sum(s.numel for s in src), nics_per_gpu=1, nic_gbit=raw_gbs * 8,
         link_efficiency=1.0, fanout=args.fanout, chunk_bytes=args.chunk_mb * 2**20,
         prepare_gbs=rates["prepare_gbs"], checksum_gbs=rates["checksum_gbs"],
-        shared_gbs=plan.nbytes * n / rawn / 1e9 if n > 1 else None, cores=os.cpu_count(),
+        staged=staged,
+        # --fabric: each replica has its own NIC (and, in the deployment emulated, its own CPU
+        # and memory); else one host's memory bus and cores carry every pass over the bytes
+        memory_gbs=rates["memory_gbs"] if fab is None else None,
+        link_mem=2.0 if transport == "shm" else 4.0,
+        cores=os.cpu_count() if fab is None else None,
         link_cpu=1.0 if transport == "shm" else 2.0,
         submit_s=50e-6, control_s=3 * args.rtt))
-    return {"transport": transport, "dtype": dtype, "replicas": n, "mb": plan.nbytes / 1e6,
+    return {"transport": transport if fab is None else f"tcp {fab.specs[0].rate}/host", "dtype": dtype, "replicas": n, "mb": plan.nbytes / 1e6,
             "raw_gbs": raw_gbs, "raw_n_gbs": plan.nbytes * n / rawn / 1e9, "update_s": t,
             "eff_gbs": plan.nbytes / t / 1e9, "ratio": plan.nbytes / t / 1e9 / raw_gbs,
             "pred_s": pred.total_s, "pred_err": pred.total_s / t - 1, "bottleneck": pred.bottleneck,
@@ -224,6 +247,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4, help="chunks in flight per root")
     p.add_argument("--ab", action="store_true",
                    help="also time, interleaved in the same case: staging only, zero-copy >= 256 KiB, >= 2 MiB")
+    p.add_argument("--fabric", metavar="RATE",
+                   help="run over tcp between emulated hosts instead (root): the publisher and each "
+                        "replica in its own network namespace, each with one NIC capped at RATE "
+                        "(tc syntax, e.g. 2gbit) on a switch")
     p.add_argument("--checksum", default=DEFAULT_CHECKSUM, choices=CHECKSUMS)
     p.add_argument("--ab-checksum", action="store_true",
                    help="also time, interleaved in the same case, the default cut with each other checksum")
@@ -238,11 +265,21 @@ def main() -> None:
     torch.set_num_threads(1)
     tensors = model_tensors(load_model().model)
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        for transport in args.transports.split(","):
+    counts = [int(x) for x in args.replicas.split(",")]
+    args.fab = None
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(tempfile.TemporaryDirectory())
+        transports = args.transports.split(",")
+        if args.fabric:  # every process on its own emulated host; this one is host 0
+            from tensorfabric.testing.netns import NetnsHosts
+
+            args.fab = stack.enter_context(NetnsHosts(max(counts) + 1, rate=args.fabric))
+            stack.enter_context(args.fab.inside(0))
+            transports = ["tcp"]
+        for transport in transports:
             args.rtt = _rtt(transport)
             for dtype in args.dtypes.split(","):
-                for n in [int(x) for x in args.replicas.split(",")]:
+                for n in counts:
                     row = run_case(tensors, transport, dtype, n, args, Path(d))
                     rows.append(row)
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),

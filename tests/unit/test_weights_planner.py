@@ -34,6 +34,20 @@ def test_stages_scale_with_hardware_and_fanout() -> None:
     assert one_host.bottleneck.startswith("host CPU")
 
 
+def test_one_host_memory_bus_counts_every_pass() -> None:
+    """1 replica over shm, zero-copy: checksum (1) + copy (2) + verify (1) = 4 passes of the model
+    over the bus; each extra replica adds 3; a converted (staged) model adds the prepare pass."""
+    one = Cluster(params=1e9, src_gpus=1, dst_gpus=1, replicas=1, src_bytes=4, dst_bytes=4,
+                  staged=0.0, memory_gbs=20.0, link_mem=2.0)
+    assert predict(one).stages["host memory bus"] == pytest.approx(4 * 4.0 / 20.0)
+    four = dataclasses.replace(one, dst_gpus=4, replicas=4)
+    assert predict(four).stages["host memory bus"] == pytest.approx(13 * 4.0 / 20.0)
+    bf16 = dataclasses.replace(one, dst_bytes=2, staged=1.0)  # read 4 GB, write 2 GB, then 4 x 2 GB
+    assert predict(bf16).stages["host memory bus"] == pytest.approx((6.0 + 4 * 2.0) / 20.0)
+    assert predict(dataclasses.replace(one, staged=1.0)).stages["prepare (gather+convert)"] > 0
+    assert predict(one).stages["prepare (gather+convert)"] == 0
+
+
 def test_plan_weights_cli() -> None:
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner

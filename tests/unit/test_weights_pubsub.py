@@ -3,8 +3,13 @@ rejection of corrupt or incomplete updates, dead replicas, late joiners."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +27,7 @@ from tensorfabric.weights import (
     specs_of,
 )
 
+from conftest import subprocess_env
 from helpers.weights import engine_fleet, expected_bytes, replica_bytes, sample_weights
 
 SECRET = "weights-unit"
@@ -118,24 +124,44 @@ def test_mismatched_layout_is_refused() -> None:
         sub.close()
 
 
-def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A replica that cannot compute the publisher's checksum (xxhash missing there) refuses the
-    round before taking a slot, says why, and keeps serving what it has."""
+def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(tmp_path: Path) -> None:
+    """A replica process without xxhash (hidden from its imports) cannot compute the publisher's
+    xxh3: it refuses the round before taking a slot, says why, and keeps serving what it has;
+    the publisher can fall back to lanesum for it."""
     pytest.importorskip("xxhash")
-    from tensorfabric.weights import _plan as plan_mod
     w1, w2 = sample_weights(1), sample_weights(2)
     plan = _plan(w1)
-    with tf.Engine(secret=SECRET) as a, tf.Engine(secret=SECRET) as b, \
-            Publisher(a, plan, checksum="xxh3", timeout=5) as pub:
-        sub = Subscriber(b, a.address, plan.layout, name="old", timeout=5)
-        pub.wait_replicas(1)
-        assert pub.publish(w1).ok
-        monkeypatch.setattr(plan_mod, "_xxhash", None)  # the replica's process lacks xxhash
-        res = pub.publish(w2)
-        assert not res.ok and "xxhash" in res.failed["old"], res
-        assert "pip install 'tensorfabric[weights]'" in sub.rejected[-1][1]
-        assert replica_bytes(sub) == (1, expected_bytes(plan, w1))
-        monkeypatch.undo()
-        assert pub.publish(w2).ok and replica_bytes(sub) == (2, expected_bytes(plan, w2))
-        sub.close()
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(plan.layout.to_json()))
+    hide = ("import sys; sys.modules['xxhash'] = None; "  # import xxhash -> ImportError
+            "from tensorfabric.weights.replica import main; main()")
+    with tf.Engine(secret=SECRET, transports=["tcp"]) as a, \
+            Publisher(a, plan, checksum="lanesum", timeout=10) as pub:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", hide, "--name", "old", "--publisher", a.address.hex(),
+             "--layout", str(layout), "--timeout", "10", "--engine", '{"transports": ["tcp"]}'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=subprocess_env(TENSORFABRIC_SECRET=SECRET))
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def call(**cmd: object) -> dict:
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+            return json.loads(proc.stdout.readline())
+
+        try:
+            assert json.loads(proc.stdout.readline())["ready"]
+            pub.wait_replicas(1)
+            assert pub.publish(w1).ok
+            pub.checksum = "xxh3"
+            res = pub.publish(w2)
+            assert not res.ok and "needs the xxhash package" in res.failed["old"], res
+            state = call(cmd="version")
+            assert state["version"] == 1 and "tensorfabric[weights]" in state["rejected"][-1][1]
+            assert call(cmd="digest")["crc"] == zlib.crc32(expected_bytes(plan, w1))
+            pub.checksum = "lanesum"
+            assert pub.publish(w2).ok
+            assert call(cmd="digest") == {"version": 3, "crc": zlib.crc32(expected_bytes(plan, w2))}
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=20)

@@ -1,4 +1,5 @@
-"""Emulated multi-NIC links: two network namespaces joined by rate-limited veth pairs.
+"""Emulated networks from network namespaces: multi-NIC links between two hosts
+(:class:`NetnsLinks`) and a switched fabric of many hosts (:class:`NetnsHosts`).
 
 Real kernel interfaces, real TCP, real queueing: each link is a veth pair whose two ends live in
 two private network namespaces (``a`` and ``b``), with a ``tc qdisc tbf`` on both ends that caps
@@ -13,7 +14,16 @@ while a transfer is running::
         net.set_link(0, up=False)   # NIC 0 fails
         net.set_link(0, up=True)    # and comes back
 
-Everything lives inside the two namespaces (addresses in ``10.213.0.0/16`` by default, never
+:class:`NetnsHosts` is the other shape: ``n`` hosts, each one namespace with one NIC (a veth
+capped by tbf in both directions: its upload and its download) plugged into a bridge in a
+switch namespace, so every host reaches every other at its NIC's rate, as on a non-blocking
+switch::
+
+    with NetnsHosts(5, rate="2gbit") as fab:
+        fab.popen(1, [sys.executable, "replica.py", fab.addr(1)])
+        fab.run(0, [sys.executable, "trainer.py", fab.addr(0)])
+
+Everything lives inside the namespaces (addresses in ``10.213.0.0/16`` by default, never
 visible to the host); closing the context (also on an exception or Ctrl-C, and at interpreter
 exit) kills the processes started here and deletes both namespaces, which deletes the veths.
 Namespaces left behind by a process that died without cleaning up (SIGKILL) are removed the
@@ -26,6 +36,8 @@ says why not, and :func:`skip_unless_netns` turns that into a pytest skip.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -33,7 +45,7 @@ import subprocess
 import sys
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +53,7 @@ __all__ = [
     "Link",
     "LinkSpec",
     "NetnsError",
+    "NetnsHosts",
     "NetnsLinks",
     "cleanup_stale",
     "measure_raw_throughput",
@@ -50,9 +63,10 @@ __all__ = [
 ]
 
 PREFIX = "tfnet-"
-_NAME_RE = re.compile(rf"^{PREFIX}(\d+)-([0-9a-f]+)-([ab])$")
+_CLONE_NEWNET = 0x40000000
+_NAME_RE = re.compile(rf"^{PREFIX}(\d+)-([0-9a-f]+)-([a-z0-9]+)$")
 _RATE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmg]?)(bit|bps)?\s*$", re.IGNORECASE)
-_live: weakref.WeakSet[NetnsLinks] = weakref.WeakSet()
+_live: weakref.WeakSet[_Namespaces] = weakref.WeakSet()
 
 
 class NetnsError(RuntimeError):
@@ -166,7 +180,86 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-class NetnsLinks:
+class _Namespaces:
+    """Namespaces made by this module (``self.ns``: key -> name), the processes started in
+    them, and their teardown. Subclasses build the links."""
+
+    ns: dict[str, str]
+
+    def _make(self, keys: Sequence[str]) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.ns = {k: f"{PREFIX}{os.getpid()}-{tag}-{k}" for k in keys}
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._closed = False
+        cleanup_stale()
+        _live.add(self)
+
+    def _key(self, side: str | int) -> str:
+        return side if isinstance(side, str) else f"h{side}"
+
+    def _ip(self, side: str | int, *args: str) -> None:
+        _sh(["ip", "-n", self.ns[self._key(side)], *args])
+
+    def _tbf(self, side: str | int, dev: str, spec: LinkSpec) -> None:
+        self.run(side, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                        "rate", f"{int(spec.bits_per_s)}bit", "burst", str(spec.burst_bytes()),
+                        "latency", spec.latency], check=True)
+
+    # -- using ------------------------------------------------------------------------------
+    def exec_argv(self, side: str | int, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed so that it runs inside namespace ``side``."""
+        return ["ip", "netns", "exec", self.ns[self._key(side)], *argv]
+
+    def run(
+        self, side: str | int, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion inside namespace ``side``; output captured as text."""
+        proc = subprocess.run(self.exec_argv(side, argv), capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise NetnsError(f"{' '.join(argv)} in {side} failed ({proc.returncode}): "
+                             f"{proc.stderr.strip()[-2000:]}")
+        return proc
+
+    def popen(self, side: str | int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside namespace ``side``; it is killed when this object closes."""
+        proc = subprocess.Popen(self.exec_argv(side, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable child
+                pass
+        for name in self.ns.values():
+            # Deleting a namespace deletes the veth ends inside it (and so both ends of a pair).
+            _sh(["ip", "netns", "del", name], check=False)
+        _live.discard(self)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class NetnsLinks(_Namespaces):
     """Two namespaces ``a`` and ``b`` joined by one veth pair per :class:`LinkSpec`.
 
     Link ``i`` is device ``tfl<i>`` on both sides with ``<base>.<i>.1`` (side a) and
@@ -191,16 +284,11 @@ class NetnsLinks:
             specs = [s if isinstance(s, LinkSpec) else LinkSpec(s) for s in links]
         if not 1 <= len(specs) <= 64:
             raise ValueError("between 1 and 64 links")
-        tag = uuid.uuid4().hex[:8]
-        self.ns = {side: f"{PREFIX}{os.getpid()}-{tag}-{side}" for side in "ab"}
         self.links = [
             Link(i, spec, f"tfl{i}", f"{base}.{i}.1", f"{base}.{i}.2", 24)
             for i, spec in enumerate(specs)
         ]
-        self._procs: list[subprocess.Popen[Any]] = []
-        self._closed = False
-        cleanup_stale()
-        _live.add(self)
+        self._make("ab")
         try:
             self._build()
         except BaseException:
@@ -222,37 +310,9 @@ class NetnsLinks:
                 self._shape(side, link)
 
     def _shape(self, side: str, link: Link) -> None:
-        spec = link.spec
-        self.run(side, ["tc", "qdisc", "replace", "dev", link.dev, "root", "tbf",
-                        "rate", f"{int(spec.bits_per_s)}bit", "burst", str(spec.burst_bytes()),
-                        "latency", spec.latency], check=True)
-
-    def _ip(self, side: str, *args: str) -> None:
-        _sh(["ip", "-n", self.ns[side], *args])
+        self._tbf(side, link.dev, link.spec)
 
     # -- using ------------------------------------------------------------------------------
-    def exec_argv(self, side: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed so that it runs inside namespace ``side`` ("a" or "b")."""
-        return ["ip", "netns", "exec", self.ns[side], *argv]
-
-    def run(
-        self, side: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
-        **kwargs: Any,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command to completion inside namespace ``side``; output captured as text."""
-        proc = subprocess.run(self.exec_argv(side, argv), capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
-        if check and proc.returncode != 0:
-            raise NetnsError(f"{' '.join(argv)} in {side} failed ({proc.returncode}): "
-                             f"{proc.stderr.strip()[-2000:]}")
-        return proc
-
-    def popen(self, side: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start a process inside namespace ``side``; it is killed when this object closes."""
-        proc = subprocess.Popen(self.exec_argv(side, argv), **kwargs)
-        self._procs.append(proc)
-        return proc
-
     def set_link(self, index: int, up: bool, side: str = "a") -> None:
         """Take link ``index`` down or up (``ip link set dev ... down|up``) on one side.
 
@@ -272,35 +332,110 @@ class NetnsLinks:
     def total_bytes_per_s(self) -> float:
         return sum(link.bytes_per_s for link in self.links)
 
-    # -- teardown ---------------------------------------------------------------------------
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable child
-                pass
-        for side in "ab":
-            # Deleting a namespace deletes the veth ends inside it (and so both ends of a pair).
-            _sh(["ip", "netns", "del", self.ns[side]], check=False)
-        _live.discard(self)
-
     def __enter__(self) -> NetnsLinks:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
-    def __del__(self) -> None:  # pragma: no cover - safety net
+class NetnsHosts(_Namespaces):
+    """``n`` hosts on one switch: namespaces ``h0`` .. ``h<n-1>``, each with one NIC.
+
+    Host ``i``'s NIC is device ``tfnic`` with address ``<base>.0.<i+1>/24``; its peer end is
+    port ``tfp<i>`` of bridge ``tfbr`` in the switch namespace ``sw``. tbf caps both ends at the
+    host's rate: the host-side end shapes what the host sends, the switch-side end what it
+    receives, so each host has its own full-duplex NIC and the switch never is the bottleneck.
+    ``rates`` gives each host its own rate (a slow consumer GPU box next to a data-centre one).
+    Hosts and namespace keys are ints (``0`` is ``h0``); ``"sw"`` is the switch.
+    """
+
+    def __init__(self, n: int, *, rate: str | float = "1gbit",
+                 rates: Sequence[LinkSpec | str | float] | None = None, base: str = "10.214") -> None:
+        reason = netns_unavailable_reason()
+        if reason is not None:
+            raise NetnsError(reason)
+        if not 2 <= n <= 200:
+            raise ValueError("between 2 and 200 hosts")
+        if rates is not None and len(rates) != n:
+            raise ValueError(f"rates has {len(rates)} entries for {n} hosts")
+        raw = list(rates) if rates is not None else [rate] * n
+        self.specs = [s if isinstance(s, LinkSpec) else LinkSpec(s) for s in raw]
+        self.base = base
+        self._make([*(f"h{i}" for i in range(n)), "sw"])
         try:
+            self._build()
+        except BaseException:
             self.close()
-        except Exception:
-            pass
+            raise
+
+    @property
+    def n(self) -> int:
+        return len(self.specs)
+
+    def addr(self, host: int) -> str:
+        """Host ``host``'s NIC address."""
+        if not 0 <= host < self.n:
+            raise IndexError(f"no host {host}: hosts are 0..{self.n - 1}")
+        return f"{self.base}.0.{host + 1}"
+
+    def _build(self) -> None:
+        for name in self.ns.values():
+            _sh(["ip", "netns", "add", name])
+        for key in self.ns:
+            self._ip(key, "link", "set", "lo", "up")
+        self._ip("sw", "link", "add", "tfbr", "type", "bridge")
+        self._ip("sw", "link", "set", "tfbr", "up")
+        for i, spec in enumerate(self.specs):
+            port = f"tfp{i}"
+            _sh(["ip", "link", "add", "name", "tfnic", "netns", self.ns[f"h{i}"], "type", "veth",
+                 "peer", "name", port, "netns", self.ns["sw"]])
+            self._ip("sw", "link", "set", port, "master", "tfbr")
+            self._ip("sw", "link", "set", port, "up")
+            self._ip(i, "addr", "add", f"{self.addr(i)}/24", "dev", "tfnic")
+            self._ip(i, "link", "set", "tfnic", "up")
+            self._tbf(i, "tfnic", spec)  # upload
+            self._tbf("sw", port, spec)  # download
+
+    @contextlib.contextmanager
+    def inside(self, host: int) -> Iterator[None]:
+        """Run the calling thread in host ``host``'s namespace for the ``with`` block.
+
+        Sockets made in the block, and threads started in it (an Engine's), stay in that
+        namespace for good; keep using such an Engine from inside the block, since a connection
+        it opens lazily from a thread outside would be made in the host's root namespace.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        there = os.open(f"/run/netns/{self.ns[self._key(host)]}", os.O_RDONLY)
+        try:
+            if libc.setns(there, _CLONE_NEWNET) != 0:
+                raise NetnsError(f"setns into {self.ns[self._key(host)]}: {os.strerror(ctypes.get_errno())}")
+            try:
+                yield
+            finally:
+                if libc.setns(here, _CLONE_NEWNET) != 0:  # pragma: no cover - cannot fail as root
+                    raise NetnsError(f"setns back: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(here)
+            os.close(there)
+
+    def set_rate(self, host: int, rate: str | float) -> None:
+        """Change host ``host``'s NIC rate (both directions) while it runs."""
+        old = self.specs[host]
+        self.specs[host] = spec = LinkSpec(rate, old.burst, old.latency)
+        self._tbf(host, "tfnic", spec)
+        self._tbf("sw", f"tfp{host}", spec)
+
+    def nic_bytes(self, host: int) -> tuple[int, int]:
+        """Bytes host ``host``'s NIC has sent and received so far (kernel counters)."""
+        out = self.run(host, ["cat", "/sys/class/net/tfnic/statistics/tx_bytes",
+                              "/sys/class/net/tfnic/statistics/rx_bytes"]).stdout.split()
+        return int(out[0]), int(out[1])
+
+    def set_link(self, host: int, up: bool) -> None:
+        """Unplug (``up=False``) or plug back host ``host``'s NIC."""
+        self._ip(host, "link", "set", "dev", "tfnic", "up" if up else "down")
+
+    def __enter__(self) -> NetnsHosts:
+        return self
 
 
 @atexit.register

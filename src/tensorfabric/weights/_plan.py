@@ -202,6 +202,7 @@ class WeightPlan:
             base += n
 
 
+_xxhash: Any
 try:
     import xxhash as _xxhash
 except ImportError:  # the ``weights`` extra is not installed

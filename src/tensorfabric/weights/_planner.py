@@ -35,7 +35,9 @@ class Cluster:
     prepare_gbs: float | None = None  # gather + convert rate per source GPU; None: NIC rate
     h2d_gbs: float | None = None  # host->device copy rate if trainer weights sit in host memory
     checksum_gbs: float = 1000.0  # receiver verification rate (GPU: memory-bound)
-    shared_gbs: float | None = None  # cap on all bytes moved at once (one host's memory bus)
+    staged: float = 1.0  # share of the replica bytes prepared into staging (zero-copy skips it)
+    memory_gbs: float | None = None  # one host: its memory bus, GB read + written per second
+    link_mem: float = 2.0  # one host: memory passes per byte a link moves (shm copy 2, tcp loopback 4)
     cores: float | None = None  # all processes share this many CPU cores (one host); None: cluster
     link_cpu: float = 1.0  # cores a link keeps busy at full rate (one host: shm 1, tcp loopback 2)
     submit_s: float = 23e-6  # CPU cost to post one write (TransferEngine: ~23 us per WR)
@@ -75,7 +77,7 @@ def predict(c: Cluster) -> Prediction:
     src_share = c.params * c.src_bytes / c.src_gpus / 1e9  # GB of trainer weights per source GPU
     sent = c.params * c.dst_bytes * roots / c.src_gpus / 1e9  # GB each source GPU writes
     stages = {
-        "prepare (gather+convert)": src_share / (c.prepare_gbs or link),
+        "prepare (gather+convert)": src_share * c.staged / (c.prepare_gbs or link),
         "send (trainer links)": sent / link,
         "receive (replica links)": shard / link,
         "verify (checksums)": shard / c.checksum_gbs,
@@ -84,9 +86,12 @@ def predict(c: Cluster) -> Prediction:
         stages["forward (relay links)"] = shard * children / link
     if c.h2d_gbs:
         stages["h2d"] = src_share / c.h2d_gbs
-    if c.shared_gbs:
-        moved = c.params * c.dst_bytes * c.replicas / 1e9
-        stages["shared host bandwidth"] = moved / c.shared_gbs
+    if c.memory_gbs:  # one host: every pass over the bytes crosses the same memory bus
+        model_gb = c.params * c.dst_bytes / 1e9
+        traffic = (c.staged * (src_share + model_gb)  # prepare: read the source, write staging
+                   + model_gb  # the publisher's checksum
+                   + c.replicas * model_gb * (c.link_mem + 1))  # each replica: the copy, the verify
+        stages["host memory bus"] = traffic / c.memory_gbs
     if c.cores:  # one host: every copy and checksum competes for the same cores
         model_gb = c.params * c.dst_bytes / 1e9
         moved = model_gb * c.replicas

@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         dtypes = {s.name: s.dtype for s in layout.specs}
         bind = bind_torch(_model_factory(args.model_config, args.dtype), dtypes)
-    with tf.Engine(host="127.0.0.1", port=0, name=args.name, timeout=args.timeout,
-                   **json.loads(args.engine)) as eng:
+    engine_kw = {"host": "127.0.0.1", "port": 0, "name": args.name, "timeout": args.timeout,
+                 **json.loads(args.engine)}
+    with tf.Engine(**engine_kw) as eng:
         sub = Subscriber(eng, bytes.fromhex(args.publisher), layout, name=args.name,
                          timeout=args.timeout, bind=bind)
         sub.wait_joined()
