@@ -27,7 +27,6 @@ from tensorfabric.weights import (
     specs_of,
 )
 
-from conftest import subprocess_env
 from helpers.weights import engine_fleet, expected_bytes, replica_bytes, sample_weights
 
 SECRET = "weights-unit"
@@ -124,7 +123,8 @@ def test_mismatched_layout_is_refused() -> None:
         sub.close()
 
 
-def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(tmp_path: Path) -> None:
+def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(
+        tmp_path: Path, child_env: dict[str, str]) -> None:
     """A replica process without xxhash (hidden from its imports) cannot compute the publisher's
     xxh3: it refuses the round before taking a slot, says why, and keeps serving what it has;
     the publisher can fall back to lanesum for it."""
@@ -141,7 +141,7 @@ def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(tmp_pa
             [sys.executable, "-c", hide, "--name", "old", "--publisher", a.address.hex(),
              "--layout", str(layout), "--timeout", "10", "--engine", '{"transports": ["tcp"]}'],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=subprocess_env(TENSORFABRIC_SECRET=SECRET))
+            env={**child_env, "TENSORFABRIC_SECRET": SECRET})
         assert proc.stdin is not None and proc.stdout is not None
 
         def call(**cmd: object) -> dict:
