@@ -158,6 +158,7 @@ def test_replica_without_the_checksum_refuses_the_round_and_keeps_serving(
             assert not res.ok and "needs the xxhash package" in res.failed["old"], res
             state = call(cmd="version")
             assert state["version"] == 1 and "tensorfabric[weights]" in state["rejected"][-1][1]
+            assert len(state["rejected"]) == 1, "refused once, not retried"
             assert call(cmd="digest")["crc"] == zlib.crc32(expected_bytes(plan, w1))
             pub.checksum = "lanesum"
             assert pub.publish(w2).ok

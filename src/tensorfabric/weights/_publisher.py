@@ -222,7 +222,7 @@ class Publisher:
                 self._prepare_all(sources)
                 self._staged, self._last = True, None
             retry = [n for n, why in result.failed.items() if n in self._replicas
-                     and not why.startswith(("dead", "corrupt"))]
+                     and not why.startswith(("dead", "corrupt", "unsupported"))]
             if retry:  # e.g. a relay died mid-round: its subtree gets the version directly
                 for n in retry:
                     result.failed.pop(n)

@@ -156,6 +156,7 @@ class Subscriber:
                 old.thread.join(timeout=self.timeout)
         why = checksum_available(kind)
         if why is not None:  # refuse before taking a slot: nothing to undo
+            why = f"unsupported: {why}"
             self.rejected.append((version, why))
             self._send(proto.encode("done", name=self.name, v=version, r=rnd, ok=False, reason=why))
             return
