@@ -56,3 +56,49 @@ def test_bench_rejects_unknown_transport() -> None:
     result = CliRunner().invoke(_app(), ["bench", "--transport", "carrier-pigeon"])
     assert result.exit_code != 0
     assert "unknown transport" in result.output
+
+
+def _allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
+
+
+@pytest.mark.slow
+def test_bench_pin_places_the_peers_and_restores_this_thread(tmp_path: Path) -> None:
+    """``--pin split``: the engine peer and the raw-socket peer run on the second CPU (the
+    latency ratio compares the engine and its baseline under one placement); afterwards this
+    thread's CPUs are what they were."""
+    import os
+
+    from tensorfabric.bench import BenchConfig
+    from tensorfabric.bench._baselines import RawSocketPeer, pin_cpus
+    from tensorfabric.bench._runner import PeerProcess
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    assert pin_cpus("same") == ({cpus[0]}, {cpus[0]}) and pin_cpus("split") == ({cpus[0]}, {cpus[1]})
+    with pytest.raises(ValueError, match="use same or split"):
+        pin_cpus("diagonal")
+    peer = PeerProcess("tcp", BenchConfig(), {cpus[1]})
+    raw = RawSocketPeer(bufsize=1 << 20, cpus={cpus[1]})
+    try:
+        assert _allowed(peer.proc.pid) == str(cpus[1])
+        assert raw._proc is not None and _allowed(raw._proc.pid) == str(cpus[1])
+    finally:
+        raw.close()
+        peer.proc.kill()
+        peer.proc.wait()
+    before = os.sched_getaffinity(0)
+    out = tmp_path / "pin.json"
+    result = CliRunner().invoke(_app(), ["bench", "--transport", "tcp", "--ops", "imm", "--pin", "split",
+                                         "--budget", "0.05", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert os.sched_getaffinity(0) == before
+    data = json.loads(out.read_text())
+    assert data["meta"]["config"]["pin"] == "split"
+    assert {r["op"] for r in data["rows"]} == {"imm", "imm-echo"}
+    bad = CliRunner().invoke(_app(), ["bench", "--pin", "diagonal"])
+    assert bad.exit_code != 0 and "use same or split" in bad.output

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,33 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def pin_cpus(pin: str | None) -> tuple[set[int], set[int]] | None:
+    """CPUs for (this process, the peer processes) under ``--pin``: ``same`` puts every
+    process on CPU 0, ``split`` this one on CPU 0 and the peers on CPU 1; None: no pinning.
+
+    A wake-up that crosses to another CPU costs far more than one on the same CPU in a VM
+    (here: a raw ping-pong took 15-19 us on one vCPU, 56-73 us across two), so latency ratios
+    are only comparable under the same placement for engine and baseline.
+    """
+    if pin is None:
+        return None
+    if pin not in ("same", "split"):
+        raise ValueError(f"unknown pin {pin!r}: use same or split")
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--pin needs Linux (sched_setaffinity)")
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin == "split" and len(cpus) < 2:
+        raise ValueError("--pin split needs two CPUs")
+    return {cpus[0]}, {cpus[0] if pin == "same" else cpus[1]}
+
+
+def on_cpus(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` that pins a child process to ``cpus`` (None: no pinning)."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 _SERVE_CMD = "from tensorfabric.bench._baselines import _serve_main; _serve_main()"
 
 
@@ -138,7 +166,7 @@ class RawSocketPeer:
 
     def __init__(self, streams: int = 1, bufsize: int = 256 * MiB, chunk: int = 1 * MiB,
                  host: str | list[str] = "127.0.0.1", port: int | None = None,
-                 bind: list[str] | None = None) -> None:
+                 bind: list[str] | None = None, cpus: set[int] | None = None) -> None:
         """Spawn the far side locally, or connect to one already served at ``host:port``.
 
         ``host`` may list one remote address per link and ``bind`` one local address per link
@@ -150,7 +178,8 @@ class RawSocketPeer:
         if port is None:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", _SERVE_CMD, hosts[0], str(streams),
-                 str(bufsize), str(chunk)], stdout=subprocess.PIPE, text=True, env=child_env())
+                 str(bufsize), str(chunk)], stdout=subprocess.PIPE, text=True, env=child_env(),
+                preexec_fn=on_cpus(cpus))
             assert self._proc.stdout is not None
             line = self._proc.stdout.readline().strip()
             if not line.isdigit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 
 from tensorfabric import TensorFabricError
 
-from ._baselines import RawSocketPeer, child_env
+from ._baselines import RawSocketPeer, child_env, on_cpus, pin_cpus
 from ._engine import engine_from_options
 from ._peer import ADDRESS_LINE, CTRL_TAG, DATA_TAG, REPLY_TAG, new_buffer, proc_memory, reset_peak
 from ._stats import KiB, MiB, Row, Timing, human_size, window_for
@@ -52,6 +53,7 @@ class BenchConfig:
     baselines: bool = True
     timeout: float = 60.0
     chunk_bytes: int | None = None  #: the engines' tcp chunk (default: the engine's own)
+    pin: str | None = None  #: ``same`` / ``split``: CPU placement of this process and the peers
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -81,8 +83,6 @@ class BenchReport:
 
 
 def machine_meta() -> dict[str, Any]:
-    import os
-
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "numpy": np.__version__, "argv": sys.argv,
@@ -92,12 +92,13 @@ def machine_meta() -> dict[str, Any]:
 class PeerProcess:
     """The peer engine in a child process (``python -m tensorfabric.bench._peer``)."""
 
-    def __init__(self, transport: str, cfg: BenchConfig) -> None:
+    def __init__(self, transport: str, cfg: BenchConfig, cpus: set[int] | None = None) -> None:
         argv = [sys.executable, "-c", "from tensorfabric.bench._peer import main; main()", "--host", cfg.host,
                 "--transport", transport, "--links", str(cfg.links),
                 "--link-addrs", ",".join(cfg.peer_link_addrs), "--idle-timeout", "300",
                 "--chunk-bytes", str(cfg.chunk_bytes or 0)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=child_env(),
+                                     preexec_fn=on_cpus(cpus))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         if len(line) != 2 or line[0] != ADDRESS_LINE:
@@ -232,17 +233,25 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchReport
     report = BenchReport(meta={**machine_meta(), "config": {
         k: v for k, v in cfg.__dict__.items() if k != "connect"}})
     step = progress or (lambda _d: None)
-    for transport in cfg.transports:
-        if transport == "nixl":
-            _run_nixl(cfg, report, step)
-            continue
-        try:
-            _check_transport(transport)
-        except (ImportError, TensorFabricError) as exc:
-            report.skipped[transport] = str(exc)
-            step(f"{transport}: skipped")
-            continue
-        _run_transport(cfg, transport, report, step)
+    placed = pin_cpus(cfg.pin)
+    before = os.sched_getaffinity(0) if placed else None
+    if placed:  # this thread, and the engine threads it starts from now on
+        os.sched_setaffinity(0, placed[0])
+    try:
+        for transport in cfg.transports:
+            if transport == "nixl":
+                _run_nixl(cfg, report, step)
+                continue
+            try:
+                _check_transport(transport)
+            except (ImportError, TensorFabricError) as exc:
+                report.skipped[transport] = str(exc)
+                step(f"{transport}: skipped")
+                continue
+            _run_transport(cfg, transport, report, step, placed[1] if placed else None)
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
     return report
 
 
@@ -271,8 +280,9 @@ def _check_transport(transport: str) -> None:
     engine_from_options(transport=transport, name="bench-probe").close()
 
 
-def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: Progress) -> None:
-    peer_proc = None if cfg.connect else PeerProcess(transport, cfg)
+def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: Progress,
+                   peer_cpus: set[int] | None = None) -> None:
+    peer_proc = None if cfg.connect else PeerProcess(transport, cfg, peer_cpus)
     peer_addr = bytes.fromhex(cfg.connect) if cfg.connect else peer_proc.address  # type: ignore[union-attr]
     eng = engine_from_options(host=cfg.host, transport=transport, links=cfg.links,
                               link_addrs=cfg.link_addrs, name="bench", timeout=cfg.timeout,
@@ -285,9 +295,9 @@ def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: 
         src = eng.register(new_buffer(cap))
         dst = eng.register(new_buffer(cap))
         if cfg.baselines and transport != "shm":
-            raw = _raw_peer(s, cfg, cap)
+            raw = _raw_peer(s, cfg, cap, peer_cpus)
         elif cfg.baselines:
-            raw = _raw_peer(s, cfg, max(cfg.msg_sizes))
+            raw = _raw_peer(s, cfg, max(cfg.msg_sizes), peer_cpus)
         step(f"{transport}: engines up")
         ctx = _OpContext(s, src, dst, desc, cap, raw, report)
         for op in cfg.ops:
@@ -305,11 +315,11 @@ def _run_transport(cfg: BenchConfig, transport: str, report: BenchReport, step: 
         eng.close()
 
 
-def _raw_peer(s: Session, cfg: BenchConfig, cap: int) -> RawSocketPeer:
+def _raw_peer(s: Session, cfg: BenchConfig, cap: int, cpus: set[int] | None = None) -> RawSocketPeer:
     chunk = _engine_chunk(s.eng)
     if cfg.connect is None and not cfg.peer_link_addrs:
         return RawSocketPeer(streams=cfg.links, bufsize=cap, chunk=chunk, host=cfg.host,
-                             bind=cfg.link_addrs or None)
+                             bind=cfg.link_addrs or None, cpus=cpus)
     hosts = cfg.peer_link_addrs or [h for h, _p in _endpoints(s.peer)]
     port = s.ctrl("raw", host="0.0.0.0" if len(hosts) > 1 else hosts[0], streams=cfg.links,
                   bufsize=cap, chunk=chunk)["port"]

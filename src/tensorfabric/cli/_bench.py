@@ -59,6 +59,9 @@ def bench(
     budget: Optional[float] = typer.Option(None, help="Seconds spent per measured point."),
     chunk: Optional[str] = typer.Option(None, help="The engines' tcp chunk size (e.g. 4m); the raw baseline uses the same."),
     quick: bool = typer.Option(False, help="Fewer sizes and shorter points (about 15 s)."),
+    pin: Optional[str] = typer.Option(
+        None, help="CPU placement: 'same' (every process on one CPU) or 'split' (peers on another "
+                   "CPU); latency ratios hold only under one placement for engine and baseline."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
     plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
     no_baselines: bool = typer.Option(False, help="Skip the baselines (ratios left empty)."),
@@ -102,6 +105,11 @@ def bench(
         kw["ops"] = tuple(op_list)
     if budget is not None:
         kw["budget_s"] = budget
+    pin_v = pick(pin, "pin", None)
+    if pin_v is not None:
+        if pin_v not in ("same", "split"):
+            raise typer.BadParameter(f"unknown --pin {pin_v!r}: use same or split")
+        kw["pin"] = pin_v
     chunk_v = pick(chunk, "chunk", None)
     if chunk_v:
         kw["chunk_bytes"] = parse_size(str(chunk_v))
