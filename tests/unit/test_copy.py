@@ -84,3 +84,80 @@ def test_plan_parts() -> None:
     assert _copy.plan_parts(np.array([5 * mib]), 4, part_min=2 * mib) == 2
     assert _copy.plan_parts(np.array([64 * mib]), 1, part_min=2 * mib) == 1
     assert _copy.plan_parts(np.array([], dtype=np.int64), 4) == 1
+
+
+@st.composite
+def source_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pages taken back to back from the source (runs of one size, some runs short, some
+    segments odd-sized) to a shuffled set of non-overlapping destination slots."""
+    size = draw(st.sampled_from([1, 16, 100, 4096]))
+    runs = draw(st.lists(st.integers(1, 20), min_size=1, max_size=6))
+    so, ln, pos = [], [], 0
+    for k in runs:
+        pos += draw(st.integers(0, 50))
+        for _ in range(k):
+            so.append(pos)
+            ln.append(size)
+            pos += size
+        if draw(st.booleans()):  # an odd segment between runs
+            ln.append(size + 1)
+            so.append(pos)
+            pos += size + 1
+    slots = max(ln) + 7  # destination slots of one width, a gap in each
+    if pos >= N or len(ln) * slots >= N:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    perm = draw(st.permutations(range(len(ln))))
+    do = [perm[i] * slots for i in range(len(ln))]
+    order = draw(st.permutations(range(len(ln))))  # the caller's order is arbitrary
+    pick = lambda xs: np.array([xs[i] for i in order], dtype=np.int64)  # noqa: E731
+    return pick(so), pick(do), pick(ln)
+
+
+@settings(max_examples=150, deadline=None)
+@given(source_runs())
+def test_runs_from_a_contiguous_source_match_a_plain_loop(segs) -> None:
+    so, do, ln = segs
+    rng = np.random.default_rng(len(ln))
+    src = rng.integers(0, 256, N, dtype=np.uint8)
+    dst = rng.integers(0, 256, N, dtype=np.uint8)
+    want = reference(dst, src, so, do, ln)
+    _copy.copy_segments(dst, src, so, do, ln)
+    np.testing.assert_array_equal(dst, want)
+
+
+def test_a_long_source_run_is_copied_in_one_numpy_call(monkeypatch) -> None:
+    """1024 pages of 16 KiB from one contiguous source: no per-page loop left over."""
+    looped: list[int] = []
+    real = _copy._loop
+    monkeypatch.setattr(_copy, "_loop", lambda d, s, so, do, ln: (looped.append(len(ln)), real(d, s, so, do, ln)))
+    n, page = 1024, 16 << 10
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, n * page, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    so = rng.permutation(n).astype(np.int64) * page
+    do = rng.permutation(n).astype(np.int64) * page
+    ln = np.full(n, page, np.int64)
+    _copy.copy_segments(dst, src, so, do, ln)
+    assert looped == [0]
+    for s, d in zip(so[:64].tolist(), do[:64].tolist()):
+        np.testing.assert_array_equal(dst[d:d + page], src[s:s + page])
+    np.testing.assert_array_equal(np.sort(dst.reshape(n, page)[:, 0]), np.sort(src.reshape(n, page)[:, 0]))
+
+
+def test_pages_in_source_runs_are_split_over_threads_in_source_order() -> None:
+    n, page = 1024, 16 << 10
+    rng = np.random.default_rng(2)
+    so = rng.permutation(n).astype(np.int64) * page
+    do = rng.permutation(n).astype(np.int64) * page
+    ln = np.full(n, page, np.int64)
+    s2, d2, l2, runs = _copy.by_source(so, do, ln)
+    assert runs and (np.diff(s2) == page).all()
+    assert sorted(zip(s2.tolist(), d2.tolist())) == sorted(zip(so.tolist(), do.tolist()))
+    assert _copy.plan_parts(l2, 2, runs=runs) == 2 and _copy.plan_parts(l2, 2) == 1
+    scattered = rng.choice(4 * n, n, replace=False).astype(np.int64) * page  # no runs
+    assert not _copy.by_source(scattered, do, ln)[3]
+    src = rng.integers(0, 256, n * page, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    for part in _copy.split(s2, d2, l2, 2):  # each part: one long run, copied in one call
+        _copy.copy_segments(dst, src, *part)
+    np.testing.assert_array_equal(dst, reference(np.zeros_like(src), src, so, do, ln))

@@ -7,8 +7,9 @@ into the peer's mapping. Two things make that slower than one ``memcpy`` if done
   3-40% on a 2-core VM, depending on the minute (measured: 64 MiB memfd to memfd 5.1 ms on one
   thread, 3.6 ms on two at best). :func:`split` cuts a segment list into parts of about equal bytes, one per thread.
 - Pages in random order read the source out of order. :func:`copy_segments` sorts segments by
-  source offset, and copies many equal-sized pages under 4 KiB with numpy fancy indexing over a
-  sliding-window view of each buffer (one C loop per batch of pages instead of one
+  source offset; equal pages that then lie back to back in the source go in one numpy
+  assignment per run, and many other equal-sized pages under 4 KiB with numpy fancy indexing
+  over a sliding-window view of each buffer (one C loop per batch of pages instead of one
   interpreter round per page).
 """
 
@@ -63,26 +64,44 @@ def split(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray, parts: 
     return out
 
 
-def plan_parts(lengths: np.ndarray, threads: int, part_min: int = PART_MIN) -> int:
+def plan_parts(lengths: np.ndarray, threads: int, part_min: int = PART_MIN, *,
+               runs: bool = False) -> int:
     """How many threads a copy of these segments should use: several only for big copies of
-    big segments (their copies release the GIL; a loop over small pages holds it)."""
+    big segments, or of pages in source runs (``runs``; both release the GIL, a loop over
+    small pages holds it)."""
     total = int(lengths.sum()) if len(lengths) else 0
-    if total < LARGE_SEGMENT * len(lengths):
+    if total < LARGE_SEGMENT * len(lengths) and not runs:
         return 1
     return max(1, min(threads, total // part_min))
 
 
+def by_source(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The segments sorted by source offset, and whether most of them (9 in 10) lie back to
+    back in the source as runs of equal pages, which :func:`copy_segments` copies a run per
+    numpy call without holding the GIL: then :func:`split` of the sorted segments gives each
+    thread whole stretches of runs."""
+    if len(lengths) < MIN_BATCH:
+        return src_off, dst_off, lengths, False
+    order = np.argsort(src_off, kind="stable")
+    src_off, dst_off, lengths = src_off[order], dst_off[order], lengths[order]
+    same = (lengths[1:] == lengths[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
+    return src_off, dst_off, lengths, bool(np.count_nonzero(same) * 10 >= 9 * (len(lengths) - 1))
+
+
 def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,
-                  lengths: np.ndarray) -> None:
+                  lengths: np.ndarray, *, presorted: bool = False) -> None:
     """``dst[d:d+n] = src[s:s+n]`` for every segment; ``dst`` and ``src`` are uint8 arrays.
 
     Segments are copied in source order (reading the source front to back is up to 1.5x
     faster than reading pages in random order, measured with 4-16 KiB pages); where
     destination segments overlap, which copy lands last is unspecified.
     """
-    if len(lengths) > 1:
+    if len(lengths) > 1 and not presorted:  # (``presorted``: by source offset already)
         order = np.argsort(src_off, kind="stable")
         src_off, dst_off, lengths = src_off[order], dst_off[order], lengths[order]
+    if len(lengths) >= MIN_BATCH:
+        src_off, dst_off, lengths = _source_runs(dst, src, src_off, dst_off, lengths)
     small = lengths < SMALL_PAGE
     if np.count_nonzero(small) >= MIN_BATCH:
         sizes, counts = np.unique(lengths[small], return_counts=True)
@@ -93,6 +112,37 @@ def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off
                 rest = ~sel
                 src_off, dst_off, lengths = src_off[rest], dst_off[rest], lengths[rest]
     _loop(dst, src, src_off, dst_off, lengths)
+
+
+def _source_runs(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,
+                 lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copy runs of equal pages that lie back to back in the source (sorted by source offset)
+    with one numpy call per run, and return the segments left.
+
+    A run is the source range seen as a 2-D array of pages, assigned to the rows of a window
+    view of the destination at the pages' offsets: no temporary, no interpreter round per page
+    (1024 random 16 KiB pages from one contiguous source: 0.98 ms against 1.59 ms looped and
+    0.77 ms for one memcpy of the same bytes). Pages from a contiguous buffer into a scattered
+    page table (a KV cache handoff) are this case.
+    """
+    same = (lengths[1:] == lengths[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
+    if np.count_nonzero(same) < MIN_BATCH - 1:
+        return src_off, dst_off, lengths
+    # run boundaries: a run is a maximal stretch of ``same``; segment i starts a new run
+    # unless same[i - 1]
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    ends = np.append(starts[1:], len(lengths))
+    keep = np.ones(len(lengths), dtype=bool)
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        k = b - a
+        if k < MIN_BATCH:
+            continue
+        size = int(lengths[a])
+        s0 = int(src_off[a])
+        dwin = as_strided(dst, shape=(dst.size - size + 1, size), strides=(1, 1), writeable=True)
+        dwin[dst_off[a:b]] = src[s0 : s0 + k * size].reshape(k, size)
+        keep[a:b] = False
+    return src_off[keep], dst_off[keep], lengths[keep]
 
 
 def _loop(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,

@@ -163,8 +163,9 @@ class ShmTransport(Transport):
               dst_off: np.ndarray, lengths: np.ndarray, then: Callable[[], None]) -> None:
         """Copy the segments (inline when small, else on up to COPY_THREADS workers at once),
         then call ``then`` once, from whichever thread finished last."""
+        src_off, dst_off, lengths, runs = _copy.by_source(src_off, dst_off, lengths)
         parts = _copy.split(src_off, dst_off, lengths,
-                            _copy.plan_parts(lengths, self.copy_threads))
+                            _copy.plan_parts(lengths, self.copy_threads, runs=runs))
         left = [len(parts)]
         lock = threading.Lock()
         failed: list[BaseException] = []
@@ -172,7 +173,7 @@ class ShmTransport(Transport):
         def run(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
             try:
                 if not wop.dead and not failed:
-                    _copy.copy_segments(dst, src, *part)
+                    _copy.copy_segments(dst, src, *part, presorted=True)
             except Exception as exc:  # noqa: BLE001 - reported on the transfer below
                 failed.append(exc)
             with lock:
