@@ -154,10 +154,72 @@ def test_pages_in_source_runs_are_split_over_threads_in_source_order() -> None:
     assert runs and (np.diff(s2) == page).all()
     assert sorted(zip(s2.tolist(), d2.tolist())) == sorted(zip(so.tolist(), do.tolist()))
     assert _copy.plan_parts(l2, 2, runs=runs) == 2 and _copy.plan_parts(l2, 2) == 1
-    scattered = rng.choice(4 * n, n, replace=False).astype(np.int64) * page  # no runs
-    assert not _copy.by_source(scattered, do, ln)[3]
+    scattered = rng.choice(4 * n, n, replace=False).astype(np.int64) * page
+    spread = rng.choice(4 * n, n, replace=False).astype(np.int64) * page
+    assert not _copy.by_source(scattered, spread, ln)[3]  # runs on neither side
     src = rng.integers(0, 256, n * page, dtype=np.uint8)
     dst = np.zeros_like(src)
     for part in _copy.split(s2, d2, l2, 2):  # each part: one long run, copied in one call
         _copy.copy_segments(dst, src, *part)
     np.testing.assert_array_equal(dst, reference(np.zeros_like(src), src, so, do, ln))
+
+
+@st.composite
+def dest_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pages gathered from a pool (source offsets mostly multiples of the page size, some not)
+    into runs that lie back to back in the destination, with odd segments between runs."""
+    size = draw(st.sampled_from([1, 16, 96, 4096]))
+    runs = draw(st.lists(st.integers(1, 20), min_size=1, max_size=6))
+    pool = N // size
+    do, ln, pos = [], [], 0
+    for k in runs:
+        pos += draw(st.integers(0, 50))
+        for _ in range(k):
+            do.append(pos)
+            ln.append(size)
+            pos += size
+        if draw(st.booleans()):
+            do.append(pos)
+            ln.append(size + 1)
+            pos += size + 1
+    if pos >= N or len(ln) > pool - 1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    slots = draw(st.lists(st.integers(0, pool - 2), min_size=len(ln), max_size=len(ln), unique=True))
+    shift = draw(st.sampled_from([0, 0, 0, 3]))  # sometimes unaligned: the loop's case
+    so = [slot * size + (shift if size > 3 else 0) for slot in slots]
+    order = draw(st.permutations(range(len(ln))))
+    pick = lambda xs: np.array([xs[i] for i in order], dtype=np.int64)  # noqa: E731
+    return pick(so), pick(do), pick(ln)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dest_runs(), st.integers(1, 3))
+def test_runs_into_a_contiguous_destination_match_a_plain_loop(segs, parts) -> None:
+    so, do, ln = segs
+    rng = np.random.default_rng(len(ln))
+    src = rng.integers(0, 256, N, dtype=np.uint8)
+    dst = rng.integers(0, 256, N, dtype=np.uint8)
+    want = reference(dst, src, so, do, ln)
+    s2, d2, l2, _runs = _copy.by_source(so, do, ln)  # the shm transport's path
+    for part in _copy.split(s2, d2, l2, parts):
+        _copy.copy_segments(dst, src, *part, presorted=True)
+    np.testing.assert_array_equal(dst, want)
+
+
+def test_pages_gathered_from_a_pool_are_one_take_per_run(monkeypatch) -> None:
+    looped: list[int] = []
+    real = _copy._loop
+    monkeypatch.setattr(_copy, "_loop", lambda d, s, so, do, ln: (looped.append(len(ln)), real(d, s, so, do, ln)))
+    n, page = 512, 16 << 10
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, 4 * n * page, dtype=np.uint8)  # a pool 4x the pages moved
+    dst = np.zeros(n * page, dtype=np.uint8)
+    so = rng.choice(4 * n, n, replace=False).astype(np.int64) * page
+    do = rng.permutation(n).astype(np.int64) * page
+    ln = np.full(n, page, np.int64)
+    s2, d2, l2, runs = _copy.by_source(so, do, ln)
+    assert runs and (np.diff(d2) == page).all()
+    for part in _copy.split(s2, d2, l2, 2):
+        _copy.copy_segments(dst, src, *part, presorted=True)
+    assert looped == [0, 0]
+    np.testing.assert_array_equal(dst, reference(np.zeros_like(dst), src, so, do, ln))
