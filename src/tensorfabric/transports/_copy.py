@@ -125,6 +125,18 @@ def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off
     _loop(dst, src, src_off, dst_off, lengths)
 
 
+def _runs(lengths: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` index ranges of at least MIN_BATCH equal segments lying back to back at
+    ``offsets`` (in the given order)."""
+    same = (lengths[1:] == lengths[:-1]) & (offsets[1:] == offsets[:-1] + lengths[:-1])
+    if np.count_nonzero(same) < MIN_BATCH - 1:
+        return []
+    # segment i starts a new run unless same[i - 1]
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    ends = np.append(starts[1:], len(lengths))
+    return [(a, b) for a, b in zip(starts.tolist(), ends.tolist()) if b - a >= MIN_BATCH]
+
+
 def _source_runs(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: np.ndarray,
                  lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Copy runs of equal pages that lie back to back in the source (sorted by source offset)
@@ -136,18 +148,9 @@ def _source_runs(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off:
     0.77 ms for one memcpy of the same bytes). Pages from a contiguous buffer into a scattered
     page table (a KV cache handoff) are this case.
     """
-    same = (lengths[1:] == lengths[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
-    if np.count_nonzero(same) < MIN_BATCH - 1:
-        return src_off, dst_off, lengths
-    # run boundaries: a run is a maximal stretch of ``same``; segment i starts a new run
-    # unless same[i - 1]
-    starts = np.flatnonzero(np.concatenate(([True], ~same)))
-    ends = np.append(starts[1:], len(lengths))
     keep = np.ones(len(lengths), dtype=bool)
-    for a, b in zip(starts.tolist(), ends.tolist()):
+    for a, b in _runs(lengths, src_off):
         k = b - a
-        if k < MIN_BATCH:
-            continue
         size = int(lengths[a])
         s0 = int(src_off[a])
         dwin = as_strided(dst, shape=(dst.size - size + 1, size), strides=(1, 1), writeable=True)
@@ -164,16 +167,11 @@ def _dest_runs(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off: n
     246 us for 512 pages of 16 KiB); return the segments left, in their order."""
     order = np.argsort(dst_off, kind="stable")
     so, do, ln = src_off[order], dst_off[order], lengths[order]
-    same = (ln[1:] == ln[:-1]) & (do[1:] == do[:-1] + ln[:-1])
-    if np.count_nonzero(same) < MIN_BATCH - 1:
-        return src_off, dst_off, lengths
-    starts = np.flatnonzero(np.concatenate(([True], ~same)))
-    ends = np.append(starts[1:], len(ln))
     done = np.zeros(len(ln), dtype=bool)
-    for a, b in zip(starts.tolist(), ends.tolist()):
+    for a, b in _runs(ln, do):
         k = b - a
         size = int(ln[a])
-        if k < MIN_BATCH or (so[a:b] % size).any():
+        if (so[a:b] % size).any():
             continue
         d0 = int(do[a])
         rows = src[: src.size // size * size].reshape(-1, size)
