@@ -83,6 +83,8 @@ def coalesce(src_off: np.ndarray, dst_off: np.ndarray, length: int) -> tuple[np.
         return empty, empty, empty
     brk = np.ones(n, dtype=bool)
     brk[1:] = (src_off[1:] != src_off[:-1] + length) | (dst_off[1:] != dst_off[:-1] + length)
+    if brk.all():  # nothing to merge (pages in random order): skip the run bookkeeping
+        return src_off, dst_off, np.full(n, length, dtype=np.uint64)
     starts = np.flatnonzero(brk)
     counts = np.diff(np.append(starts, n))
     return src_off[starts], dst_off[starts], counts.astype(np.uint64) * np.uint64(length)

@@ -48,6 +48,10 @@ def split(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray, parts: 
     total = int(lengths.sum())
     if parts <= 1 or total == 0:
         return [(src_off, dst_off, lengths)]
+    n = len(lengths)
+    if n >= parts and (lengths == lengths[0]).all():  # equal segments (pages): cut between them
+        cuts = [n * i // parts for i in range(parts + 1)]
+        return [(src_off[a:b], dst_off[a:b], lengths[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     ends = np.cumsum(lengths)
     starts = ends - lengths
     cuts = [total * i // parts for i in range(parts + 1)]
