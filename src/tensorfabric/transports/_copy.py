@@ -108,7 +108,9 @@ def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off
 
     Segments are copied in source order (reading the source front to back is up to 1.5x
     faster than reading pages in random order, measured with 4-16 KiB pages); where
-    destination segments overlap, which copy lands last is unspecified.
+    destination segments overlap, which copy lands last is unspecified, and so is the result
+    where a destination segment overlaps a source segment in memory (runs of pages are copied
+    in one call each, not segment after segment).
     """
     if len(lengths) > 1 and not presorted:  # (``presorted``: by source offset already)
         order = np.argsort(src_off, kind="stable")
