@@ -72,10 +72,11 @@ def test_chain_sends_the_model_once_from_the_trainer_direct_sends_it_per_replica
         sent = [(a[0] - b[0]) / plan.nbytes for a, b in zip(after, before)]
         got = [(a[1] - b[1]) / plan.nbytes for a, b in zip(after, before)]
         assert all(0.95 <= g <= 1.3 for g in got[1:]), f"each replica receives the model once: {got}"
-        if fan == "chain":  # trainer -> r1 -> r2 -> r3
+        if fan == "chain":  # trainer -> ra -> rb -> rc, in the order the replicas joined
             assert 0.95 <= sent[0] <= 1.3, f"trainer NIC sent {sent[0]:.2f} models"
-            assert all(0.95 <= s <= 1.3 for s in sent[1:N]), f"relays forward once: {sent}"
-            assert sent[N] < 0.1, f"the chain's tail forwards nothing: {sent}"
+            relays = sorted(sent[1:])
+            assert relays[0] < 0.1, f"the chain's tail forwards nothing: {sent}"
+            assert all(0.95 <= s <= 1.3 for s in relays[1:]), f"relays forward once: {sent}"
         else:
             assert N * 0.95 <= sent[0] <= N * 1.3, f"trainer NIC sent {sent[0]:.2f} models"
             assert all(s < 0.1 for s in sent[1:]), f"replicas forward nothing: {sent}"
