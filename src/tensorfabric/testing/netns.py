@@ -47,7 +47,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "Link",
@@ -246,7 +246,7 @@ class _Namespaces:
             _sh(["ip", "netns", "del", name], check=False)
         _live.discard(self)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -307,10 +307,7 @@ class NetnsLinks(_Namespaces):
             for side, addr in (("a", link.addr_a), ("b", link.addr_b)):
                 self._ip(side, "addr", "add", f"{addr}/{link.prefix}", "dev", link.dev)
                 self._ip(side, "link", "set", link.dev, "up")
-                self._shape(side, link)
-
-    def _shape(self, side: str, link: Link) -> None:
-        self._tbf(side, link.dev, link.spec)
+                self._tbf(side, link.dev, link.spec)
 
     # -- using ------------------------------------------------------------------------------
     def set_link(self, index: int, up: bool, side: str = "a") -> None:
@@ -326,14 +323,11 @@ class NetnsLinks(_Namespaces):
         spec = LinkSpec(rate, old.spec.burst, old.spec.latency)
         self.links[index] = Link(old.index, spec, old.dev, old.addr_a, old.addr_b, old.prefix)
         for side in "ab":
-            self._shape(side, self.links[index])
+            self._tbf(side, self.links[index].dev, self.links[index].spec)
 
     @property
     def total_bytes_per_s(self) -> float:
         return sum(link.bytes_per_s for link in self.links)
-
-    def __enter__(self) -> NetnsLinks:
-        return self
 
 
 class NetnsHosts(_Namespaces):
@@ -433,9 +427,6 @@ class NetnsHosts(_Namespaces):
     def set_link(self, host: int, up: bool) -> None:
         """Unplug (``up=False``) or plug back host ``host``'s NIC."""
         self._ip(host, "link", "set", "dev", "tfnic", "up" if up else "down")
-
-    def __enter__(self) -> NetnsHosts:
-        return self
 
 
 @atexit.register
