@@ -107,8 +107,12 @@ def bench(
         kw["budget_s"] = budget
     pin_v = pick(pin, "pin", None)
     if pin_v is not None:
-        if pin_v not in ("same", "split"):
-            raise typer.BadParameter(f"unknown --pin {pin_v!r}: use same or split")
+        from tensorfabric.bench._baselines import pin_cpus
+
+        try:  # also: split needs two CPUs, pinning needs Linux
+            pin_cpus(pin_v)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
         kw["pin"] = pin_v
     chunk_v = pick(chunk, "chunk", None)
     if chunk_v:

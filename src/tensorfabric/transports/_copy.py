@@ -91,13 +91,11 @@ def by_source(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
     order = np.argsort(src_off, kind="stable")
     src_off, dst_off, lengths = src_off[order], dst_off[order], lengths[order]
     need = 9 * (len(lengths) - 1)
-    same = (lengths[1:] == lengths[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
-    if np.count_nonzero(same) * 10 >= need:
+    if np.count_nonzero(_back_to_back(lengths, src_off)) * 10 >= need:
         return src_off, dst_off, lengths, True
     order = np.argsort(dst_off, kind="stable")
     so, do, ln = src_off[order], dst_off[order], lengths[order]
-    same = (ln[1:] == ln[:-1]) & (do[1:] == do[:-1] + ln[:-1]) & (so[1:] % ln[1:] == 0)
-    if np.count_nonzero(same) * 10 >= need:
+    if np.count_nonzero(_back_to_back(ln, do) & (so[1:] % ln[1:] == 0)) * 10 >= need:
         return so, do, ln, True
     return src_off, dst_off, lengths, False
 
@@ -131,10 +129,15 @@ def copy_segments(dst: np.ndarray, src: np.ndarray, src_off: np.ndarray, dst_off
     _loop(dst, src, src_off, dst_off, lengths)
 
 
+def _back_to_back(lengths: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``[i]``: segment ``i + 1`` has the length of segment ``i`` and starts where it ends."""
+    return (lengths[1:] == lengths[:-1]) & (offsets[1:] == offsets[:-1] + lengths[:-1])
+
+
 def _runs(lengths: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int]]:
     """``[a, b)`` index ranges of at least MIN_BATCH equal segments lying back to back at
     ``offsets`` (in the given order)."""
-    same = (lengths[1:] == lengths[:-1]) & (offsets[1:] == offsets[:-1] + lengths[:-1])
+    same = _back_to_back(lengths, offsets)
     if np.count_nonzero(same) < MIN_BATCH - 1:
         return []
     # segment i starts a new run unless same[i - 1]
