@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import tensorfabric as tf
-from tensorfabric.testing.netns import NetnsHosts, skip_unless_netns
+from tensorfabric.testing.netns import _RAW_CLIENT, _RAW_SERVER, NetnsHosts, skip_unless_netns
 from tensorfabric.weights import Publisher, Subscriber, WeightPlan, same_layout, specs_of
 
 from helpers.weights import expected_bytes, replica_bytes
@@ -87,43 +87,30 @@ def test_chain_sends_the_model_once_from_the_trainer_direct_sends_it_per_replica
             e.close()
 
 
-_SINK = r"""
-import socket, sys, time
-srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
-print("ready", flush=True)
-conn, _ = srv.accept(); got = 0; buf = bytearray(1 << 20); t0 = None
-while True:
-    n = conn.recv_into(buf)
-    if not n: break
-    t0 = t0 or time.perf_counter(); got += n
-print(got / (time.perf_counter() - t0), flush=True)
-"""
-_SOURCE = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-chunk = bytes(1 << 20)
-for _ in range(int(sys.argv[3])): s.sendall(chunk)
-"""
-
-
 def _streams(fab: NetnsHosts, pairs: list[tuple[int, int]], mb: int) -> tuple[list[float], float]:
-    """Concurrent raw TCP streams src -> dst: each one's rate, and all bytes over the wall time
-    of the whole run, as shares of the NIC rate."""
+    """Concurrent raw TCP streams src -> dst (the netns module's raw-throughput scripts): each
+    one's rate, and all bytes over the wall time of the whole run, as shares of the NIC rate."""
+    nbytes = mb * 2**20
     sinks = []
     for i, (_, dst) in enumerate(pairs):
-        p = fab.popen(dst, [sys.executable, "-c", _SINK, fab.addr(dst), str(47000 + i)],
+        p = fab.popen(dst, [sys.executable, "-c", _RAW_SERVER, fab.addr(dst), str(47000 + i), str(nbytes)],
                       stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         sinks.append(p)
     t0 = time.perf_counter()
-    srcs = [fab.popen(src, [sys.executable, "-c", _SOURCE, fab.addr(dst), str(47000 + i), str(mb)])
+    srcs = [fab.popen(src, [sys.executable, "-c", _RAW_CLIENT, fab.addr(dst), str(47000 + i), str(nbytes), ""])
             for i, (src, dst) in enumerate(pairs)]
     for p in srcs:
         assert p.wait(timeout=60) == 0
     wall = time.perf_counter() - t0
     rate = fab.specs[0].bytes_per_s
-    each = [float(p.stdout.readline()) / rate for p in sinks if p.stdout is not None]
-    return each, len(pairs) * mb * 2**20 / wall / rate
+    each = []
+    for p in sinks:
+        assert p.stdout is not None
+        got, secs = p.stdout.readline().split()
+        assert int(got) == nbytes
+        each.append(nbytes / float(secs) / rate)
+    return each, len(pairs) * nbytes / wall / rate
 
 
 def test_each_host_has_its_own_full_duplex_nic(fab: NetnsHosts) -> None:

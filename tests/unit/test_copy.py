@@ -4,6 +4,7 @@ move exactly the bytes a plain per-segment loop moves."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,14 @@ def reference(dst: np.ndarray, src: np.ndarray, so: np.ndarray, do: np.ndarray,
     for s, d, n in zip(so.tolist(), do.tolist(), ln.tolist()):
         out[d:d + n] = src[s:s + n]
     return out
+
+
+def _case(so: np.ndarray, do: np.ndarray, ln: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random source and destination buffers, and what the destination must hold after."""
+    rng = np.random.default_rng(len(ln))
+    src = rng.integers(0, 256, N, dtype=np.uint8)
+    dst = rng.integers(0, 256, N, dtype=np.uint8)
+    return src, dst, reference(dst, src, so, do, ln)
 
 
 @st.composite
@@ -44,10 +53,7 @@ def segments(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @given(segments(), st.integers(1, 5))
 def test_split_then_copy_matches_a_plain_loop(segs, parts) -> None:
     so, do, ln = segs
-    rng = np.random.default_rng(len(ln))
-    src = rng.integers(0, 256, N, dtype=np.uint8)
-    dst = rng.integers(0, 256, N, dtype=np.uint8)
-    want = reference(dst, src, so, do, ln)
+    src, dst, want = _case(so, do, ln)
     pieces = _copy.split(so, do, ln, parts)
     assert sum(int(p[2].sum()) for p in pieces) == int(ln.sum())
     assert all((p[2] > 0).all() for p in pieces)
@@ -86,50 +92,65 @@ def test_plan_parts() -> None:
     assert _copy.plan_parts(np.array([], dtype=np.int64), 4) == 1
 
 
-@st.composite
-def source_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pages taken back to back from the source (runs of one size, some runs short, some
-    segments odd-sized) to a shuffled set of non-overlapping destination slots."""
-    size = draw(st.sampled_from([1, 16, 100, 4096]))
-    runs = draw(st.lists(st.integers(1, 20), min_size=1, max_size=6))
-    so, ln, pos = [], [], 0
-    for k in runs:
+def _runs_of(draw: st.DrawFn, size: int) -> tuple[list[int], list[int], int]:
+    """Offsets and lengths of runs of ``size``-byte segments lying back to back (some runs
+    short, an odd-sized segment after some), gaps between runs; and the end offset."""
+    off, ln, pos = [], [], 0
+    for k in draw(st.lists(st.integers(1, 20), min_size=1, max_size=6)):
         pos += draw(st.integers(0, 50))
         for _ in range(k):
-            so.append(pos)
+            off.append(pos)
             ln.append(size)
             pos += size
         if draw(st.booleans()):  # an odd segment between runs
+            off.append(pos)
             ln.append(size + 1)
-            so.append(pos)
             pos += size + 1
-    slots = max(ln) + 7  # destination slots of one width, a gap in each
-    if pos >= N or len(ln) * slots >= N:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    perm = draw(st.permutations(range(len(ln))))
-    do = [perm[i] * slots for i in range(len(ln))]
+    return off, ln, pos
+
+
+def _in_any_order(draw: st.DrawFn, so: list[int], do: list[int], ln: list[int],
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = draw(st.permutations(range(len(ln))))  # the caller's order is arbitrary
     pick = lambda xs: np.array([xs[i] for i in order], dtype=np.int64)  # noqa: E731
     return pick(so), pick(do), pick(ln)
+
+
+_NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@st.composite
+def source_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pages taken back to back from the source to a shuffled set of non-overlapping
+    destination slots."""
+    so, ln, end = _runs_of(draw, draw(st.sampled_from([1, 16, 100, 4096])))
+    slots = max(ln) + 7  # destination slots of one width, a gap in each
+    if end >= N or len(ln) * slots >= N:
+        return _NONE
+    perm = draw(st.permutations(range(len(ln))))
+    return _in_any_order(draw, so, [perm[i] * slots for i in range(len(ln))], ln)
 
 
 @settings(max_examples=150, deadline=None)
 @given(source_runs())
 def test_runs_from_a_contiguous_source_match_a_plain_loop(segs) -> None:
     so, do, ln = segs
-    rng = np.random.default_rng(len(ln))
-    src = rng.integers(0, 256, N, dtype=np.uint8)
-    dst = rng.integers(0, 256, N, dtype=np.uint8)
-    want = reference(dst, src, so, do, ln)
+    src, dst, want = _case(so, do, ln)
     _copy.copy_segments(dst, src, so, do, ln)
     np.testing.assert_array_equal(dst, want)
 
 
-def test_a_long_source_run_is_copied_in_one_numpy_call(monkeypatch) -> None:
-    """1024 pages of 16 KiB from one contiguous source: no per-page loop left over."""
-    looped: list[int] = []
+@pytest.fixture
+def looped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Segments left to the per-page loop, one entry per call."""
+    calls: list[int] = []
     real = _copy._loop
-    monkeypatch.setattr(_copy, "_loop", lambda d, s, so, do, ln: (looped.append(len(ln)), real(d, s, so, do, ln)))
+    monkeypatch.setattr(_copy, "_loop", lambda d, s, so, do, ln: (calls.append(len(ln)), real(d, s, so, do, ln)))
+    return calls
+
+
+def test_a_long_source_run_is_copied_in_one_numpy_call(looped: list[int]) -> None:
+    """1024 pages of 16 KiB from one contiguous source: no per-page loop left over."""
     n, page = 1024, 16 << 10
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, n * page, dtype=np.uint8)
@@ -167,49 +188,29 @@ def test_pages_in_source_runs_are_split_over_threads_in_source_order() -> None:
 @st.composite
 def dest_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pages gathered from a pool (source offsets mostly multiples of the page size, some not)
-    into runs that lie back to back in the destination, with odd segments between runs."""
+    into runs that lie back to back in the destination."""
     size = draw(st.sampled_from([1, 16, 96, 4096]))
-    runs = draw(st.lists(st.integers(1, 20), min_size=1, max_size=6))
+    do, ln, end = _runs_of(draw, size)
     pool = N // size
-    do, ln, pos = [], [], 0
-    for k in runs:
-        pos += draw(st.integers(0, 50))
-        for _ in range(k):
-            do.append(pos)
-            ln.append(size)
-            pos += size
-        if draw(st.booleans()):
-            do.append(pos)
-            ln.append(size + 1)
-            pos += size + 1
-    if pos >= N or len(ln) > pool - 1:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if end >= N or len(ln) > pool - 1:
+        return _NONE
     slots = draw(st.lists(st.integers(0, pool - 2), min_size=len(ln), max_size=len(ln), unique=True))
     shift = draw(st.sampled_from([0, 0, 0, 3]))  # sometimes unaligned: the loop's case
-    so = [slot * size + (shift if size > 3 else 0) for slot in slots]
-    order = draw(st.permutations(range(len(ln))))
-    pick = lambda xs: np.array([xs[i] for i in order], dtype=np.int64)  # noqa: E731
-    return pick(so), pick(do), pick(ln)
+    return _in_any_order(draw, [slot * size + (shift if size > 3 else 0) for slot in slots], do, ln)
 
 
 @settings(max_examples=150, deadline=None)
 @given(dest_runs(), st.integers(1, 3))
 def test_runs_into_a_contiguous_destination_match_a_plain_loop(segs, parts) -> None:
     so, do, ln = segs
-    rng = np.random.default_rng(len(ln))
-    src = rng.integers(0, 256, N, dtype=np.uint8)
-    dst = rng.integers(0, 256, N, dtype=np.uint8)
-    want = reference(dst, src, so, do, ln)
+    src, dst, want = _case(so, do, ln)
     s2, d2, l2, _runs = _copy.by_source(so, do, ln)  # the shm transport's path
     for part in _copy.split(s2, d2, l2, parts):
         _copy.copy_segments(dst, src, *part, presorted=True)
     np.testing.assert_array_equal(dst, want)
 
 
-def test_pages_gathered_from_a_pool_are_one_take_per_run(monkeypatch) -> None:
-    looped: list[int] = []
-    real = _copy._loop
-    monkeypatch.setattr(_copy, "_loop", lambda d, s, so, do, ln: (looped.append(len(ln)), real(d, s, so, do, ln)))
+def test_pages_gathered_from_a_pool_are_one_take_per_run(looped: list[int]) -> None:
     n, page = 512, 16 << 10
     rng = np.random.default_rng(3)
     src = rng.integers(0, 256, 4 * n * page, dtype=np.uint8)  # a pool 4x the pages moved
