@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -88,7 +87,8 @@ def child_env() -> dict[str, str]:
 
 def pin_cpus(pin: str | None) -> tuple[set[int], set[int]] | None:
     """CPUs for (this process, the peer processes) under ``--pin``: ``same`` puts every
-    process on CPU 0, ``split`` this one on CPU 0 and the peers on CPU 1; None: no pinning.
+    process on the first CPU this process may use, ``split`` this one there and the peers on
+    the second; None: no pinning.
 
     A wake-up that crosses to another CPU costs far more than one on the same CPU in a VM
     (here: a raw ping-pong took 15-19 us on one vCPU, 56-73 us across two), so latency ratios
@@ -106,7 +106,7 @@ def pin_cpus(pin: str | None) -> tuple[set[int], set[int]] | None:
     return {cpus[0]}, {cpus[0] if pin == "same" else cpus[1]}
 
 
-def on_cpus(cpus: set[int] | None) -> Any:
+def on_cpus(cpus: set[int] | None) -> Callable[[], None] | None:
     """A ``preexec_fn`` that pins a child process to ``cpus`` (None: no pinning)."""
     if cpus is None:
         return None
