@@ -18,6 +18,8 @@ _COMMAND_MODULES = (
     "_weights",  # tensorfabric plan-weights, publish
     "_serve",  # tensorfabric serve
     "_pool",  # tensorfabric pool ...
+    "_models",  # tensorfabric models (the model cache)
+    "_vllm",  # tensorfabric vllm-disagg ...
 )
 
 
