@@ -1,0 +1,100 @@
+"""Routing plans: which token rows go to which rank, and where the answers come back.
+
+Pure numpy, no fabric: the sender's :func:`plan_dispatch` and the receiver's
+:func:`plan_experts` are the two halves of the dispatch/combine bookkeeping.
+
+A token goes to a rank once, however many of its top-k experts live there (pplx-garden style);
+with it travels a small table saying which local expert each of its k slots picks (-1: another
+rank's). The experts' outputs come back once per (token, slot) pair (DeepEP style), so the
+weighted sum is made where the token lives, in slot order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._errors import ConfigError, ProtocolError
+
+
+@dataclass
+class DispatchPlan:
+    """The sender's side of one step."""
+
+    rows: list[np.ndarray]   # per destination rank: token indices sent there, ascending
+    meta: list[np.ndarray]   # per destination rank: [n, K] int16 local expert per slot or -1
+    pairs: np.ndarray        # per destination rank: (token, slot) pairs it answers
+    base: np.ndarray         # per destination rank: first answer row in our combine region
+    pos: np.ndarray          # [T, K] int64: answer row of each (token, slot); masked -> zero row
+
+
+def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> DispatchPlan:
+    """Plan a step for top-k expert ids ``ids`` [T, K] (-1: no expert) over ``world`` ranks
+    holding ``local`` consecutive experts each; ``zero_row`` is an answer row that stays 0."""
+    T, K = ids.shape
+    rank_of = np.where(ids >= 0, ids // local, world).astype(np.int64)
+    rows, meta = [], []
+    for d in range(world):
+        hit = rank_of == d
+        t_d = np.flatnonzero(hit.any(axis=1))
+        rows.append(t_d)
+        m = np.where(hit[t_d], ids[t_d] - d * local, -1).astype(np.int16)
+        meta.append(np.ascontiguousarray(m))
+    flat = rank_of.ravel()
+    order = np.argsort(flat, kind="stable")
+    pairs = np.bincount(flat, minlength=world + 1)[:world]
+    base = np.zeros(world, np.int64)
+    np.cumsum(pairs[:-1], out=base[1:])
+    nvalid = int(pairs.sum())
+    pos = np.full(T * K, zero_row, np.int64)
+    pos[order[:nvalid]] = np.arange(nvalid)
+    return DispatchPlan(rows, meta, pairs.astype(np.int64), base, pos.reshape(T, K))
+
+
+@dataclass
+class ExpertPlan:
+    """The receiver's side of one step: local expert batches and the answers' order."""
+
+    gather: np.ndarray       # [R] source row (in the receive region's row view) of batch row r
+    counts: np.ndarray       # [L] rows per local expert
+    replies: list[np.ndarray]  # per source rank: batch rows to send back, in (token, slot) order
+
+
+def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertPlan:
+    """Group the (token, slot) pairs that sources sent into per-local-expert batches.
+
+    ``metas[s]`` is source ``s``'s [n, K] table; batch rows are ordered by expert, then source,
+    then token, then slot, so a batch lists its tokens in the global (rank, token) order.
+    """
+    experts, src_rows, per_source = [], [], []
+    for s, m in enumerate(metas):
+        i, _ = np.nonzero(m >= 0)
+        e = m[m >= 0].astype(np.int64)
+        if len(e) and (int(e.max()) >= local):
+            raise ProtocolError(f"rank {s} routed a token to local expert {int(e.max())}; "
+                                f"this rank holds {local}")
+        experts.append(e)
+        src_rows.append(i.astype(np.int64) + s * slot_rows)
+        per_source.append(len(e))
+    e_all = np.concatenate(experts) if experts else np.zeros(0, np.int64)
+    r_all = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
+    order = np.argsort(e_all, kind="stable")
+    inv = np.empty(len(order), np.int64)
+    inv[order] = np.arange(len(order))
+    bounds = np.concatenate([[0], np.cumsum(per_source)])
+    replies = [inv[bounds[s]:bounds[s + 1]] for s in range(len(metas))]
+    return ExpertPlan(r_all[order], np.bincount(e_all, minlength=local).astype(np.int64),
+                      replies)
+
+
+def check_ids(ids: np.ndarray, tokens: int, experts: int) -> np.ndarray:
+    """Validate top-k ids: [tokens, K] integers in [-1, experts)."""
+    if ids.ndim != 2 or ids.shape[0] != tokens:
+        raise ConfigError(f"topk_ids must have shape [{tokens}, K], got {ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
+        raise ConfigError(f"topk_ids must hold integers, got {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= experts):
+        raise ConfigError(f"topk_ids must lie in [-1, {experts}) (-1: no expert)")
+    return ids

@@ -1,0 +1,96 @@
+"""One rank of an MoE group, in its own process: runs the scenarios of ``moe_case`` (or dies
+on purpose mid-step) and writes what it saw to ``<dir>/out.<rank>.npz`` / ``.json``.
+
+    python moe_rank.py RANK WORLD DIR TRANSPORT MODE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from moe_case import EXPERTS, HIDDEN, MAX_TOKENS, SCENARIOS, TOPK, expert_mlp, step_input
+
+import tensorfabric as tf
+from tensorfabric.moe import ExpertParallel, FileExchange
+
+SECRET = "moe-test"
+
+
+def group(eng: tf.Engine, rank: int, world: int, path: str, *, key: str = "moe",
+          dtype: str = "float32", timeout: float = 20.0, group_id: int = 0) -> ExpertParallel:
+    return ExpertParallel(eng, rank=rank, world=world, num_experts=EXPERTS, hidden=HIDDEN,
+                          topk=TOPK, max_tokens=MAX_TOKENS, dtype=dtype, timeout=timeout,
+                          group=group_id, exchange=FileExchange(path, rank, world, key=key))
+
+
+def layer(ep: ExpertParallel, inp: object) -> np.ndarray:
+    got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
+    return ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
+
+
+def scenarios(eng: tf.Engine, rank: int, world: int, path: str) -> None:
+    with group(eng, rank, world, path) as ep:
+        outs = {f"{step}": layer(ep, step_input(name, step, rank, world))
+                for step, name in enumerate(SCENARIOS)}
+    np.savez(os.path.join(path, f"out.{rank}.npz"), **outs)
+
+
+def dtypes(eng: tf.Engine, rank: int, world: int, path: str) -> None:
+    """torch float32 / bfloat16 and numpy float16 through identity experts scaled by e + 1."""
+    import torch
+
+    out = {}
+    for gid, (dtype, lib) in enumerate([("float32", "torch"), ("bfloat16", "torch"),
+                                        ("float16", "numpy")], start=1):
+        inp = step_input("random", 0, rank, world)
+        x = inp.tokens.astype(np.float16) if lib == "numpy" else \
+            torch.from_numpy(inp.tokens).to(getattr(torch, dtype))
+        ids = torch.from_numpy(inp.ids) if lib == "torch" else inp.ids
+        with group(eng, rank, world, path, key=f"dt{gid}", dtype=dtype, group_id=gid) as ep:
+            got = ep.dispatch(x, ids, inp.weights)
+            assert type(got.tokens) is type(x) and got.tokens.dtype == x.dtype
+            y = ep.combine([b * (e + 1) for e, b in zip(got.experts, got.batches)])
+        assert type(y) is type(x) and y.dtype == x.dtype, (type(y), y.dtype)
+        out[dtype] = (y.float().view(torch.int32).numpy() if lib == "torch" and
+                      dtype == "bfloat16" else np.asarray(y, dtype=np.float32))
+    np.savez(os.path.join(path, f"out.{rank}.npz"), **out)
+
+
+def dies(eng: tf.Engine, rank: int, world: int, path: str) -> None:
+    """Rank world-1 exits in the middle of step 1 (after its dispatch); the others report
+    what their step raised and how long it took."""
+    ep = group(eng, rank, world, path, timeout=15.0)
+    layer(ep, step_input("random", 0, rank, world))
+    inp = step_input("random", 1, rank, world)
+    got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
+    if rank == world - 1:
+        os._exit(3)
+    t0 = time.monotonic()
+    report = {"error": None}
+    try:
+        ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
+    except tf.TensorFabricError as exc:
+        report = {"error": type(exc).__name__, "message": str(exc)}
+    report["elapsed"] = time.monotonic() - t0
+    try:  # the group stays broken
+        ep.dispatch(inp.tokens, inp.ids, inp.weights)
+    except tf.TensorFabricError as exc:
+        report["after"] = type(exc).__name__
+    with open(os.path.join(path, f"out.{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def main() -> None:
+    rank, world, path, transport, mode = sys.argv[1:6]
+    transports = ("shm", "tcp") if transport == "shm" else ("tcp",)
+    with tf.Engine(SECRET, transports=transports, name=f"rank{rank}") as eng:
+        {"scenarios": scenarios, "dtypes": dtypes, "dies": dies}[mode](
+            eng, int(rank), int(world), path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""MoE dispatch and combine between real processes: equal to a one-process reference layer
+on shm and tcp, every dtype, and a rank that dies mid-step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import subprocess_env
+from helpers.moe_case import SCENARIOS, WORLD, reference, step_input
+
+RANK = Path(__file__).resolve().parent.parent / "helpers" / "moe_rank.py"
+
+
+def run_group(tmp: Path, transport: str, mode: str, world: int = WORLD,
+              limit: float = 90.0) -> list[int]:
+    procs = [subprocess.Popen([sys.executable, str(RANK), str(r), str(world), str(tmp),
+                               transport, mode], env=subprocess_env(OMP_NUM_THREADS="1",
+                                                                    OPENBLAS_NUM_THREADS="1"))
+             for r in range(world)]
+    deadline = time.monotonic() + limit
+    try:
+        return [p.wait(max(deadline - time.monotonic(), 0.1)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_dispatch_combine_equals_reference(tmp_path: Path, transport: str) -> None:
+    assert run_group(tmp_path, transport, "scenarios") == [0] * WORLD
+    outs = [np.load(tmp_path / f"out.{r}.npz") for r in range(WORLD)]
+    for step, name in enumerate(SCENARIOS):
+        want = reference([step_input(name, step, r) for r in range(WORLD)])
+        for r in range(WORLD):
+            got = outs[r][f"{step}"]
+            assert got.dtype == np.float32 and got.shape == want[r].shape, (name, r)
+            assert np.array_equal(got, want[r]), f"{name}: rank {r} differs from the reference"
+
+
+def test_torch_and_half_dtypes(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    world = 2
+    assert run_group(tmp_path, "shm", "dtypes", world=world) == [0] * world
+    for r in range(world):
+        got = np.load(tmp_path / f"out.{r}.npz")
+        inp = step_input("random", 0, r, world)
+        for dtype in ("float32", "bfloat16", "float16"):
+            tdt = getattr(torch, dtype)
+            x = torch.from_numpy(inp.tokens).to(tdt).float()
+            w = torch.from_numpy(inp.weights)
+            ids = torch.from_numpy(inp.ids)
+            acc = torch.zeros_like(x)
+            for k in range(ids.shape[1]):  # identity experts scaled by e + 1, in slot order
+                out = (x * (ids[:, k, None] + 1)).to(tdt).float()
+                acc += w[:, k, None] * out
+            want = acc.to(tdt).float()
+            if dtype == "bfloat16":
+                assert np.array_equal(got[dtype], want.view(torch.int32).numpy()), dtype
+            else:
+                assert np.array_equal(got[dtype], want.numpy()), dtype
+
+
+def test_rank_killed_mid_step_breaks_every_peer(tmp_path: Path) -> None:
+    codes = run_group(tmp_path, "shm", "dies", limit=60.0)
+    assert codes[-1] == 3 and codes[:-1] == [0] * (WORLD - 1)
+    for r in range(WORLD - 1):
+        report = json.loads((tmp_path / f"out.{r}.json").read_text())
+        assert report["error"] == "BrokenError", report
+        assert report["elapsed"] < 15.0, report  # within the group's timeout, not at it
+        assert report["after"] == "BrokenError"
