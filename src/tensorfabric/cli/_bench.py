@@ -65,12 +65,25 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
     plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
     no_baselines: bool = typer.Option(False, help="Skip the baselines (ratios left empty)."),
+    moe: bool = typer.Option(False, help="MoE dispatch/combine latency against gloo all_to_all "
+                                         "and a raw-socket all-to-all (see docs/moe.md)."),
+    moe_points: Optional[str] = typer.Option(
+        None, help="With --moe: EPxTOKENSxHIDDENxEXPERTS[xTOPK] list, e.g. 2x128x2048x64,4x4096x7168x256."),
 ) -> None:
     """Measure write, paged write, read, immediate and send/recv between two engines.
 
     By default two local engines run in two processes; every figure is a ratio to a baseline
     measured in the same run (raw socket for tcp, memcpy for shm, raw ping-pong for latency).
     """
+    if moe:
+        from tensorfabric.bench._moe import moe_command
+
+        try:
+            moe_command(moe_points, transport, quick=quick, json_out=json_out,
+                        baselines=not no_baselines, echo=typer.echo)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return
     from tensorfabric.bench import BenchConfig, format_table, parse_size, plot_rows, run_bench
 
     file_opts = load_config(config) if config else {}

@@ -114,6 +114,8 @@ class ExpertParallel:
         self._xbuf = np.empty((0, self.row_bytes), np.uint8)
         self._obuf = np.empty((0, self.row_bytes), np.uint8)
         self._step = 0
+        #: seconds the last step spent: packing, waiting on the fabric, unpacking/reducing
+        self.timings: dict[str, float] = {}
         self._pending: _Pending | None = None
         self._broken: BaseException | None = None
         self._closed = False
@@ -176,6 +178,7 @@ class ExpertParallel:
         weights = tx.plain(topk_weights, "topk_weights")
         if weights.shape != ids.shape:
             raise ConfigError(f"topk_weights must have shape {ids.shape}, got {weights.shape}")
+        t0 = time.perf_counter()
         plan = plan_dispatch(ids, self.world, self.local, self._answers)
         self._step += 1
         xb = x.view(np.uint8).reshape(T, self.row_bytes)
@@ -191,7 +194,9 @@ class ExpertParallel:
                 dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
                 timeout=self.timeout))
             off += _up(sizes[d], _ALIGN)
+        t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
+        t2 = time.perf_counter()
         metas, bases = self._read_slots()
         eplan = plan_experts(metas, self._slot_rows, self.local)
         for s, m in enumerate(metas):
@@ -206,6 +211,8 @@ class ExpertParallel:
         batches = [typed[int(bounds[e]):int(bounds[e + 1])] for e in range(self.local)]
         self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
         first = self.rank * self.local
+        self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
+                        "dispatch_unpack": time.perf_counter() - t2}
         return DispatchResult(batches, typed, eplan.counts, range(first, first + self.local),
                               self._step)
 
@@ -247,6 +254,7 @@ class ExpertParallel:
         p = self._pending
         assert p is not None
         R = len(p.experts.gather)
+        t0 = time.perf_counter()
         ob = self._outputs(expert_outputs, p, R)
         rb = self.row_bytes
         mine = p.experts.replies[self.rank]
@@ -262,9 +270,14 @@ class ExpertParallel:
                 self._send, self._combine_to[s], src_offset=off, dst_offset=p.bases[s] * rb,
                 nbytes=n * rb, imm=self._imm[1], timeout=self.timeout))
             off += _up(n * rb, _ALIGN)
+        t1 = time.perf_counter()
         self._await(self._imm[1], writes, "combine")
+        t2 = time.perf_counter()
         self._pending = None
-        return tx.weighted_sum(self._comb_typed, p.plan.pos, p.weights, p.kind)
+        y = tx.weighted_sum(self._comb_typed, p.plan.pos, p.weights, p.kind)
+        self.timings.update(combine_pack=t1 - t0, combine_wait=t2 - t1,
+                            combine_reduce=time.perf_counter() - t2)
+        return y
 
     def _outputs(self, outs: Any, p: _Pending, R: int) -> np.ndarray:
         """The experts' outputs as [R, row_bytes] bytes (one copy if given as a list)."""

@@ -1,0 +1,189 @@
+"""One rank of the MoE benchmark, in its own process (``python -m tensorfabric.bench._moe_worker
+ARGS_JSON``): MoE dispatch/combine over the engine, then the same bytes between the same
+processes with torch.distributed ``all_to_all_single`` on gloo and with a raw-socket
+all-to-all, in alternation, each iteration. Writes its timings to ``<dir>/rank<r>.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ..moe._plan import plan_dispatch
+
+_HDR = 64
+
+
+def routing(it: int, rank: int, tokens: int, experts: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k distinct experts per token, uniformly at random (seeded by iteration and rank)."""
+    rng = np.random.default_rng([it, rank, 11])
+    ids = np.argpartition(rng.random((tokens, experts), dtype=np.float32), topk, axis=1)[:, :topk]
+    w = rng.random((tokens, topk), dtype=np.float32)
+    return ids.astype(np.int64), w / w.sum(axis=1, keepdims=True)
+
+
+def pair_bytes(a: dict[str, Any], it: int) -> tuple[np.ndarray, np.ndarray]:
+    """[src, dst] bytes the engine moves at iteration ``it``: dispatch (header, rows and slot
+    table; the own slot just rows) and combine (one row per (token, slot) pair)."""
+    world, row, K = a["world"], a["hidden"] * 2, a["topk"]
+    local = a["experts"] // world
+    disp = np.zeros((world, world), np.int64)
+    comb = np.zeros((world, world), np.int64)
+    for s in range(world):
+        ids, _ = routing(it, s, a["tokens"], a["experts"], K)
+        plan = plan_dispatch(ids, world, local, 0)
+        for d in range(world):
+            n = len(plan.rows[d])
+            disp[s, d] = n * row if s == d else _HDR + n * (row + 2 * K)
+            comb[d, s] = int(plan.pairs[d]) * row
+    return disp, comb
+
+
+class RawMesh:
+    """A full mesh of TCP sockets; ``all_to_all`` moves one buffer to each peer at once with a
+    selector loop (no framing: both sides know the sizes, like all_to_all_single's splits)."""
+
+    def __init__(self, rank: int, hosts: list[str], port: int, timeout: float = 60.0) -> None:
+        self.rank, self.world = rank, len(hosts)
+        self.socks: dict[int, socket.socket] = {}
+        lsock = socket.create_server((hosts[rank], port + rank), backlog=self.world)
+        for peer in range(rank):
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    s = socket.create_connection((hosts[peer], port + peer), timeout=timeout)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            s.sendall(rank.to_bytes(4, "little"))
+            self.socks[peer] = s
+        lsock.settimeout(timeout)
+        for _ in range(rank + 1, self.world):
+            s, _ = lsock.accept()
+            peer = int.from_bytes(s.recv(4, socket.MSG_WAITALL), "little")
+            self.socks[peer] = s
+        lsock.close()
+        for s in self.socks.values():
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+
+    def all_to_all(self, send: list[memoryview], recv: list[memoryview]) -> None:
+        recv[self.rank][:] = send[self.rank]
+        out = {p: send[p] for p in self.socks if len(send[p])}
+        inn = {p: recv[p] for p in self.socks if len(recv[p])}
+        for p, s in self.socks.items():
+            ev = (selectors.EVENT_WRITE if p in out else 0) | (selectors.EVENT_READ if p in inn else 0)
+            if ev:
+                self.sel.register(s, ev, p)
+        try:
+            while out or inn:
+                for key, ev in self.sel.select(60):
+                    p, s = key.data, key.fileobj
+                    if ev & selectors.EVENT_WRITE and p in out:
+                        n = s.send(out[p])  # type: ignore[union-attr]
+                        out[p] = out[p][n:]
+                        if not len(out[p]):
+                            del out[p]
+                    if ev & selectors.EVENT_READ and p in inn:
+                        n = s.recv_into(inn[p])  # type: ignore[union-attr]
+                        if n == 0:
+                            raise ConnectionError(f"raw peer {p} closed")
+                        inn[p] = inn[p][n:]
+                        if not len(inn[p]):
+                            del inn[p]
+                    ev2 = (selectors.EVENT_WRITE if p in out else 0) | \
+                        (selectors.EVENT_READ if p in inn else 0)
+                    if ev2:
+                        self.sel.modify(s, ev2, p)
+                    else:
+                        self.sel.unregister(s)
+        finally:
+            for s in list(self.sel.get_map().values()):
+                self.sel.unregister(s.fileobj)
+
+
+def main(a: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import tensorfabric as tf
+    from tensorfabric.moe import ExpertParallel, FileExchange
+
+    torch.set_num_threads(1)
+    rank, world, hosts = a["rank"], a["world"], a["hosts"]
+    T, H, E, K = a["tokens"], a["hidden"], a["experts"], a["topk"]
+    transports = ("shm", "tcp") if a["transport"] == "shm" else ("tcp",)
+    eng = tf.Engine(a["secret"], host=hosts[rank], transports=transports, name=f"ep{rank}",
+                    timeout=120)
+    ep = ExpertParallel(eng, rank=rank, world=world, num_experts=E, hidden=H, topk=K,
+                        max_tokens=T, dtype="bfloat16", timeout=120,
+                        exchange=FileExchange(a["dir"], rank, world, key="ep", timeout=120))
+    dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{a['port']}", rank=rank,
+                            world_size=world, timeout=__import__("datetime").timedelta(seconds=120))
+    raw = RawMesh(rank, hosts, a["port"] + 1) if a["baselines"] else None
+    x = torch.randn(T, H).to(torch.bfloat16)
+    nroute = min(a["iters"], 4)
+    routes = [routing(i, rank, T, E, K) for i in range(nroute)]
+    sizes = [pair_bytes(a, i) for i in range(nroute)] if a["baselines"] else []
+    big = max((int(max(d[rank].sum(), d[:, rank].sum(), c[rank].sum(), c[:, rank].sum()))
+               for d, c in sizes), default=0)
+    sbuf, rbuf = torch.empty(big, dtype=torch.uint8), torch.empty(big, dtype=torch.uint8)
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "engine_dispatch", "engine_combine", "gloo_dispatch", "gloo_combine",
+        "raw_dispatch", "raw_combine", "engine_dispatch_wait", "engine_combine_wait")}
+
+    def timed(key: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if it >= a["warmup"]:
+            samples[key].append(time.perf_counter() - t0)
+        return out
+
+    def gloo(split_out: np.ndarray, split_in: np.ndarray) -> None:
+        dist.all_to_all_single(rbuf[:int(split_in.sum())], sbuf[:int(split_out.sum())],
+                               split_in.tolist(), split_out.tolist())
+
+    def mesh(split_out: np.ndarray, split_in: np.ndarray) -> None:
+        assert raw is not None
+        so, si = np.concatenate([[0], np.cumsum(split_out)]), np.concatenate([[0], np.cumsum(split_in)])
+        smv, rmv = memoryview(sbuf.numpy()), memoryview(rbuf.numpy())
+        raw.all_to_all([smv[so[p]:so[p + 1]] for p in range(world)],
+                       [rmv[si[p]:si[p + 1]] for p in range(world)])
+
+    for it in range(a["warmup"] + a["iters"]):
+        ids, w = routes[it % nroute]
+        dist.barrier()
+        got = timed("engine_dispatch", ep.dispatch, x, ids, w)
+        timed("engine_combine", ep.combine, got.tokens)
+        if it >= a["warmup"]:  # the fabric's share: time spent waiting on the peers' writes
+            samples["engine_dispatch_wait"].append(ep.timings["dispatch_wait"])
+            samples["engine_combine_wait"].append(ep.timings["combine_wait"])
+        if not a["baselines"]:
+            continue
+        disp, comb = sizes[it % nroute]
+        dist.barrier()
+        timed("gloo_dispatch", gloo, disp[rank], disp[:, rank])
+        timed("gloo_combine", gloo, comb[rank], comb[:, rank])
+        dist.barrier()
+        timed("raw_dispatch", mesh, disp[rank], disp[:, rank])
+        timed("raw_combine", mesh, comb[rank], comb[:, rank])
+    dispatch_bytes = [int(d[rank].sum() - d[rank, rank]) for d, _ in sizes]
+    with open(os.path.join(a["dir"], f"rank{rank}.json"), "w") as f:
+        json.dump({"samples": samples, "sent_bytes": dispatch_bytes}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    ep.close()
+    eng.close()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
