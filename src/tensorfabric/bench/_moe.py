@@ -79,6 +79,8 @@ def _summarise(point: MoePoint, transport: str, ranks: list[dict[str, Any]]) -> 
         per_it = [max(vals) for vals in zip(*(r["samples"][key] for r in ranks))]
         row[f"{key}_p50_us"] = _pct(per_it, 50)
         row[f"{key}_p99_us"] = _pct(per_it, 99)
+    row["parts_p50_us"] = {k: float(np.mean([r["parts_p50_us"][k] for r in ranks]))
+                           for k in ranks[0].get("parts_p50_us", {})}
     sent = [b for r in ranks for b in r["sent_bytes"]]
     row["dispatch_bytes_per_rank"] = float(np.mean(sent)) if sent else float("nan")
     for phase in ("dispatch", "combine"):

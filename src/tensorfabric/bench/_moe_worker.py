@@ -87,14 +87,14 @@ class RawMesh:
         try:
             while out or inn:
                 for key, ev in self.sel.select(60):
-                    p, s = key.data, key.fileobj
+                    p, s = key.data, self.socks[key.data]
                     if ev & selectors.EVENT_WRITE and p in out:
-                        n = s.send(out[p])  # type: ignore[union-attr]
+                        n = s.send(out[p])
                         out[p] = out[p][n:]
                         if not len(out[p]):
                             del out[p]
                     if ev & selectors.EVENT_READ and p in inn:
-                        n = s.recv_into(inn[p])  # type: ignore[union-attr]
+                        n = s.recv_into(inn[p])
                         if n == 0:
                             raise ConnectionError(f"raw peer {p} closed")
                         inn[p] = inn[p][n:]
@@ -107,8 +107,8 @@ class RawMesh:
                     else:
                         self.sel.unregister(s)
         finally:
-            for s in list(self.sel.get_map().values()):
-                self.sel.unregister(s.fileobj)
+            for k in list(self.sel.get_map().values()):
+                self.sel.unregister(k.fileobj)
 
 
 def main(a: dict[str, Any]) -> None:
@@ -141,6 +141,8 @@ def main(a: dict[str, Any]) -> None:
         "engine_dispatch", "engine_combine", "gloo_dispatch", "gloo_combine",
         "raw_dispatch", "raw_combine", "engine_dispatch_wait", "engine_combine_wait")}
 
+    parts: dict[str, list[float]] = {}
+
     def timed(key: str, fn: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
         out = fn(*args)
@@ -155,7 +157,7 @@ def main(a: dict[str, Any]) -> None:
     def mesh(split_out: np.ndarray, split_in: np.ndarray) -> None:
         assert raw is not None
         so, si = np.concatenate([[0], np.cumsum(split_out)]), np.concatenate([[0], np.cumsum(split_in)])
-        smv, rmv = memoryview(sbuf.numpy()), memoryview(rbuf.numpy())
+        smv, rmv = memoryview(sbuf.numpy()), memoryview(rbuf.numpy())  # type: ignore[arg-type]
         raw.all_to_all([smv[so[p]:so[p + 1]] for p in range(world)],
                        [rmv[si[p]:si[p + 1]] for p in range(world)])
 
@@ -164,7 +166,9 @@ def main(a: dict[str, Any]) -> None:
         dist.barrier()
         got = timed("engine_dispatch", ep.dispatch, x, ids, w)
         timed("engine_combine", ep.combine, got.tokens)
-        if it >= a["warmup"]:  # the fabric's share: time spent waiting on the peers' writes
+        if it >= a["warmup"]:  # where a step's time goes: pack, wait (fabric), unpack
+            for k, v in ep.timings.items():
+                parts.setdefault(k, []).append(v)
             samples["engine_dispatch_wait"].append(ep.timings["dispatch_wait"])
             samples["engine_combine_wait"].append(ep.timings["combine_wait"])
         if not a["baselines"]:
@@ -178,7 +182,8 @@ def main(a: dict[str, Any]) -> None:
         timed("raw_combine", mesh, comb[rank], comb[:, rank])
     dispatch_bytes = [int(d[rank].sum() - d[rank, rank]) for d, _ in sizes]
     with open(os.path.join(a["dir"], f"rank{rank}.json"), "w") as f:
-        json.dump({"samples": samples, "sent_bytes": dispatch_bytes}, f)
+        json.dump({"samples": samples, "sent_bytes": dispatch_bytes,
+                   "parts_p50_us": {k: float(np.median(v) * 1e6) for k, v in parts.items()}}, f)
     dist.barrier()
     dist.destroy_process_group()
     ep.close()

@@ -185,7 +185,6 @@ class ExpertParallel:
         sizes = [_HDR + len(plan.rows[d]) * (self.row_bytes + 2 * self.topk)
                  for d in range(self.world)]
         self._reserve(sum(_up(sizes[d], _ALIGN) for d in self._order()))
-        self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb)
         writes, off = [], 0
         for d in self._order():
             self._pack(self._send[off:], plan, d, xb)
@@ -194,6 +193,7 @@ class ExpertParallel:
                 dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
                 timeout=self.timeout))
             off += _up(sizes[d], _ALIGN)
+        self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb)
         t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
         t2 = time.perf_counter()
@@ -205,7 +205,7 @@ class ExpertParallel:
         R = len(eplan.gather)
         if len(self._xbuf) < R:
             self._xbuf = np.empty((_up(R, 64), self.row_bytes), np.uint8)
-        np.take(self._recv_rows, eplan.gather, axis=0, out=self._xbuf[:R])
+        np.take(self._recv_rows, eplan.gather, axis=0, out=self._xbuf[:R], mode="clip")
         typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
         bounds = np.concatenate([[0], np.cumsum(eplan.counts)])
         batches = [typed[int(bounds[e]):int(bounds[e + 1])] for e in range(self.local)]
@@ -222,7 +222,7 @@ class ExpertParallel:
         n, rb = len(rows), self.row_bytes
         head = np.array([self._step, n, plan.base[d], plan.pairs[d]], np.uint64)
         dst[:32] = head.view(np.uint8)
-        np.take(xb, rows, axis=0, out=dst[_HDR:_HDR + n * rb].reshape(n, rb))
+        np.take(xb, rows, axis=0, out=dst[_HDR:_HDR + n * rb].reshape(n, rb), mode="clip")
         dst[_HDR + n * rb:_HDR + n * (rb + 2 * self.topk)] = meta.view(np.uint8).ravel()
 
     def _read_slots(self) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -257,19 +257,19 @@ class ExpertParallel:
         t0 = time.perf_counter()
         ob = self._outputs(expert_outputs, p, R)
         rb = self.row_bytes
-        mine = p.experts.replies[self.rank]
-        base = p.bases[self.rank]
-        np.take(ob, mine, axis=0, out=self._comb_rows[base:base + len(mine)])
-        self._reserve(sum(_up(len(p.experts.replies[s]) * rb, _ALIGN) for s in self._order()))
-        writes, off = [], 0
-        for s in self._order():
+        writes = []
+        for s in self._order():  # rows go straight from the outputs into the source's region
             idx = p.experts.replies[s]
-            n = len(idx)
-            np.take(ob, idx, axis=0, out=self._send[off:off + n * rb].reshape(n, rb))
-            writes.append(self.engine.write(
-                self._send, self._combine_to[s], src_offset=off, dst_offset=p.bases[s] * rb,
-                nbytes=n * rb, imm=self._imm[1], timeout=self.timeout))
-            off += _up(n * rb, _ALIGN)
+            if len(idx):
+                writes.append(self.engine.write_pages(
+                    ob, self._combine_to[s], src_pages=idx, dst_pages=np.arange(len(idx)),
+                    page_size=rb, dst_offset=p.bases[s] * rb, imm=self._imm[1],
+                    timeout=self.timeout))
+            else:
+                writes.append(self.engine.write(ob, self._combine_to[s], nbytes=0,
+                                                imm=self._imm[1], timeout=self.timeout))
+        mine, base = p.experts.replies[self.rank], p.bases[self.rank]
+        np.take(ob, mine, axis=0, out=self._comb_rows[base:base + len(mine)], mode="clip")
         t1 = time.perf_counter()
         self._await(self._imm[1], writes, "combine")
         t2 = time.perf_counter()
