@@ -120,7 +120,7 @@ def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: 
                               torch.from_numpy(w32[t0:t1]))
         else:
             _accumulate_numpy(acc[t0:t1], g, w32[t0:t1])
-    if kind.torch:
+    if torch is not None:
         out = torch.from_numpy(acc)
         return out if kind.dtype == "float32" else out.to(getattr(torch, kind.dtype))
     return acc if kind.dtype == "float32" else acc.astype(kind.dtype)
