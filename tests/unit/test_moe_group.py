@@ -1,0 +1,113 @@
+"""ExpertParallel in one process: engines in threads, rendezvous helpers, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import tensorfabric as tf
+from tensorfabric.bench._moe import MoePoint, moe_config
+from tensorfabric.moe import EngineExchange, ExpertParallel, FileExchange
+
+SECRET = "moe-unit"
+KW: dict[str, Any] = dict(num_experts=4, hidden=8, topk=2, max_tokens=6, timeout=10)
+
+
+def in_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    out: list[Any] = [None] * n
+
+    def run(r: int) -> None:
+        try:
+            out[r] = fn(r)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out[r] = exc
+
+    ths = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(60)
+    return out
+
+
+def test_single_rank_group_is_the_whole_layer(tmp_path: Path) -> None:
+    with tf.Engine(SECRET) as eng, ExpertParallel(
+            eng, rank=0, world=1, exchange=FileExchange(tmp_path, 0, 1), **KW) as ep:
+        x = np.arange(48, dtype=np.float32).reshape(6, 8)
+        ids = np.array([[0, 1], [3, 2], [1, -1], [0, 3], [2, 1], [3, 0]])
+        w = np.full((6, 2), 0.5, np.float32)
+        got = ep.dispatch(x, ids, w)
+        assert got.counts.tolist() == [3, 3, 2, 3] and list(got.experts) == [0, 1, 2, 3]
+        assert np.array_equal(got.batches[2], x[[1, 4]])
+        y = ep.combine([b * (e + 1) for e, b in zip(got.experts, got.batches)])
+        want = sum(np.where(ids[:, k, None] >= 0, w[:, k, None] * x * (ids[:, k, None] + 1), 0)
+                   for k in range(2))
+        assert np.array_equal(y, want)
+        with pytest.raises(tf.ConfigError, match="combine called without a dispatch"):
+            ep.combine(got.tokens)
+        with pytest.raises(tf.ConfigError, match="max_tokens"):
+            ep.dispatch(np.zeros((7, 8), np.float32), np.zeros((7, 2), int), np.zeros((7, 2)))
+        with pytest.raises(tf.ConfigError, match="float16"):
+            ep.dispatch(x.astype(np.float16), ids, w)
+        with pytest.raises(tf.ConfigError, match=r"\[-1, 4\)"):
+            ep.dispatch(x, ids + 4, w)
+        ep.dispatch(x, ids, w)
+        with pytest.raises(tf.ConfigError, match="dispatch called twice"):
+            ep.dispatch(x, ids, w)
+        with pytest.raises(tf.ConfigError, match="rows"):
+            ep.combine(got.tokens[:1])
+
+
+def test_engine_exchange_and_mismatched_ranks() -> None:
+    engines = [tf.Engine(SECRET) for _ in range(3)]
+    try:
+        root = engines[0].address
+
+        def build(r: int, hidden: int = 8) -> ExpertParallel:
+            ex = EngineExchange(engines[r], r, 3, root=root if r else None, timeout=20)
+            return ExpertParallel(engines[r], rank=r, world=3, exchange=ex, **dict(KW, num_experts=6,
+                                                                       hidden=hidden))
+
+        groups = in_threads(3, build)
+        assert all(isinstance(g, ExpertParallel) for g in groups), groups
+        x = np.ones((2, 8), np.float32)
+        ys = in_threads(3, lambda r: groups[r].combine(
+            groups[r].dispatch(x, np.array([[5, 0], [2, -1]]), np.ones((2, 2))).tokens))
+        assert all(np.array_equal(y, [[2] * 8, [1] * 8]) for y in ys), ys
+        for g in groups:
+            g.close()
+        bad = in_threads(3, lambda r: build(r, hidden=16 if r == 2 else 8))
+        assert all(isinstance(b, tf.ConfigError) and "same" in str(b) for b in bad), bad
+    finally:
+        for e in engines:
+            e.close()
+
+
+def test_file_exchange_times_out_naming_missing_ranks(tmp_path: Path) -> None:
+    with pytest.raises(tf.TransferTimeout, match=r"\[1, 2\]"):
+        FileExchange(tmp_path, 0, 3, timeout=0.2)(b"x")
+    with pytest.raises(tf.ConfigError):
+        FileExchange(tmp_path, 3, 3)
+
+
+def test_bad_group_arguments(tmp_path: Path) -> None:
+    with tf.Engine(SECRET) as eng:
+        for bad in (dict(num_experts=5), dict(rank=2), dict(topk=0), dict(dtype="int8")):
+            args = dict(KW, rank=0, world=2, exchange=FileExchange(tmp_path, 0, 2))
+            args.update(bad)
+            with pytest.raises(tf.ConfigError):
+                ExpertParallel(eng, **args)
+
+
+def test_bench_points_parse_and_refuse_nonsense() -> None:
+    assert str(MoePoint.parse("4x128x7168x256")) == "4x128x7168x256x8"
+    for bad in ("4x128", "3x128x2048x64", "1x8x8x8", "2x1x1x4x9", "ax1x1x1"):
+        with pytest.raises(ValueError):
+            MoePoint.parse(bad)
+    with pytest.raises(ValueError, match="transports"):
+        moe_config(None, "rdma")
+    assert moe_config(None, None, quick=True).points[0] == MoePoint.parse("2x128x2048x64")
