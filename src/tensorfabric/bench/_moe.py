@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -100,13 +101,18 @@ def _launch(cfg: MoeConfig, point: MoePoint, transport: str, tmp: str,
                     baselines=cfg.baselines, secret="moe-bench")
         procs.append(popen(r, [sys.executable, "-m", "tensorfabric.bench._moe_worker",
                                json.dumps(args)]))
-    try:
-        codes = [p.wait(600) for p in procs]
+    deadline = time.monotonic() + 900
+    try:  # a rank that fails ends the point: the others would wait for it until their timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() for p in procs):
+                break
+            time.sleep(0.05)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+    codes = [p.returncode for p in procs]
     if any(codes):
         raise RuntimeError(f"MoE bench ranks exited with {codes} at point {point} ({transport})")
     return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(point.world)]
@@ -140,8 +146,9 @@ def run_moe(cfg: MoeConfig, progress: Callable[[str], None] = lambda _: None) ->
 
                 with NetnsHosts(point.world, rate=cfg.rate) as fab:
                     hosts = [fab.addr(i) for i in range(point.world)]
+                    nsenv = dict(env, GLOO_SOCKET_IFNAME="tfnic")  # the hosts' NIC
                     ranks = _launch(cfg, point, "tcp", tmp, hosts,
-                                    lambda r, argv: fab.popen(r, argv, env=env))
+                                    lambda r, argv: fab.popen(r, argv, env=nsenv))
             else:
                 hosts = ["127.0.0.1"] * point.world
                 ranks = _launch(cfg, point, transport, tmp, hosts,
