@@ -15,6 +15,8 @@ bookkeeping. Needs torch (the gloo baseline).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 from tensorfabric.bench._moe import format_moe, moe_config, run_moe
@@ -32,14 +34,14 @@ def main() -> None:
     cfg = moe_config(args.points, args.transport, quick=args.quick,
                      iters=None if args.quick else args.iters)
     cfg.rate = args.rate
-    rows = run_moe(cfg, print)
+    def save(rows: list) -> None:  # after every point, so a later failure loses nothing
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+    rows = run_moe(cfg, print, save)
     print(format_moe(rows))
-    import json
-    import os
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One rank of an MoE group, in its own process: runs the scenarios of ``moe_case`` (or dies
 on purpose mid-step) and writes what it saw to ``<dir>/out.<rank>.npz`` / ``.json``.
 
-    python moe_rank.py RANK WORLD DIR TRANSPORT MODE
+    python moe_rank.py RANK WORLD DIR TRANSPORT MODE [HOST]
+
+HOST is the address the rank's engine listens on (a netns host's NIC; default loopback).
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def dies(eng: tf.Engine, rank: int, world: int, path: str) -> None:
 
 def main() -> None:
     rank, world, path, transport, mode = sys.argv[1:6]
+    host = sys.argv[6] if len(sys.argv) > 6 else "127.0.0.1"
     transports = ("shm", "tcp") if transport == "shm" else ("tcp",)
-    with tf.Engine(SECRET, transports=transports, name=f"rank{rank}") as eng:
+    with tf.Engine(SECRET, transports=transports, name=f"rank{rank}", host=host) as eng:
         {"scenarios": scenarios, "dtypes": dtypes, "dies": dies}[mode](
             eng, int(rank), int(world), path)
 

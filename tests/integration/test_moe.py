@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,11 +19,13 @@ RANK = Path(__file__).resolve().parent.parent / "helpers" / "moe_rank.py"
 
 
 def run_group(tmp: Path, transport: str, mode: str, world: int = WORLD,
-              limit: float = 90.0) -> list[int]:
-    procs = [subprocess.Popen([sys.executable, str(RANK), str(r), str(world), str(tmp),
-                               transport, mode], env=subprocess_env(OMP_NUM_THREADS="1",
-                                                                    OPENBLAS_NUM_THREADS="1"))
-             for r in range(world)]
+              limit: float = 90.0, net: Any = None) -> list[int]:
+    env = subprocess_env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    procs = []
+    for r in range(world):
+        argv = [sys.executable, str(RANK), str(r), str(world), str(tmp), transport, mode]
+        procs.append(net.popen(r, argv + [net.addr(r)], env=env) if net else
+                     subprocess.Popen(argv, env=env))
     deadline = time.monotonic() + limit
     try:
         return [p.wait(max(deadline - time.monotonic(), 0.1)) for p in procs]
@@ -33,9 +36,18 @@ def run_group(tmp: Path, transport: str, mode: str, world: int = WORLD,
                 p.wait(10)
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("transport",
+                         ["shm", "tcp", pytest.param("netns", marks=pytest.mark.netns)])
 def test_dispatch_combine_equals_reference(tmp_path: Path, transport: str) -> None:
-    assert run_group(tmp_path, transport, "scenarios") == [0] * WORLD
+    if transport == "netns":  # tcp between emulated hosts, one rank per host
+        from tensorfabric.testing.netns import NetnsHosts, netns_unavailable_reason
+
+        if netns_unavailable_reason():
+            pytest.skip(netns_unavailable_reason() or "")
+        with NetnsHosts(WORLD, rate="1gbit") as net:
+            assert run_group(tmp_path, "tcp", "scenarios", net=net) == [0] * WORLD
+    else:
+        assert run_group(tmp_path, transport, "scenarios") == [0] * WORLD
     outs = [np.load(tmp_path / f"out.{r}.npz") for r in range(WORLD)]
     for step, name in enumerate(SCENARIOS):
         want = reference([step_input(name, step, r) for r in range(WORLD)])

@@ -69,8 +69,8 @@ def test_engine_exchange_and_mismatched_ranks() -> None:
 
         def build(r: int, hidden: int = 8) -> ExpertParallel:
             ex = EngineExchange(engines[r], r, 3, root=root if r else None, timeout=20)
-            return ExpertParallel(engines[r], rank=r, world=3, exchange=ex, **dict(KW, num_experts=6,
-                                                                       hidden=hidden))
+            return ExpertParallel(engines[r], rank=r, world=3, exchange=ex,
+                                  **dict(KW, num_experts=6, hidden=hidden))
 
         groups = in_threads(3, build)
         assert all(isinstance(g, ExpertParallel) for g in groups), groups

@@ -92,7 +92,8 @@ def _summarise(point: MoePoint, transport: str, ranks: list[dict[str, Any]]) -> 
 
 
 def _launch(cfg: MoeConfig, point: MoePoint, transport: str, tmp: str,
-            hosts: list[str], popen: Callable[[int, list[str]], subprocess.Popen[Any]]) -> list[dict[str, Any]]:
+            hosts: list[str],
+            popen: Callable[[int, list[str]], subprocess.Popen[Any]]) -> list[dict[str, Any]]:
     procs = []
     for r in range(point.world):
         args = dict(rank=r, world=point.world, hosts=hosts, dir=tmp, transport=transport,
@@ -133,34 +134,48 @@ def _runs(cfg: MoeConfig) -> Iterator[tuple[MoePoint, str]]:
             yield point, "netns-tcp"
 
 
-def run_moe(cfg: MoeConfig, progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
-    """Run every point on every transport; one row per (point, transport)."""
-    rows = []
+def run_moe(cfg: MoeConfig, progress: Callable[[str], None] = lambda _: None,
+            on_row: Callable[[list[dict[str, Any]]], None] = lambda _: None,
+            ) -> list[dict[str, Any]]:
+    """Run every point on every transport; one row per (point, transport). A point whose
+    ranks fail (say, oversubscribed) is reported and skipped; ``on_row`` sees the rows so far
+    after each point."""
+    rows: list[dict[str, Any]] = []
     env = _env()
     for point, transport in _runs(cfg):
         progress(f"moe {point} {transport}")
         cfg.port += 2 + point.world  # a fresh port range per run (gloo store, raw mesh)
-        with tempfile.TemporaryDirectory(prefix="tf-moe-") as tmp:
-            if transport == "netns-tcp":
-                from tensorfabric.testing.netns import NetnsHosts
-
-                with NetnsHosts(point.world, rate=cfg.rate) as fab:
-                    hosts = [fab.addr(i) for i in range(point.world)]
-                    nsenv = dict(env, GLOO_SOCKET_IFNAME="tfnic")  # the hosts' NIC
-                    ranks = _launch(cfg, point, "tcp", tmp, hosts,
-                                    lambda r, argv: fab.popen(r, argv, env=nsenv))
-            else:
-                hosts = ["127.0.0.1"] * point.world
-                ranks = _launch(cfg, point, transport, tmp, hosts,
-                                lambda r, argv: subprocess.Popen(argv, env=env))
-        rows.append(_summarise(point, transport, ranks))
+        try:
+            rows.append(_run_point(cfg, point, transport, env))
+        except RuntimeError as exc:
+            progress(f"skipped: {exc}")
+        on_row(rows)
     return rows
+
+
+def _run_point(cfg: MoeConfig, point: MoePoint, transport: str,
+               env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tf-moe-") as tmp:
+        if transport == "netns-tcp":
+            from tensorfabric.testing.netns import NetnsHosts
+
+            with NetnsHosts(point.world, rate=cfg.rate) as fab:
+                hosts = [fab.addr(i) for i in range(point.world)]
+                nsenv = dict(env, GLOO_SOCKET_IFNAME="tfnic")  # the hosts' NIC
+                ranks = _launch(cfg, point, "tcp", tmp, hosts,
+                                lambda r, argv: fab.popen(r, argv, env=nsenv))
+        else:
+            hosts = ["127.0.0.1"] * point.world
+            ranks = _launch(cfg, point, transport, tmp, hosts,
+                            lambda r, argv: subprocess.Popen(argv, env=env))
+    return _summarise(point, transport, ranks)
 
 
 def format_moe(rows: list[dict[str, Any]]) -> str:
     """A table: per point and transport, p50/p99 of the engine and the baselines' p50, in us."""
     head = (f"{'transport':<10} {'EPxTxHxExK':<18} {'sent/rank':>9}  {'dispatch p50/p99':>17} "
-            f"{'combine p50/p99':>17} {'wait d/c p50':>13}  {'gloo d/c p50':>14}  {'raw d/c p50':>14}  "
+            f"{'combine p50/p99':>17} {'wait d/c p50':>13}  {'gloo d/c p50':>14}  "
+            f"{'raw d/c p50':>14}  "
             f"{'gloo/eng d,c':>12}  {'eng/raw d,c':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:

@@ -20,7 +20,8 @@ from ..moe._plan import plan_dispatch
 _HDR = 64
 
 
-def routing(it: int, rank: int, tokens: int, experts: int, topk: int) -> tuple[np.ndarray, np.ndarray]:
+def routing(it: int, rank: int, tokens: int, experts: int,
+            topk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k distinct experts per token, uniformly at random (seeded by iteration and rank)."""
     rng = np.random.default_rng([it, rank, 11])
     ids = np.argpartition(rng.random((tokens, experts), dtype=np.float32), topk, axis=1)[:, :topk]
@@ -81,7 +82,8 @@ class RawMesh:
         out = {p: send[p] for p in self.socks if len(send[p])}
         inn = {p: recv[p] for p in self.socks if len(recv[p])}
         for p, s in self.socks.items():
-            ev = (selectors.EVENT_WRITE if p in out else 0) | (selectors.EVENT_READ if p in inn else 0)
+            ev = (selectors.EVENT_WRITE if p in out else 0) | \
+                (selectors.EVENT_READ if p in inn else 0)
             if ev:
                 self.sel.register(s, ev, p)
         try:
@@ -156,7 +158,8 @@ def main(a: dict[str, Any]) -> None:
 
     def mesh(split_out: np.ndarray, split_in: np.ndarray) -> None:
         assert raw is not None
-        so, si = np.concatenate([[0], np.cumsum(split_out)]), np.concatenate([[0], np.cumsum(split_in)])
+        so = np.concatenate([[0], np.cumsum(split_out)])
+        si = np.concatenate([[0], np.cumsum(split_in)])
         smv, rmv = memoryview(sbuf.numpy()), memoryview(rbuf.numpy())  # type: ignore[arg-type]
         raw.all_to_all([smv[so[p]:so[p + 1]] for p in range(world)],
                        [rmv[si[p]:si[p + 1]] for p in range(world)])

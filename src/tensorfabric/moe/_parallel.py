@@ -11,7 +11,8 @@ import numpy as np
 
 from .._address import EngineAddress
 from .._engine import Engine
-from .._errors import BrokenError, ClosedError, ConfigError, ProtocolError, TensorFabricError, TransferTimeout
+from .._errors import (BrokenError, ClosedError, ConfigError, ProtocolError, TensorFabricError,
+                       TransferTimeout)
 from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
 from . import _tensors as tx
