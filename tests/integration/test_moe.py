@@ -80,8 +80,9 @@ def test_torch_and_half_dtypes(tmp_path: Path) -> None:
                 assert np.array_equal(got[dtype], want.numpy()), dtype
 
 
-def test_rank_killed_mid_step_breaks_every_peer(tmp_path: Path) -> None:
-    codes = run_group(tmp_path, "shm", "dies", limit=60.0)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_rank_killed_mid_step_breaks_every_peer(tmp_path: Path, transport: str) -> None:
+    codes = run_group(tmp_path, transport, "dies", limit=60.0)
     assert codes[-1] == 3 and codes[:-1] == [0] * (WORLD - 1)
     for r in range(WORLD - 1):
         report = json.loads((tmp_path / f"out.{r}.json").read_text())
