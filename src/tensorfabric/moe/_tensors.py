@@ -97,49 +97,46 @@ def wrap(arr: np.ndarray, kind: Kind) -> Any:
 
 
 def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: Kind) -> Any:
-    """sum over k of ``weights[:, k] * table[pos[:, k]]``, in k order, accumulated in float32.
+    """sum over k of ``weights[:, k] * table[pos[:, k]]``, accumulated in float32.
 
     ``table`` is [R, H] in the element dtype (bfloat16 as int16 bits), ``pos`` [T, K] row
     indices into it (trusted: made by ``plan_dispatch``); the result is [T, H] in the caller's
-    type and dtype. One multiply, then one add, per slot in k order (no fused multiply-add),
-    makes float32 results equal to a reference layer that accumulates its experts' outputs the
-    same way. Rows are gathered a few tokens at a time into a small scratch buffer.
+    type and dtype. float32 adds one product per slot in k order (a multiply, then an add, no
+    fused multiply-add), so it equals a reference layer that accumulates the same way bit for
+    bit; float16 and bfloat16 rows are widened to float32 and summed by one batched matmul
+    over the slots, then rounded once. Rows are gathered a few tokens at a time into scratch.
     """
     T, K = pos.shape
     H = table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
-    chunk = max(1, (4 << 20) // max(1, K * H * table.itemsize))
-    scratch = np.empty((min(chunk, max(T, 1)), K, H), table.dtype)
+    chunk = max(1, (4 << 20) // max(1, K * H * 4))
+    n = min(chunk, max(T, 1))
+    scratch = np.empty((n, K, H), table.dtype)
+    wide = scratch if kind.dtype == "float32" else np.empty((n, K, H), np.float32)
     acc = np.empty((T, H), np.float32)
-    torch = _torch() if kind.torch else None
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         g = np.take(table, pos[t0:t1], axis=0, out=scratch[:t1 - t0], mode="clip")
-        if torch is not None:
-            _accumulate_torch(torch, torch.from_numpy(acc[t0:t1]), wrap(g, kind),
-                              torch.from_numpy(w32[t0:t1]))
+        if kind.dtype == "float32":
+            _accumulate_in_order(acc[t0:t1], g, w32[t0:t1])
+            continue
+        f = wide[:t1 - t0]
+        if kind.dtype == "bfloat16":  # bfloat16 is the top half of a float32
+            np.left_shift(g.view(np.uint16), 16, out=f.view(np.uint32), dtype=np.uint32)
         else:
-            _accumulate_numpy(acc[t0:t1], g, w32[t0:t1])
+            np.copyto(f, g, casting="unsafe")
+        np.matmul(w32[t0:t1, None, :], f, out=acc[t0:t1, None, :])
+    torch = _torch() if kind.torch else None
     if torch is not None:
         out = torch.from_numpy(acc)
         return out if kind.dtype == "float32" else out.to(getattr(torch, kind.dtype))
     return acc if kind.dtype == "float32" else acc.astype(kind.dtype)
 
 
-def _accumulate_torch(torch: Any, acc: Any, g: Any, w: Any) -> None:
-    for k in range(g.shape[1]):
-        # float32 slots are views of the scratch buffer, scaled in place; others converted
-        term = g[:, k].float().mul_(w[:, k, None])
-        if k:
-            acc.add_(term)
-        else:
-            acc.copy_(term)
-
-
-def _accumulate_numpy(acc: np.ndarray, g: np.ndarray, w: np.ndarray) -> None:
+def _accumulate_in_order(acc: np.ndarray, g: np.ndarray, w: np.ndarray) -> None:
     term = np.empty(acc.shape, np.float32)
     for k in range(g.shape[1]):
-        np.multiply(w[:, k, None], g[:, k], out=term, casting="unsafe")
+        np.multiply(w[:, k, None], g[:, k], out=term)
         if k:
             acc += term
         else:
