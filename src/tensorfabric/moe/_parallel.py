@@ -205,7 +205,7 @@ class ExpertParallel:
                 raise self._fail(ProtocolError(f"rank {s}'s dispatch header is inconsistent"))
         R = len(eplan.gather)
         if len(self._xbuf) < R:
-            self._xbuf = np.empty((_up(R, 64), self.row_bytes), np.uint8)
+            self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)  # headroom
         np.take(self._recv_rows, eplan.gather, axis=0, out=self._xbuf[:R], mode="clip")
         typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
         bounds = np.concatenate([[0], np.cumsum(eplan.counts)])
@@ -287,7 +287,7 @@ class ExpertParallel:
             if len(outs) != self.local:
                 raise ConfigError(f"combine needs {self.local} expert outputs, got {len(outs)}")
             if len(self._obuf) < R:
-                self._obuf = np.empty((_up(R, 64), self.row_bytes), np.uint8)
+                self._obuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)
             at = 0
             for e, o in enumerate(outs):
                 arr = self._typed(o, f"expert_outputs[{e}]", p)
@@ -312,7 +312,7 @@ class ExpertParallel:
 
     def _reserve(self, nbytes: int) -> None:
         if len(self._send) < nbytes:
-            self._send = np.empty(_up(nbytes, 1 << 20), np.uint8)
+            self._send = np.empty(_up(nbytes + nbytes // 4, 1 << 20), np.uint8)
 
     def _await(self, imm: int, writes: Sequence[Transfer], phase: str) -> None:
         """Wait for the other ranks' ``world - 1`` writes and for ours, probing the ranks
