@@ -86,6 +86,8 @@ def _summarise(point: MoePoint, transport: str, ranks: list[dict[str, Any]]) -> 
     row["dispatch_bytes_per_rank"] = float(np.mean(sent)) if sent else float("nan")
     for phase in ("dispatch", "combine"):
         e = row[f"engine_{phase}_p50_us"]
+        row[f"glayer_over_engine_{phase}"] = row.get(f"glayer_{phase}_p50_us",
+                                                     float("nan")) / e
         row[f"gloo_over_engine_{phase}"] = row.get(f"gloo_{phase}_p50_us", float("nan")) / e
         row[f"engine_over_raw_{phase}"] = e / row.get(f"raw_{phase}_p50_us", float("nan"))
     return row
@@ -175,7 +177,7 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
     """A table: per point and transport, p50/p99 of the engine and the baselines' p50, in us."""
     head = (f"{'transport':<10} {'EPxTxHxExK':<18} {'sent/rank':>9}  {'dispatch p50/p99':>17} "
             f"{'combine p50/p99':>17} {'wait d/c p50':>13}  {'gloo d/c p50':>14}  "
-            f"{'raw d/c p50':>14}  "
+            f"{'raw d/c p50':>14}  {'gloo layer d/c':>15}  {'glayer/eng':>10}  "
             f"{'gloo/eng d,c':>12}  {'eng/raw d,c':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -189,6 +191,8 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
             f"{us('engine_dispatch_wait_p50_us') + '/' + us('engine_combine_wait_p50_us'):>13}  "
             f"{us('gloo_dispatch_p50_us') + '/' + us('gloo_combine_p50_us'):>14}  "
             f"{us('raw_dispatch_p50_us') + '/' + us('raw_combine_p50_us'):>14}  "
+            f"{us('glayer_dispatch_p50_us') + '/' + us('glayer_combine_p50_us'):>15}  "
+            f"{_ratio(r, 'glayer_over_engine'):>10}  "
             f"{_ratio(r, 'gloo_over_engine'):>12}  {_ratio(r, 'engine_over_raw'):>12}")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..moe._plan import plan_dispatch
+from ._moe_gloo import GlooLayer
 
 _HDR = 64
 
@@ -141,7 +142,9 @@ def main(a: dict[str, Any]) -> None:
     sbuf, rbuf = torch.empty(big, dtype=torch.uint8), torch.empty(big, dtype=torch.uint8)
     samples: dict[str, list[float]] = {k: [] for k in (
         "engine_dispatch", "engine_combine", "gloo_dispatch", "gloo_combine",
-        "raw_dispatch", "raw_combine", "engine_dispatch_wait", "engine_combine_wait")}
+        "raw_dispatch", "raw_combine", "engine_dispatch_wait", "engine_combine_wait",
+        "glayer_dispatch", "glayer_combine")}
+    layer = GlooLayer(rank, world, E, H, K, T) if a["baselines"] else None
 
     parts: dict[str, list[float]] = {}
 
@@ -183,6 +186,12 @@ def main(a: dict[str, Any]) -> None:
         dist.barrier()
         timed("raw_dispatch", mesh, disp[rank], disp[:, rank])
         timed("raw_combine", mesh, comb[rank], comb[:, rank])
+        assert layer is not None
+        dist.barrier()
+        timed("glayer_dispatch", layer.dispatch, x, ids, w)
+        y = timed("glayer_combine", layer.combine, layer.tokens)
+        if it == 0:  # the two layers agree: same routing, same bookkeeping, other transport
+            assert torch.equal(y, ep.combine(ep.dispatch(x, ids, w).tokens))
     dispatch_bytes = [int(d[rank].sum() - d[rank, rank]) for d, _ in sizes]
     with open(os.path.join(a["dir"], f"rank{rank}.json"), "w") as f:
         json.dump({"samples": samples, "sent_bytes": dispatch_bytes,
