@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """MoE dispatch and combine latency: tensorfabric.moe against torch.distributed
 all_to_all_single on gloo and a raw-socket all-to-all moving the same bytes between the same
-processes, in alternation, in one run (``tensorfabric bench --moe`` runs the same code)::
+processes, and the same MoE layer built on gloo (its counts exchange included), in
+alternation, in one run (``tensorfabric bench --moe`` runs the same code)::
 
     PYTHONPATH=src python bench/moe.py                                  # the full sweep
     PYTHONPATH=src python bench/moe.py --points 2x128x2048x64,4x128x2048x64 --iters 20

@@ -3,8 +3,9 @@
 For each point (ranks, tokens, hidden, experts, top-k) ``world`` processes run dispatch and
 combine through :class:`tensorfabric.moe.ExpertParallel` (identity experts, bfloat16 tokens),
 and in the same processes, alternating every iteration, move the same bytes with
-torch.distributed ``all_to_all_single`` on gloo and with a raw-socket all-to-all. A step's
-latency is the slowest rank's; the table gives p50/p99 and the ratios of the p50s.
+torch.distributed ``all_to_all_single`` on gloo and with a raw-socket all-to-all, then run the
+whole layer over gloo (``_moe_gloo.GlooLayer``: the same bookkeeping, gloo as the transport).
+A step's latency is the slowest rank's; the table gives p50/p99 and the ratios of the p50s.
 """
 
 from __future__ import annotations
