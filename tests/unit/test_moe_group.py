@@ -111,3 +111,42 @@ def test_bench_points_parse_and_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="transports"):
         moe_config(None, "rdma")
     assert moe_config(None, None, quick=True).points[0] == MoePoint.parse("2x128x2048x64")
+
+
+def _cli() -> Any:
+    typer = pytest.importorskip("typer")
+    from tensorfabric.cli import _bench
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _group() -> None:
+        pass
+
+    _bench.register(app)
+    return app
+
+
+def test_bench_moe_cli_refuses_bad_points() -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), ["bench", "--moe", "--moe-points", "3x8x8x8"])
+    assert result.exit_code == 2 and "multiple of EP" in result.output
+
+
+@pytest.mark.slow
+def test_bench_moe_cli_runs_a_tiny_point(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    out = tmp_path / "moe.json"
+    result = CliRunner().invoke(_cli(), ["bench", "--moe", "--quick", "--moe-points",
+                                         "2x8x64x4x2", "--transport", "shm", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["point"] for r in rows] == ["2x8x64x4x2"] and rows[0]["transport"] == "shm"
+    for key in ("engine_dispatch_p50_us", "gloo_combine_p50_us", "raw_dispatch_p50_us",
+                "glayer_combine_p50_us"):
+        assert rows[0][key] > 0, key

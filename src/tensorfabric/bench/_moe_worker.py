@@ -51,15 +51,16 @@ class RawMesh:
     """A full mesh of TCP sockets; ``all_to_all`` moves one buffer to each peer at once with a
     selector loop (no framing: both sides know the sizes, like all_to_all_single's splits)."""
 
-    def __init__(self, rank: int, hosts: list[str], port: int, timeout: float = 60.0) -> None:
+    def __init__(self, rank: int, hosts: list[str], ports: list[int],
+                 timeout: float = 60.0) -> None:
         self.rank, self.world = rank, len(hosts)
         self.socks: dict[int, socket.socket] = {}
-        lsock = socket.create_server((hosts[rank], port + rank), backlog=self.world)
+        lsock = socket.create_server((hosts[rank], ports[rank]), backlog=self.world)
         for peer in range(rank):
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    s = socket.create_connection((hosts[peer], port + peer), timeout=timeout)
+                    s = socket.create_connection((hosts[peer], ports[peer]), timeout=timeout)
                     break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -130,9 +131,10 @@ def main(a: dict[str, Any]) -> None:
     ep = ExpertParallel(eng, rank=rank, world=world, num_experts=E, hidden=H, topk=K,
                         max_tokens=T, dtype="bfloat16", timeout=120,
                         exchange=FileExchange(a["dir"], rank, world, key="ep", timeout=120))
-    dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{a['port']}", rank=rank,
+    ports = a.get("ports") or [a["port"] + i for i in range(world + 1)]
+    dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{ports[0]}", rank=rank,
                             world_size=world, timeout=__import__("datetime").timedelta(seconds=120))
-    raw = RawMesh(rank, hosts, a["port"] + 1) if a["baselines"] else None
+    raw = RawMesh(rank, hosts, ports[1:]) if a["baselines"] else None
     x = torch.randn(T, H).to(torch.bfloat16)
     nroute = min(a["iters"], 4)
     routes = [routing(i, rank, T, E, K) for i in range(nroute)]
