@@ -62,18 +62,24 @@ def dtypes(eng: tf.Engine, rank: int, world: int, path: str) -> None:
     np.savez(os.path.join(path, f"out.{rank}.npz"), **out)
 
 
-def dies(eng: tf.Engine, rank: int, world: int, path: str) -> None:
-    """Rank world-1 exits in the middle of step 1 (after its dispatch); the others report
-    what their step raised and how long it took."""
+def dies(eng: tf.Engine, rank: int, world: int, path: str, *, between: bool = False) -> None:
+    """Rank world-1 exits in the middle of step 1 (after its dispatch), or ``between`` steps
+    0 and 1; the others report what their step raised and how long it took."""
     ep = group(eng, rank, world, path, timeout=15.0)
     layer(ep, step_input("random", 0, rank, world))
+    if between and rank == world - 1:
+        os._exit(3)
     inp = step_input("random", 1, rank, world)
-    got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
+    if between:
+        time.sleep(0.5)  # the dead rank's sockets are closed by now
+    got = None if between else ep.dispatch(inp.tokens, inp.ids, inp.weights)
     if rank == world - 1:
         os._exit(3)
     t0 = time.monotonic()
-    report = {"error": None}
+    report: dict[str, object] = {"error": None}
     try:
+        if got is None:
+            got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
         ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
     except tf.TensorFabricError as exc:
         report = {"error": type(exc).__name__, "message": str(exc)}
@@ -91,7 +97,8 @@ def main() -> None:
     host = sys.argv[6] if len(sys.argv) > 6 else "127.0.0.1"
     transports = ("shm", "tcp") if transport == "shm" else ("tcp",)
     with tf.Engine(SECRET, transports=transports, name=f"rank{rank}", host=host) as eng:
-        {"scenarios": scenarios, "dtypes": dtypes, "dies": dies}[mode](
+        {"scenarios": scenarios, "dtypes": dtypes, "dies": dies,
+         "dies_between": lambda *a: dies(*a, between=True)}[mode](
             eng, int(rank), int(world), path)
 
 

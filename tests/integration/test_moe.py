@@ -83,9 +83,11 @@ def test_torch_and_half_dtypes(tmp_path: Path) -> None:
                                            err_msg=dtype)
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_rank_killed_mid_step_breaks_every_peer(tmp_path: Path, transport: str) -> None:
-    codes = run_group(tmp_path, transport, "dies", limit=60.0)
+@pytest.mark.parametrize("transport,mode", [("shm", "dies"), ("tcp", "dies"),
+                                            ("shm", "dies_between")])
+def test_rank_killed_mid_step_breaks_every_peer(tmp_path: Path, transport: str,
+                                                mode: str) -> None:
+    codes = run_group(tmp_path, transport, mode, limit=60.0)
     assert codes[-1] == 3 and codes[:-1] == [0] * (WORLD - 1)
     for r in range(WORLD - 1):
         report = json.loads((tmp_path / f"out.{r}.json").read_text())

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -186,14 +187,16 @@ class ExpertParallel:
         sizes = [_HDR + len(plan.rows[d]) * (self.row_bytes + 2 * self.topk)
                  for d in range(self.world)]
         self._reserve(sum(_up(sizes[d], _ALIGN) for d in self._order()))
-        writes, off = [], 0
-        for d in self._order():
-            self._pack(self._send[off:], plan, d, xb)
-            writes.append(self.engine.write(
-                self._send, self._dispatch_to[d], src_offset=off,
-                dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
-                timeout=self.timeout))
-            off += _up(sizes[d], _ALIGN)
+        writes: list[Transfer] = []
+        off = 0
+        with self._issuing(writes, "dispatch"):
+            for d in self._order():
+                self._pack(self._send[off:], plan, d, xb)
+                writes.append(self.engine.write(
+                    self._send, self._dispatch_to[d], src_offset=off,
+                    dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
+                    timeout=self.timeout))
+                off += _up(sizes[d], _ALIGN)
         self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb)
         t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
@@ -258,17 +261,18 @@ class ExpertParallel:
         t0 = time.perf_counter()
         ob = self._outputs(expert_outputs, p, R)
         rb = self.row_bytes
-        writes = []
-        for s in self._order():  # rows go straight from the outputs into the source's region
-            idx = p.experts.replies[s]
-            if len(idx):
-                writes.append(self.engine.write_pages(
-                    ob, self._combine_to[s], src_pages=idx, dst_pages=np.arange(len(idx)),
-                    page_size=rb, dst_offset=p.bases[s] * rb, imm=self._imm[1],
-                    timeout=self.timeout))
-            else:
-                writes.append(self.engine.write(ob, self._combine_to[s], nbytes=0,
-                                                imm=self._imm[1], timeout=self.timeout))
+        writes: list[Transfer] = []
+        with self._issuing(writes, "combine"):
+            for s in self._order():  # rows go straight from the outputs to the source's region
+                idx = p.experts.replies[s]
+                if len(idx):
+                    writes.append(self.engine.write_pages(
+                        ob, self._combine_to[s], src_pages=idx, dst_pages=np.arange(len(idx)),
+                        page_size=rb, dst_offset=p.bases[s] * rb, imm=self._imm[1],
+                        timeout=self.timeout))
+                else:
+                    writes.append(self.engine.write(ob, self._combine_to[s], nbytes=0,
+                                                    imm=self._imm[1], timeout=self.timeout))
         mine, base = p.experts.replies[self.rank], p.bases[self.rank]
         np.take(ob, mine, axis=0, out=self._comb_rows[base:base + len(mine)], mode="clip")
         t1 = time.perf_counter()
@@ -346,6 +350,19 @@ class ExpertParallel:
             for t in [arrivals, *writes]:
                 if t is not None:
                     t.cancel()
+            new = self._fail(exc, phase)
+            if new is exc:
+                raise
+            raise new from exc
+
+    @contextlib.contextmanager
+    def _issuing(self, writes: list[Transfer], phase: str) -> Iterator[None]:
+        """A write that fails as it is issued (a peer already gone) breaks the group too."""
+        try:
+            yield
+        except TensorFabricError as exc:
+            for t in writes:
+                t.cancel()
             new = self._fail(exc, phase)
             if new is exc:
                 raise
