@@ -229,6 +229,11 @@ def moe_config(points: str | None, transport: str | None, *, quick: bool = False
                baselines: bool = True, iters: int | None = None) -> MoeConfig:
     """A config from command-line text; ValueError on bad input. ``transport``: a comma list
     of shm, tcp and netns (tcp between network-namespace hosts, needs root)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError("bench --moe needs torch (bfloat16 tokens, the gloo baselines): "
+                         "pip install 'tensorfabric[llm]'")
     names = [t.strip() for t in (transport or "shm,tcp").split(",") if t.strip()]
     if names == ["all"]:
         names = ["shm", "tcp"]
