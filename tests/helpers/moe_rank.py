@@ -14,7 +14,8 @@ import sys
 import time
 
 import numpy as np
-from moe_case import EXPERTS, HIDDEN, MAX_TOKENS, SCENARIOS, TOPK, expert_mlp, step_input
+from moe_case import (EXPERTS, HIDDEN, MAX_TOKENS, SCENARIOS, TOPK, StepInput, expert_mlp,
+                      step_input)
 
 import tensorfabric as tf
 from tensorfabric.moe import ExpertParallel, FileExchange
@@ -29,7 +30,7 @@ def group(eng: tf.Engine, rank: int, world: int, path: str, *, key: str = "moe",
                           group=group_id, exchange=FileExchange(path, rank, world, key=key))
 
 
-def layer(ep: ExpertParallel, inp: object) -> np.ndarray:
+def layer(ep: ExpertParallel, inp: StepInput) -> np.ndarray:
     got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
     return ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
 

@@ -5,6 +5,7 @@ all-to-all, in alternation, each iteration. Writes its timings to ``<dir>/rank<r
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import selectors
@@ -133,7 +134,7 @@ def main(a: dict[str, Any]) -> None:
                         exchange=FileExchange(a["dir"], rank, world, key="ep", timeout=120))
     ports = a.get("ports") or [a["port"] + i for i in range(world + 1)]
     dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{ports[0]}", rank=rank,
-                            world_size=world, timeout=__import__("datetime").timedelta(seconds=120))
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     raw = RawMesh(rank, hosts, ports[1:]) if a["baselines"] else None
     x = torch.randn(T, H).to(torch.bfloat16)
     nroute = min(a["iters"], 4)
