@@ -1,0 +1,108 @@
+"""``tensorfabric models``: list and prune the cache of converted models."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+_CACHE_DIR_HELP = ("The cache directory (default: $TENSORFABRIC_CACHE_DIR/models or "
+                   "~/.cache/tensorfabric/models).")
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024  # type: ignore[assignment]
+    return str(nbytes)  # pragma: no cover
+
+
+def _age(created: float | None) -> str:
+    if created is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
+
+
+def _cache_dir(cache_dir: Optional[Path]) -> Path:
+    from tensorfabric.models import default_cache_dir
+
+    return cache_dir if cache_dir is not None else default_cache_dir()
+
+
+def list_models(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
+                                             file_okay=False),
+) -> None:
+    """List the converted models in the cache: size, source file, state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tensorfabric.models import list_cache
+
+    root = _cache_dir(cache_dir)
+    entries = list_cache(root)
+    console = Console()
+    if not entries:
+        console.print(f"no converted models in {root}")
+        return
+    table = Table(title=f"converted models in {root}", title_justify="left")
+    for col, just in (("entry", "left"), ("size", "right"), ("dtype", "left"),
+                      ("source", "left"), ("converted", "left"), ("state", "left")):
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for e in entries:
+        state = "stale (prune removes it)" if e.stale else "current"
+        took = f" in {e.convert_seconds:.0f} s" if e.convert_seconds is not None else ""
+        table.add_row(e.name, _human(e.size_bytes), e.dtype or "-",
+                      e.source or "(unknown: older tensorfabric)", _age(e.created) + took, state)
+    console.print(table)
+    total = sum(e.size_bytes for e in entries)
+    stale = [e for e in entries if e.stale]
+    console.print(f"{len(entries)} entries, {_human(total)}"
+                  + (f"; {len(stale)} stale ({_human(sum(e.size_bytes for e in stale))}): "
+                     "`tensorfabric models prune` removes them" if stale else ""))
+
+
+def prune_models(
+    everything: bool = typer.Option(False, "--all", help="Remove every entry, not only stale ones."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
+                                             file_okay=False),
+) -> None:
+    """Remove stale cache entries (their source changed or is gone, or an older format), or
+    all of them with --all. Entries being converted right now are kept."""
+    from tensorfabric.models import list_cache, prune_cache
+
+    root = _cache_dir(cache_dir)
+    if dry_run:
+        doomed: list[Any] = [e for e in list_cache(root) if everything or e.stale]
+    else:
+        doomed = prune_cache(root, everything=everything)
+    verb = "would remove" if dry_run else "removed"
+    for e in doomed:
+        typer.echo(f"{verb} {e.path} ({_human(e.size_bytes)})")
+    typer.echo(f"{verb} {len(doomed)} entries, {_human(sum(e.size_bytes for e in doomed))}"
+               if doomed else f"nothing to remove in {root}")
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="The cache of converted models: list it, prune it.",
+                        no_args_is_help=False, invoke_without_command=True)
+
+    @group.callback(invoke_without_command=True)
+    def _default(
+        ctx: typer.Context,
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
+                                                 file_okay=False),
+    ) -> None:
+        """The cache of converted models (GGUF files dequantized once): list it, prune it.
+
+        With no subcommand, lists it."""
+        if ctx.invoked_subcommand is None:
+            list_models(cache_dir)
+
+    group.command("list")(list_models)
+    group.command("prune")(prune_models)
+    app.add_typer(group, name="models")
