@@ -7,6 +7,7 @@ end go to stderr, one line each, so ``2>/dev/null`` or ``--quiet`` leaves only t
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -107,6 +108,9 @@ def _disaggregated(prompt: str, max_tokens: int, model: str | None, prefill_work
                    say: Callable[[str], None], quiet: bool) -> None:
     from tensorfabric.kv import DisaggregatedCluster
 
+    if quiet:  # the workers inherit these: no transformers bars or notices from them either
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     # Enough blocks for a long prompt plus the answer unless the user sized it.
     tokens_guess = 4 * len(prompt) // 3 + 256
     blocks = kv_blocks or -(-(tokens_guess + max_tokens) // block_size) + 4

@@ -20,6 +20,10 @@ def _human(nbytes: int) -> str:
     return str(nbytes)  # pragma: no cover
 
 
+def _count(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
 def _age(created: float | None) -> str:
     if created is None:
         return "-"
@@ -34,42 +38,35 @@ def _cache_dir(cache_dir: Optional[Path]) -> Path:
 
 def list_models(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
-                                             file_okay=False),
+                                             file_okay=False, metavar="DIR"),
 ) -> None:
     """List the converted models in the cache: size, source file, state."""
-    from rich.console import Console
-    from rich.table import Table
-
     from tensorfabric.models import list_cache
 
     root = _cache_dir(cache_dir)
     entries = list_cache(root)
-    console = Console()
     if not entries:
-        console.print(f"no converted models in {root}")
+        typer.echo(f"no converted models in {root}")
         return
-    table = Table(title=f"converted models in {root}", title_justify="left")
-    for col, just in (("entry", "left"), ("size", "right"), ("dtype", "left"),
-                      ("source", "left"), ("converted", "left"), ("state", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    typer.echo(f"converted models in {root}:")
     for e in entries:
-        state = "stale (prune removes it)" if e.stale else "current"
+        state = "stale: prune removes it" if e.stale else "current"
         took = f" in {e.convert_seconds:.0f} s" if e.convert_seconds is not None else ""
-        table.add_row(e.name, _human(e.size_bytes), e.dtype or "-",
-                      e.source or "(unknown: older tensorfabric)", _age(e.created) + took, state)
-    console.print(table)
+        typer.echo(f"  {e.name}  {_human(e.size_bytes)}  {state}")
+        typer.echo(f"      from {e.source or '(unknown: written by an older tensorfabric)'}"
+                   f"{f' ({e.dtype})' if e.dtype else ''}, converted {_age(e.created)}{took}")
     total = sum(e.size_bytes for e in entries)
     stale = [e for e in entries if e.stale]
-    console.print(f"{len(entries)} entries, {_human(total)}"
-                  + (f"; {len(stale)} stale ({_human(sum(e.size_bytes for e in stale))}): "
-                     "`tensorfabric models prune` removes them" if stale else ""))
+    typer.echo(f"{_count(len(entries))}, {_human(total)}"
+               + (f"; {len(stale)} stale ({_human(sum(e.size_bytes for e in stale))}): "
+                  "`tensorfabric models prune` removes them" if stale else ""))
 
 
 def prune_models(
     everything: bool = typer.Option(False, "--all", help="Remove every entry, not only stale ones."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
-                                             file_okay=False),
+                                             file_okay=False, metavar="DIR"),
 ) -> None:
     """Remove stale cache entries (their source changed or is gone, or an older format), or
     all of them with --all. Entries being converted right now are kept."""
@@ -83,7 +80,7 @@ def prune_models(
     verb = "would remove" if dry_run else "removed"
     for e in doomed:
         typer.echo(f"{verb} {e.path} ({_human(e.size_bytes)})")
-    typer.echo(f"{verb} {len(doomed)} entries, {_human(sum(e.size_bytes for e in doomed))}"
+    typer.echo(f"{verb} {_count(len(doomed))}, {_human(sum(e.size_bytes for e in doomed))}"
                if doomed else f"nothing to remove in {root}")
 
 
@@ -95,7 +92,7 @@ def register(app: typer.Typer) -> None:
     def _default(
         ctx: typer.Context,
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
-                                                 file_okay=False),
+                                                 file_okay=False, metavar="DIR"),
     ) -> None:
         """The cache of converted models (GGUF files dequantized once): list it, prune it.
 
