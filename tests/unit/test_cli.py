@@ -45,6 +45,13 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     (["generate", "hi", "--dtype", "float64"], "'float64': use one of float32"),
     (["generate"], "PROMPT"),
     (["no-such-command"], "No such command"),
+    (["plan-weights", "--params", "lots"], "'lots' is not a parameter count"),
+    (["plan-weights", "--replicas", "0"], "--replicas"),
+    (["plan-weights", "--src-dtype", "fp3"], "unknown dtype 'fp3'"),
+    (["plan-weights", "--fanout", "star"], "'star': use direct, chain or tree"),
+    (["plan-weights", "--efficiency", "2"], "--efficiency"),
+    (["plan-weights", "--dst-gpus", "10", "--replicas", "4"], "multiple of --replicas"),
+    (["models", "prune", "--nope"], "No such option"),
 ])
 def test_bad_values_are_one_line_errors_with_exit_code_2(
         capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
