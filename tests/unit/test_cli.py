@@ -96,10 +96,12 @@ def test_a_missing_extra_names_the_pip_extra(capsys, monkeypatch) -> None:  # ty
 
 
 def test_our_errors_are_one_line_with_exit_code_1(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("torch")
-    code, _, err = _run(capsys, "generate", "hi", "--quiet", "--model", str(tmp_path / "none.gguf"))
-    assert code == 1 and "ModelNotFoundError" in err and "not found" in err
-    assert len(err.strip().splitlines()) == 1
+    """A TensorFabricError while the command runs: its class and message, one line."""
+    bad = tmp_path / "bench.toml"
+    bad.write_text("[bench\nsizes = 1\n")
+    code, _, err = _run(capsys, "bench", "--config", str(bad))
+    assert code == 1 and "ConfigError" in err and "is not valid TOML" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_version_and_help_end_to_end() -> None:
