@@ -67,6 +67,7 @@ def test_two_processes_convert_once_and_share_the_result(converted) -> None:  # 
     waiters = [r for r in results if r["from_disk"]]
     assert len(converters) == 1 and len(waiters) == 1, results
     said = " | ".join(converters[0]["lines"])
+    assert "has no converted copy" in converters[0]["lines"][0]  # said before importing torch
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in said and "converted in" in said
     waited = " | ".join(waiters[0]["lines"])
     assert "waiting for process" in waited and "reuses its result" in waited, waited

@@ -14,10 +14,6 @@ _TRANSPORTS = ("tcp", "shm", "nixl")
 _OPS = ("write", "pages", "read", "imm", "sendrecv")  # bench._runner.ALL_OPS (kept import-free)
 
 
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
 def load_config(path: Path) -> dict[str, Any]:
     """Bench options from a JSON, TOML or YAML file (by extension).
 
@@ -47,7 +43,9 @@ def _checked(opts: dict[str, Any], path: Path) -> dict[str, Any]:
     parsers: dict[str, Any] = {
         "transport": _types.names(_TRANSPORTS, extra=("all",)), "sizes": _types.sizes,
         "page_sizes": _types.sizes, "ops": _types.names(_OPS), "chunk": _types.size,
-        "links": _positive_int, "budget": _types.positive_float, "pin": str}
+        "links": _positive_int, "budget": _types.positive_float, "pin": str,
+        "link_addrs": _types.local_addresses, "peer_link_addrs": _types.local_addresses,
+        "host": _types.local_address}
     out = dict(opts)
     for key, parse in parsers.items():
         if key not in opts:
@@ -79,10 +77,12 @@ def bench(
         None, parser=_types.names(_TRANSPORTS, extra=("all",)), metavar="NAMES",
         help="tcp, shm, nixl (comma separated) or all (tcp and shm, nixl if installed)."),
     links: Optional[int] = typer.Option(None, min=1, max=64, help="tcp links per peer (default 1)."),
-    link_addrs: Optional[str] = typer.Option(
-        None, help="This side's local link addresses, comma separated (one per NIC; sets --links)."),
-    peer_link_addrs: Optional[str] = typer.Option(
-        None, help="The spawned local peer's link addresses (one per NIC)."),
+    link_addrs: Optional[Any] = typer.Option(
+        None, parser=_types.local_addresses, metavar="ADDRS",
+        help="This side's local link addresses, comma separated (one per NIC; sets --links)."),
+    peer_link_addrs: Optional[Any] = typer.Option(
+        None, parser=_types.local_addresses, metavar="ADDRS",
+        help="The spawned local peer's link addresses (one per NIC)."),
     config: Optional[Path] = typer.Option(None, exists=True, help="JSON/TOML/YAML file with these options."),
     sizes: Optional[Any] = typer.Option(
         None, parser=_types.sizes, metavar="SIZES",
@@ -93,12 +93,15 @@ def bench(
     ops: Optional[Any] = typer.Option(
         None, parser=_types.names(_OPS), metavar="OPS",
         help="Comma list of write, pages, read, imm, sendrecv."),
-    host: Optional[str] = typer.Option(None, help="Address the engines listen on (default 127.0.0.1)."),
+    host: Optional[str] = typer.Option(None, parser=_types.local_address, metavar="ADDR",
+                                       help="Address the engines listen on (default 127.0.0.1)."),
     listen: Optional[str] = typer.Option(
-        None, help="Run only the peer side on this address and print its engine address."),
+        None, parser=_types.local_address, metavar="ADDR",
+        help="Run only the peer side on this address and print its engine address."),
     port: int = typer.Option(0, min=0, max=65535, help="Port for --listen (0: any)."),
     connect: Optional[str] = typer.Option(
-        None, help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
+        None, parser=_types.engine_address, metavar="ADDRESS|@FILE",
+        help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
     budget: Optional[float] = typer.Option(None, parser=_types.positive_float, metavar="SECONDS",
                                            help="Seconds spent per measured point."),
     chunk: Optional[int] = typer.Option(
@@ -124,8 +127,8 @@ def bench(
     def pick(cli: Any, key: str, default: Any) -> Any:
         return cli if cli is not None else file_opts.get(key, default)
 
-    addrs = _csv(link_addrs) or list(file_opts.get("link_addrs", []))
-    peer_addrs = _csv(peer_link_addrs) or list(file_opts.get("peer_link_addrs", []))
+    addrs = list(link_addrs or file_opts.get("link_addrs", []))
+    peer_addrs = list(peer_link_addrs or file_opts.get("peer_link_addrs", []))
     nlinks = int(pick(links, "links", len(addrs) or 1))
     host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
 
@@ -160,8 +163,7 @@ def bench(
     if chunk_v:
         kw["chunk_bytes"] = chunk_v
     if connect:
-        kw["connect"] = (Path(connect[1:]).read_text().strip() if connect.startswith("@")
-                         else connect.strip())
+        kw["connect"] = connect
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     report = _run_with_progress(cfg, run_bench)
     _print(report, format_table)

@@ -116,7 +116,7 @@ def _disaggregated(prompt: str, max_tokens: int, model: str | None, prefill_work
     blocks = kv_blocks or -(-(tokens_guess + max_tokens) // block_size) + 4
     prefill_blocks = -(-tokens_guess // block_size) + 4
     started = time.perf_counter()
-    say("starting the decode worker and prefill workers (each loads the model)")
+    say(f"starting 1 decode and {prefill_workers} prefill worker processes (each loads the model)")
     cluster = DisaggregatedCluster(
         model, prefill_workers=prefill_workers, kv_blocks=blocks,
         prefill_blocks=prefill_blocks, block_size=block_size, dtype=dtype, progress=say,

@@ -59,3 +59,52 @@ def names(choices: tuple[str, ...], *, extra: tuple[str, ...] = ()
         return items
 
     return parse
+
+
+def local_address(text: str) -> str:
+    """An IP address of this machine (one a socket can bind to)."""
+    import ipaddress
+    import socket
+
+    addr = str(text).strip()
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an IP address") from None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((addr, 0))
+    except OSError as exc:
+        raise typer.BadParameter(f"{addr} is not an address of this machine ({exc.strerror})"
+                                 ) from None
+    return addr
+
+
+def local_addresses(text: str) -> list[str]:
+    """A comma-separated list of this machine's IP addresses (at least one)."""
+    if isinstance(text, list):
+        return text
+    items = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter("give at least one address, e.g. 10.0.0.1,10.0.1.1")
+    return [local_address(v) for v in items]
+
+
+def engine_address(text: str) -> str:
+    """An engine address in hex, or ``@FILE`` holding one (as ``bench --listen`` prints it)."""
+    value = str(text).strip()
+    if value.startswith("@"):
+        try:
+            with open(value[1:]) as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value[:40]!r} is not an engine address (the hex line "
+                                 "`tensorfabric bench --listen` prints)") from None
+    if not value:
+        raise typer.BadParameter("empty engine address")
+    return value

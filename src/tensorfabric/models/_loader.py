@@ -101,9 +101,12 @@ def load_model(
     Raises :class:`ModelNotFoundError` for a bad path and :class:`ModelLoadError` when
     transformers cannot read the checkpoint.
     """
+    source = resolve_model(path_or_name)
+    say = progress if progress is not None else _stderr
+    if disk_cache and source.kind == "gguf":  # said before the (slow) torch import
+        _announce_conversion(source, dtype, cache_dir, say)
     torch, _ = _require_llm()
     dtype = _as_dtype(torch, dtype)
-    source = resolve_model(path_or_name)
     key = (str(source.path), source.kind, str(dtype))
     if cache:
         with _CACHE_LOCK:
@@ -111,7 +114,6 @@ def load_model(
         if hit is not None:
             return hit
     started = time.perf_counter()
-    say = progress if progress is not None else _stderr
     model, tokenizer, from_disk = _load(source, dtype, disk_cache, cache_dir, say)
     model.eval()
     loaded = LoadedModel(
@@ -128,6 +130,18 @@ def load_model(
         with _CACHE_LOCK:
             loaded = _CACHE.setdefault(key, loaded)
     return loaded
+
+
+def _announce_conversion(source: ModelSource, dtype: Any, cache_dir: str | Path | None,
+                         say: Callable[[str], None]) -> None:
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    try:
+        entry = _diskcache.entry_path(source.path, name, cache_dir)
+    except OSError:
+        return
+    if not (entry / "config.json").is_file():
+        say(f"{source.path.name} has no converted copy in {entry.parent} yet: it is converted "
+            "once, after torch and transformers load")
 
 
 def clear_model_cache() -> None:
