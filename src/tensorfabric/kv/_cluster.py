@@ -175,7 +175,6 @@ class KVClient:
                 cls = _ERRORS.get(msg.get("kind", ""), KVError)
                 fut.set_exception(cls(msg["error"]))
 
-
     def _stream(self, cid: int, msg: dict[str, Any]) -> None:
         with self._lock:
             callback = self._streams.get(cid)
