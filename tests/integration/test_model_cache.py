@@ -27,8 +27,14 @@ from conftest import subprocess_env  # noqa: E402
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.timeout(900)]
 
 _LOAD = """
-import json, sys, time
+import json, os, sys, time
+import torch, transformers  # imported before the barrier, so both reach the cache together
 from tensorfabric.models import load_model
+barrier, me = sys.argv[2], sys.argv[3]
+open(os.path.join(barrier, me), "w").close()
+deadline = time.monotonic() + 600
+while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.02)
 lines = []
 lm = load_model(cache_dir=sys.argv[1], progress=lambda t: (lines.append(t), print(t, file=sys.stderr, flush=True)))
 w = lm.model.model.layers[3].self_attn.q_proj.weight
@@ -39,8 +45,10 @@ print(json.dumps({"from_disk": lm.from_disk_cache, "lines": lines,
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """Two processes started together, each loading the default model into one new cache
-    directory that already holds an entry of an older tensorfabric and a stale one."""
+    """Two processes, each loading the default model into one new cache directory that
+    already holds an entry of an older tensorfabric and a stale one. They meet at a barrier
+    (files in a folder) after importing torch, so both ask for the model at the same moment
+    however busy the machine is: one converts while the other waits on the lock."""
     cache = tmp_path_factory.mktemp("models")
     source = default_model_path()
     prefix = entry_path(source, "float32", cache).name.rsplit("-", 1)[0]
@@ -50,9 +58,11 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
     for folder in (legacy, stale, other):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"\0" * 1000)
-    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache)], env=subprocess_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    barrier = tmp_path_factory.mktemp("barrier")
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache), str(barrier), str(i)],
+                              env=subprocess_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=800)
