@@ -108,6 +108,10 @@ def test_models_command_lists_and_prunes(converted) -> None:  # type: ignore[no-
     entries = {e.name: e for e in list_cache(cache)}
     assert [e.stale for n, e in entries.items() if n.startswith("SmolLM2")] == [False]
     assert entries["other-model-float32-00000000-000000000000"].stale  # no manifest
+    grouped = subprocess.run([sys.executable, "-m", "tensorfabric", "models", "--cache-dir",
+                              str(cache), "prune", "--dry-run"], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert "other-model" in grouped.stdout, grouped.stdout  # the group's --cache-dir counts
     dry = cli("prune", "--dry-run")
     assert "would remove" in dry.stdout and "other-model" in dry.stdout
     assert "SmolLM2" not in dry.stdout

@@ -30,20 +30,25 @@ def _age(created: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
 
 
-def _cache_dir(cache_dir: Optional[Path]) -> Path:
+def _cache_dir(cache_dir: Optional[Path], ctx: Any = None) -> Path:
+    """This command's --cache-dir, else the group's (``models --cache-dir X prune``), else the
+    default."""
     from tensorfabric.models import default_cache_dir
 
-    return cache_dir if cache_dir is not None else default_cache_dir()
+    group = getattr(ctx, "obj", None) if ctx is not None else None
+    chosen = cache_dir if cache_dir is not None else group
+    return Path(chosen) if chosen is not None else default_cache_dir()
 
 
 def list_models(
+    ctx: typer.Context,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
                                              file_okay=False, metavar="DIR"),
 ) -> None:
     """List the converted models in the cache: size, source file, state."""
     from tensorfabric.models import list_cache
 
-    root = _cache_dir(cache_dir)
+    root = _cache_dir(cache_dir, ctx)
     entries = list_cache(root)
     if not entries:
         typer.echo(f"no converted models in {root}")
@@ -63,6 +68,7 @@ def list_models(
 
 
 def prune_models(
+    ctx: typer.Context,
     everything: bool = typer.Option(False, "--all", help="Remove every entry, not only stale ones."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_DIR_HELP,
@@ -72,7 +78,7 @@ def prune_models(
     all of them with --all. Entries being converted right now are kept."""
     from tensorfabric.models import list_cache, prune_cache
 
-    root = _cache_dir(cache_dir)
+    root = _cache_dir(cache_dir, ctx)
     if dry_run:
         doomed: list[Any] = [e for e in list_cache(root) if everything or e.stale]
     else:
@@ -97,8 +103,9 @@ def register(app: typer.Typer) -> None:
         """The cache of converted models (GGUF files dequantized once): list it, prune it.
 
         With no subcommand, lists it."""
+        ctx.obj = cache_dir
         if ctx.invoked_subcommand is None:
-            list_models(cache_dir)
+            list_models(ctx, None)
 
     group.command("list")(list_models)
     group.command("prune")(prune_models)
