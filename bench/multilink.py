@@ -8,6 +8,9 @@ rates::
 
     sudo PYTHONPATH=src python bench/multilink.py                 # 100 and 400 Mbit/s links
     sudo PYTHONPATH=src python bench/multilink.py --rates 200mbit --links 1,2,4 --seconds 3
+    sudo PYTHONPATH=src python bench/multilink.py --rates 400mbit --links 2,4 --uneven 100mbit,300mbit
+
+(for the uneven row "of sum" is the figure; its raw baseline runs on the fastest link)
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ from tensorfabric.bench._multilink import run_over_netns
 from tensorfabric.testing.netns import LinkSpec, NetnsLinks, measure_raw_throughput, netns_unavailable_reason
 
 
-def measure(rate: str, nlinks: int, seconds: float, reps: int) -> dict[str, object]:
-    with NetnsLinks([LinkSpec(rate) for _ in range(nlinks)]) as net:
-        per_link = net.links[0].bytes_per_s
-        raw = measure_raw_throughput(net, 0, int(per_link * seconds))
+def measure(rate: str, nlinks: int, seconds: float, reps: int,
+            rates: list[str] | None = None) -> dict[str, object]:
+    """One row; ``rates`` (one per link) replaces ``rate`` x ``nlinks`` for uneven links (the
+    raw baseline then runs on the fastest link)."""
+    specs = [LinkSpec(r) for r in rates] if rates else [LinkSpec(rate) for _ in range(nlinks)]
+    with NetnsLinks(specs) as net:
+        fastest = max(range(len(net.links)), key=lambda i: net.links[i].bytes_per_s)
+        per_link = net.links[fastest].bytes_per_s
+        nlinks = len(net.links)
+        raw = measure_raw_throughput(net, fastest, int(per_link * seconds))
         nbytes = int(net.total_bytes_per_s * seconds) // 4096 * 4096
         results = run_over_netns(net, nbytes, reps=reps, timeout=120)
         best = sorted(r["bytes_per_s"] for r in results)[len(results) // 2]
@@ -42,6 +51,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.5, help="length of each transfer")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--uneven", default=None,
+                   help="also one row with these per-link rates, e.g. 100mbit,300mbit")
     args = p.parse_args()
     reason = netns_unavailable_reason()
     if reason:
@@ -49,13 +60,16 @@ def main() -> None:
     rows = []
     print(f"{'rate/link':>10} {'links':>5} {'sum MB/s':>9} {'raw 1 link':>10} {'engine MB/s':>11} "
           f"{'of sum':>7} {'vs raw x N':>10}")
-    for rate in args.rates.split(","):
-        for n in (int(x) for x in args.links.split(",")):
-            r = measure(rate, n, args.seconds, args.reps)
-            rows.append(r)
-            print(f"{rate:>10} {n:>5} {r['sum_MBps']:>9.1f} {r['raw_one_link_MBps']:>10.1f} "
-                  f"{r['engine_MBps']:>11.1f} {r['engine_share']:>7.2f} "
-                  f"{r['engine_vs_raw_x_links']:>10.2f}", flush=True)
+    configs: list[tuple[str, int, list[str] | None]] = [
+        (rate, n, None) for rate in args.rates.split(",") for n in map(int, args.links.split(","))]
+    if args.uneven:
+        configs.append(("+".join(args.uneven.split(",")), 0, args.uneven.split(",")))
+    for rate, n, rates in configs:
+        r = measure(rate, n, args.seconds, args.reps, rates)
+        rows.append(r)
+        print(f"{rate:>10} {r['links']:>5} {r['sum_MBps']:>9.1f} {r['raw_one_link_MBps']:>10.1f} "
+              f"{r['engine_MBps']:>11.1f} {r['engine_share']:>7.2f} "
+              f"{r['engine_vs_raw_x_links']:>10.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -83,6 +83,18 @@ def test_disaggregated_greedy_output_is_identical(cluster, reference, lm) -> Non
     assert cluster.stats()["free_blocks"] == KV_BLOCKS
 
 
+def test_disaggregated_answer_streams_token_by_token(cluster, reference, lm) -> None:  # type: ignore[no-untyped-def]
+    """``on_token`` hears every token from the decode worker before the result arrives, with
+    the text each adds; the pieces make up the answer's text."""
+    ids, want = reference["short"]
+    heard: list[tuple[int, str]] = []
+    fut = cluster.submit(ids, max_new_tokens=12, on_token=lambda t, text: heard.append((t, text)))
+    got = fut.result(timeout=300)
+    assert [t for t, _ in heard] == got.tokens == want
+    assert "".join(text for _, text in heard) == got.text
+    assert sum(1 for _, text in heard if text) >= 2
+
+
 def _kill_mid_transfer(cluster, fut, victim: str) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL ``victim`` once some but not all layers of the request landed."""
     deadline = time.monotonic() + 120

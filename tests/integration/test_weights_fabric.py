@@ -87,10 +87,14 @@ def test_chain_sends_the_model_once_from_the_trainer_direct_sends_it_per_replica
             e.close()
 
 
-def _streams(fab: NetnsHosts, pairs: list[tuple[int, int]], mb: int) -> tuple[list[float], float]:
+def _streams(fab: NetnsHosts, pairs: list[tuple[int, int]], mb: int
+             ) -> tuple[list[float], float, list[tuple[float, float]]]:
     """Concurrent raw TCP streams src -> dst (the netns module's raw-throughput scripts): each
-    one's rate, and all bytes over the wall time of the whole run, as shares of the NIC rate."""
+    one's rate and all bytes over the wall time of the whole run, as shares of the NIC rate,
+    and what each host's NIC sent and received meanwhile (kernel counters), in units of one
+    stream's bytes."""
     nbytes = mb * 2**20
+    before = [fab.nic_bytes(h) for h in range(fab.n)]
     sinks = []
     for i, (_, dst) in enumerate(pairs):
         p = fab.popen(dst, [sys.executable, "-c", _RAW_SERVER, fab.addr(dst), str(47000 + i), str(nbytes)],
@@ -101,7 +105,7 @@ def _streams(fab: NetnsHosts, pairs: list[tuple[int, int]], mb: int) -> tuple[li
     srcs = [fab.popen(src, [sys.executable, "-c", _RAW_CLIENT, fab.addr(dst), str(47000 + i), str(nbytes), ""])
             for i, (src, dst) in enumerate(pairs)]
     for p in srcs:
-        assert p.wait(timeout=60) == 0
+        assert p.wait(timeout=120) == 0
     wall = time.perf_counter() - t0
     rate = fab.specs[0].bytes_per_s
     each = []
@@ -110,14 +114,25 @@ def _streams(fab: NetnsHosts, pairs: list[tuple[int, int]], mb: int) -> tuple[li
         got, secs = p.stdout.readline().split()
         assert int(got) == nbytes
         each.append(nbytes / float(secs) / rate)
-    return each, len(pairs) * nbytes / wall / rate
+    after = [fab.nic_bytes(h) for h in range(fab.n)]
+    nics = [((a[0] - b[0]) / nbytes, (a[1] - b[1]) / nbytes) for a, b in zip(after, before)]
+    return each, len(pairs) * nbytes / wall / rate, nics
 
 
 def test_each_host_has_its_own_full_duplex_nic(fab: NetnsHosts) -> None:
-    """The emulation itself: a chain of streams runs every hop at the NIC rate at once, while two
-    streams out of one host share its upload."""
-    mb = int(fab.specs[0].bytes_per_s * 1.5 / 2**20)
-    chain, total = _streams(fab, [(0, 1), (1, 2), (2, 3)], mb)
-    assert all(0.8 <= r <= 1.1 for r in chain) and total >= 2.4, (chain, total)
-    shared, total = _streams(fab, [(0, 1), (0, 2)], mb)  # both out of host 0: its upload is shared
-    assert 0.75 <= total <= 1.1, (shared, total)
+    """The emulation itself, from the kernel's byte counters: a chain of streams goes out of
+    and into each host's own NIC (a relay's NIC carries the stream in both directions), and
+    two streams out of one host both leave through its one NIC. Rates are only checked from
+    above (the cap holds; a busy machine makes streams slower, never faster); how close the
+    streams get to the NIC rate is a benchmark: ``bench/netns_nics.py``."""
+    mb = 8
+    chain, _, nics = _streams(fab, [(0, 1), (1, 2), (2, 3)], mb)
+    assert all(0 < r <= 1.15 for r in chain), chain
+    (tx0, rx0), (tx1, rx1), (tx2, rx2), (tx3, rx3) = nics
+    assert 1.0 <= tx0 <= 1.2 and rx0 < 0.1, nics  # ACKs are the small reverse traffic
+    assert all(1.0 <= v <= 1.2 for v in (rx1, tx1, rx2, tx2)), nics
+    assert rx3 >= 1.0 and tx3 < 0.1, nics
+    shared, total, nics = _streams(fab, [(0, 1), (0, 2)], mb)  # both out of host 0's upload
+    assert 0 < total <= 1.15, (shared, total)  # together they never beat the one NIC's cap
+    assert 2.0 <= nics[0][0] <= 2.4 and all(nics[h][0] < 0.1 for h in (1, 2, 3)), nics
+    assert nics[1][1] >= 1.0 and nics[2][1] >= 1.0 and nics[3][1] < 0.1, nics

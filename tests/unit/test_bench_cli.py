@@ -14,7 +14,7 @@ from tensorfabric.cli import _bench  # noqa: E402
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
+    app = typer.Typer(rich_markup_mode=None)  # plain errors, as the real CLI prints them
 
     @app.callback()
     def _group() -> None:  # keeps "bench" a subcommand even when it is the only one
@@ -52,10 +52,26 @@ def test_bench_quick_tcp_writes_json_and_plot(tmp_path: Path) -> None:
     assert "raw socket" in result.output
 
 
-def test_bench_rejects_unknown_transport() -> None:
-    result = CliRunner().invoke(_app(), ["bench", "--transport", "carrier-pigeon"])
-    assert result.exit_code != 0
-    assert "unknown transport" in result.output
+@pytest.mark.parametrize(("args", "says"), [
+    (["--transport", "carrier-pigeon"], "use one or more of tcp, shm, nixl"),
+    (["--sizes", "garbage"], "'garbage' is not a size"),
+    (["--page-sizes", "x"], "'x' is not a size"),
+    (["--links", "0"], "--links"),
+    (["--budget", "-1"], "must be a positive number"),
+])
+def test_bench_rejects_bad_values_before_starting_anything(args: list[str], says: str) -> None:
+    """Checked while the command line is parsed: usage error (exit code 2), no engine started."""
+    result = CliRunner().invoke(_app(), ["bench", *args])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_config_file_values_are_checked_like_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "bench.json"
+    cfg.write_text(json.dumps({"bench": {"page_sizes": [4096, "4x"]}}))
+    result = CliRunner().invoke(_app(), ["bench", "--config", str(cfg)])
+    assert result.exit_code == 2 and "'4x' is not a size" in " ".join(result.output.split())
 
 
 def _allowed(pid: int) -> str:

@@ -136,3 +136,65 @@ def test_llama_folder_and_safetensors_file_load(lm, tmp_path: Path) -> None:  # 
         with torch.inference_mode():
             torch.testing.assert_close(loaded.model(ids).logits, want, rtol=0, atol=0)
         assert chat_ids(loaded, "hello there") == ids[0].tolist()
+
+
+# --- streaming and warnings ------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_generate_streams_each_token_as_it_is_chosen(lm) -> None:  # type: ignore[no-untyped-def]
+    from tensorfabric.models import TextStream
+
+    seen: list[int] = []
+    text = TextStream(lm.tokenizer)
+    pieces: list[str] = []
+
+    def on_token(token: int) -> None:
+        seen.append(token)
+        pieces.append(text.push(token))
+
+    out = generate(lm, "Name three colours.", max_new_tokens=12, on_token=on_token)
+    pieces.append(text.flush())
+    assert seen == out.tokens and len(seen) >= 2
+    assert "".join(pieces) == out.text and sum(1 for p in pieces if p) >= 2
+
+
+@pytest.mark.model
+def test_text_stream_holds_back_a_split_character(lm) -> None:  # type: ignore[no-untyped-def]
+    """A character split over several byte tokens comes out whole, once."""
+    from tensorfabric.models import TextStream
+
+    ids = lm.tokenizer.encode("Caf\u00e9 \u2603 \u6771\u4eac", add_special_tokens=False)
+    stream = TextStream(lm.tokenizer)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == lm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_deprecations_from_our_code_fail_the_suite() -> None:
+    """pyproject's filterwarnings: a DeprecationWarning or FutureWarning attributed to a
+    tensorfabric module is an error under pytest; one from elsewhere is not."""
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning):
+        with pytest.raises(category):
+            warnings.warn_explicit("old API", category, "x.py", 1,
+                                   module="tensorfabric.models._loader")
+    with pytest.warns(DeprecationWarning):
+        warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module="elsewhere")
+
+
+@pytest.mark.model
+def test_a_model_run_raises_no_deprecation_warnings(lm) -> None:  # type: ignore[no-untyped-def]
+    """transformers' Cache API as transformers 5 wants it: a DynamicCache made up front and
+    filled in place, no legacy tuples (those warn, and fail this test as errors)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        cache = DynamicCache(config=lm.config)
+        out = generate(lm, "hi", max_new_tokens=3, cache=cache)
+        assert cache.get_seq_length() == out.prompt_tokens + len(out.tokens) - 1

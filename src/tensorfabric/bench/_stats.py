@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -99,14 +100,21 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+
+
 def parse_size(text: str) -> int:
-    """``"4k"``, ``"64KiB"``, ``"1m"``, ``"256MiB"``, ``"1g"`` or a plain byte count."""
-    t = text.strip().lower().replace("ib", "").replace("b", "")
-    mult = {"k": KiB, "m": MiB, "g": GiB}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "kmg" else t
-    value = int(float(num) * mult)
+    """``"4k"``, ``"64KiB"``, ``"1m"``, ``"256MiB"``, ``"1g"``, ``"512b"`` or a plain byte count
+    (units are powers of 1024). Raises ValueError naming the text for anything else, and for a
+    size under one byte."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: use a byte count or a number with k, m or g "
+                         "(e.g. 4096, 64k, 1m, 1.5g)")
+    value = int(float(match[1]) * _UNITS[match[2].lower()])
     if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
+        raise ValueError(f"size must be at least one byte: {text!r}")
     return value
 
 

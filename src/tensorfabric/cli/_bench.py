@@ -8,11 +8,10 @@ from typing import Any, Optional
 
 import typer
 
+from . import _types
+
 _TRANSPORTS = ("tcp", "shm", "nixl")
-
-
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+_OPS = ("write", "pages", "read", "imm", "sendrecv")  # bench._runner.ALL_OPS (kept import-free)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -39,36 +38,88 @@ def load_config(path: Path) -> dict[str, Any]:
     return opts
 
 
+def _checked(opts: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The config file's bench options parsed by the same rules as the command line's."""
+    parsers: dict[str, Any] = {
+        "transport": _types.names(_TRANSPORTS, extra=("all",)), "sizes": _types.sizes,
+        "page_sizes": _types.sizes, "ops": _types.names(_OPS), "chunk": _types.size,
+        "links": _positive_int, "budget": _types.positive_float, "pin": str,
+        "link_addrs": _types.local_addresses, "peer_link_addrs": _types.local_addresses,
+        "host": _types.local_address}
+    out = dict(opts)
+    for key, parse in parsers.items():
+        if key not in opts:
+            continue
+        value = opts[key]
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        try:
+            out[key] = parse(text)
+        except typer.BadParameter as exc:
+            raise typer.BadParameter(f"{key} in {path}: {exc.message}",
+                                     param_hint="'--config'") from None
+    if "budget" in out:
+        out["budget_s"] = out.pop("budget")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, not {value}")
+    return value
+
+
 def bench(
-    transport: Optional[str] = typer.Option(None, help="tcp, shm, nixl or all (tcp and shm, nixl if installed)."),
-    links: Optional[int] = typer.Option(None, help="tcp links per peer (default 1)."),
-    link_addrs: Optional[str] = typer.Option(
-        None, help="This side's local link addresses, comma separated (one per NIC; sets --links)."),
-    peer_link_addrs: Optional[str] = typer.Option(
-        None, help="The spawned local peer's link addresses (one per NIC)."),
+    transport: Optional[Any] = typer.Option(
+        None, parser=_types.names(_TRANSPORTS, extra=("all",)), metavar="NAMES",
+        help="tcp, shm, nixl (comma separated) or all (tcp and shm, nixl if installed)."),
+    links: Optional[int] = typer.Option(None, min=1, max=64, help="tcp links per peer (default 1)."),
+    link_addrs: Optional[Any] = typer.Option(
+        None, parser=_types.local_addresses, metavar="ADDRS",
+        help="This side's local link addresses, comma separated (one per NIC; sets --links)."),
+    peer_link_addrs: Optional[Any] = typer.Option(
+        None, parser=_types.local_addresses, metavar="ADDRS",
+        help="The spawned local peer's link addresses (one per NIC)."),
     config: Optional[Path] = typer.Option(None, exists=True, help="JSON/TOML/YAML file with these options."),
-    sizes: Optional[str] = typer.Option(None, help="Write/read sizes, e.g. 4k,64k,1m,64m,256m."),
-    page_sizes: Optional[str] = typer.Option(None, help="Page sizes for paged writes, e.g. 1k,4k,16k,64k."),
-    ops: Optional[str] = typer.Option(None, help="Comma list of write,pages,read,imm,sendrecv."),
-    host: Optional[str] = typer.Option(None, help="Address the engines listen on (default 127.0.0.1)."),
+    sizes: Optional[Any] = typer.Option(
+        None, parser=_types.sizes, metavar="SIZES",
+        help="Write/read sizes, e.g. 4k,64k,1m,64m,256m (k, m, g: powers of 1024)."),
+    page_sizes: Optional[Any] = typer.Option(
+        None, parser=_types.sizes, metavar="SIZES",
+        help="Page sizes for paged writes, e.g. 1k,4k,16k,64k."),
+    ops: Optional[Any] = typer.Option(
+        None, parser=_types.names(_OPS), metavar="OPS",
+        help="Comma list of write, pages, read, imm, sendrecv."),
+    host: Optional[str] = typer.Option(None, parser=_types.local_address, metavar="ADDR",
+                                       help="Address the engines listen on (default 127.0.0.1)."),
     listen: Optional[str] = typer.Option(
-        None, help="Run only the peer side on this address and print its engine address."),
-    port: int = typer.Option(0, help="Port for --listen (0: any)."),
+        None, parser=_types.local_address, metavar="ADDR",
+        help="Run only the peer side on this address and print its engine address."),
+    port: int = typer.Option(0, min=0, max=65535, help="Port for --listen (0: any)."),
     connect: Optional[str] = typer.Option(
-        None, help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
-    budget: Optional[float] = typer.Option(None, help="Seconds spent per measured point."),
-    chunk: Optional[str] = typer.Option(None, help="The engines' tcp chunk size (e.g. 4m); the raw baseline uses the same."),
-    quick: bool = typer.Option(False, help="Fewer sizes and shorter points (about 15 s)."),
+        None, parser=_types.engine_address, metavar="ADDRESS|@FILE",
+        help="Drive a peer started with --listen: its address (hex) or @FILE holding it."),
+    budget: Optional[float] = typer.Option(None, parser=_types.positive_float, metavar="SECONDS",
+                                           help="Seconds spent per measured point."),
+    chunk: Optional[int] = typer.Option(
+        None, parser=_types.size, metavar="SIZE",
+        help="The engines' tcp chunk size (e.g. 4m); the raw baseline uses the same."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes and shorter points (about 15 s)."),
     pin: Optional[str] = typer.Option(
         None, help="CPU placement: 'same' (every process on one CPU) or 'split' (peers on another "
                    "CPU); latency ratios hold only under one placement for engine and baseline."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
     plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
-    no_baselines: bool = typer.Option(False, help="Skip the baselines (ratios left empty)."),
-    moe: bool = typer.Option(False, help="MoE dispatch/combine latency against gloo all_to_all "
-                                         "and a raw-socket all-to-all (see docs/moe.md)."),
+    no_baselines: bool = typer.Option(False, "--no-baselines",
+                                      help="Skip the baselines (ratios left empty)."),
+    moe: bool = typer.Option(False, "--moe", help="MoE dispatch/combine latency against gloo "
+                                                   "all_to_all and a raw-socket all-to-all (see docs/moe.md)."),
     moe_points: Optional[str] = typer.Option(
-        None, help="With --moe: EPxTOKENSxHIDDENxEXPERTS[xTOPK] list, e.g. 2x128x2048x64,4x4096x7168x256."),
+        None, "--moe-points",
+        help="With --moe: EPxTOKENSxHIDDENxEXPERTS[xTOPK] list, e.g. 2x128x2048x64,4x4096x7168x256."),
 ) -> None:
     """Measure write, paged write, read, immediate and send/recv between two engines.
 
@@ -84,40 +135,35 @@ def bench(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         return
-    from tensorfabric.bench import BenchConfig, format_table, parse_size, plot_rows, run_bench
+    from tensorfabric.bench import BenchConfig, format_table, plot_rows, run_bench
 
-    file_opts = load_config(config) if config else {}
+    file_opts = _checked(load_config(config), config) if config else {}
     def pick(cli: Any, key: str, default: Any) -> Any:
         return cli if cli is not None else file_opts.get(key, default)
 
-    addrs = _csv(link_addrs) or list(file_opts.get("link_addrs", []))
-    peer_addrs = _csv(peer_link_addrs) or list(file_opts.get("peer_link_addrs", []))
+    addrs = list(link_addrs or file_opts.get("link_addrs", []))
+    peer_addrs = list(peer_link_addrs or file_opts.get("peer_link_addrs", []))
     nlinks = int(pick(links, "links", len(addrs) or 1))
     host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
 
-    kind = pick(transport, "transport", "all")
+    kind: tuple[str, ...] = pick(transport, "transport", ("all",))
     if listen:
-        _serve_listen(listen, port, "tcp" if kind == "all" else kind, nlinks, addrs)
+        _serve_listen(listen, port, "tcp" if kind == ("all",) else kind[0], nlinks, addrs)
         return
-    if kind == "all":  # across hosts only tcp (and nixl, when asked for) can reach the peer
+    if kind == ("all",):  # across hosts only tcp (and nixl, when asked for) can reach the peer
         transports: tuple[str, ...] = ("tcp",) if connect else ("tcp", "shm", "nixl")
     else:
-        transports = tuple(_csv(kind))
-    for t in transports:
-        if t not in _TRANSPORTS:
-            raise typer.BadParameter(f"unknown transport {t!r}: use tcp, shm, nixl or all")
+        transports = kind
     kw: dict[str, Any] = dict(transports=transports, links=nlinks, link_addrs=addrs,
                               peer_link_addrs=peer_addrs, host=host_v,
                               baselines=not no_baselines)
-    for key, cli in (("sizes", sizes), ("page_sizes", page_sizes)):
-        vals = _csv(cli) if cli is not None else file_opts.get(key)
+    for key, cli in (("sizes", sizes), ("page_sizes", page_sizes), ("ops", ops)):
+        vals = pick(cli, key, None)
         if vals:
-            kw[key] = tuple(parse_size(str(v)) for v in vals)
-    op_list = _csv(ops) if ops is not None else file_opts.get("ops")
-    if op_list:
-        kw["ops"] = tuple(op_list)
-    if budget is not None:
-        kw["budget_s"] = budget
+            kw[key] = tuple(vals)
+    budget_v = pick(budget, "budget_s", None)
+    if budget_v is not None:
+        kw["budget_s"] = budget_v
     pin_v = pick(pin, "pin", None)
     if pin_v is not None:
         from tensorfabric.bench._baselines import pin_cpus
@@ -129,10 +175,9 @@ def bench(
         kw["pin"] = pin_v
     chunk_v = pick(chunk, "chunk", None)
     if chunk_v:
-        kw["chunk_bytes"] = parse_size(str(chunk_v))
+        kw["chunk_bytes"] = chunk_v
     if connect:
-        kw["connect"] = (Path(connect[1:]).read_text().strip() if connect.startswith("@")
-                         else connect.strip())
+        kw["connect"] = connect
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     report = _run_with_progress(cfg, run_bench)
     _print(report, format_table)

@@ -15,33 +15,64 @@ _ANCHORS = {"kimi-k2": (1.3, "Perplexity TransferEngine, 256 -> 128 GPUs (paper/
 
 
 def _count(text: str) -> float:
-    text = text.strip().upper()
-    if text and text[-1] in _SUFFIX:
-        return float(text[:-1]) * _SUFFIX[text[-1]]
-    return float(text)
+    """A parameter count: ``135M``, ``8B``, ``1T``, ``1e12``."""
+    raw = str(text).strip().upper()
+    try:
+        value = float(raw[:-1]) * _SUFFIX[raw[-1]] if raw and raw[-1] in _SUFFIX else float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"{text!r} is not a parameter count: use e.g. 135M, 8B, 1T, 1e12")
+    return value
+
+
+def _params(text: str) -> str:
+    _count(text)  # checked now, converted where it is used
+    return str(text).strip()
+
+
+def _dtype(name: str) -> str:
+    if str(name).lower() not in _BYTES:
+        raise typer.BadParameter(f"unknown dtype {name!r}; use one of {', '.join(_BYTES)}")
+    return str(name).lower()
 
 
 def _dtype_bytes(name: str) -> float:
-    try:
-        return _BYTES[name.lower()]
-    except KeyError:
-        raise typer.BadParameter(f"unknown dtype {name!r}; use one of {', '.join(_BYTES)}") from None
+    return _BYTES[_dtype(name)]
+
+
+def _fanout(name: str) -> str:
+    if name not in ("direct", "chain", "tree"):
+        raise typer.BadParameter(f"{name!r}: use direct, chain or tree")
+    return name
 
 
 def plan_weights(
-    params: str = typer.Option("1T", help="Model size in parameters: 135M, 8B, 1T, 1e12."),
-    src_gpus: int = typer.Option(256, help="Training GPUs that send."),
-    dst_gpus: int = typer.Option(128, help="Inference GPUs that receive (all replicas)."),
-    replicas: int = typer.Option(4, help="Model copies among the inference GPUs."),
-    src_dtype: str = typer.Option("bf16", help="Trainer dtype."),
-    dst_dtype: str = typer.Option("fp8", help="Replica dtype (conversion happens on the sender)."),
-    nics_per_gpu: int = typer.Option(1, help="NICs per GPU."),
-    nic_gbit: float = typer.Option(400.0, help="NIC line rate in Gbit/s."),
-    efficiency: float = typer.Option(0.9, help="Achievable fraction of line rate."),
-    fanout: str = typer.Option("direct", help="direct, chain or tree between replicas."),
-    chunk_mb: float = typer.Option(64.0, help="Pipeline chunk size in MB."),
-    prepare_gbs: Optional[float] = typer.Option(None, help="Gather+convert GB/s per source GPU (default: NIC rate)."),
-    h2d_gbs: Optional[float] = typer.Option(None, help="Host->GPU GB/s if trainer weights are in host memory."),
+    params: str = typer.Option("1T", parser=_params, metavar="COUNT",
+                               help="Model size in parameters: 135M, 8B, 1T, 1e12."),
+    src_gpus: int = typer.Option(256, min=1, metavar="N", help="Training GPUs that send."),
+    dst_gpus: int = typer.Option(128, min=1, metavar="N",
+                                 help="Inference GPUs that receive (all replicas)."),
+    replicas: int = typer.Option(4, min=1, metavar="N",
+                                 help="Model copies among the inference GPUs."),
+    src_dtype: str = typer.Option("bf16", parser=_dtype, metavar="DTYPE", help="Trainer dtype."),
+    dst_dtype: str = typer.Option("fp8", parser=_dtype, metavar="DTYPE",
+                                  help="Replica dtype (conversion happens on the sender)."),
+    nics_per_gpu: int = typer.Option(1, min=1, metavar="N", help="NICs per GPU."),
+    nic_gbit: float = typer.Option(400.0, min=0.001, metavar="GBIT",
+                                   help="NIC line rate in Gbit/s."),
+    efficiency: float = typer.Option(0.9, min=0.01, max=1.0, metavar="FRACTION",
+                                     help="Achievable fraction of line rate."),
+    fanout: str = typer.Option("direct", parser=_fanout, metavar="KIND",
+                               help="direct, chain or tree between replicas."),
+    chunk_mb: float = typer.Option(64.0, min=0.001, metavar="MB",
+                                   help="Pipeline chunk size in MB."),
+    prepare_gbs: Optional[float] = typer.Option(
+        None, min=0.001, metavar="GBS",
+        help="Gather+convert GB/s per source GPU (default: NIC rate)."),
+    h2d_gbs: Optional[float] = typer.Option(
+        None, min=0.001, metavar="GBS",
+        help="Host->GPU GB/s if trainer weights are in host memory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Predict the update time of a weight-publish plan and show where the time goes.
@@ -51,12 +82,12 @@ def plan_weights(
     """
     from tensorfabric.weights._planner import Cluster, predict
 
+    if dst_gpus % replicas:
+        raise typer.BadParameter("--dst-gpus must be a multiple of --replicas")
     c = Cluster(params=_count(params), src_gpus=src_gpus, dst_gpus=dst_gpus, replicas=replicas,
                 src_bytes=_dtype_bytes(src_dtype), dst_bytes=_dtype_bytes(dst_dtype),
                 nics_per_gpu=nics_per_gpu, nic_gbit=nic_gbit, link_efficiency=efficiency,
                 fanout=fanout, chunk_bytes=chunk_mb * 1e6, prepare_gbs=prepare_gbs, h2d_gbs=h2d_gbs)
-    if dst_gpus % replicas or replicas < 1:
-        raise typer.BadParameter("--dst-gpus must be a multiple of --replicas")
     p = predict(c)
     if as_json:
         typer.echo(json.dumps({"cluster": dataclasses.asdict(c), "prediction": p.as_dict()}, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import secrets as _secrets
 import subprocess
@@ -55,6 +56,7 @@ class KVClient:
         self.engine = tf.Engine(secret, name=f"{name}-{os.getpid()}", timeout=timeout)
         self._ids = itertools.count(1)
         self._futures: dict[int, Future[Any]] = {}
+        self._streams: dict[int, Callable[[int, str], None]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="kv-client-recv", daemon=True)
@@ -64,7 +66,8 @@ class KVClient:
                prefill_worker: str | None = None, max_attempts: int | None = None,
                local: bool = False, prefill_timeout: float | None = None,
                fault_layer_delay_s: float = 0.0,
-               measure_replay: bool = False) -> Future[DisaggResult]:
+               measure_replay: bool = False,
+               on_token: Callable[[int, str], None] | None = None) -> Future[DisaggResult]:
         """Queue a request. ``prompt`` is text (chat-templated by the decode worker) or token ids.
 
         ``local=True`` makes the decode worker prefill itself (the single-process baseline).
@@ -72,7 +75,9 @@ class KVClient:
         the decode worker's deadline for one prefill attempt; ``fault_layer_delay_s`` makes
         the prefill worker pause after each layer's write (fault injection for tests);
         ``measure_replay`` makes it time the same writes again without compute
-        (``stats.extra["replay_s"]``, for benchmarks).
+        (``stats.extra["replay_s"]``, for benchmarks). ``on_token(token, text)`` streams the
+        answer: it runs (on the client's receive thread) for each token as the decode worker
+        produces it, with the text that token adds; the future still gets the whole result.
         """
         cid = next(self._ids)
         fut: Future[DisaggResult] = Future()
@@ -80,19 +85,23 @@ class KVClient:
                                   "prefill_worker": prefill_worker, "max_attempts": max_attempts,
                                   "local": local, "prefill_timeout": prefill_timeout,
                                   "fault_layer_delay_s": fault_layer_delay_s,
-                                  "measure_replay": measure_replay}
+                                  "measure_replay": measure_replay,
+                                  "stream": on_token is not None}
         if isinstance(prompt, str):
             fields["prompt"] = prompt
         else:
             fields["ids"] = [int(t) for t in prompt]
         with self._lock:
             self._futures[cid] = fut
+            if on_token is not None:
+                self._streams[cid] = on_token
         try:
             self.engine.send(self.decode_address, encode("request", **fields),
                              tag=TAG_DECODE).wait(self.timeout)
         except tf.TensorFabricError as exc:
             with self._lock:
                 self._futures.pop(cid, None)
+                self._streams.pop(cid, None)
             raise WorkerUnavailableError(f"cannot reach the decode worker: {exc}") from exc
         return fut
 
@@ -148,8 +157,13 @@ class KVClient:
                 continue
             except tf.TensorFabricError:
                 return
+            cid = int(msg.get("client_id", -1))
+            if msg["type"] == "token":
+                self._stream(cid, msg)
+                continue
             with self._lock:
-                fut = self._futures.pop(int(msg.get("client_id", -1)), None)
+                fut = self._futures.pop(cid, None)
+                self._streams.pop(cid, None)
             if fut is None:
                 continue
             if msg["type"] == "stats":
@@ -160,6 +174,16 @@ class KVClient:
             else:
                 cls = _ERRORS.get(msg.get("kind", ""), KVError)
                 fut.set_exception(cls(msg["error"]))
+
+    def _stream(self, cid: int, msg: dict[str, Any]) -> None:
+        with self._lock:
+            callback = self._streams.get(cid)
+        if callback is None:
+            return
+        try:
+            callback(int(msg["token"]), str(msg.get("text", "")))
+        except Exception:  # a failing callback must not stop the receive thread
+            logging.getLogger("tensorfabric.kv.client").exception("on_token callback failed")
 
 
 class _Proc:

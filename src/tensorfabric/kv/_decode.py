@@ -57,6 +57,7 @@ class _Request:
     local: bool
     prefill_timeout: float
     admitted: float
+    stream: bool = False  # send each token to the client as it is decoded
     table: BlockTable | None = None
     imm: int = 0
     worker: str | None = None
@@ -200,6 +201,7 @@ class DecodeWorker(WorkerBase):
             pinned=msg.get("prefill_worker"), fault=float(msg.get("fault_layer_delay_s", 0.0)),
             replay=bool(msg.get("measure_replay", False)),
             local=bool(msg.get("local", False)), admitted=time.perf_counter(),
+            stream=bool(msg.get("stream", False)),
             prefill_timeout=float(msg.get("prefill_timeout") or self.config.prefill_timeout))
         need = self.layout.blocks_for(len(req.ids) + req.max_new_tokens)
         if not req.ids or req.max_new_tokens < 1 or need > self.layout.num_blocks:
@@ -389,6 +391,19 @@ class DecodeWorker(WorkerBase):
 
     # -- decoding -------------------------------------------------------------------------------
 
+    def _streamer(self, req: _Request) -> Any:
+        """``on_token`` for a streamed request: each token and the text it adds go to the
+        client as a ``token`` message (before the final ``result``)."""
+        from tensorfabric.models import TextStream
+
+        text = TextStream(self.lm.tokenizer)
+
+        def on_token(token: int) -> None:
+            self._send(req.client, TAG_CLIENT, encode("token", client_id=req.client_id,
+                                                      token=token, text=text.push(token)))
+
+        return on_token
+
     def _decode_loop(self) -> None:
         from tensorfabric.models import decode, prefill
 
@@ -408,7 +423,8 @@ class DecodeWorker(WorkerBase):
                     stats = dict(req.done_msg["stats"], worker=req.worker, attempts=req.attempts)
                 ready = time.perf_counter()
                 stats["ttft_s"] = ready - req.admitted
-                tokens, stopped = decode(self.lm, first, cache, max_new_tokens=req.max_new_tokens)
+                tokens, stopped = decode(self.lm, first, cache, max_new_tokens=req.max_new_tokens,
+                                         on_token=self._streamer(req) if req.stream else None)
                 stats["decode_s"] = time.perf_counter() - ready
                 text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
                 self.counters["served"] += 1

@@ -9,8 +9,9 @@ torch and transformers are imported on first use (``pip install 'tensorfabric[ll
 
 from __future__ import annotations
 
+from ._diskcache import CacheEntry, list_cache, prune_cache
 from ._errors import ModelError, ModelLoadError, ModelNotFoundError
-from ._generate import Generation, chat_ids, decode, generate, prefill
+from ._generate import Generation, TextStream, chat_ids, decode, generate, prefill
 from ._loader import LoadedModel, clear_model_cache, default_cache_dir, load_model
 from ._source import DEFAULT_MODEL, ModelSource, default_model_path, resolve_model
 
@@ -21,11 +22,16 @@ __all__ = [
     "ModelSource",
     "clear_model_cache",
     "default_cache_dir",
+    # the disk cache of converted models
+    "CacheEntry",
+    "list_cache",
+    "prune_cache",
     "default_model_path",
     "load_model",
     "resolve_model",
     # running
     "Generation",
+    "TextStream",
     "chat_ids",
     "decode",
     "generate",

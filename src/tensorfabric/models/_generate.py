@@ -99,11 +99,13 @@ def generate(
     max_new_tokens: int = 64,
     cache: Any = None,
     stop_token_ids: Sequence[int] | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> Generation:
     """Greedy generation in this process (the single-process reference).
 
     ``prompt`` is text or chat messages (formatted with :func:`chat_ids`) or token ids.
-    ``cache`` defaults to a fresh ``transformers.DynamicCache``.
+    ``cache`` defaults to a fresh ``transformers.DynamicCache``. ``on_token(token)`` runs as
+    each token is chosen (feed a :class:`TextStream` to print text as it comes).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -116,10 +118,41 @@ def generate(
     first = prefill(loaded, ids, cache)
     ttft = time.perf_counter() - started
     tokens, stopped = decode(
-        loaded, first, cache, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids
+        loaded, first, cache, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+        on_token=on_token,
     )
     text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(len(ids), tokens, text, ttft, time.perf_counter() - started, stopped)
+
+
+class TextStream:
+    """Turns tokens into text as they come: :meth:`push` returns the new text a token adds.
+
+    Text is decoded from the whole answer so far, so pieces that only make sense together
+    (a multi-byte character split across tokens, a word joined to the previous one) come out
+    right; a piece that ends in an incomplete character is held back until it completes. The
+    pieces joined equal ``tokenizer.decode(tokens, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # wait for the rest of the character (or a re-spelling) to settle
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever :meth:`push` held back (call once the answer is complete)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return piece
 
 
 def _as_ids(loaded: LoadedModel, prompt: str | Messages | Sequence[int]) -> list[int]:

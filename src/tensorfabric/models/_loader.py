@@ -1,24 +1,25 @@
 """Load checkpoints with transformers, once per process, with a disk cache for GGUF.
 
-Loading a GGUF file dequantizes every tensor (about 20 s for the 135M default model on a busy
-2-core machine, plus about 5 s to convert its tokenizer). The first load in a process writes
-the dequantized model as a Hugging Face folder (safetensors) under the cache directory; later
-loads, in any process, read that folder instead (about 1-3 s). The cache key covers the GGUF
-file's path, size and modification time, the dtype and the transformers version.
+Loading a GGUF file dequantizes every tensor (about 20 s for the 135M default model on an idle
+2-core machine, a minute or more on a busy one, plus a few seconds to convert its tokenizer).
+The first load writes the dequantized model as a Hugging Face folder (safetensors) under the
+cache directory, holding a file lock so that concurrent processes convert it once (the others
+wait and read the result); later loads, in any process, read that folder (about 1-3 s). See
+:mod:`._diskcache` for the entries, and ``tensorfabric models`` to list and prune them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _diskcache
+from ._diskcache import default_cache_dir
 from ._errors import ModelLoadError
 from ._source import ModelSource, resolve_model
 
@@ -74,11 +75,8 @@ _CACHE: dict[tuple[str, str, str], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def default_cache_dir() -> Path:
-    """``$TENSORFABRIC_CACHE_DIR/models`` if set, else ``~/.cache/tensorfabric/models``."""
-    root = os.environ.get("TENSORFABRIC_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "tensorfabric"
-    return base / "models"
+def _stderr(text: str) -> None:
+    print(f"tensorfabric: {text}", file=sys.stderr, flush=True)
 
 
 def load_model(
@@ -88,6 +86,7 @@ def load_model(
     cache: bool = True,
     disk_cache: bool = True,
     cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; the same arguments return the same object.
 
@@ -95,13 +94,19 @@ def load_model(
     ``.safetensors`` file with ``config.json`` beside it, or a Hugging Face model folder. Any
     Llama-style architecture transformers knows works. ``dtype`` defaults to ``torch.float32``.
     ``cache=False`` skips the per-process cache; ``disk_cache=False`` always reads the GGUF.
+    ``progress(text)`` hears about slow steps (a GGUF conversion, waiting for another
+    process's conversion); by default those lines go to stderr. Pass ``lambda _: None`` to
+    silence them.
 
     Raises :class:`ModelNotFoundError` for a bad path and :class:`ModelLoadError` when
     transformers cannot read the checkpoint.
     """
+    source = resolve_model(path_or_name)
+    say = progress if progress is not None else _stderr
+    if disk_cache and source.kind == "gguf":  # said before the (slow) torch import
+        _announce_conversion(source, dtype, cache_dir, say)
     torch, _ = _require_llm()
     dtype = _as_dtype(torch, dtype)
-    source = resolve_model(path_or_name)
     key = (str(source.path), source.kind, str(dtype))
     if cache:
         with _CACHE_LOCK:
@@ -109,7 +114,7 @@ def load_model(
         if hit is not None:
             return hit
     started = time.perf_counter()
-    model, tokenizer, from_disk = _load(source, dtype, disk_cache, cache_dir)
+    model, tokenizer, from_disk = _load(source, dtype, disk_cache, cache_dir, say)
     model.eval()
     loaded = LoadedModel(
         model=model,
@@ -125,6 +130,18 @@ def load_model(
         with _CACHE_LOCK:
             loaded = _CACHE.setdefault(key, loaded)
     return loaded
+
+
+def _announce_conversion(source: ModelSource, dtype: Any, cache_dir: str | Path | None,
+                         say: Callable[[str], None]) -> None:
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    try:
+        entry = _diskcache.entry_path(source.path, name, cache_dir)
+    except OSError:
+        return
+    if not (entry / "config.json").is_file():
+        say(f"{source.path.name} has no converted copy in {entry.parent} yet: it is converted "
+            "once, after torch and transformers load")
 
 
 def clear_model_cache() -> None:
@@ -145,13 +162,14 @@ def _as_dtype(torch: Any, dtype: Any) -> Any:
 
 
 def _load(
-    source: ModelSource, dtype: Any, disk_cache: bool, cache_dir: str | Path | None
+    source: ModelSource, dtype: Any, disk_cache: bool, cache_dir: str | Path | None,
+    say: Callable[[str], None],
 ) -> tuple[Any, Any, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         if source.kind == "gguf":
-            return _load_gguf(source, dtype, disk_cache, cache_dir)
+            return _load_gguf(source, dtype, disk_cache, cache_dir, say)
         if source.kind == "folder":
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
             return model, AutoTokenizer.from_pretrained(source.path), False
@@ -168,60 +186,88 @@ def _load(
 
 
 def _load_gguf(
-    source: ModelSource, dtype: Any, disk_cache: bool, cache_dir: str | Path | None
+    source: ModelSource, dtype: Any, disk_cache: bool, cache_dir: str | Path | None,
+    say: Callable[[str], None],
 ) -> tuple[Any, Any, bool]:
+    if not disk_cache:
+        return (*_convert_gguf(source, dtype), False)
+    dtype_name = str(dtype).removeprefix("torch.")
+    entry = _diskcache.entry_path(source.path, dtype_name, cache_dir)
+    hit = _read_entry(entry, dtype)
+    if hit is not None:
+        return (*hit, True)
+    if not _diskcache.writable(entry.parent):  # an unwritable cache only costs speed
+        say(f"the model cache {entry.parent} is not writable: converting without caching")
+        return (*_convert_gguf(source, dtype, say), False)
+    with _diskcache.conversion_lock(entry, say, f"{source.path.name} ({dtype_name})"):
+        hit = _read_entry(entry, dtype)  # another process converted it while we waited
+        if hit is not None:
+            return (*hit, True)
+        return (*_convert_into(source, dtype, entry, say), False)
+
+
+def _read_entry(entry: Path, dtype: Any) -> tuple[Any, Any] | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _gguf_cache_path(source.path, dtype, cache_dir) if disk_cache else None
-    if cached is not None and (cached / "config.json").is_file():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-            return model, AutoTokenizer.from_pretrained(cached), True
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass  # a damaged cache entry: fall back to the GGUF file and rewrite it
+    if not (entry / "config.json").is_file():
+        return None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(entry)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None  # a damaged entry: convert again and replace it
+
+
+def _convert_into(
+    source: ModelSource, dtype: Any, entry: Path, say: Callable[[str], None]
+) -> tuple[Any, Any]:
+    import transformers
+
+    started = time.perf_counter()
+    say(f"converting {source.path.name} to {str(dtype).removeprefix('torch.')} once "
+        "(dequantizing every tensor: about 20 s on an idle 2-core machine, longer when busy; "
+        f"later loads read {entry.parent} in a few seconds)")
+    model, tokenizer = _convert_gguf(source, dtype, say)
+    seconds = time.perf_counter() - started
+    stat = source.path.stat()
+    manifest = {"format": _diskcache.CACHE_FORMAT, "source": str(source.path),
+                "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+                "dtype": str(dtype).removeprefix("torch."), "created": time.time(),
+                "convert_seconds": round(seconds, 1),
+                "transformers": transformers.__version__}
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    if _diskcache.write_entry(entry, save, manifest):
+        removed = _diskcache.remove_older_entries(entry)
+        note = f"; removed {len(removed)} older cache entr{'y' if len(removed) == 1 else 'ies'}" \
+            if removed else ""
+        say(f"converted in {seconds:.0f} s, cached as {entry}{note}")
+    else:
+        say(f"converted in {seconds:.0f} s (the cache {entry.parent} is not writable)")
+    return model, tokenizer
+
+
+def _convert_gguf(
+    source: ModelSource, dtype: Any, say: Callable[[str], None] | None = None
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = source.path.parent, source.path.name
+    if say is not None:
+        say("reading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if say is not None:
+        say("reading and dequantizing the weights")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # After dequantization the weights are plain tensors; drop the GGUF marker so the model
     # behaves (and serializes) like any other checkpoint.
     setattr(model, "hf_quantizer", None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if cached is not None:
-        _write_cache(model, tokenizer, cached)
-    return model, tokenizer, False
-
-
-_CACHE_FORMAT = 2
-
-
-def _gguf_cache_path(path: Path, dtype: Any, cache_dir: str | Path | None) -> Path:
-    import transformers
-
-    stat = path.stat()
-    # bump _CACHE_FORMAT whenever what is written changes: entries of older code are not reused
-    ident = (f"{_CACHE_FORMAT}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
-             f"{transformers.__version__}")
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
-
-
-def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write atomically: save into a temporary sibling, then rename (first writer wins)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    except OSError:
-        return  # an unwritable cache only costs speed
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        pass  # another process won the race, or the disk is full
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
 
 
 def _load_safetensors_file(source: ModelSource, dtype: Any) -> Any:

@@ -105,12 +105,13 @@ class ChatModel:
         torch = _torch()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         detok = _Detokenizer(self)
+        from transformers import DynamicCache
+
         with torch.inference_mode():
-            past = None
+            past = DynamicCache(config=self.config)  # filled in place by every forward
             inp = torch.tensor([list(prompt_ids)], dtype=torch.long)
             for _ in range(max_new_tokens):
                 out = self.model(input_ids=inp, past_key_values=past, use_cache=True)
-                past = out.past_key_values
                 logits = out.logits[0, -1].float()
                 tok, lp = _pick(torch, logits, temperature, top_p, gen)
                 stop = tok in self.stop_ids
