@@ -2,7 +2,8 @@
 
     from tensorfabric.split import PiiScrubber
     text, mapping = PiiScrubber().scrub("mail me at jane@example.com")
-    # text == "mail me at <EMAIL_1>"; mapping.restore(reply) puts the original back
+    # text == "mail me at laura.keller@example.org" (a surrogate of the same kind);
+    # mapping.restore(reply) puts the original back
 
 torch/transformers load only when a tier or model is built (``pip install 'tensorfabric[llm]'``).
 See docs/split.md.
@@ -21,7 +22,6 @@ from ._pii import (
     PiiScrubber,
     Recognizer,
     StreamRestorer,
-    default_recognizers,
     iban_valid,
     luhn_valid,
 )
@@ -49,7 +49,6 @@ __all__ = [
     "PiiScrubber",
     "Recognizer",
     "StreamRestorer",
-    "default_recognizers",
     "iban_valid",
     "luhn_valid",
     # routing

@@ -73,8 +73,9 @@ class CloudConfig:
 class PiiConfig:
     enabled: bool = True
     kinds: list[str] | None = None  # default: every built-in kind
-    names: list[str] | None = None  # a gazetteer of person names (optional plug-in)
-    name_detector: str | None = None  # "module:factory" returning a NameDetector
+    names: list[str] | None = None  # more names to catch, in any case (customers, staff)
+    fail_closed: bool = True  # also replace leftover 6+ digit runs and capitalised pairs after a trigger
+    name_detector: str | None = None  # "module:factory" returning a NameDetector (e.g. an NER model)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         return dict(value)
     if value is None:
         return None
-    if isinstance(default, bool) or key in ("cloud.disaggregated", "pii.enabled"):
+    if isinstance(default, bool) or key in ("cloud.disaggregated", "pii.enabled", "pii.fail_closed"):
         if not isinstance(value, bool):
             raise SplitConfigError(f"{key}: expected true or false, got {value!r}")
     elif isinstance(default, (int, float)):

@@ -26,7 +26,7 @@ from ._config import DeployConfig
 from ._errors import CloudUnavailable, SplitConfigError
 from ._health import CloudHealth
 from ._lm import ChatModel, TokenStep
-from ._pii import GazetteerNameDetector, NameDetector, PiiMapping, PiiScrubber, StreamRestorer
+from ._pii import NameDetector, PiiMapping, PiiScrubber, StreamRestorer
 from ._routing import Decision, Probe, RouteRequest, RoutingPolicy, make_policy
 from ._rpc import CloudClient
 from ._tls import tls_contexts
@@ -80,9 +80,8 @@ def build_scrubber(cfg: DeployConfig) -> PiiScrubber | None:
                 f"pii.name_detector {p.name_detector!r} could not be loaded ({exc}); "
                 "name a factory as 'package.module:function'"
             ) from exc
-    elif p.names:
-        detector = GazetteerNameDetector(p.names)
-    return PiiScrubber(kinds=p.kinds, name_detector=detector)
+    return PiiScrubber(kinds=p.kinds, names=p.names or (), fail_closed=p.fail_closed,
+                       name_detector=detector)
 
 
 class EdgeTier:
