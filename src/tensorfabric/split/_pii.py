@@ -110,6 +110,7 @@ class PiiMapping:
     by_original: dict[tuple[str, str], str] = field(default_factory=dict)
     by_surrogate: dict[str, str] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # "Nina" alone -> "Maria" alone
     rng: random.Random = field(default_factory=lambda: random.Random(secrets.randbits(64)))
     _pattern: re.Pattern[str] | None = field(default=None, repr=False)
     _norms: dict[str, str] = field(default_factory=dict, repr=False)
@@ -129,16 +130,28 @@ class PiiMapping:
             self.counters[kind] = self.counters.get(kind, 0) + 1
             self.by_original[key] = fake
             self.by_surrogate[fake] = original
+            if kind == "PERSON":
+                self._alias(fake, original, ctx)
             self._pattern = None
         return fake
+
+    def _alias(self, fake: str, original: str, ctx: str) -> None:
+        """A model often names a person by first or last name alone: map those back too."""
+        fw, ow = fake.split(), original.split()
+        if len(fw) < 2 or len(ow) < 2:
+            return
+        for f, o in ((fw[0], ow[0]), (fw[-1], ow[-1])):
+            if f.casefold() not in ctx and f not in self.aliases:
+                self.aliases[f] = o
 
     def _compiled(self) -> re.Pattern[str]:
         if self._pattern is None:
             alts = []
-            for fake in sorted(self.by_surrogate, key=len, reverse=True):
+            table = {**self.aliases, **self.by_surrogate}
+            for fake in sorted(table, key=len, reverse=True):
                 body = "".join("[ .\\-]?" if c in _SEP else re.escape(c) for c in fake)
                 alts.append(f"(?:{body})")
-            self._norms = {_norm(f): o for f, o in self.by_surrogate.items()}
+            self._norms = {_norm(f): o for f, o in table.items()}
             self._pattern = re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
         return self._pattern
 
