@@ -95,8 +95,11 @@ class CloudTier:
                 self._cancelled.add((msg.peer, int(req.get("target", -1))))
                 continue
             if op == "ping":  # answered here, never queued behind work: busy is not down
-                self._reply(msg.peer, {"id": rid, "event": "pong", "model": self.model.name,
-                                       "load": self._load()})  # fmt: skip
+                pong = {"id": rid, "event": "pong", "model": self.model.name, "load": self._load()}
+                try:  # not waited for: this loop must never stall on one slow edge
+                    self.engine.send(msg.peer, encode_msg(pong), tag=TAG_REPLY, timeout=5.0)
+                except TensorFabricError:
+                    pass
                 continue
             with self._active_lock:
                 self._active.setdefault(msg.peer, set()).add(rid)

@@ -131,16 +131,19 @@ class PiiMapping:
             self.by_original[key] = fake
             self.by_surrogate[fake] = original
             if kind == "PERSON":
-                self._alias(fake, original, ctx)
+                self._alias(fake.split(), original.split(), ctx)
+            elif kind == "EMAIL":  # "laura.keller" without its domain
+                self._alias([fake.partition("@")[0]], [original.partition("@")[0]], ctx)
             self._pattern = None
         return fake
 
-    def _alias(self, fake: str, original: str, ctx: str) -> None:
-        """A model often names a person by first or last name alone: map those back too."""
-        fw, ow = fake.split(), original.split()
-        if len(fw) < 2 or len(ow) < 2:
+    def _alias(self, fw: list[str], ow: list[str], ctx: str) -> None:
+        """A model often names a person by first or last name alone, or copies an address
+        without its domain: map those pieces back too."""
+        if len(fw) != len(ow) or len(fw) == 2 and len(set(fw)) < 2:
             return
-        for f, o in ((fw[0], ow[0]), (fw[-1], ow[-1])):
+        pairs = [(fw[0], ow[0]), (fw[-1], ow[-1])] if len(fw) > 1 else [(fw[0], ow[0])]
+        for f, o in pairs:
             if f.casefold() not in ctx and f not in self.aliases:
                 self.aliases[f] = o
 

@@ -134,13 +134,15 @@ class CloudClient:
             now = time.monotonic()
             if now >= deadline:
                 raise Overloaded(f"the cloud tier is alive but did not finish {op!r} in time")
-            if now - heard >= self.dead_after:
+            # Dead = the whole cloud silent (no keep-alive, pong or token for anyone): a busy
+            # cloud that is slow to name this request is still alive.
+            if now - max(heard, self.last_heard) >= self.dead_after:
                 raise CloudUnavailable(
                     f"the cloud tier went silent for {self.dead_after:.1f} s during {op!r} "
                     "(process or connection gone)"
                 )
             try:
-                ev = q.get(timeout=min(0.1, deadline - now))
+                ev = q.get(timeout=min(0.2, deadline - now))
             except queue.Empty:
                 continue
             heard = time.monotonic()
