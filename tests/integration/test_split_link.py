@@ -44,10 +44,7 @@ def link(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     cloud_cfg = {"secret": SECRET, "cloud": {"record_received": str(record), "tls": tls_cfg}}
     (d / "cloud.json").write_text(json.dumps(cloud_cfg))
     env = subprocess_env()
-    cloud = subprocess.Popen(
-        [sys.executable, "-m", "tensorfabric.split", "cloud", "--config-json", json.dumps(cloud_cfg)],
-        stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )  # fmt: skip
+    cloud = start_cloud(cloud_cfg, env)
     try:
         address = b""
         deadline = time.monotonic() + 400
@@ -66,15 +63,24 @@ def link(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
             edge_cfg = d / "edge.yaml"
             edge_cfg.write_text(json.dumps({
                 "secret": SECRET, "server": {"port": 0, "request_timeout": 300},
+                "edge": {"address_file": str(d / "edge.addr")},
                 "cloud": {"launch": "remote", "address": relay.address_via(address).hex(),
                           "tls": tls_cfg},
             }))  # fmt: skip
             with ServerProcess(edge_cfg, env=env, timeout=400, extra_args=["--role", "edge"]) as s:
                 s.relay, s.record, s.tls = relay, record, tls  # type: ignore[attr-defined]
+                s.cloud, s.cloud_cfg, s.edge_addr = cloud, cloud_cfg, d / "edge.addr"  # type: ignore[attr-defined]
                 yield s
     finally:
         cloud.terminate()
         cloud.wait(15)
+
+
+def start_cloud(cfg: dict, env: dict) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tensorfabric.split", "cloud", "--config-json", json.dumps(cfg)],
+        stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
 
 
 def _health(link) -> dict:  # type: ignore[no-untyped-def]
@@ -143,3 +149,31 @@ def sent_reply(link) -> str:  # type: ignore[no-untyped-def]
     """What the cloud streamed back, as the relay saw it on the plain link ("" under TLS)."""
     wire = link.relay.seen().decode("utf-8", "replace")
     return "" if link.tls else "".join(re.findall(r'"event":"delta","text":"([^"]*)"', wire))
+
+
+def test_a_restarted_cloud_rejoins_the_running_edge(link) -> None:  # type: ignore[no-untyped-def]
+    """``serve --role cloud`` started again (new process, new engine address) with
+    ``cloud.join`` naming the edge's address file: the running edge takes it back."""
+    if link.tls:
+        pytest.skip("rejoining is the same on both links; the plain one covers it")
+    link.cloud.kill()
+    link.cloud.wait(15)
+    deadline = time.monotonic() + 10
+    while _health(link)["cloud"]["available"]:
+        assert time.monotonic() < deadline, "the edge did not notice the cloud was gone"
+        time.sleep(0.2)
+    cfg = {**link.cloud_cfg, "cloud": {**link.cloud_cfg["cloud"], "join": str(link.edge_addr)}}
+    fresh = start_cloud(cfg, subprocess_env())
+    try:
+        deadline = time.monotonic() + 300
+        while not _health(link)["cloud"]["available"]:
+            assert fresh.poll() is None, "the new cloud tier exited"
+            assert time.monotonic() < deadline, "the restarted cloud did not rejoin"
+            time.sleep(0.5)
+        r = httpx.post(f"{link.url}/chat/completions", timeout=300, json={
+            "model": "tensorfabric-cloud", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})  # fmt: skip
+        info = r.json()["tensorfabric"]
+        assert (info["tier"], info["degraded"]) == ("cloud", False), info
+    finally:
+        fresh.terminate()
+        fresh.wait(15)

@@ -43,9 +43,10 @@ class ServerConfig:
         """The API key (``env:NAME`` read now); an error if one is needed and missing."""
         key = self.api_key
         if key and key.startswith("env:"):
-            key = os.environ.get(key[4:])
+            name = key[4:]
+            key = os.environ.get(name)
             if not key:
-                raise SplitConfigError(f"server.api_key: environment variable {self.api_key[4:]} is not set")
+                raise SplitConfigError(f"server.api_key: environment variable {name} is not set")
         if not key:
             from ._tls import is_loopback
 

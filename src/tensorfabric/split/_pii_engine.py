@@ -69,7 +69,7 @@ def _name_words(value: str) -> str:
 def _rule_recognizer(pa: Any, name: str, items: Sequence[Rule]) -> Any:
     """One Presidio recognizer that runs a list of :class:`Rule` objects."""
 
-    class RuleRecognizer(pa.EntityRecognizer):  # type: ignore[misc,name-defined]
+    class RuleRecognizer(pa.EntityRecognizer):
         def load(self) -> None:
             pass
 
@@ -125,7 +125,7 @@ def _names_recognizer(pa: Any, names: Iterable[str]) -> Any:
             keep.pop()
         return " ".join(keep)
 
-    class NameListRecognizer(pa.EntityRecognizer):  # type: ignore[misc,name-defined]
+    class NameListRecognizer(pa.EntityRecognizer):
         def load(self) -> None:
             pass
 
@@ -158,7 +158,7 @@ def build_analyzer(
         IpRecognizer, PhoneRecognizer, UkNinoRecognizer,
     )  # fmt: skip
 
-    class OfflineEmailRecognizer(EmailRecognizer):  # type: ignore[misc]
+    class OfflineEmailRecognizer(EmailRecognizer):
         def validate_result(self, pattern_text: str) -> bool:
             return re.search(r"\.[A-Za-z]{2,}$", pattern_text) is not None
 

@@ -114,7 +114,7 @@ class PinnedContext(ssl.SSLContext):
 
     pins: frozenset[str] = frozenset()
 
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         sock = super().wrap_socket(*args, **kwargs)
         if self.pins:
             der = sock.getpeercert(binary_form=True)
