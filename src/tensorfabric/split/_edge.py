@@ -140,6 +140,7 @@ class EdgeTier:
         self._head: Any = None
         self._head_lock = threading.Lock()
         self._imm = itertools.count(secrets.randbits(40) << 20)
+        self._file_address = cloud_address
         self.hidden_bytes_shipped = 0  # layer split: bytes of hidden states written to the cloud
         if cloud_address is not None:
             hosts = tuple(h for h, _ in EngineAddress.from_bytes(cloud_address).endpoints)
@@ -183,7 +184,10 @@ class EdgeTier:
                     fresh = bytes.fromhex(f.read().strip())
             except (OSError, ValueError):
                 fresh = b""
-            if fresh and fresh != self.cloud.cloud:
+            # Follow the file when it changes (a restarted cloud wrote it), not when it merely
+            # differs: a cloud that rejoined through cloud.join may be newer than the file.
+            if fresh and fresh != self._file_address:
+                self._file_address = fresh
                 self.cloud.cloud = fresh
         return self.cloud.ping(timeout)
 
