@@ -160,6 +160,7 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.server.host, cfg.server.port))
+        sock.listen(2048)  # connections made as soon as the URL is printed wait in the backlog
     except OSError as exc:
         raise SplitConfigError(
             f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror}); pick another "
