@@ -159,12 +159,17 @@ class EdgeTier:
             self.cloud = CloudClient(self.engine, cloud_address, dead_after=cfg.cloud.dead_after)
             h = cfg.health
             client = self.cloud
+            # The first ping sets the links up (TLS handshakes both ways over a slow WAN link
+            # take longer than a health ping may): give it the connect budget.
+            up = client.ping(cfg.cloud.connect_timeout)
             self.health = CloudHealth(
                 lambda: self._probe_cloud(h.probe_timeout),
                 failures_to_open=h.failures_to_open, backoff_initial=h.backoff_initial,
                 backoff_max=h.backoff_max, on_change=on_cloud_change, interval=h.interval,
                 watch=lambda: client.heard_within(h.interval) or self._probe_cloud(h.probe_timeout),
             )  # fmt: skip
+            if not up:
+                self.health.record_failure("the cloud tier did not answer at start")
             threading.Thread(target=self._joins, name="tf-edge-join", daemon=True).start()
         if cfg.mode == "layer_split":
             if full_model is None:
