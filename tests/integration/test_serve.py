@@ -222,7 +222,7 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
         time.sleep(0.5)
     prompt = ask("Write a long story about a lighthouse keeper.")
     t0 = time.monotonic()
-    r = post(server, {"model": "tensorfabric-edge", "messages": prompt, "max_tokens": 24})
+    r = post(server, {"model": "tensorfabric-edge", "messages": prompt, "max_tokens": 96})
     edge_time = time.monotonic() - t0  # what the edge needs to generate this answer itself
     assert r.status_code == 200
     box: dict = {}
@@ -230,7 +230,7 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
     def ask_cloud() -> None:
         with httpx.Client(timeout=300, headers=AUTH) as c:
             with c.stream("POST", f"{server.url}/chat/completions", json={
-                    "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 24, "stream": True}) as resp:  # fmt: skip
+                    "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 96, "stream": True}) as resp:  # fmt: skip
                 for line in resp.iter_lines():
                     if '"content": "' in line and "started" not in box:
                         box["started"] = time.monotonic()
@@ -238,11 +238,11 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
                         box["final"] = json.loads(line[6:])
         box["ended"] = time.monotonic()
 
+    pid = _cloud_pid(server)
     th = threading.Thread(target=ask_cloud)
     th.start()
     while "started" not in box and th.is_alive():
-        time.sleep(0.05)
-    pid = _cloud_pid(server)
+        time.sleep(0.01)
     killed = time.monotonic()
     os.kill(pid, getattr(signal, sig))
     th.join(300)
