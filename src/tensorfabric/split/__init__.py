@@ -12,7 +12,15 @@ See docs/split.md.
 from __future__ import annotations
 
 from ._config import DeployConfig, load_config, parse_config
-from ._errors import CloudUnavailable, Overloaded, SplitConfigError, SplitError
+from ._errors import (
+    CloudFailed,
+    CloudRequestError,
+    CloudUnavailable,
+    InvalidRequest,
+    Overloaded,
+    SplitConfigError,
+    SplitError,
+)
 from ._health import CloudHealth
 from ._pii import (
     Entity,
@@ -62,7 +70,10 @@ __all__ = [
     "make_policy",
     # health and errors
     "CloudHealth",
+    "CloudFailed",
+    "CloudRequestError",
     "CloudUnavailable",
+    "InvalidRequest",
     "Overloaded",
     "SplitConfigError",
     "SplitError",

@@ -140,7 +140,7 @@ class PiiMapping:
     def _alias(self, fw: list[str], ow: list[str], ctx: str) -> None:
         """A model often names a person by first or last name alone, or copies an address
         without its domain: map those pieces back too."""
-        if len(fw) != len(ow) or len(fw) == 2 and len(set(fw)) < 2:
+        if len(fw) != len(ow) or len(set(fw)) < len(fw):
             return
         pairs = [(fw[0], ow[0]), (fw[-1], ow[-1])] if len(fw) > 1 else [(fw[0], ow[0])]
         for f, o in pairs:

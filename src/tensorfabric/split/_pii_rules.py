@@ -139,7 +139,7 @@ def rules() -> list[Rule]:
     """The rules, each tagged with the kind it finds."""
     not_stop = lambda s: s.split()[0].lower() not in STOP  # noqa: E731
     return [
-        Rule("PERSON", _names(_STRONG, _ANY_NAME), 1, lambda s: not_stop(s)),
+        Rule("PERSON", _names(_STRONG, _ANY_NAME), 1, not_stop),
         Rule("PERSON", _names(_WEAK, _CAP_NAME), 1, not_stop),
         Rule("PERSON", re.compile(rf"(?im)^[ \t]*(?:{'|'.join(_SIGNOFF)})[ \t]*[,!.]?[ \t]*\n[ \t]*({_CAP_NAME}|{_ANY_NAME})[ \t]*$"), 1, not_stop),
         Rule("PERSON", re.compile(rf"(?i)(?:{'|'.join(_SIGNOFF)}),[ \t]+({_CAP_NAME})(?=[ \t]*(?:$|[.\n]))", re.M), 1, not_stop),
