@@ -15,7 +15,10 @@ from openai import OpenAI
 
 
 def main(base_url: str) -> None:
-    client = OpenAI(base_url=base_url, api_key="unused")
+    import os
+
+    # the server's server.api_key, if it has one (required when it listens beyond loopback)
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("TENSORFABRIC_API_KEY", "unused"))
     print("models:", [m.id for m in client.models.list().data])
 
     for prompt in ["What is the capital of France?",

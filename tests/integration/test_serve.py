@@ -22,6 +22,10 @@ PII = {
 }
 
 
+API_KEY = "test-key-0123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from tensorfabric.serve import ServerProcess
@@ -30,11 +34,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     cfg = d / "serve.yaml"
     record = d / "cloud-received.log"
     cfg.write_text(
-        f"server: {{port: 0, max_queue: 16, request_timeout: 120}}\n"
-        f"cloud: {{timeout: 60, record_received: {record}}}\n"
+        "server: {port: 0, max_queue: 64, request_timeout: 300, api_key: 'env:TF_TEST_API_KEY', "
+        "max_body_bytes: 65536}\n"
+        f"cloud: {{record_received: {record}, tls: {{enabled: true}}}}\n"
+        "edge: {max_context: 512}\n"
         "routing: {policy: confidence, threshold: -0.5, probe_tokens: 4}\n"
     )
-    with ServerProcess(cfg, env=subprocess_env(), timeout=400) as s:
+    with ServerProcess(cfg, env=subprocess_env(TF_TEST_API_KEY=API_KEY), timeout=400) as s:
         s.record = record  # type: ignore[attr-defined]
         yield s
 
@@ -42,7 +48,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 @pytest.fixture(scope="module")
 def client(server):  # type: ignore[no-untyped-def]
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server.url, api_key="unused", timeout=120, max_retries=0)
+    return openai.OpenAI(base_url=server.url, api_key=API_KEY, timeout=300, max_retries=0)
+
+
+def post(server, body, path="/chat/completions", **kw):  # type: ignore[no-untyped-def]
+    headers = {**AUTH, **kw.pop("headers", {})}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=300, **kw)
 
 
 def ask(text: str) -> list[dict[str, str]]:
@@ -72,8 +83,7 @@ def test_plain_and_streaming_chat_with_the_openai_client(client) -> None:  # typ
 
 
 def test_automatic_routing_is_visible(server) -> None:  # type: ignore[no-untyped-def]
-    r = httpx.post(f"{server.url}/chat/completions", timeout=120, json={
-        "model": "tensorfabric", "messages": ask("Say hello."), "max_tokens": 6})  # fmt: skip
+    r = post(server, {"model": "tensorfabric", "messages": ask("Say hello."), "max_tokens": 6})
     assert r.status_code == 200
     info = r.json()["tensorfabric"]
     assert info["reason"] in ("confident", "low_confidence")
@@ -89,44 +99,70 @@ def test_cloud_process_never_receives_pii(server, client) -> None:  # type: igno
     info = r.model_extra["tensorfabric"]
     assert info["tier"] == "cloud"
     assert info["pii_replaced"] == {"EMAIL": 1, "PHONE": 1, "CARD": 1, "IBAN": 1, "SSN": 1}
-    # No placeholder the edge issued may reach the user: they are restored.
-    assert not re.search(r"<(EMAIL|PHONE|CARD|IBAN|SSN)_1>", r.choices[0].message.content)
     received = server.record.read_bytes().decode()
-    assert "<EMAIL_1>" in received and "<IBAN_1>" in received  # the request did arrive
+    assert "example.org" in received  # the request did arrive, with surrogates
     for value in PII.values():
-        assert value not in received
-        assert value.replace(" ", "") not in received.replace(" ", "")
-
-
-def test_models_health_metrics_and_bad_requests(server) -> None:  # type: ignore[no-untyped-def]
-    ids = {m["id"] for m in httpx.get(f"{server.url}/models").json()["data"]}
-    assert ids == {"tensorfabric", "tensorfabric-edge", "tensorfabric-cloud"}
-    base = server.url.removesuffix("/v1")
-    h = httpx.get(f"{base}/health").json()
-    assert h["status"] == "ok" and h["cloud"]["available"] is True
-    metrics = httpx.get(f"{base}/metrics").text
-    assert re.search(r'tensorfabric_requests_total\{degraded="false",reason="user_choice",tier="cloud"\} [1-9]', metrics)
+        for form in (value, value.lower(), value.upper(), value.replace(" ", "")):
+            assert form not in received
+    metrics = httpx.get(f"{server.url.removesuffix('/v1')}/metrics", headers=AUTH).text
     assert re.search(r'tensorfabric_pii_entities_total\{kind="IBAN"\} [1-9]', metrics)
+
+
+def test_openai_conformance(server) -> None:  # type: ignore[no-untyped-def]
+    base = server.url.removesuffix("/v1")
+    ids = {m["id"] for m in httpx.get(f"{server.url}/models", headers=AUTH).json()["data"]}
+    assert ids == {"tensorfabric", "tensorfabric-edge", "tensorfabric-cloud"}
+    assert httpx.get(f"{server.url}/models/tensorfabric-edge", headers=AUTH).json()["id"] == "tensorfabric-edge"
+    cases = [
+        (httpx.get(f"{server.url}/models", headers={}), 401, "invalid_api_key"),
+        (httpx.get(f"{server.url}/models/gpt-9", headers=AUTH), 404, "model_not_found"),
+        (post(server, {"model": "gpt-9", "messages": ask("x")}), 404, "model_not_found"),
+        (post(server, {"messages": ask("x"), "seed": -1}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "seed": 2**70}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "seed": "7"}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "logprobs": True}), 400, "unsupported_parameter"),
+        (post(server, {"messages": ask("x"), "top_logprobs": 2}), 400, "unsupported_parameter"),
+        (post(server, {"messages": ask("x" * 70000)}), 413, "request_too_large"),
+        (post(server, {"messages": ask("word " * 600)}), 400, "context_length_exceeded"),
+        (post(server, {"messages": []}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "max_tokens": 0}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "n": 2}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x"), "stop": [1]}), 400, "invalid_request"),
+        (post(server, {"messages": ask("x")}, headers={"x-tensorfabric-route": "moon"}), 400, "invalid_request"),
+        (httpx.post(f"{server.url}/chat/completions", content=b"{nope", headers=AUTH), 400, "invalid_request"),
+        (httpx.get(f"{server.url}/nope", headers=AUTH), 404, "not_found"),
+        (httpx.delete(f"{server.url}/models", headers=AUTH), 405, "method_not_allowed"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and "type" in err, r.text
+    assert "edge.max_context" in cases[9][0].json()["error"]["message"]
+    # stop is applied, and /v1/completions answers too
+    r = post(server, {"model": "tensorfabric-cloud", "messages": ask("Count from 1 to 10, separated by commas."),
+                      "max_tokens": 30, "stop": ["4"]})  # fmt: skip
+    assert r.status_code == 200
+    body = r.json()
+    assert "4" not in body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    r = post(server, {"model": "tensorfabric-edge", "prompt": "Say hi.", "max_tokens": 4}, path="/completions")
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    assert isinstance(r.json()["choices"][0]["text"], str)
+    # none of the bad requests above counted against the cloud
+    h = httpx.get(f"{base}/health").json()
+    assert h["status"] == "ok" and h["cloud"]["available"] is True and h["cloud"]["tls"] is True
+    metrics = httpx.get(f"{base}/metrics", headers=AUTH).text
     assert "tensorfabric_cloud_up 1.0" in metrics
-    for body, needle in [
-        ({"model": "gpt-9", "messages": ask("x")}, "unknown model"),
-        ({"messages": []}, "non-empty list"),
-        ({"messages": ask("x"), "max_tokens": 0}, "max_tokens"),
-        ({"messages": ask("x"), "n": 2}, "n=1"),
-    ]:
-        r = httpx.post(f"{server.url}/chat/completions", json=body)
-        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
-    r = httpx.post(f"{server.url}/chat/completions", json={"messages": ask("x")},
-                   headers={"x-tensorfabric-route": "moon"})  # fmt: skip
-    assert r.status_code == 400
 
 
-def test_50_concurrent_clients_each_answered_or_refused(server) -> None:  # type: ignore[no-untyped-def]
+def test_50_concurrent_clients_none_degraded(server) -> None:  # type: ignore[no-untyped-def]
+    """The cloud is healthy but busy (one generation at a time): every request waits its turn
+    with keep-alives; none is answered degraded and nothing opens the breaker."""
     def one(i: int) -> tuple[int, dict]:
-        model = ["tensorfabric-edge", "tensorfabric-cloud", "tensorfabric"][i % 3]
-        body = {"model": model, "messages": ask(f"Count to {i % 5 + 2}."), "max_tokens": 3,
+        model = ["tensorfabric-cloud", "tensorfabric", "tensorfabric-edge"][i % 3]
+        body = {"model": model, "messages": ask(f"Count to {i % 5 + 2}."), "max_tokens": 2,
                 "stream": i % 4 == 0}  # fmt: skip
-        with httpx.Client(timeout=180) as c:
+        with httpx.Client(timeout=600, headers=AUTH) as c:
             r = c.post(f"{server.url}/chat/completions", json=body)
             if body["stream"] and r.status_code == 200:
                 events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
@@ -137,28 +173,91 @@ def test_50_concurrent_clients_each_answered_or_refused(server) -> None:  # type
     with cf.ThreadPoolExecutor(50) as pool:
         results = list(pool.map(one, range(50)))
     codes = [c for c, _ in results]
-    assert len(results) == 50 and set(codes) <= {200, 429}, codes
-    assert codes.count(200) >= 16  # max_queue admitted at once, later ones too
-    for code, body in results:
-        if code == 200:
-            assert body["tensorfabric"]["tier"] in ("edge", "cloud")
-        else:
-            assert body["error"]["code"] == "overloaded" and "retry" in body["error"]["message"]
+    assert codes == [200] * 50, codes
+    infos = [body["tensorfabric"] for _, body in results]
+    assert [i for i in infos if i["degraded"]] == []
+    assert sum(i["tier"] == "cloud" for i in infos) >= 17  # the explicit cloud ones at least
     h = httpx.get(f"{server.url.removesuffix('/v1')}/health").json()
-    assert h["in_flight"] == 0  # nothing left hanging
+    assert h["in_flight"] == 0 and h["status"] == "ok"
 
 
 def test_client_disconnect_mid_stream_frees_the_model(server) -> None:  # type: ignore[no-untyped-def]
     body = {"model": "tensorfabric-edge", "messages": ask("Tell me a long story about dragons."),
             "max_tokens": 200, "stream": True}  # fmt: skip
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, headers=AUTH) as c:
         with c.stream("POST", f"{server.url}/chat/completions", json=body) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     break  # got real text: hang up mid-answer
-    r2 = httpx.post(f"{server.url}/chat/completions", timeout=60, json={
-        "model": "tensorfabric-edge", "messages": ask("Hi"), "max_tokens": 3})  # fmt: skip
+    r2 = post(server, {"model": "tensorfabric-edge", "messages": ask("Hi"), "max_tokens": 3})
     assert r2.status_code == 200
     h = httpx.get(f"{server.url.removesuffix('/v1')}/health").json()
     assert h["in_flight"] == 0
+
+
+# ---------------------------------------------------------------- failover (last: kills the cloud)
+
+
+def _cloud_pid(server) -> int:  # type: ignore[no-untyped-def]
+    import psutil
+
+    kids = [p for p in psutil.Process(server.proc.pid).children()
+            if "tensorfabric.split" in " ".join(p.cmdline())]  # fmt: skip
+    assert len(kids) == 1, kids
+    return kids[0].pid
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import threading
+    import time
+
+    base = server.url.removesuffix("/v1")
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{base}/health").json()["status"] != "ok":
+        assert time.monotonic() < deadline, "the cloud never came up"
+        time.sleep(0.5)
+    prompt = ask("Write a long story about a lighthouse keeper.")
+    t0 = time.monotonic()
+    r = post(server, {"model": "tensorfabric-edge", "messages": prompt, "max_tokens": 96})
+    edge_time = time.monotonic() - t0  # what the edge needs to generate this answer itself
+    assert r.status_code == 200
+    box: dict = {}
+
+    def ask_cloud() -> None:
+        with httpx.Client(timeout=300, headers=AUTH) as c:
+            with c.stream("POST", f"{server.url}/chat/completions", json={
+                    "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 96, "stream": True}) as resp:  # fmt: skip
+                for line in resp.iter_lines():
+                    if '"content": "' in line and "started" not in box:
+                        box["started"] = time.monotonic()
+                    if line.startswith("data: {") and '"tensorfabric"' in line:
+                        box["final"] = json.loads(line[6:])
+        box["ended"] = time.monotonic()
+
+    pid = _cloud_pid(server)
+    th = threading.Thread(target=ask_cloud)
+    th.start()
+    while "started" not in box and th.is_alive():
+        time.sleep(0.01)
+    killed = time.monotonic()
+    os.kill(pid, getattr(signal, sig))
+    th.join(300)
+    info = box["final"]["tensorfabric"]
+    assert info["degraded"] is True and info["tier"] in ("cloud+edge", "edge"), info
+    took = box["ended"] - killed
+    print(f"\n  {sig}: in-flight request finished {took:.1f} s after the kill (edge alone: {edge_time:.1f} s)")
+    assert took <= 2.0 + edge_time + 3.0, (took, edge_time)  # 2 s to notice + its own generation
+    h = httpx.get(f"{base}/health").json()
+    assert h["status"] == "degraded"
+    while httpx.get(f"{base}/health").json()["status"] != "ok":
+        assert time.monotonic() - killed < 180, "the supervisor did not bring the cloud back"
+        time.sleep(0.5)
+    r = post(server, {"model": "tensorfabric-cloud", "messages": ask("Hi"), "max_tokens": 3})
+    back = time.monotonic() - killed
+    print(f"  {sig}: cloud back and used again {back:.1f} s after the kill")
+    assert r.json()["tensorfabric"]["tier"] == "cloud" and not r.json()["tensorfabric"]["degraded"]
+    assert _cloud_pid(server) != pid

@@ -123,10 +123,10 @@ def test_stalled_cloud_edge_takes_over_then_cloud_returns(cloud, full) -> None: 
         t0 = time.monotonic()
         out, _, done = run(edge, text, max_tokens=24, on_text=freeze)
         assert stopped, "the cloud never streamed"
-        assert done.tier == "cloud+edge" and done.degraded and "sent nothing" in done.cloud_error
+        assert done.tier == "cloud+edge" and done.degraded and "went silent" in done.cloud_error
         assert done.completion_tokens == 24 or done.finish_reason == "stop"
         assert out[:5] == healthy[:5]  # the cloud's first tokens were kept
-        assert time.monotonic() - t0 < 30  # bounded by cloud.timeout, not hung
+        assert time.monotonic() - stopped[0] < 30  # noticed after cloud.dead_after, not hung
         assert not edge.cloud_available
 
         # While the breaker is open, cloud requests are answered at once by the edge.

@@ -1,21 +1,29 @@
 """The OpenAI-compatible HTTP API in front of the edge tier (FastAPI, served by uvicorn).
 
-Routes: ``POST /v1/chat/completions`` (plain or ``stream: true`` server-sent events),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain or ``stream: true``
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``,
+``GET /metrics`` (Prometheus text format).
 
 Model ids: ``tensorfabric`` routes automatically; ``tensorfabric-edge`` and
 ``tensorfabric-cloud`` (or the header ``x-tensorfabric-route: edge|cloud``) are the user's
 explicit choice. Every answer says where it was produced: the ``tensorfabric`` field of the
-response (last chunk when streaming) and the ``x-tensorfabric-tier``, ``-route-reason`` and
+response (the final chunk when streaming; stream headers are sent before anyone answered, so
+they name no tier) and, for plain responses, the ``x-tensorfabric-tier``, ``-route-reason`` and
 ``-degraded`` headers.
 
-Admission: at most ``server.max_queue`` requests are in flight; more get 429 with
-``Retry-After``. A request whose tier stays busy past ``server.request_timeout`` gets 503.
+Errors use OpenAI's shape (``{"error": {message, type, param, code}}``), 404 and 405 included.
+With ``server.api_key`` every ``/v1`` and ``/metrics`` request needs ``Authorization: Bearer
+KEY``. Bodies over ``server.max_body_bytes`` get 413; a prompt that does not fit
+``edge.max_context`` gets 400. At most ``server.max_queue`` requests are in flight; more get 429
+with ``Retry-After``; a request whose tier stays busy past ``server.request_timeout`` gets 503.
+No client request reaches a 500, and none counts against the cloud's health.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -27,32 +35,22 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the HTTP server needs fastapi and uvicorn: pip install 'tensorfabric[serve]'") from exc
 
-from ..split._edge import ChatRequest, Done, EdgeTier, RouteInfo
-from ..split._errors import CloudUnavailable, Overloaded
+from ..split._edge import Done, EdgeTier, RouteInfo
+from ..split._errors import CloudUnavailable, InvalidRequest, Overloaded
 from ._metrics import ServeMetrics
+from ._openai import ApiError, chunk, completion, parse_chat, parse_completion
 
 __all__ = ["create_app"]
 
-
-def _error(status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "code": code, "param": None}},
-        status_code=status, headers=headers,
-    )  # fmt: skip
+log = logging.getLogger("tensorfabric.serve")
 
 
-def _content(m: dict[str, Any]) -> str:
-    c = m.get("content")
-    if c is None:
-        return ""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):  # content parts: keep the text ones
-        return "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
-    raise ValueError("message content must be a string or a list of text parts")
+def _error(e: ApiError, headers: dict[str, str] | None = None) -> Any:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 class _Guarded:
@@ -71,7 +69,39 @@ class _Guarded:
             self.gen.close()  # type: ignore[attr-defined]
 
 
-def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: int = 64) -> Any:
+def _map_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded"
+                        if "max_context" in str(exc) else "invalid_request")  # fmt: skip
+    if isinstance(exc, Overloaded):
+        return ApiError(503, str(exc), "server_error", "overloaded")
+    if isinstance(exc, CloudUnavailable):
+        return ApiError(503, str(exc), "server_error", "unavailable")
+    log.error("internal error while serving a request", exc_info=exc)
+    return ApiError(503, f"internal error ({type(exc).__name__}); retry, and report it if it "
+                    "persists", "server_error", "internal_error")  # fmt: skip
+
+
+async def _read_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds server.max_body_bytes={limit}",
+                       code="request_too_large")  # fmt: skip
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > limit:
+            raise ApiError(413, f"request body exceeds server.max_body_bytes={limit}", code="request_too_large")
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def create_app(
+    edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: int = 64,
+    api_key: str | None = None, max_body_bytes: int = 1 << 20,
+) -> Any:  # fmt: skip
     metrics = ServeMetrics()
     metrics.cloud_up.set(1 if edge.cloud_available else 0)
     if edge.health is not None:
@@ -80,6 +110,7 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
     app.state.edge, app.state.metrics = edge, metrics
     inflight = [0]
     models = {model_name: None, f"{model_name}-edge": "edge", f"{model_name}-cloud": "cloud"}
+    created = int(time.time())
 
     @app.on_event("startup")
     async def _threads() -> None:
@@ -88,9 +119,34 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, max_queue + 16)
 
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if api_key and (path.startswith("/v1") or path == "/metrics"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return _error(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
+                                       "<server.api_key>'", code="invalid_api_key"))  # fmt: skip
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a 500
+            return _error(_map_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error(ApiError(exc.status_code, message, code=code), getattr(exc, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Any:
-        return _error(400, f"invalid request: {exc.errors()}", "invalid_request_error", "invalid_request")
+        return _error(ApiError(400, f"invalid request: {exc.errors()}"))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Any:
+        metrics.rejected.labels(str(exc.status)).inc()
+        return _error(exc)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -98,36 +154,37 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
         return {
             "status": "ok" if up else "degraded",
             "edge": {"model": edge.model.name},
-            "cloud": {"available": up, "last_error": edge.health.last_error if edge.health else "no cloud tier"},
+            "cloud": {"available": up, "last_error": edge.health.last_error if edge.health else "no cloud tier",
+                      "tls": getattr(edge, "tls", False)},
             "mode": edge.cfg.mode,
             "in_flight": inflight[0],
-        }
+        }  # fmt: skip
 
     @app.get("/metrics")
     async def prom() -> Any:
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
+    def _model_card(m: str) -> dict[str, Any]:
+        return {"id": m, "object": "model", "created": created, "owned_by": "tensorfabric"}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        now = int(time.time())
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": now, "owned_by": "tensorfabric"} for m in models
-        ]}  # fmt: skip
+        return {"object": "list", "data": [_model_card(m) for m in models]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        try:
-            body = await request.json()
-            req, model = _parse(body, request.headers.get("x-tensorfabric-route"), models)
-        except (ValueError, TypeError, KeyError) as exc:
-            metrics.rejected.labels("400").inc()
-            return _error(400, str(exc), "invalid_request_error", "invalid_request")
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> Any:
+        if model_id not in models:
+            raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+        return _model_card(model_id)
+
+    async def serve(request: Request, chat: bool) -> Any:
+        body = await _read_body(request, max_body_bytes)
+        parse = parse_chat if chat else parse_completion
+        req, model = parse(body, request.headers.get("x-tensorfabric-route"), models)
         if inflight[0] >= max_queue:
-            metrics.rejected.labels("429").inc()
-            return _error(429, f"server busy: {inflight[0]} requests in flight (server.max_queue="
-                          f"{max_queue}); retry later", "rate_limit_error", "overloaded",
-                          {"Retry-After": "1"})  # fmt: skip
+            raise ApiError(429, f"server busy: {inflight[0]} requests in flight (server.max_queue="
+                           f"{max_queue}); retry later", "rate_limit_error", "overloaded")  # fmt: skip
         inflight[0] += 1
         metrics.inflight.set(inflight[0])
         started = time.perf_counter()
@@ -142,40 +199,36 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
 
         try:
             route = await run_in_threadpool(g.next)
-        except Overloaded as exc:
+        except Exception as exc:
             release()
-            metrics.rejected.labels("503").inc()
-            return _error(503, str(exc), "server_error", "overloaded", {"Retry-After": "2"})
-        except Exception:
-            release()
-            raise
+            await run_in_threadpool(g.close)
+            e = _map_error(exc)
+            metrics.rejected.labels(str(e.status)).inc()
+            return _error(e, {"Retry-After": "2"} if e.status == 503 else None)
         assert isinstance(route, RouteInfo)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        headers = {
-            "x-tensorfabric-tier": route.decision.tier,
-            "x-tensorfabric-route-reason": route.decision.reason,
-            "x-tensorfabric-degraded": str(route.degraded).lower(),
-        }
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if not req.stream:
             try:
                 text, done = await run_in_threadpool(_collect, g)
-            except (Overloaded, CloudUnavailable) as exc:
-                metrics.rejected.labels("503").inc()
-                return _error(503, str(exc), "server_error", "unavailable", {"Retry-After": "2"})
+            except Exception as exc:
+                e = _map_error(exc)
+                metrics.rejected.labels(str(e.status)).inc()
+                return _error(e, {"Retry-After": "2"} if e.status == 503 else None)
             finally:
                 release()
                 await run_in_threadpool(g.close)  # runs the generator's cleanup (model lock)
             metrics.record(done, time.perf_counter() - started)
-            headers.update({
+            headers = {
                 "x-tensorfabric-tier": done.tier, "x-tensorfabric-route-reason": done.reason,
                 "x-tensorfabric-degraded": str(done.degraded).lower(),
-            })  # fmt: skip
-            return JSONResponse(_completion(cid, model, text, done), headers=headers)
+            }  # fmt: skip
+            return JSONResponse(completion(cid, model, text, done, chat), headers=headers)
 
         async def sse() -> AsyncIterator[bytes]:
             first = True
             try:
-                yield _chunk(cid, model, {"role": "assistant", "content": ""}, None)
+                if chat:
+                    yield chunk(cid, model, None, None, chat, role=True)
                 while True:
                     ev = await run_in_threadpool(g.next)
                     if ev is StopIteration:
@@ -184,14 +237,13 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
                         if first:
                             metrics.ttft.labels(route.decision.tier).observe(time.perf_counter() - started)
                             first = False
-                        yield _chunk(cid, model, {"content": ev}, None)
+                        yield chunk(cid, model, ev, None, chat)
                     elif isinstance(ev, Done):
                         metrics.record(ev, time.perf_counter() - started)
-                        yield _chunk(cid, model, {}, ev.finish_reason, _tf_field(ev), _usage(ev))
+                        yield chunk(cid, model, None if chat else "", ev.finish_reason, chat, done=ev)
                 yield b"data: [DONE]\n\n"
-            except (Overloaded, CloudUnavailable) as exc:
-                err = {"error": {"message": str(exc), "type": "server_error", "code": "unavailable"}}
-                yield f"data: {json.dumps(err)}\n\n".encode()
+            except Exception as exc:  # noqa: BLE001 - headers are gone: say it in the stream
+                yield f"data: {json.dumps(_map_error(exc).body())}\n\n".encode()
             finally:
                 release()
                 # Not awaited: this also runs when the client went away and the task is being
@@ -199,47 +251,18 @@ def create_app(edge: EdgeTier, *, model_name: str = "tensorfabric", max_queue: i
                 # then the generator's cleanup releases the model and cancels cloud work.
                 threading.Thread(target=g.close, name="tf-close-stream", daemon=True).start()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await serve(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await serve(request, chat=False)
 
     return app
-
-
-def _parse(body: Any, header_route: str | None, models: dict[str, str | None]) -> tuple[ChatRequest, str]:
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    model = body.get("model") or next(iter(models))
-    if model not in models:
-        raise ValueError(f"unknown model {model!r}; available: {sorted(models)}")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
-    messages = []
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-            raise ValueError("each message needs a role of system, user, assistant or developer")
-        role = "system" if m["role"] == "developer" else m["role"]
-        messages.append({"role": role, "content": _content(m)})
-    if body.get("n", 1) != 1:
-        raise ValueError("only n=1 is supported")
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = 128
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 8192:
-        raise ValueError("max_tokens must be an integer in 1..8192")
-    explicit = models[model]
-    if header_route:
-        if header_route not in ("edge", "cloud", "auto"):
-            raise ValueError("x-tensorfabric-route must be edge, cloud or auto")
-        explicit = None if header_route == "auto" else header_route
-    t, p = body.get("temperature"), body.get("top_p")
-    temperature = 0.0 if t is None else float(t)
-    top_p = 1.0 if p is None else float(p)
-    if not 0.0 <= temperature <= 2.0 or not 0.0 < top_p <= 1.0:
-        raise ValueError("temperature must be in [0, 2] and top_p in (0, 1]")
-    seed = body.get("seed")
-    return ChatRequest(messages, max_tokens, temperature, top_p, seed, bool(body.get("stream")), explicit), model
 
 
 def _collect(g: _Guarded) -> tuple[str, Done]:
@@ -252,37 +275,3 @@ def _collect(g: _Guarded) -> tuple[str, Done]:
             parts.append(ev)
         elif isinstance(ev, Done):
             return "".join(parts), ev
-
-
-def _tf_field(done: Done) -> dict[str, Any]:
-    return {
-        "tier": done.tier, "reason": done.reason, "degraded": done.degraded,
-        "confidence": done.confidence, "pii_replaced": done.pii, "cloud_error": done.cloud_error,
-    }  # fmt: skip
-
-
-def _usage(done: Done) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
-
-
-def _completion(cid: str, model: str, text: str, done: Done) -> dict[str, Any]:
-    return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": done.finish_reason, "logprobs": None}],
-        "usage": _usage(done), "tensorfabric": _tf_field(done),
-    }  # fmt: skip
-
-
-def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None,
-           tf: dict[str, Any] | None = None, usage: dict[str, int] | None = None) -> bytes:
-    obj: dict[str, Any] = {
-        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }  # fmt: skip
-    if tf is not None:
-        obj["tensorfabric"] = tf
-    if usage is not None:
-        obj["usage"] = usage
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()

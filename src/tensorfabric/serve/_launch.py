@@ -154,10 +154,13 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
         own_address_file: str | None = cfg.cloud.address_file
     else:
         own_address_file = None
+    own_tls_dir = _local_tls_dir(cfg)
+    api_key = cfg.server.resolve_api_key()
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.server.host, cfg.server.port))
+        sock.listen(2048)  # connections made as soon as the URL is printed wait in the backlog
     except OSError as exc:
         raise SplitConfigError(
             f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror}); pick another "
@@ -191,7 +194,8 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
         edge = build_edge(cfg, address)
         if cloud is not None:
             _start_watchdog(cfg, cloud, announce)
-        app = create_app(edge, model_name=cfg.server.model_name, max_queue=cfg.server.max_queue)
+        app = create_app(edge, model_name=cfg.server.model_name, max_queue=cfg.server.max_queue,
+                         api_key=api_key, max_body_bytes=cfg.server.max_body_bytes)  # fmt: skip
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
         announce(f"tensorfabric serve: {url}  (edge: {edge.model.name}, cloud: "
@@ -212,6 +216,25 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
         if own_address_file:
             with contextlib.suppress(OSError):
                 os.unlink(own_address_file)
+        if own_tls_dir:
+            import shutil
+
+            shutil.rmtree(own_tls_dir, ignore_errors=True)
+
+
+def _local_tls_dir(cfg: DeployConfig) -> str | None:
+    """A local deployment with TLS and no pair of its own: one fresh self-signed pair in a
+    private temporary folder, shared by both tiers (each pins it), removed at exit."""
+    from ..split._tls import ensure_pair, tls_wanted
+
+    t = cfg.cloud.tls
+    if cfg.cloud.launch != "local" or t.cert or t.dir or not tls_wanted(cfg):
+        return None
+    import tempfile
+
+    t.dir = tempfile.mkdtemp(prefix="tensorfabric-tls-")
+    ensure_pair(t.dir)
+    return t.dir
 
 
 def _start_watchdog(cfg: DeployConfig, cloud: CloudProcess, announce: Callable[[str], None]) -> None:
@@ -223,10 +246,14 @@ def _start_watchdog(cfg: DeployConfig, cloud: CloudProcess, announce: Callable[[
         backoff = cfg.health.backoff_initial
         while True:
             code = cloud.proc.wait()
-            if code == -signal.SIGTERM or _stopping.is_set():
-                return  # stopped on purpose (our shutdown, or the operator): not a crash
-            announce(f"cloud tier process exited with code {code}; restarting it ...")
+            if _stopping.is_set():
+                return  # our own shutdown
+            # Any other exit (crash, OOM kill, SIGTERM from an operator or a reboot script)
+            # leaves the deployment without its cloud tier: bring it back.
             time.sleep(backoff)
+            if _stopping.is_set():
+                return  # a group-wide SIGTERM reached the child first
+            announce(f"cloud tier process exited with code {code}; restarting it ...")
             try:
                 fresh = wait_cloud_ready(spawn_cloud_process(cfg), 600.0)
             except CloudUnavailable as exc:

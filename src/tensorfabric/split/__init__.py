@@ -2,7 +2,8 @@
 
     from tensorfabric.split import PiiScrubber
     text, mapping = PiiScrubber().scrub("mail me at jane@example.com")
-    # text == "mail me at <EMAIL_1>"; mapping.restore(reply) puts the original back
+    # text == "mail me at laura.keller@example.org" (a surrogate of the same kind);
+    # mapping.restore(reply) puts the original back
 
 torch/transformers load only when a tier or model is built (``pip install 'tensorfabric[llm]'``).
 See docs/split.md.
@@ -11,7 +12,15 @@ See docs/split.md.
 from __future__ import annotations
 
 from ._config import DeployConfig, load_config, parse_config
-from ._errors import CloudUnavailable, Overloaded, SplitConfigError, SplitError
+from ._errors import (
+    CloudFailed,
+    CloudRequestError,
+    CloudUnavailable,
+    InvalidRequest,
+    Overloaded,
+    SplitConfigError,
+    SplitError,
+)
 from ._health import CloudHealth
 from ._pii import (
     Entity,
@@ -21,7 +30,6 @@ from ._pii import (
     PiiScrubber,
     Recognizer,
     StreamRestorer,
-    default_recognizers,
     iban_valid,
     luhn_valid,
 )
@@ -49,7 +57,6 @@ __all__ = [
     "PiiScrubber",
     "Recognizer",
     "StreamRestorer",
-    "default_recognizers",
     "iban_valid",
     "luhn_valid",
     # routing
@@ -63,7 +70,10 @@ __all__ = [
     "make_policy",
     # health and errors
     "CloudHealth",
+    "CloudFailed",
+    "CloudRequestError",
     "CloudUnavailable",
+    "InvalidRequest",
     "Overloaded",
     "SplitConfigError",
     "SplitError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,8 +19,9 @@ from .._engine import Engine
 from .._errors import ClosedError, TensorFabricError, TransferTimeout
 from ._config import DeployConfig
 from ._lm import ChatModel, load_chat_model
-from ._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
-from ._tls import tls_contexts
+from ._errors import Overloaded
+from ._rpc import TAG_JOIN, TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
+from ._tls import fingerprint, tls_contexts, tls_wanted
 
 __all__ = ["CloudTier"]
 
@@ -42,7 +44,8 @@ class CloudTier:
                 None if cfg.cloud.model == "default" else cfg.cloud.model,
                 secret=cfg.resolve_secret(), timeout=cfg.cloud.timeout,
             )  # fmt: skip
-        tls_server, tls_client = tls_contexts(cfg.cloud.tls)
+        tls_server, tls_client = tls_contexts(cfg.cloud.tls, enabled=tls_wanted(cfg))
+        self.tls = tls_server is not None
         self.engine = Engine(
             cfg.resolve_secret(), host=cfg.cloud.host, port=cfg.cloud.port,
             links=cfg.cloud.links, timeout=cfg.cloud.timeout, name="tf-cloud",
@@ -57,7 +60,12 @@ class CloudTier:
         self._tail: Any = None
         self._tail_lock = threading.Lock()
         self._stop = threading.Event()
+        self._active: dict[bytes, set[int]] = {}  # peer -> request ids queued or running
+        self._active_lock = threading.Lock()
         self.served = 0
+        threading.Thread(target=self._keepalive, name="tf-cloud-keepalive", daemon=True).start()
+        if cfg.cloud.join:
+            threading.Thread(target=self._join, name="tf-cloud-join", daemon=True).start()
 
     @property
     def address(self) -> bytes:
@@ -82,10 +90,54 @@ class CloudTier:
             except ValueError:
                 log.warning("dropped a malformed request from %r", msg.peer[:40])
                 continue
-            if req.get("op") == "cancel":
+            op, rid = req.get("op"), req.get("id", -1)
+            if op == "cancel":
                 self._cancelled.add((msg.peer, int(req.get("target", -1))))
                 continue
+            if op == "ping":  # answered here, never queued behind work: busy is not down
+                pong = {"id": rid, "event": "pong", "model": self.model.name, "load": self._load()}
+                try:  # not waited for: this loop must never stall on one slow edge
+                    self.engine.send(msg.peer, encode_msg(pong), tag=TAG_REPLY, timeout=5.0)
+                except TensorFabricError:
+                    pass
+                continue
+            with self._active_lock:
+                self._active.setdefault(msg.peer, set()).add(rid)
             self._pool.submit(self._handle, msg.peer, req)
+
+    def _load(self) -> int:
+        with self._active_lock:
+            return sum(len(v) for v in self._active.values())
+
+    def _keepalive(self) -> None:
+        """Every ``cloud.keepalive`` seconds tell each edge which of its requests are still
+        queued or running, so a long queue never reads as an outage."""
+        period = self.cfg.cloud.keepalive
+        while not self._stop.wait(period):
+            with self._active_lock:
+                snapshot = [(peer, sorted(ids)) for peer, ids in self._active.items() if ids]
+            for peer, ids in snapshot:
+                try:
+                    self.engine.send(peer, encode_msg({"event": "alive", "ids": ids}), tag=TAG_REPLY,
+                                     timeout=max(period * 2, 1.0))  # fmt: skip
+                except TensorFabricError:
+                    pass
+
+    def _join(self) -> None:
+        """Announce this (re)started cloud to the edge named by ``cloud.join`` until it answers."""
+        from pathlib import Path
+
+        spec = self.cfg.cloud.join or ""
+        while not self._stop.is_set():
+            try:
+                text = Path(spec).read_text().strip() if Path(spec).exists() else spec
+                edge = bytes.fromhex(text)
+                self.engine.send(edge, encode_msg({"op": "join"}), tag=TAG_JOIN, timeout=5.0).wait(5.0)
+                log.warning("announced this cloud tier to the edge")
+                return
+            except (ValueError, OSError, TensorFabricError) as exc:
+                log.info("cloud.join: edge not reachable yet (%s); retrying", exc)
+            self._stop.wait(2.0)
 
     def _reply(self, peer: bytes, obj: dict[str, Any]) -> None:
         try:
@@ -97,9 +149,9 @@ class CloudTier:
         rid = req.get("id", -1)
         op = req.get("op")
         try:
-            if op == "ping":
-                self._reply(peer, {"id": rid, "event": "pong", "model": self.model.name})
-            elif op == "chat":
+            if (peer, rid) in self._cancelled:
+                return  # the edge gave up while this waited in the queue
+            if op == "chat":
                 self._chat(peer, rid, req)
             elif op == "ls_open":
                 self._ls_open(peer, rid, req)
@@ -110,11 +162,25 @@ class CloudTier:
                 self._reply(peer, {"id": rid, "event": "ok"})
             else:
                 self._reply(peer, {"id": rid, "event": "error", "message": f"unknown op {op!r}"})
+        except Overloaded as exc:
+            self._reply(peer, {"id": rid, "event": "error", "kind": "busy", "message": str(exc)})
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            # what the request carried (a bad seed, a missing field): the client's fault
+            log.info("request %s %s refused: %s", op, rid, exc)
+            self._reply(peer, {"id": rid, "event": "error", "kind": "request",
+                               "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
         except Exception as exc:  # every request gets an answer, even a failing one
             log.exception("request %s %s failed", op, rid)
-            self._reply(peer, {"id": rid, "event": "error", "message": f"{type(exc).__name__}: {exc}"})
+            self._reply(peer, {"id": rid, "event": "error", "kind": "internal",
+                               "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
         finally:
             self._cancelled.discard((peer, rid))
+            with self._active_lock:
+                ids = self._active.get(peer)
+                if ids is not None:
+                    ids.discard(rid)
+                    if not ids:
+                        del self._active[peer]
 
     # ------------------------------------------------------------------ chat
 
@@ -235,11 +301,16 @@ def run_cloud(cfg: DeployConfig, *, announce: Any = print) -> None:
     """Run a cloud tier in this process until interrupted; announce its address (hex)."""
     started = time.perf_counter()
     tier = CloudTier(cfg)
+    if tier.tls:
+        from ._tls import default_dir
+
+        cert = cfg.cloud.tls.cert or str((Path(cfg.cloud.tls.dir or default_dir()) / "tier-cert.pem"))
+        announce(f"TENSORFABRIC_CLOUD_TLS {fingerprint(Path(cert).read_bytes())} {cert}")
     announce(f"TENSORFABRIC_CLOUD_ADDRESS {tier.address.hex()}")
     if cfg.cloud.address_file:
-        from pathlib import Path
-
-        Path(cfg.cloud.address_file).write_text(tier.address.hex())
+        tmp = Path(cfg.cloud.address_file + ".tmp")
+        tmp.write_text(tier.address.hex())
+        tmp.replace(cfg.cloud.address_file)  # readers never see half an address
     log.info("cloud tier ready in %.1f s on %s", time.perf_counter() - started, tier.engine)
     try:
         tier.serve_forever()

@@ -36,21 +36,48 @@ class ServerConfig:
     max_queue: int = 64  # requests admitted at once; beyond it the server answers 429
     request_timeout: float = 300.0  # seconds a request may wait for its tier before 503
     model_name: str = "tensorfabric"  # the model id clients ask for ("-edge"/"-cloud" suffixes)
+    api_key: str | None = None  # literal or "env:NAME"; required when host is not loopback
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+
+    def resolve_api_key(self) -> str | None:
+        """The API key (``env:NAME`` read now); an error if one is needed and missing."""
+        key = self.api_key
+        if key and key.startswith("env:"):
+            name = key[4:]
+            key = os.environ.get(name)
+            if not key:
+                raise SplitConfigError(f"server.api_key: environment variable {name} is not set")
+        if not key:
+            from ._tls import is_loopback
+
+            if not is_loopback(self.host):
+                raise SplitConfigError(
+                    f"server.api_key: the HTTP API listens on {self.host}, beyond loopback; set "
+                    "server.api_key (e.g. 'env:TENSORFABRIC_API_KEY') so only your clients can use it"
+                )
+        return key or None
 
 
 @dataclass
 class EdgeConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct), a .gguf file or a HF folder
     host: str = "127.0.0.1"  # where the edge engine listens (the cloud dials back to it)
+    port: int = 0  # fix it so a restarted remote cloud can rejoin (cloud.join)
+    address_file: str | None = None  # the edge writes its engine address here (for cloud.join)
     quantize: str = "int8"  # "int8" (torch dynamic quantization of Linear layers) or "none"
     max_context: int = 2048
 
 
 @dataclass
 class TlsConfig:
-    cert: str | None = None
+    """TLS on the tier link (see split/_tls.py): on by default off loopback, always pinned."""
+
+    enabled: bool | str = "auto"  # "auto": on when a tier address is not loopback
+    cert: str | None = None  # this tier's certificate (default: a generated self-signed one)
     key: str | None = None
-    ca: str | None = None
+    ca: str | None = None  # whom to trust: a CA or the peer's certificate (default: own cert)
+    pin: list[str] | None = None  # sha256:HEX fingerprints the peer certificate must match
+    dir: str | None = None  # where a generated pair lives (default ~/.config/tensorfabric/tls)
 
 
 @dataclass
@@ -62,8 +89,11 @@ class CloudConfig:
     address: str | None = None  # remote: the cloud engine's address (hex), or use address_file
     address_file: str | None = None  # the cloud writes its address here; the edge reads it
     links: int = 1
-    timeout: float = 60.0  # seconds without progress from the cloud before the edge takes over
+    timeout: float = 60.0  # deadline of one engine operation on the tier link
+    keepalive: float = 0.5  # the cloud says "still working on it" this often per request
+    dead_after: float = 1.5  # the edge declares the cloud gone after this long without a word
     connect_timeout: float = 10.0
+    join: str | None = None  # remote cloud: an edge address (hex) or file to announce itself to
     disaggregated: bool = False  # prefill/decode workers from tensorfabric.kv
     record_received: str | None = None  # audit: append every byte the cloud receives to a file
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -73,8 +103,9 @@ class CloudConfig:
 class PiiConfig:
     enabled: bool = True
     kinds: list[str] | None = None  # default: every built-in kind
-    names: list[str] | None = None  # a gazetteer of person names (optional plug-in)
-    name_detector: str | None = None  # "module:factory" returning a NameDetector
+    names: list[str] | None = None  # more names to catch, in any case (customers, staff)
+    fail_closed: bool = True  # also replace leftover 6+ digit runs and capitalised pairs after a trigger
+    name_detector: str | None = None  # "module:factory" returning a NameDetector (e.g. an NER model)
 
 
 @dataclass
@@ -82,9 +113,10 @@ class HealthConfig:
     """Cloud health: a circuit breaker with exponential backoff probes."""
 
     failures_to_open: int = 1
+    interval: float = 0.5  # ping period while the cloud is in use (a dead cloud shows in /health)
     backoff_initial: float = 0.5
-    backoff_max: float = 15.0
-    probe_timeout: float = 3.0
+    backoff_max: float = 2.0
+    probe_timeout: float = 1.5
 
 
 @dataclass
@@ -137,7 +169,8 @@ _POSITIVE = {
     "server.max_queue", "server.request_timeout", "edge.max_context", "cloud.links",
     "cloud.timeout", "cloud.connect_timeout", "health.failures_to_open",
     "health.backoff_initial", "health.backoff_max", "health.probe_timeout",
-    "layer_split.layers_at_edge",
+    "layer_split.layers_at_edge", "server.max_body_bytes", "cloud.keepalive", "cloud.dead_after",
+    "health.interval",
 }  # fmt: skip
 _ROUTING_KEYS = {
     "policy", "threshold", "metric", "probe_tokens", "edge_max_prompt_tokens",
@@ -181,7 +214,11 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         return dict(value)
     if value is None:
         return None
-    if isinstance(default, bool) or key in ("cloud.disaggregated", "pii.enabled"):
+    if key == "cloud.tls.enabled":
+        if value != "auto" and not isinstance(value, bool):
+            raise SplitConfigError(f"{key}: expected auto, true or false, got {value!r}")
+        return value
+    if isinstance(default, bool) or key in ("cloud.disaggregated", "pii.enabled", "pii.fail_closed"):
         if not isinstance(value, bool):
             raise SplitConfigError(f"{key}: expected true or false, got {value!r}")
     elif isinstance(default, (int, float)):
@@ -193,7 +230,7 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
             raise SplitConfigError(f"{key}: must be positive, got {value!r}")
         if key.endswith("port") and not 0 <= value <= 65535:
             raise SplitConfigError(f"{key}: not a TCP port: {value!r}")
-    elif key in ("pii.kinds", "pii.names"):
+    elif key in ("pii.kinds", "pii.names", "cloud.tls.pin"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise SplitConfigError(f"{key}: expected a list of strings")
     elif not isinstance(value, str):
@@ -213,6 +250,13 @@ def parse_config(data: Mapping[str, Any] | None) -> DeployConfig:
         )
     if bool(cfg.cloud.tls.cert) != bool(cfg.cloud.tls.key):
         raise SplitConfigError("cloud.tls: give both cert and key, or neither")
+    if cfg.cloud.keepalive * 2 > cfg.cloud.dead_after:
+        raise SplitConfigError(
+            f"cloud.dead_after ({cfg.cloud.dead_after}) must be at least twice cloud.keepalive "
+            f"({cfg.cloud.keepalive}), or a busy cloud would read as a dead one"
+        )
+    if not (cfg.server.api_key or "").startswith("env:"):
+        cfg.server.resolve_api_key()  # surface a missing key at load time
     from ._routing import make_policy
 
     make_policy(cfg.routing)  # surface policy errors at load time

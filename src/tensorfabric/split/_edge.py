@@ -14,24 +14,27 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import secrets
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._address import EngineAddress
 from .._engine import Engine
+from .._errors import TensorFabricError, TransferTimeout
 from .._region import RegionDescriptor
 from ._config import DeployConfig
-from ._errors import CloudUnavailable, SplitConfigError
+from ._errors import CloudFailed, CloudUnavailable, InvalidRequest, SplitConfigError
 from ._health import CloudHealth
 from ._lm import ChatModel, TokenStep
-from ._pii import GazetteerNameDetector, NameDetector, PiiMapping, PiiScrubber, StreamRestorer
+from ._pii import NameDetector, PiiMapping, PiiScrubber, StreamRestorer
 from ._routing import Decision, Probe, RouteRequest, RoutingPolicy, make_policy
-from ._rpc import CloudClient
-from ._tls import tls_contexts
+from ._rpc import TAG_JOIN, CloudClient
+from ._tls import tls_contexts, tls_wanted
 
-__all__ = ["ChatRequest", "Done", "EdgeTier", "RouteInfo", "build_scrubber"]
+__all__ = ["ChatRequest", "Done", "EdgeTier", "RouteInfo", "StopCutter", "build_scrubber"]
 
 
 @dataclass
@@ -43,6 +46,36 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     explicit: str | None = None  # "edge" | "cloud" | None
+    stop: list[str] = field(default_factory=list)  # cut the answer at the first of these
+
+
+class StopCutter:
+    """Applies ``stop`` strings to streamed text: emits what is safe, holds back what could be
+    the start of a stop string, and reports when one was hit (text after it is dropped)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self._held = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.hit:
+            return ""
+        text = self._held + text
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit, self._held = True, ""
+            return text[: min(cuts)]
+        safe = len(text) - self.keep if self.keep else len(text)
+        self._held = text[max(safe, 0):]
+        return text[: max(safe, 0)]
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return "" if self.hit else text
 
 
 @dataclass
@@ -80,9 +113,8 @@ def build_scrubber(cfg: DeployConfig) -> PiiScrubber | None:
                 f"pii.name_detector {p.name_detector!r} could not be loaded ({exc}); "
                 "name a factory as 'package.module:function'"
             ) from exc
-    elif p.names:
-        detector = GazetteerNameDetector(p.names)
-    return PiiScrubber(kinds=p.kinds, name_detector=detector)
+    return PiiScrubber(kinds=p.kinds, names=p.names or (), fail_closed=p.fail_closed,
+                       name_detector=detector)
 
 
 class EdgeTier:
@@ -108,21 +140,37 @@ class EdgeTier:
         self._head: Any = None
         self._head_lock = threading.Lock()
         self._imm = itertools.count(secrets.randbits(40) << 20)
+        self._file_address = cloud_address
         self.hidden_bytes_shipped = 0  # layer split: bytes of hidden states written to the cloud
         if cloud_address is not None:
-            tls_server, tls_client = tls_contexts(cfg.cloud.tls)
+            hosts = tuple(h for h, _ in EngineAddress.from_bytes(cloud_address).endpoints)
+            tls_server, tls_client = tls_contexts(cfg.cloud.tls, enabled=tls_wanted(cfg, hosts))
+            self.tls = tls_server is not None
             self.engine = Engine(
-                cfg.resolve_secret(), host=cfg.edge.host, port=0, links=cfg.cloud.links,
+                cfg.resolve_secret(), host=cfg.edge.host, port=cfg.edge.port, links=cfg.cloud.links,
                 timeout=cfg.cloud.timeout, name="tf-edge", connect_timeout=cfg.cloud.connect_timeout,
                 tls_server=tls_server, tls_client=tls_client,
             )  # fmt: skip
-            self.cloud = CloudClient(self.engine, cloud_address)
+            if cfg.edge.address_file:
+                tmp = cfg.edge.address_file + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write(self.engine.address.hex())
+                os.replace(tmp, cfg.edge.address_file)
+            self.cloud = CloudClient(self.engine, cloud_address, dead_after=cfg.cloud.dead_after)
             h = cfg.health
+            client = self.cloud
+            # The first ping sets the links up (TLS handshakes both ways over a slow WAN link
+            # take longer than a health ping may): give it the connect budget.
+            up = client.ping(cfg.cloud.connect_timeout)
             self.health = CloudHealth(
                 lambda: self._probe_cloud(h.probe_timeout),
                 failures_to_open=h.failures_to_open, backoff_initial=h.backoff_initial,
-                backoff_max=h.backoff_max, on_change=on_cloud_change,
+                backoff_max=h.backoff_max, on_change=on_cloud_change, interval=h.interval,
+                watch=lambda: client.heard_within(h.interval) or self._probe_cloud(h.probe_timeout),
             )  # fmt: skip
+            if not up:
+                self.health.record_failure("the cloud tier did not answer at start")
+            threading.Thread(target=self._joins, name="tf-edge-join", daemon=True).start()
         if cfg.mode == "layer_split":
             if full_model is None:
                 raise SplitConfigError("mode: layer_split needs the full-precision model at the edge")
@@ -141,9 +189,25 @@ class EdgeTier:
                     fresh = bytes.fromhex(f.read().strip())
             except (OSError, ValueError):
                 fresh = b""
-            if fresh and fresh != self.cloud.cloud:
+            # Follow the file when it changes (a restarted cloud wrote it), not when it merely
+            # differs: a cloud that rejoined through cloud.join may be newer than the file.
+            if fresh and fresh != self._file_address:
+                self._file_address = fresh
                 self.cloud.cloud = fresh
         return self.cloud.ping(timeout)
+
+    def _joins(self) -> None:
+        """A (re)started cloud announces itself (``cloud.join``): switch to it and probe now."""
+        assert self.engine is not None and self.cloud is not None and self.health is not None
+        while True:
+            try:
+                msg = self.engine.recv(tag=TAG_JOIN, timeout=1.0)
+            except TransferTimeout:
+                continue
+            except TensorFabricError:
+                return  # closed
+            self.cloud.cloud = msg.peer
+            self.health.poke()
 
     @property
     def cloud_available(self) -> bool:
@@ -166,6 +230,13 @@ class EdgeTier:
         msgs, mapping = self.scrub(req.messages)
         restorer = StreamRestorer(mapping)
         prompt_ids = self.model.encode_chat(msgs)
+        limit = self.cfg.edge.max_context
+        if len(prompt_ids) + req.max_tokens > limit:
+            raise InvalidRequest(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds "
+                f"the context of {limit} tokens (edge.max_context); shorten the conversation or "
+                "lower max_tokens"
+            )
         rreq = RouteRequest(len(prompt_ids), req.max_tokens, req.explicit, mapping.counts(), req.stream)  # type: ignore[arg-type]
         timeout = self.cfg.server.request_timeout
         edge_steps: Generator[TokenStep, None, None] | None = None
@@ -197,7 +268,8 @@ class EdgeTier:
                 edge_steps, probe = None, []
             yield RouteInfo(decision, degraded, mapping.counts(), len(prompt_ids))
             if edge_steps is not None:
-                yield from self._finish_edge(probe, edge_steps, restorer, decision, degraded, rreq, mapping)
+                yield from self._finish_edge(probe, edge_steps, restorer, decision, degraded, rreq,
+                                             mapping, cutter=StopCutter(req.stop))  # fmt: skip
                 return
             yield from self._cloud_path(msgs, prompt_ids, req, restorer, decision, rreq, mapping)
         finally:
@@ -217,21 +289,29 @@ class EdgeTier:
         self, probe: list[TokenStep], steps: Iterator[TokenStep], restorer: StreamRestorer,
         decision: Decision, degraded: bool, rreq: RouteRequest, mapping: PiiMapping,
         tier: str = "edge", already: int = 0, cloud_error: str | None = None,
+        cutter: StopCutter | None = None,
     ) -> Iterator[str | Done]:  # fmt: skip
+        cutter = cutter or StopCutter(())
         n, finish = already, "length"
         for step in itertools.chain(probe, steps):
             if step.stop:
                 finish = "stop"
                 break
             n += 1
-            text = restorer.feed(step.text)
+            text = cutter.feed(restorer.feed(step.text))
             if text:
                 yield text
+            if cutter.hit:
+                finish = "stop"
+                break
             if n >= rreq.max_tokens:
                 break
-        tail = restorer.flush()
+        tail = cutter.feed(restorer.flush())
+        tail += cutter.flush()
         if tail:
             yield tail
+        if cutter.hit:
+            finish = "stop"
         yield Done(tier, decision.reason, degraded, finish, rreq.prompt_tokens, n,
                    decision.confidence, mapping.counts(), cloud_error)  # fmt: skip
 
@@ -241,14 +321,16 @@ class EdgeTier:
     ) -> Iterator[str | Done]:  # fmt: skip
         assert self.cloud is not None and self.health is not None
         produced: list[str] = []
+        cutter = StopCutter(req.stop)
         n, finish = 0, "length"
         try:
             if self.cfg.mode == "layer_split":
                 events = self._split_stream(prompt_ids, req)
             else:
                 events = self.cloud.stream(
-                    "chat", self.cfg.cloud.timeout, messages=msgs, max_tokens=req.max_tokens,
-                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                    "chat", self.cfg.server.request_timeout, messages=msgs,
+                    max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                    seed=req.seed,
                 )  # fmt: skip
             for ev in events:
                 if ev["event"] == "done":
@@ -258,36 +340,52 @@ class EdgeTier:
                     continue  # keep-alive from a cloud still working (disaggregated workers)
                 n += 1
                 produced.append(ev["text"])
-                text = restorer.feed(ev["text"])
+                text = cutter.feed(restorer.feed(ev["text"]))
                 if text:
                     yield text
+                if cutter.hit:
+                    finish = "stop"
+                    close = getattr(events, "close", None)
+                    if close is not None:
+                        close()  # tells the cloud to stop generating
+                    break
         except CloudUnavailable as exc:
-            self.health.record_failure(str(exc))
-            # Finish at the edge, continuing from what the cloud already produced.
-            self.model.acquire(self.cfg.server.request_timeout)
-            steps = None
-            try:
-                left = req.max_tokens - n
-                ids = self.model.encode_chat(msgs, prefix="".join(produced))
-                steps = self.model.stream(ids, max_new_tokens=max(left, 0), temperature=req.temperature,
-                                          top_p=req.top_p, seed=req.seed)  # fmt: skip
-                tier = "cloud+edge" if n else "edge"
-                reason = decision.reason if n else "cloud_failed"
-                yield from self._finish_edge(
-                    [], steps, restorer, Decision("edge", reason, decision.confidence), True, rreq,
-                    mapping, tier=tier, already=n, cloud_error=str(exc),
-                )  # fmt: skip
-            finally:
-                if steps is not None:
-                    steps.close()
-                self.model.lock.release()
+            if not isinstance(exc, CloudFailed):
+                self.health.record_failure(str(exc))  # silence: the cloud is down
+            yield from self._take_over(msgs, req, restorer, decision, rreq, mapping, produced, n, exc, cutter)
             return
         self.health.record_success()
-        tail = restorer.flush()
+        tail = cutter.feed(restorer.flush()) + cutter.flush()
         if tail:
             yield tail
+        if cutter.hit:
+            finish = "stop"
         yield Done("cloud", decision.reason, False, finish, rreq.prompt_tokens, n,
                    decision.confidence, mapping.counts())  # fmt: skip
+
+    def _take_over(
+        self, msgs: list[dict[str, str]], req: ChatRequest, restorer: StreamRestorer,
+        decision: Decision, rreq: RouteRequest, mapping: PiiMapping, produced: list[str], n: int,
+        exc: Exception, cutter: StopCutter,
+    ) -> Iterator[str | Done]:  # fmt: skip
+        """Finish at the edge, continuing from what the cloud already produced (degraded)."""
+        self.model.acquire(self.cfg.server.request_timeout)
+        steps = None
+        try:
+            left = req.max_tokens - n
+            ids = self.model.encode_chat(msgs, prefix="".join(produced))
+            steps = self.model.stream(ids, max_new_tokens=max(left, 0), temperature=req.temperature,
+                                      top_p=req.top_p, seed=req.seed)  # fmt: skip
+            tier = "cloud+edge" if n else "edge"
+            reason = decision.reason if n else "cloud_failed"
+            yield from self._finish_edge(
+                [], steps, restorer, Decision("edge", reason, decision.confidence), True, rreq,
+                mapping, tier=tier, already=n, cloud_error=str(exc), cutter=cutter,
+            )  # fmt: skip
+        finally:
+            if steps is not None:
+                steps.close()
+            self.model.lock.release()
 
     # ------------------------------------------------------------------ layer split
 

@@ -19,3 +19,18 @@ class CloudUnavailable(SplitError):
 
 class Overloaded(SplitError):
     """Too many requests are waiting at this tier; retry later (HTTP 429/503)."""
+
+
+class InvalidRequest(SplitError):
+    """The request cannot be served as asked (too long for the context, a bad parameter): the
+    client's fault, answered 400."""
+
+
+class CloudRequestError(InvalidRequest):
+    """The cloud tier refused a request for its content (a bad parameter): the client's fault,
+    answered 400, and never counted against the cloud's health."""
+
+
+class CloudFailed(CloudUnavailable):
+    """The cloud tier answered, with an error of its own: it is alive, so its health (the
+    breaker) is not touched; the edge answers this request instead."""

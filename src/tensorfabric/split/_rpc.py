@@ -7,8 +7,12 @@ receiver thread on the edge demultiplexes replies by ``id``. Bulk data (layer-sp
 states) does not go through here: it is written into a cloud region with ``Engine.write`` and
 an immediate.
 
-Every wait has a deadline: a call or a stream that hears nothing for ``timeout`` seconds raises
-:class:`CloudUnavailable`, and the edge tells the cloud to cancel.
+Busy is not down: while a request waits in the cloud's queue or runs, the cloud sends an
+``alive`` event naming it every ``cloud.keepalive`` seconds. A stream that hears nothing about
+its request for ``dead_after`` seconds raises :class:`CloudUnavailable` (the cloud is gone); one
+that is kept alive waits up to its overall deadline, then raises :class:`Overloaded`. An
+``error`` reply says whose fault it was: ``request`` (:class:`CloudRequestError`, the client's),
+``busy`` (:class:`Overloaded`) or anything else (:class:`CloudFailed`: the cloud is alive).
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import itertools
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+from .._address import EngineAddress
 from .._errors import ClosedError, TensorFabricError, TransferTimeout
-from ._errors import CloudUnavailable
+from ._errors import CloudFailed, CloudRequestError, CloudUnavailable, Overloaded
 
-__all__ = ["TAG_REPLY", "TAG_REQUEST", "CloudClient", "decode_msg", "encode_msg"]
+__all__ = ["TAG_JOIN", "TAG_REPLY", "TAG_REQUEST", "CloudClient", "decode_msg", "encode_msg"]
 
 TAG_REQUEST = 0x7F5101
 TAG_REPLY = 0x7F5102
+TAG_JOIN = 0x7F5103  # a (re)started cloud announces itself to an edge
 
 
 def encode_msg(obj: dict[str, Any]) -> bytes:
@@ -40,18 +47,41 @@ def decode_msg(data: bytes) -> dict[str, Any]:
     return obj
 
 
+def raise_for_error(op: str, reply: dict[str, Any]) -> None:
+    if reply.get("event") != "error":
+        return
+    kind, message = reply.get("kind"), reply.get("message")
+    if kind == "request":
+        raise CloudRequestError(f"the cloud tier refused {op!r}: {message}")
+    if kind == "busy":
+        raise Overloaded(f"the cloud tier is busy: {message}")
+    raise CloudFailed(f"the cloud tier failed {op!r}: {message}")
+
+
 class CloudClient:
     """The edge's handle on the cloud tier: ``call`` (one reply) and ``stream`` (events)."""
 
-    def __init__(self, engine: Any, cloud_address: bytes) -> None:
+    def __init__(self, engine: Any, cloud_address: bytes, *, dead_after: float = 1.5) -> None:
         self.engine = engine
-        self.cloud = bytes(cloud_address)
+        self.cloud = cloud_address
+        self.dead_after = dead_after
+        self.last_heard = 0.0  # monotonic time of the last message from the cloud
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="tf-cloud-rx", daemon=True)
         self._thread.start()
+
+    @property
+    def cloud(self) -> bytes:
+        """The cloud tier's engine address; set it to follow a restarted cloud."""
+        return self._cloud
+
+    @cloud.setter
+    def cloud(self, address: bytes) -> None:
+        self._cloud = bytes(address)
+        self._cloud_id = EngineAddress.from_bytes(self._cloud).engine_id
 
     def _receive(self) -> None:
         while not self._stop.is_set():
@@ -67,10 +97,18 @@ class CloudClient:
                 obj = decode_msg(msg.data)
             except ValueError:
                 continue  # a malformed reply: drop it, its caller times out
+            if EngineAddress.from_bytes(msg.peer).engine_id != self._cloud_id:
+                continue  # a cloud we left (restarted): its late replies are not ours
+            self.last_heard = time.monotonic()
+            ids = obj.get("ids") if obj.get("event") == "alive" else [obj.get("id", -1)]
             with self._lock:
-                q = self._pending.get(obj.get("id", -1))
-            if q is not None:
-                q.put(obj)
+                queues = [self._pending.get(i) for i in ids or ()]
+            for q in queues:
+                if q is not None:
+                    q.put(obj)
+
+    def heard_within(self, seconds: float) -> bool:
+        return time.monotonic() - self.last_heard < seconds
 
     def _open(self) -> tuple[int, queue.Queue[dict[str, Any]]]:
         rid = next(self._ids)
@@ -85,47 +123,61 @@ class CloudClient:
 
     def _send(self, obj: dict[str, Any], timeout: float) -> None:
         try:
-            self.engine.send(self.cloud, encode_msg(obj), tag=TAG_REQUEST, timeout=timeout).wait(
-                timeout + 1.0
-            )
+            self.engine.send(self.cloud, encode_msg(obj), tag=TAG_REQUEST, timeout=timeout).wait(timeout)
         except TensorFabricError as exc:
             raise CloudUnavailable(f"cannot reach the cloud tier: {exc}") from exc
 
+    def _next(self, q: queue.Queue[dict[str, Any]], op: str, deadline: float) -> dict[str, Any]:
+        """The next real event for a request; ``alive`` events only reset the silence timer."""
+        heard = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise Overloaded(f"the cloud tier is alive but did not finish {op!r} in time")
+            # Dead = the whole cloud silent (no keep-alive, pong or token for anyone): a busy
+            # cloud that is slow to name this request is still alive.
+            if now - max(heard, self.last_heard) >= self.dead_after:
+                raise CloudUnavailable(
+                    f"the cloud tier went silent for {self.dead_after:.1f} s during {op!r} "
+                    "(process or connection gone)"
+                )
+            try:
+                ev = q.get(timeout=min(0.2, deadline - now))
+            except queue.Empty:
+                continue
+            heard = time.monotonic()
+            if ev.get("event") != "alive":
+                return ev
+
     def call(self, op: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        """Send ``op`` and wait for its single reply."""
+        """Send ``op`` and wait for its single reply (at most ``timeout`` seconds)."""
         rid, q = self._open()
         try:
             self._send({"id": rid, "op": op, **fields}, timeout)
             try:
-                reply = q.get(timeout=timeout)
-            except queue.Empty:
-                raise CloudUnavailable(
-                    f"the cloud tier did not answer {op!r} within {timeout:.1f} s"
-                ) from None
+                reply = self._next(q, op, time.monotonic() + timeout)
+            except Overloaded:
+                raise CloudUnavailable(f"the cloud tier did not answer {op!r} within {timeout:.1f} s") from None
         finally:
             self._close(rid)
-        if reply.get("event") == "error":
-            raise CloudUnavailable(f"the cloud tier failed {op!r}: {reply.get('message')}")
+        raise_for_error(op, reply)
         return reply
 
     def stream(self, op: str, timeout: float, **fields: Any) -> Iterator[dict[str, Any]]:
-        """Send ``op`` and yield its events until ``done``. ``timeout`` bounds each gap between
-        events; on a gap, an error or an abandoned iterator the cloud is told to cancel."""
+        """Send ``op`` and yield its events until ``done``. ``timeout`` bounds the whole stream
+        while the cloud keeps it alive; silence for ``dead_after`` means the cloud is gone. On
+        an error or an abandoned iterator the cloud is told to cancel."""
         rid, q = self._open()
         finished = False
+        deadline = time.monotonic() + timeout
         try:
-            self._send({"id": rid, "op": op, **fields}, timeout)
+            self._send({"id": rid, "op": op, **fields}, min(timeout, 10.0))
             while True:
-                try:
-                    ev = q.get(timeout=timeout)
-                except queue.Empty:
-                    raise CloudUnavailable(
-                        f"the cloud tier sent nothing for {timeout:.1f} s during {op!r}"
-                    ) from None
+                ev = self._next(q, op, deadline)
                 kind = ev.get("event")
                 if kind == "error":
                     finished = True
-                    raise CloudUnavailable(f"the cloud tier failed {op!r}: {ev.get('message')}")
+                    raise_for_error(op, ev)
                 if kind == "done":
                     finished = True
                 yield ev
@@ -149,7 +201,7 @@ class CloudClient:
     def ping(self, timeout: float) -> bool:
         try:
             return self.call("ping", timeout).get("event") == "pong"
-        except CloudUnavailable:
+        except (CloudUnavailable, Overloaded, CloudRequestError):
             return False
 
     def close(self) -> None:
