@@ -21,6 +21,7 @@ No client request reaches a 500, and none counts against the cloud's health.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -106,18 +107,20 @@ def create_app(
     metrics.cloud_up.set(1 if edge.cloud_available else 0)
     if edge.health is not None:
         edge.health._on_change = lambda up: metrics.cloud_up.set(1 if up else 0)
-    app = FastAPI(title="tensorfabric", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def _lifespan(_app: Any) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        # one worker thread per queued request, so a full queue never starves the health route
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, max_queue + 16)
+        yield
+
+    app = FastAPI(title="tensorfabric", version="0.1.0", lifespan=_lifespan)
     app.state.edge, app.state.metrics = edge, metrics
     inflight = [0]
     models = {model_name: None, f"{model_name}-edge": "edge", f"{model_name}-cloud": "cloud"}
     created = int(time.time())
-
-    @app.on_event("startup")
-    async def _threads() -> None:
-        import anyio.to_thread
-
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, max_queue + 16)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
