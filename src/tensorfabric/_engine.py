@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-import hmac
 import itertools
 import logging
 import os
@@ -20,6 +19,7 @@ import numpy as np
 from . import _auth, _wire as w
 from ._address import EngineAddress
 from ._buffers import Buffer, as_bytes_view
+from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg
 from ._errors import (
     AccessError,
     ClosedError,
@@ -27,6 +27,7 @@ from ._errors import (
     TensorFabricError,
     TransferTimeout,
 )
+from ._inbound import CONTROL_TAG_BASE, Inbound, Message
 from ._ops import DEFAULT_CHUNK, WireOp, coalesce, simple_chunk
 from ._region import KEY_BYTES, Access, MemoryRegion, RegionDescriptor, ShmBacking
 from ._transfer import Transfer
@@ -36,11 +37,7 @@ from .transports._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric")
 
-_U64 = (1 << 64) - 1
-_RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
-#: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
-#: region-open requests), handled by that transport instead of the inbox
-CONTROL_TAG_BASE = 0xFFFF_FFFF_0000_0000
+__all__ = ["CONTROL_TAG_BASE", "Engine", "Message", "ScatterDest"]
 
 
 class ScatterDest(NamedTuple):
@@ -50,14 +47,6 @@ class ScatterDest(NamedTuple):
     src_offset: int
     dst_offset: int
     nbytes: int
-
-
-class Message(NamedTuple):
-    """A two-sided message received with :meth:`Engine.recv`."""
-
-    peer: bytes  #: the sender's address; pass it to ``send`` to answer
-    tag: int
-    data: bytes
 
 
 def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
@@ -72,7 +61,7 @@ def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
         raise ConfigError(f"bad listen address {spec!r}: expected HOST:PORT") from None
 
 
-class Engine:
+class Engine(Inbound):
     """Moves bytes between registered memory regions of this and other engines.
 
     ``secret`` (or ``$TENSORFABRIC_SECRET``) authenticates peers; every engine of a cluster
@@ -365,61 +354,6 @@ class Engine:
         self._submit_control(t, addr, simple_chunk(wop, w.Op.SEND, imm=tagv or 0, payload=payload))
         return t
 
-    def recv_async(self, *, tag: int = 0, timeout: float | None = None) -> Transfer:
-        """A transfer whose ``value`` is the next :class:`Message` with ``tag``."""
-        self._check_open()
-        t = self._new_transfer("recv", 0, 1, timeout, None)
-        with self._inbox_lock:
-            box = self._inbox.get(tag)
-            if box:
-                msg = box.popleft()
-                self._inbox_bytes -= len(msg.data)
-            else:
-                msg = None
-                self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
-        if msg is not None:
-            t._complete(msg)
-        return t
-
-    def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
-        """Wait for the next message with ``tag``; raises TransferTimeout after ``timeout``."""
-        msg: Message = self.recv_async(tag=tag, timeout=timeout).result()
-        return msg
-
-    def expect(self, imm: int, count: int = 1, *, timeout: float | None = None) -> Transfer:
-        """A transfer that completes once ``count`` ops carrying ``imm`` have fully landed here.
-
-        Arrivals before the call are counted too; a completed expect consumes its ``count``.
-        """
-        self._check_open()
-        value = _imm(imm)
-        if value is None or not isinstance(count, int) or count < 1:
-            raise ConfigError("expect needs an immediate value and a count >= 1")
-        t = self._new_transfer("expect", 0, 1, timeout, None)
-        waiter: list[Any] = [count, t, 0]  # wanted, transfer, consumed so far
-        with self._imm_lock:
-            have = self._imm_counts.get(value, 0)
-            ready = have >= count and not self._imm_waiters.get(value)
-            if ready:
-                self._set_count(value, have - count)
-            else:
-                self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
-        if ready:
-            t._part_done()
-            return t
-        self._drain_imm(value)
-
-        def give_back() -> None:  # a timed-out or cancelled expect returns what it consumed
-            with self._imm_lock:
-                q = self._imm_waiters.get(value)
-                if q is not None and waiter in q:
-                    q.remove(waiter)
-                    self._imm_counts[value] += int(waiter[2])
-            self._drain_imm(value)
-
-        t._on_abort(give_back)
-        return t
-
     def connect(self, peer: bytes, *, timeout: float | None = None) -> None:
         """Open every link to ``peer`` now and wait until they are up (ops also connect
         lazily, with the first link at once and the others in the background).
@@ -492,103 +426,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- InboundHandler (called by transports) --------------------------------------------
-
-    def resolve(self, region: int, key: bytes, need: int,
-                table: np.ndarray) -> tuple[int, str, memoryview | None]:
-        r = self._regions.get(region)
-        if r is None or r.closed:
-            return w.Status.NO_REGION, f"region {region} is not registered", None
-        if not hmac.compare_digest(r._key, key):
-            return w.Status.BAD_KEY, f"wrong access key for region {region}", None
-        if need not in (1, 2, 3) or (Access(need) & r.access) != need:
-            what = "write" if need & Access.REMOTE_WRITE else "read"
-            return w.Status.NOT_PERMITTED, f"region {region} does not allow remote {what}", None
-        view = r._view
-        if view is None:
-            return w.Status.NO_REGION, f"region {region} is not registered", None
-        if len(table):
-            size = np.uint64(view.nbytes)
-            off, n = table["offset"], table["length"]
-            if not bool(np.all((off <= size) & (n <= size - np.minimum(off, size)))):
-                return (w.Status.OUT_OF_BOUNDS,
-                        f"access outside region {region} ({view.nbytes} bytes)", None)
-        return w.Status.OK, "", view
-
-    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
-               imm: int | None) -> None:
-        if imm is None:
-            return
-        key = (peer_id, op_id)
-        with self._imm_lock:
-            if key in self._recent:
-                return  # a resent chunk of an op already counted
-            if nchunks > 1:
-                entry = self._partial.get(key)
-                if entry is None:
-                    entry = self._partial[key] = (time.monotonic(), set())
-                entry[1].add(chunk)
-                if len(entry[1]) < nchunks:
-                    return
-                del self._partial[key]
-            self._recent[key] = None
-            if len(self._recent) > _RECENT_OPS:
-                self._recent.popitem(last=False)
-            self._imm_counts[imm] += 1
-        self._drain_imm(imm)
-
-    def _set_count(self, imm: int, n: int) -> None:
-        """Set an immediate's unclaimed count; zero entries are dropped (no growth per imm)."""
-        if n:
-            self._imm_counts[imm] = n
-        else:
-            self._imm_counts.pop(imm, None)
-
-    def _drain_imm(self, imm: int) -> None:
-        done: list[list[Any]] = []
-        with self._imm_lock:
-            q = self._imm_waiters.get(imm)
-            while q:
-                waiter = q[0]
-                have = self._imm_counts.get(imm, 0)
-                take = min(have, waiter[0] - waiter[2])
-                waiter[2] += take
-                self._set_count(imm, have - take)
-                if waiter[2] < waiter[0]:
-                    break
-                q.popleft()
-                done.append(waiter)
-            if q is not None and not q:
-                del self._imm_waiters[imm]
-        give_back = 0
-        for waiter in done:
-            if not waiter[1]._complete(None):
-                give_back += waiter[0]  # it timed out meanwhile: return what it consumed
-        if give_back:
-            with self._imm_lock:
-                self._imm_counts[imm] += give_back
-            self._drain_imm(imm)
-
-    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
-        if tag >= CONTROL_TAG_BASE and self._nixl is not None:
-            return self._nixl.on_control(peer, tag, data)
-        msg = Message(peer.to_bytes(), tag, data)
-        while True:
-            with self._inbox_lock:
-                waiters = self._inbox_waiters.get(tag)
-                t = waiters.popleft() if waiters else None
-                if t is None:
-                    if self._inbox_bytes + len(data) > self._inbox_limit:
-                        return w.Status.INBOX_FULL, (
-                            f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
-                            "it is not calling recv()")
-                    self._inbox.setdefault(tag, collections.deque()).append(msg)
-                    self._inbox_bytes += len(data)
-                    return w.Status.OK, ""
-            if t._complete(msg):
-                return w.Status.OK, ""
-            # that waiter had timed out: offer the message to the next one
 
     # -- internals ------------------------------------------------------------------------
 
@@ -696,48 +533,3 @@ class Engine:
                 if not self._closed:
                     self._timer_cv.wait(wait)
 
-    def _sweep_partial(self, now: float) -> None:
-        with self._imm_lock:
-            stale = [k for k, (t0, _) in self._partial.items() if now - t0 > 600]
-            for k in stale:
-                del self._partial[k]
-
-
-def _nonneg(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-def _imm(value: int | None) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, np.integer)) or not 0 <= value <= _U64:
-        raise ConfigError(f"immediate must be an int in [0, 2**64), got {value!r}")
-    return int(value)
-
-
-def _index_array(name: str, pages: Sequence[int] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(pages)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise ConfigError(f"{name} must be a 1-D sequence of page indices")
-    if arr.size and int(arr.min()) < 0:
-        raise ConfigError(f"{name} has a negative page index")
-    return arr.astype(np.uint64)
-
-
-def _check_range(what: str, offset: int, nbytes: int, size: int) -> None:
-    _nonneg(f"{what} offset", offset)
-    _nonneg("nbytes", nbytes)
-    if offset + nbytes > size:
-        raise ConfigError(f"{what} range [{offset}, {offset + nbytes}) is outside its "
-                          f"{size}-byte buffer", offset=offset, nbytes=nbytes)
-
-
-def _check_dst_range(desc: RegionDescriptor, offset: int, nbytes: int) -> None:
-    _nonneg("dst_offset", offset)
-    _nonneg("nbytes", nbytes)
-    if offset + nbytes > desc.nbytes:
-        raise AccessError(f"write of {nbytes} bytes at {offset} is outside the peer's "
-                          f"{desc.nbytes}-byte region {desc.region_id}", region=desc.region_id,
-                          offset=offset, nbytes=nbytes)

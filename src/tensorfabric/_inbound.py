@@ -1,0 +1,221 @@
+"""The engine's inbound side: the region table check, immediates and the message inbox.
+
+These are the :class:`~.transports._base.InboundHandler` methods the transports call from their
+threads, and the user calls that consume what arrived (``expect``, ``recv``).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import threading
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from . import _wire as w
+from ._address import EngineAddress
+from ._checks import _imm
+from ._errors import ConfigError
+from ._region import Access, MemoryRegion
+from ._transfer import Transfer
+
+if TYPE_CHECKING:
+    from .transports._nixl import NixlTransport
+
+_RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
+#: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
+#: region-open requests), handled by that transport instead of the inbox
+CONTROL_TAG_BASE = 0xFFFF_FFFF_0000_0000
+
+
+class Message(NamedTuple):
+    """A two-sided message received with :meth:`Engine.recv`."""
+
+    peer: bytes  #: the sender's address; pass it to ``send`` to answer
+    tag: int
+    data: bytes
+
+
+class Inbound:
+    """Mixin of :class:`~._engine.Engine`: what peers' operations do here."""
+
+    _regions: dict[int, MemoryRegion]
+    _imm_lock: threading.Lock
+    _imm_counts: collections.Counter[int]
+    _imm_waiters: dict[int, collections.deque[list[Any]]]
+    _partial: dict[tuple[bytes, int], tuple[float, set[int]]]
+    _recent: collections.OrderedDict[tuple[bytes, int], None]
+    _inbox_lock: threading.Lock
+    _inbox: dict[int, collections.deque[Message]]
+    _inbox_waiters: dict[int, collections.deque[Transfer]]
+    _inbox_bytes: int
+    _inbox_limit: int
+    _nixl: NixlTransport | None
+
+    if TYPE_CHECKING:  # provided by Engine
+        def _check_open(self) -> None: ...
+        def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
+                          peer: str | None) -> Transfer: ...
+
+    def recv_async(self, *, tag: int = 0, timeout: float | None = None) -> Transfer:
+        """A transfer whose ``value`` is the next :class:`Message` with ``tag``."""
+        self._check_open()
+        t = self._new_transfer("recv", 0, 1, timeout, None)
+        with self._inbox_lock:
+            box = self._inbox.get(tag)
+            if box:
+                msg = box.popleft()
+                self._inbox_bytes -= len(msg.data)
+            else:
+                msg = None
+                self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
+        if msg is not None:
+            t._complete(msg)
+        return t
+
+    def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
+        """Wait for the next message with ``tag``; raises TransferTimeout after ``timeout``."""
+        msg: Message = self.recv_async(tag=tag, timeout=timeout).result()
+        return msg
+
+    def expect(self, imm: int, count: int = 1, *, timeout: float | None = None) -> Transfer:
+        """A transfer that completes once ``count`` ops carrying ``imm`` have fully landed here.
+
+        Arrivals before the call are counted too; a completed expect consumes its ``count``.
+        """
+        self._check_open()
+        value = _imm(imm)
+        if value is None or not isinstance(count, int) or count < 1:
+            raise ConfigError("expect needs an immediate value and a count >= 1")
+        t = self._new_transfer("expect", 0, 1, timeout, None)
+        waiter: list[Any] = [count, t, 0]  # wanted, transfer, consumed so far
+        with self._imm_lock:
+            have = self._imm_counts.get(value, 0)
+            ready = have >= count and not self._imm_waiters.get(value)
+            if ready:
+                self._set_count(value, have - count)
+            else:
+                self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
+        if ready:
+            t._part_done()
+            return t
+        self._drain_imm(value)
+
+        def give_back() -> None:  # a timed-out or cancelled expect returns what it consumed
+            with self._imm_lock:
+                q = self._imm_waiters.get(value)
+                if q is not None and waiter in q:
+                    q.remove(waiter)
+                    self._imm_counts[value] += int(waiter[2])
+            self._drain_imm(value)
+
+        t._on_abort(give_back)
+        return t
+
+
+    # -- InboundHandler (called by transports) --------------------------------------------
+
+    def resolve(self, region: int, key: bytes, need: int,
+                table: np.ndarray) -> tuple[int, str, memoryview | None]:
+        r = self._regions.get(region)
+        if r is None or r.closed:
+            return w.Status.NO_REGION, f"region {region} is not registered", None
+        if not hmac.compare_digest(r._key, key):
+            return w.Status.BAD_KEY, f"wrong access key for region {region}", None
+        if need not in (1, 2, 3) or (Access(need) & r.access) != need:
+            what = "write" if need & Access.REMOTE_WRITE else "read"
+            return w.Status.NOT_PERMITTED, f"region {region} does not allow remote {what}", None
+        view = r._view
+        if view is None:
+            return w.Status.NO_REGION, f"region {region} is not registered", None
+        if len(table):
+            size = np.uint64(view.nbytes)
+            off, n = table["offset"], table["length"]
+            if not bool(np.all((off <= size) & (n <= size - np.minimum(off, size)))):
+                return (w.Status.OUT_OF_BOUNDS,
+                        f"access outside region {region} ({view.nbytes} bytes)", None)
+        return w.Status.OK, "", view
+
+    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
+               imm: int | None) -> None:
+        if imm is None:
+            return
+        key = (peer_id, op_id)
+        with self._imm_lock:
+            if key in self._recent:
+                return  # a resent chunk of an op already counted
+            if nchunks > 1:
+                entry = self._partial.get(key)
+                if entry is None:
+                    entry = self._partial[key] = (time.monotonic(), set())
+                entry[1].add(chunk)
+                if len(entry[1]) < nchunks:
+                    return
+                del self._partial[key]
+            self._recent[key] = None
+            if len(self._recent) > _RECENT_OPS:
+                self._recent.popitem(last=False)
+            self._imm_counts[imm] += 1
+        self._drain_imm(imm)
+
+    def _set_count(self, imm: int, n: int) -> None:
+        """Set an immediate's unclaimed count; zero entries are dropped (no growth per imm)."""
+        if n:
+            self._imm_counts[imm] = n
+        else:
+            self._imm_counts.pop(imm, None)
+
+    def _drain_imm(self, imm: int) -> None:
+        done: list[list[Any]] = []
+        with self._imm_lock:
+            q = self._imm_waiters.get(imm)
+            while q:
+                waiter = q[0]
+                have = self._imm_counts.get(imm, 0)
+                take = min(have, waiter[0] - waiter[2])
+                waiter[2] += take
+                self._set_count(imm, have - take)
+                if waiter[2] < waiter[0]:
+                    break
+                q.popleft()
+                done.append(waiter)
+            if q is not None and not q:
+                del self._imm_waiters[imm]
+        give_back = 0
+        for waiter in done:
+            if not waiter[1]._complete(None):
+                give_back += waiter[0]  # it timed out meanwhile: return what it consumed
+        if give_back:
+            with self._imm_lock:
+                self._imm_counts[imm] += give_back
+            self._drain_imm(imm)
+
+    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
+        if tag >= CONTROL_TAG_BASE and self._nixl is not None:
+            return self._nixl.on_control(peer, tag, data)
+        msg = Message(peer.to_bytes(), tag, data)
+        while True:
+            with self._inbox_lock:
+                waiters = self._inbox_waiters.get(tag)
+                t = waiters.popleft() if waiters else None
+                if t is None:
+                    if self._inbox_bytes + len(data) > self._inbox_limit:
+                        return w.Status.INBOX_FULL, (
+                            f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
+                            "it is not calling recv()")
+                    self._inbox.setdefault(tag, collections.deque()).append(msg)
+                    self._inbox_bytes += len(data)
+                    return w.Status.OK, ""
+            if t._complete(msg):
+                return w.Status.OK, ""
+            # that waiter had timed out: offer the message to the next one
+
+    def _sweep_partial(self, now: float) -> None:
+        with self._imm_lock:
+            stale = [k for k, (t0, _) in self._partial.items() if now - t0 > 600]
+            for k in stale:
+                del self._partial[k]
+
+
