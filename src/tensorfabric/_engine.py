@@ -148,7 +148,7 @@ class Engine(Inbound):
             self._probe = ShmBacking(16, "tensorfabric-probe")
             probe_nonce = secrets.token_bytes(16)
             self._probe.map[:16] = probe_nonce
-            self._shm = ShmTransport(self._tcp, timeout=connect_timeout)
+            self._shm = ShmTransport(self._tcp, self._shm_grant, timeout=connect_timeout)
         self._nixl: Any = None
         if "nixl" in transports:
             from .transports._nixl import NixlTransport  # ImportError names the extra
@@ -218,9 +218,11 @@ class Engine(Inbound):
         self._check_open()
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ConfigError(f"nbytes must be a non-negative int, got {nbytes!r}")
-        shm = ShmBacking(nbytes, f"tensorfabric-{self.name}")
+        access = Access(access)
+        shm = ShmBacking(nbytes, f"tensorfabric-{self.name}",
+                         read_only_peers=access == Access.REMOTE_READ)
         view = memoryview(shm.map)[:nbytes]
-        return self._add_region(view, Access(access), None, shm)
+        return self._add_region(view, access, None, shm)
 
     def _add_region(self, view: memoryview, access: Access, owner: Any,
                     shm: ShmBacking | None) -> MemoryRegion:
@@ -231,12 +233,23 @@ class Engine(Inbound):
         return region
 
     def unregister(self, region: MemoryRegion) -> None:
-        """Stop remote access to a region; later accesses by peers fail with AccessError."""
+        """Stop remote access to a region; later accesses by peers fail with AccessError.
+
+        Same-host peers that mapped the region's shared memory are told and drop their
+        mappings (this waits, up to ``connect_timeout``, for their copies in flight to end).
+        """
         with self._lock:
             if self._regions.get(region.id) is region:
                 del self._regions[region.id]
+            peers = set(region._shm_peers)
+            region._shm_peers.clear()
         if self._nixl is not None:
             self._nixl.forget_region(region.id)
+        if peers and self._shm is not None:
+            slow = self._shm.grants.revoke(region.id, peers, self._tcp.connect_timeout)
+            if slow:
+                log.warning("%d peer(s) did not confirm dropping region %d's memory",
+                            len(slow), region.id)
         region._release()
 
     # -- ops ------------------------------------------------------------------------------

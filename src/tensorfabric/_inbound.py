@@ -20,9 +20,13 @@ from ._checks import _imm
 from ._errors import ConfigError
 from ._region import Access, MemoryRegion
 from ._transfer import Transfer
+from .transports._shm_grant import GRANT
 
 if TYPE_CHECKING:
     from .transports._nixl import NixlTransport
+    from .transports._shm import ShmTransport
+
+_NO_SEGMENTS = np.zeros(0, dtype=w.SEG_DTYPE)
 
 _RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
 #: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
@@ -53,6 +57,8 @@ class Inbound:
     _inbox_bytes: int
     _inbox_limit: int
     _nixl: NixlTransport | None
+    _shm: ShmTransport | None
+    _lock: threading.Lock
 
     if TYPE_CHECKING:  # provided by Engine
         def _check_open(self) -> None: ...
@@ -137,6 +143,31 @@ class Inbound:
                 return (w.Status.OUT_OF_BOUNDS,
                         f"access outside region {region} ({view.nbytes} bytes)", None)
         return w.Status.OK, "", view
+
+    def shm_open(self, peer_id: bytes, region: int, key: bytes,
+                 need: int) -> tuple[int, str, bytes]:
+        status, text, _ = self.resolve(region, key, need, _NO_SEGMENTS)
+        if status != w.Status.OK:
+            return status, text, b""
+        r = self._regions.get(region)
+        shm = self._shm
+        if r is None or not r.shares_memory or shm is None:
+            return w.Status.NOT_PERMITTED, f"region {region} is not shared through memory", b""
+        ticket = shm.grants.issue(peer_id, region, bool(need & Access.REMOTE_WRITE))
+        return w.Status.OK, "", GRANT.pack(ticket, r.nbytes) + shm.grants.name
+
+    def _shm_grant(self, peer_id: bytes, region: int, writable: bool) -> tuple[int, int] | None:
+        """Open a region's file for a peer that redeemed its ticket, if the region is still
+        registered (checked against the current table) and grants that access."""
+        with self._lock:
+            r = self._regions.get(region)
+            if r is None or r.closed or r._shm is None or not r.shares_memory:
+                return None
+            if writable and r.access != Access.READ_WRITE:
+                return None
+            fd = r._shm.open_for_peer(writable)
+            r._shm_peers.add(peer_id)
+            return fd, r.nbytes
 
     def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
                imm: int | None) -> None:

@@ -33,10 +33,12 @@ class Op(enum.IntEnum):
     READ_RESP = 5  # payload: the bytes read; flags = Status; ext = error text
     SEND = 6  # two-sided message; imm = tag; payload = data
     SHM_OPEN = 7  # ext: key; region = region id; imm = wanted access
-    SHM_OPEN_RESP = 8  # flags = Status; ext = error text
+    SHM_OPEN_RESP = 8  # flags = Status; ext = grant (ticket, size, socket name) or error text
     SHM_DONE = 9  # data already copied through shared memory; ext: key + segment table
     PING = 10
     PONG = 11
+    SHM_REVOKE = 12  # owner -> peer: region (in header) is unregistered; drop its mapping
+    SHM_REVOKED = 13  # peer -> owner: the mapping is gone (op id of the SHM_REVOKE)
 
 
 class Status(enum.IntEnum):

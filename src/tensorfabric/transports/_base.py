@@ -33,6 +33,11 @@ class InboundHandler(Protocol):
     def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
         """A two-sided message arrived. Returns a status (the inbox may be full)."""
 
+    def shm_open(self, peer_id: bytes, region: int, key: bytes,
+                 need: int) -> tuple[int, str, bytes]:
+        """A same-host peer asks for a region's memory: checks key and permission like
+        :meth:`resolve` and returns ``(Status, reason, grant)`` (the SHM_OPEN_RESP body)."""
+
 
 class Transport(ABC):
     """A way to move bytes between this engine and a peer engine.

@@ -129,6 +129,7 @@ class Receiver:
             w.Op.READ_REQ: self._on_read_req,
             w.Op.SHM_OPEN: self._on_shm_open,
             w.Op.PING: self._on_ping,
+            w.Op.SHM_REVOKED: self._on_shm_revoked,
         }
 
     def _ack(self, op_id: int, chunk: int, status: int = 0, text: str = "",
@@ -205,9 +206,13 @@ class Receiver:
                      chunk: int, nchunks: int) -> None:
         if len(ext) != 16 or plen:
             raise ProtocolError("malformed shared-memory open request")
-        empty = np.zeros(0, dtype=w.SEG_DTYPE)
-        status, text, _ = self.t.handler.resolve(region, ext, imm, empty)
-        self._ack(op_id, chunk, status, text, op=w.Op.SHM_OPEN_RESP)
+        status, text, grant = self.t.handler.shm_open(self.peer.engine_id, region, ext, imm)
+        body = grant if status == w.Status.OK else text.encode()[:4000]
+        self.reply([w.pack_header(w.Op.SHM_OPEN_RESP, status, len(body), op_id, 0, 0, 0, chunk,
+                                  chunk + 1) + body])
+
+    def _on_shm_revoked(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
+        self.t.on_shm_revoked(op_id)
 
     def _on_ping(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
         self.reply([w.pack_header(w.Op.PONG, 0, 0, op_id)])
@@ -217,9 +222,10 @@ class Receiver:
     def _dialer_handlers(self) -> dict[int, Callable[..., None]]:
         return {
             w.Op.ACK: self._on_reply,
-            w.Op.SHM_OPEN_RESP: self._on_reply,
+            w.Op.SHM_OPEN_RESP: self._on_shm_open_resp,
             w.Op.READ_RESP: self._on_read_resp,
             w.Op.PONG: lambda *a: None,
+            w.Op.SHM_REVOKE: self._on_shm_revoke,
         }
 
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
@@ -235,6 +241,27 @@ class Receiver:
         c = self._pop_inflight(op_id, chunk)
         if c is not None:
             c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
+
+    def _on_shm_open_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                          imm: int, chunk: int, nchunks: int) -> None:
+        if plen:
+            raise ProtocolError("a shared-memory grant carries no payload")
+        c = self._pop_inflight(op_id, chunk)
+        if c is None:
+            return
+        if flags == w.Status.OK:
+            c.wop.transfer.value = ext  # the grant: ticket, size, the owner's socket
+            c.wop.chunk_replied(w.Status.OK, "", c.region)
+        else:
+            c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
+
+    def _on_shm_revoke(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                       *_: int) -> None:
+        if plen or ext:
+            raise ProtocolError("malformed shared-memory revocation")
+        if self.t.on_shm_revoke is not None:
+            self.t.on_shm_revoke(self.peer.engine_id, region)
+        self.reply([w.pack_header(w.Op.SHM_REVOKED, 0, 0, op_id, region)])
 
     def _on_read_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                       chunk: int, nchunks: int) -> None:

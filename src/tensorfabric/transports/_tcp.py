@@ -83,6 +83,11 @@ class TcpTransport(Transport):
         self._delivered: collections.OrderedDict[tuple[bytes, int], None] = \
             collections.OrderedDict()  # recent (peer, op) of messages, to drop resent copies
         self._closed = False
+        #: shared-memory hooks (set by the shm transport): a peer revoked one of its regions
+        #: that we mapped; a peer acknowledged our revocation; a peer was forgotten
+        self.on_shm_revoke: Callable[[bytes, int], None] | None = None
+        self.on_shm_revoked: Callable[[int], None] = lambda op_id: None
+        self.on_peer_forgotten: list[Callable[[bytes], None]] = []
         self._listeners: list[socket.socket] = []
         self.endpoints: list[tuple[str, int]] = []
         try:
@@ -161,6 +166,14 @@ class TcpTransport(Transport):
     def forget_delivery(self, key: tuple[bytes, int]) -> None:
         with self._lock:
             self._delivered.pop(key, None)
+
+    def accepted_from(self, peer_id: bytes) -> Conn | None:
+        """A live link this peer dialled to us (the way to tell it something unasked)."""
+        with self._lock:
+            for c in self._accepted:
+                if c.alive and c.peer.engine_id == peer_id:
+                    return c
+        return None
 
     def _forget_accepted(self, conn: Conn) -> None:
         with self._lock:
