@@ -290,11 +290,13 @@ class Engine(Inbound):
         page_size = int(page_size)
         ss = page_size if src_stride is None else _nonneg("src_stride", src_stride)
         ds = page_size if dst_stride is None else _nonneg("dst_stride", dst_stride)
-        so = np.uint64(_nonneg("src_offset", src_offset)) + sp * np.uint64(ss)
-        do = np.uint64(_nonneg("dst_offset", dst_offset)) + dp * np.uint64(ds)
+        src_base, dst_base = _nonneg("src_offset", src_offset), _nonneg("dst_offset", dst_offset)
         if len(sp):
-            _check_range("source pages", int(so.max()), page_size, view.nbytes)
-            _check_dst_range(desc, int(do.max()), page_size)
+            # the furthest page, in Python integers: no uint64 wraparound can sneak past
+            _check_range("source pages", src_base + int(sp.max()) * ss, page_size, view.nbytes)
+            _check_dst_range(desc, dst_base + int(dp.max()) * ds, page_size)
+        so = np.uint64(src_base) + sp * np.uint64(ss)
+        do = np.uint64(dst_base) + dp * np.uint64(ds)
         so, do, lens = coalesce(so, do, page_size)
         return self._write(desc, view, so, do, lens, _imm(imm), timeout, "write_pages")
 

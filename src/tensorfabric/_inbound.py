@@ -114,7 +114,8 @@ class Inbound:
                 q = self._imm_waiters.get(value)
                 if q is not None and waiter in q:
                     q.remove(waiter)
-                    self._imm_counts[value] += int(waiter[2])
+                    if waiter[2]:
+                        self._imm_counts[value] += int(waiter[2])
             self._drain_imm(value)
 
         t._on_abort(give_back)
@@ -123,8 +124,8 @@ class Inbound:
 
     # -- InboundHandler (called by transports) --------------------------------------------
 
-    def resolve(self, region: int, key: bytes, need: int,
-                table: np.ndarray) -> tuple[int, str, memoryview | None]:
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray,
+                end: int = 0) -> tuple[int, str, memoryview | None]:
         r = self._regions.get(region)
         if r is None or r.closed:
             return w.Status.NO_REGION, f"region {region} is not registered", None
@@ -136,6 +137,9 @@ class Inbound:
         view = r._view
         if view is None:
             return w.Status.NO_REGION, f"region {region} is not registered", None
+        if end > view.nbytes:  # the whole op, not only this chunk: refused before it lands
+            return (w.Status.OUT_OF_BOUNDS, f"op reaches byte {end}, outside region {region} "
+                    f"({view.nbytes} bytes)", None)
         if len(table):
             size = np.uint64(view.nbytes)
             off, n = table["offset"], table["length"]

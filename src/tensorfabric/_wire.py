@@ -23,18 +23,22 @@ MAX_SEGMENTS = 1 << 16
 MAX_MESSAGE = 64 << 20  # largest send/recv message
 
 SEG_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8")])
+#: what every WRITE / SHM_DONE / READ_REQ ext starts with: the region key and the end (one past
+#: the highest byte) of the whole op, so the owner refuses an op that reaches past its region
+#: before its first chunk lands, whichever chunk arrives first
+OP_HEAD = struct.Struct("<16sQ")
 
 
 class Op(enum.IntEnum):
-    WRITE = 1  # ext: key + segment table; payload: the segments' bytes, concatenated
+    WRITE = 1  # ext: OP_HEAD + segment table; payload: the segments' bytes, concatenated
     IMM = 2  # immediate only (barrier); imm in header
     ACK = 3  # reply to WRITE/IMM/SEND/SHM_DONE chunk; flags = Status; ext = error text
-    READ_REQ = 4  # ext: key + one segment
+    READ_REQ = 4  # ext: OP_HEAD + one segment
     READ_RESP = 5  # payload: the bytes read; flags = Status; ext = error text
     SEND = 6  # two-sided message; imm = tag; payload = data
     SHM_OPEN = 7  # ext: key; region = region id; imm = wanted access
     SHM_OPEN_RESP = 8  # flags = Status; ext = grant (ticket, size, socket name) or error text
-    SHM_DONE = 9  # data already copied through shared memory; ext: key + segment table
+    SHM_DONE = 9  # data already copied through shared memory; ext: OP_HEAD + segment table
     PING = 10
     PONG = 11
     SHM_REVOKE = 12  # owner -> peer: region (in header) is unregistered; drop its mapping

@@ -83,7 +83,7 @@ def main() -> None:
         op = cmd["op"]
         try:
             if op == "write":
-                data = bytes.fromhex(cmd["data"])
+                data = bytes.fromhex(cmd["data"]) * cmd.get("repeat", 1)
                 eng.write(data, _desc(cmd), dst_offset=cmd.get("offset", 0)).wait(10)
                 out: dict = {"ok": True}
             elif op == "read":

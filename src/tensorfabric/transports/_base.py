@@ -18,12 +18,14 @@ class InboundHandler(Protocol):
     Every method is called from a transport thread and must not block on the network.
     """
 
-    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray) -> tuple[int, str, memoryview | None]:
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray,
+                end: int = 0) -> tuple[int, str, memoryview | None]:
         """Check a remote access before any byte lands: returns ``(Status, reason, region view)``.
 
-        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment must lie
-        inside the region and ``need`` (an ``Access`` flag) must be granted, and ``key`` must be
-        the region's key, else a non-OK status and nothing is touched.
+        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment, and the
+        whole op (up to ``end``), must lie inside the region and ``need`` (an ``Access`` flag)
+        must be granted, and ``key`` must be the region's key, else a non-OK status and nothing
+        is touched.
         """
 
     def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int, imm: int | None) -> None:

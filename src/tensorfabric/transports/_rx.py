@@ -138,20 +138,22 @@ class Receiver:
         self.reply([w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext])
 
     @staticmethod
-    def _table(ext: bytes) -> np.ndarray:
-        body = len(ext) - 16
+    def _table(ext: bytes) -> tuple[bytes, int, np.ndarray]:
+        """An op's key, its end and this frame's segment table."""
+        body = len(ext) - w.OP_HEAD.size
         if body < 0 or body % w.SEG_DTYPE.itemsize:
             raise ProtocolError("malformed segment table")
-        return np.frombuffer(ext, dtype=w.SEG_DTYPE, offset=16)
+        key, end = w.OP_HEAD.unpack_from(ext)
+        return key, end, np.frombuffer(ext, dtype=w.SEG_DTYPE, offset=w.OP_HEAD.size)
 
     def _on_write(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
-        table = self._table(ext)
+        key, end, table = self._table(ext)
         is_shm = plen == 0 and len(table) and int(table["length"].sum()) > 0
         total = int(table["length"].sum()) if len(table) else 0
         if not is_shm and total != plen:
             raise ProtocolError(f"segment table says {total} bytes, frame carries {plen}")
-        status, text, view = self.t.handler.resolve(region, ext[:16], Access.REMOTE_WRITE, table)
+        status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_WRITE, table, end)
         if status != w.Status.OK or view is None:
             self._drain(plen)
             self._ack(op_id, chunk, status, text)
@@ -188,10 +190,10 @@ class Receiver:
 
     def _on_read_req(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                      chunk: int, nchunks: int) -> None:
-        table = self._table(ext)
+        key, end, table = self._table(ext)
         if len(table) != 1 or plen:
             raise ProtocolError("a read request names exactly one segment and carries no payload")
-        status, text, view = self.t.handler.resolve(region, ext[:16], Access.REMOTE_READ, table)
+        status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_READ, table, end)
         if status != w.Status.OK or view is None:
             self._ack(op_id, chunk, status, text, op=w.Op.READ_RESP)
             return

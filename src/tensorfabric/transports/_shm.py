@@ -241,7 +241,7 @@ class ShmTransport(Transport):
         srcarr = np.frombuffer(src, dtype=np.uint8)
 
         def notify() -> None:
-            ext = desc.key + w.segments_table(dst_off, lengths)
+            ext = w.OP_HEAD.pack(desc.key, end) + w.segments_table(dst_off, lengths)
             chunk = simple_chunk(wop, w.Op.SHM_DONE, region=desc.region_id, imm=imm or 0,
                                  flags=w.FLAG_IMM if imm is not None else 0, ext=ext)
             self.tcp.submit(peer, [chunk])
