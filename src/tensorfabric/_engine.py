@@ -73,6 +73,12 @@ class Engine(Inbound):
     peers' shared-memory regions, ``"tcp"`` for everything else; ``"nixl"`` adds NVIDIA NIXL
     for peers that have it too, configured by the ``nixl`` options, see ``docs/nixl.md``).
     ``timeout`` is the default deadline (seconds) of every operation.
+
+    Every tcp frame carries a MAC under a key of its link (``integrity``, on by default): a
+    relay without the secret cannot change, replay, reorder or splice frames. Turn it off
+    (``integrity=False``) only on a fabric you trust, on every engine: it stays on for a link
+    if either end wants it. With TLS (``tls_server`` / ``tls_client``) the secret check is bound
+    to the TLS channel and TLS carries integrity instead. See ``docs/architecture.md``.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class Engine(Inbound):
         inbox_bytes: int = 256 << 20,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
+        integrity: bool = True,
         nixl: Mapping[str, Any] | None = None,
     ) -> None:
         secret_bytes = _auth.resolve_secret(secret)
@@ -121,6 +128,7 @@ class Engine(Inbound):
         self._imm_counts: collections.Counter[int] = collections.Counter()
         self._imm_waiters: dict[int, collections.deque[list[Any]]] = {}
         self._partial: dict[tuple[bytes, int], tuple[float, set[int]]] = {}
+        self._partial_per_peer: collections.Counter[bytes] = collections.Counter()
         self._recent: collections.OrderedDict[tuple[bytes, int], None] = collections.OrderedDict()
         self._inbox_lock = threading.Lock()
         self._inbox: dict[int, collections.deque[Message]] = {}
@@ -139,7 +147,7 @@ class Engine(Inbound):
             engine_id=self._id, secret=secret_bytes, handler=self, listen=endpoints,
             link_addrs=link_addrs, connect_timeout=connect_timeout, link_timeout=link_timeout,
             reconnect_grace=reconnect_grace, tls_server=tls_server, tls_client=tls_client,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=chunk_bytes, integrity=bool(integrity),
         )
         self._shm: ShmTransport | None = None
         self._probe: ShmBacking | None = None

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 _NO_SEGMENTS = np.zeros(0, dtype=w.SEG_DTYPE)
 
 _RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
+#: bounds on what peers can leave behind: different immediates counted but not yet expected,
+#: and multi-chunk ops with an immediate whose other chunks have not come (per peer)
+MAX_IMM_VALUES = 1 << 16
+MAX_PARTIAL_PER_PEER = 4096
+_OK = (0, "")
 #: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
 #: region-open requests), handled by that transport instead of the inbox
 CONTROL_TAG_BASE = 0xFFFF_FFFF_0000_0000
@@ -50,6 +55,7 @@ class Inbound:
     _imm_counts: collections.Counter[int]
     _imm_waiters: dict[int, collections.deque[list[Any]]]
     _partial: dict[tuple[bytes, int], tuple[float, set[int]]]
+    _partial_per_peer: collections.Counter[bytes]
     _recent: collections.OrderedDict[tuple[bytes, int], None]
     _inbox_lock: threading.Lock
     _inbox: dict[int, collections.deque[Message]]
@@ -174,26 +180,50 @@ class Inbound:
             return fd, r.nbytes
 
     def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
-               imm: int | None) -> None:
+               imm: int | None) -> tuple[int, str]:
         if imm is None:
-            return
+            return _OK
         key = (peer_id, op_id)
         with self._imm_lock:
             if key in self._recent:
-                return  # a resent chunk of an op already counted
+                return _OK  # a resent chunk of an op already counted
+            if imm not in self._imm_counts and len(self._imm_counts) >= MAX_IMM_VALUES:
+                return w.Status.INBOX_FULL, (
+                    f"{MAX_IMM_VALUES} different immediates are waiting for expect(): this "
+                    "one is refused")
             if nchunks > 1:
                 entry = self._partial.get(key)
                 if entry is None:
+                    if self._partial_per_peer[peer_id] >= MAX_PARTIAL_PER_PEER:
+                        return w.Status.INBOX_FULL, (
+                            f"{MAX_PARTIAL_PER_PEER} multi-chunk ops with an immediate are "
+                            "unfinished from this peer")
                     entry = self._partial[key] = (time.monotonic(), set())
-                entry[1].add(chunk)
+                    self._partial_per_peer[peer_id] += 1
+                if nchunks > len(entry[1]):
+                    entry[1].add(chunk)
                 if len(entry[1]) < nchunks:
-                    return
-                del self._partial[key]
+                    return _OK
+                self._drop_partial(key)
             self._recent[key] = None
             if len(self._recent) > _RECENT_OPS:
                 self._recent.popitem(last=False)
             self._imm_counts[imm] += 1
         self._drain_imm(imm)
+        return _OK
+
+    def _drop_partial(self, key: tuple[bytes, int]) -> None:
+        """Forget an unfinished op (the imm lock is held)."""
+        if self._partial.pop(key, None) is not None:
+            self._partial_per_peer[key[0]] -= 1
+            if self._partial_per_peer[key[0]] <= 0:
+                del self._partial_per_peer[key[0]]
+
+    def forget_partials(self, peer_id: bytes) -> None:
+        """A peer is gone: its unfinished ops will never finish."""
+        with self._imm_lock:
+            for key in [k for k in self._partial if k[0] == peer_id]:
+                self._drop_partial(key)
 
     def _set_count(self, imm: int, n: int) -> None:
         """Set an immediate's unclaimed count; zero entries are dropped (no growth per imm)."""
@@ -227,8 +257,22 @@ class Inbound:
                 self._imm_counts[imm] += give_back
             self._drain_imm(imm)
 
-    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
+    def reserve_inbox(self, nbytes: int) -> bool:
+        with self._inbox_lock:
+            if self._inbox_bytes + nbytes > self._inbox_limit:
+                return False
+            self._inbox_bytes += nbytes
+            return True
+
+    def release_inbox(self, nbytes: int) -> None:
+        if nbytes:
+            with self._inbox_lock:
+                self._inbox_bytes -= nbytes
+
+    def deliver(self, peer: EngineAddress, tag: int, data: bytes,
+                reserved: int = 0) -> tuple[int, str]:
         if tag >= CONTROL_TAG_BASE and self._nixl is not None:
+            self.release_inbox(reserved)
             return self._nixl.on_control(peer, tag, data)
         msg = Message(peer.to_bytes(), tag, data)
         while True:
@@ -236,21 +280,22 @@ class Inbound:
                 waiters = self._inbox_waiters.get(tag)
                 t = waiters.popleft() if waiters else None
                 if t is None:
-                    if self._inbox_bytes + len(data) > self._inbox_limit:
+                    if not reserved and self._inbox_bytes + len(data) > self._inbox_limit:
                         return w.Status.INBOX_FULL, (
                             f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
                             "it is not calling recv()")
                     self._inbox.setdefault(tag, collections.deque()).append(msg)
-                    self._inbox_bytes += len(data)
-                    return w.Status.OK, ""
+                    self._inbox_bytes += len(data) - reserved
+                    return _OK
             if t._complete(msg):
-                return w.Status.OK, ""
+                self.release_inbox(reserved)
+                return _OK
             # that waiter had timed out: offer the message to the next one
 
     def _sweep_partial(self, now: float) -> None:
         with self._imm_lock:
             stale = [k for k, (t0, _) in self._partial.items() if now - t0 > 600]
             for k in stale:
-                del self._partial[k]
+                self._drop_partial(k)
 
 

@@ -9,9 +9,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._address import EngineAddress
 from .._ops import Chunk
-from ._handshake import IOV_MAX
+from ._handshake import IOV_MAX, Session
 from ._rx import Receiver
 
 if TYPE_CHECKING:
@@ -22,14 +21,17 @@ if TYPE_CHECKING:
 class Conn(Receiver):
     """One authenticated TCP connection (a link) and its two threads."""
 
-    def __init__(self, transport: TcpTransport, sock: socket.socket, *, dialer: bool,
-                 peer: EngineAddress, index: int, peer_links: PeerLinks | None) -> None:
+    def __init__(self, transport: TcpTransport, session: Session, *, dialer: bool,
+                 peer_links: PeerLinks | None) -> None:
         self.t = transport
-        self.sock = sock
+        self.sock = sock = session.sock
         self.dialer = dialer
-        self.peer = peer
-        self.peer_name = str(peer)
-        self.index = index
+        self.peer = session.peer
+        self.peer_name = str(session.peer)
+        self.index = session.link
+        self.tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
+        self.rx = session.rx
+        self._pmac: Any = None  # the MAC of the payload being received
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.cond = peer_links.cond if peer_links is not None else threading.Condition()
@@ -57,6 +59,8 @@ class Conn(Receiver):
         if self.tail:
             tail, self.tail = self.tail, b""
             sock.sendall(tail)
+        if self.tx is not None and bufs:
+            bufs = self.tx.seal(bufs)
         if self.tls:
             for b in bufs:
                 sock.sendall(b)
@@ -87,9 +91,13 @@ class Conn(Receiver):
                 self.tail = self.tail[n:]
                 if self.tail:
                     return False
+            if self.tx is not None:
+                data = b"".join(self.tx.seal([data]))
             try:
                 n = self.sock.send(data, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            except OSError:
+                if self.tx is not None:
+                    self.tx.seq -= 1  # not sent: the writer sends it with this number
                 return False
             if n < len(data):
                 self.tail = data[n:]  # the writer finishes it before anything else

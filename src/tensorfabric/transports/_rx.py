@@ -21,6 +21,7 @@ from .._errors import ProtocolError
 from .._ops import Chunk
 from .._region import Access
 from ._handshake import IOV_MAX, _PeerGone
+from ._integrity import TAG, FrameMac
 
 if TYPE_CHECKING:
     from ._tcp import TcpTransport
@@ -42,6 +43,8 @@ class Receiver:
     replies: collections.deque[list[Any]]
     inflight: dict[tuple[int, int], Chunk]
     last_rx: float
+    rx: FrameMac | None
+    _pmac: Any
 
     if TYPE_CHECKING:  # provided by Conn
         def fail(self, exc: BaseException | None = None) -> None: ...
@@ -50,18 +53,22 @@ class Receiver:
 
     def _recv_into(self, view: memoryview) -> None:
         sock = self.sock
+        whole = view
         while view:
             n = sock.recv_into(view)
             if n == 0:
                 raise _PeerGone("peer closed the connection")
             self.last_rx = time.monotonic()
             view = view[n:]
+        if self._pmac is not None:
+            self._pmac.update(whole)
 
     def _recv_many(self, views: list[memoryview]) -> None:
         if self.tls or len(views) == 1:
             for v in views:
                 self._recv_into(v)
             return
+        whole = list(views) if self._pmac is not None else None
         sock = self.sock
         i = 0
         while i < len(views):
@@ -74,6 +81,9 @@ class Receiver:
                 i += 1
             if n:
                 views[i] = views[i][n:]
+        if whole is not None:
+            for v in whole:
+                self._pmac.update(v)
 
     def _drain(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 20)))
@@ -82,10 +92,23 @@ class Receiver:
             self._recv_into(scratch[:k])
             n -= k
 
+    def _end_payload(self) -> None:
+        """The payload is in: check its MAC before anything acts on it (ack, count, deliver)."""
+        mac = self._pmac
+        if mac is None:
+            return
+        self._pmac = None
+        tag = bytearray(TAG)
+        self._recv_into(memoryview(tag))
+        if not FrameMac.same(mac.finalize(), tag):
+            raise ProtocolError("a frame's payload failed its integrity check (changed on the "
+                                "way, or a relay without the secret)")
+
     def _recv_loop(self) -> None:
         header = bytearray(w.HEADER_SIZE)
         hview = memoryview(header)
         handlers = self._dialer_handlers() if self.dialer else self._acceptor_handlers()
+        rx = self.rx
         try:
             while True:
                 self._recv_into(hview)
@@ -102,11 +125,23 @@ class Receiver:
                     raise ProtocolError(f"unexpected frame type {op} on a "
                                         f"{'dialled' if self.dialer else 'accepted'} link")
                 ext = b""
-                if ext_len:
+                if rx is not None:  # ext and tag in one read; checked before anything acts
+                    buf = bytearray(ext_len + TAG)
+                    self._recv_into(memoryview(buf))
+                    ext = bytes(buf[:ext_len])
+                    d = rx.head(header + ext)
+                    if not FrameMac.same(d[:TAG], buf[ext_len:]):
+                        raise ProtocolError("a frame failed its integrity check (changed, "
+                                            "replayed, reordered or spliced on the way)")
+                    if plen:
+                        self._pmac = rx.payload(d, plen)
+                elif ext_len:
                     ext_buf = bytearray(ext_len)
                     self._recv_into(memoryview(ext_buf))
                     ext = bytes(ext_buf)
                 handler(flags, ext, op_id, region, plen, imm, chunk, nchunks)
+                if self._pmac is not None:
+                    raise ProtocolError(f"frame type {op}: payload not checked")  # a bug
         except ProtocolError as exc:
             log.warning("closing link %d with %s: %s", self.index, self.peer_name, exc)
             self.fail(exc)
@@ -156,37 +191,66 @@ class Receiver:
         status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_WRITE, table, end)
         if status != w.Status.OK or view is None:
             self._drain(plen)
+            self._end_payload()
             self._ack(op_id, chunk, status, text)
             return
         if plen:
             offs = table["offset"].tolist()
             lens = table["length"].tolist()
             self._recv_many([view[o:o + n] for o, n in zip(offs, lens) if n])
-        self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
-                              imm if flags & w.FLAG_IMM else None)
-        self._ack(op_id, chunk)
+            self._end_payload()
+        status, text = self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
+                                             imm if flags & w.FLAG_IMM else None)
+        self._ack(op_id, chunk, status, text)
 
     def _on_imm(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                 chunk: int, nchunks: int) -> None:
         self._drain(plen)
-        self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks, imm)
-        self._ack(op_id, chunk)
+        self._end_payload()
+        status, text = self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks, imm)
+        self._ack(op_id, chunk, status, text)
 
     def _on_send(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                  chunk: int, nchunks: int) -> None:
         if plen > w.MAX_MESSAGE:
             raise ProtocolError(f"message of {plen} bytes exceeds {w.MAX_MESSAGE}")
-        data = bytearray(plen)
-        self._recv_into(memoryview(data))
+        handler = self.t.handler
+        # counted against the inbox before a byte is allocated, and allocated as it arrives
+        if not handler.reserve_inbox(plen):
+            self._drain(plen)
+            self._end_payload()
+            self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox is full: it is "
+                      "not calling recv()")
+            return
+        try:
+            data = self._recv_growing(plen)
+            self._end_payload()
+        except BaseException:
+            handler.release_inbox(plen)
+            raise
         key = (self.peer.engine_id, op_id)
         if not self.t.first_delivery(key):
             # resent after a link failure that lost only the acknowledgement: delivered once
+            handler.release_inbox(plen)
             self._ack(op_id, chunk)
             return
-        status, text = self.t.handler.deliver(self.peer, imm, bytes(data))
+        status, text = handler.deliver(self.peer, imm, data, reserved=plen)
         if status != w.Status.OK:
             self.t.forget_delivery(key)  # the sender fails it; a retry is a new message
         self._ack(op_id, chunk, status, text)
+
+    def _recv_growing(self, n: int) -> bytes:
+        """Receive ``n`` bytes into memory that grows (doubling) as they arrive, so a header
+        that claims much and sends little costs little."""
+        buf = bytearray(min(n, 1 << 20))
+        got = 0
+        while got < n:
+            if got == len(buf):
+                buf.extend(bytes(min(n - got, len(buf))))
+            with memoryview(buf) as mv:
+                self._recv_into(mv[got:])
+            got = len(buf)
+        return bytes(buf)
 
     def _on_read_req(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                      chunk: int, nchunks: int) -> None:
@@ -240,6 +304,7 @@ class Receiver:
     def _on_reply(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
         self._drain(plen)
+        self._end_payload()
         c = self._pop_inflight(op_id, chunk)
         if c is not None:
             c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
@@ -267,9 +332,12 @@ class Receiver:
 
     def _on_read_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                       chunk: int, nchunks: int) -> None:
-        c = self._pop_inflight(op_id, chunk)
+        with self.cond:  # popped only once the payload checked out (else it is resent)
+            c = self.inflight.get((op_id, chunk))
         if c is None or c.dst is None or flags != w.Status.OK:
             self._drain(plen)
+            self._end_payload()
+            c = self._pop_inflight(op_id, chunk)
             if c is not None:
                 c.wop.chunk_replied(flags or w.Status.ERROR, ext.decode(errors="replace"),
                                     c.region)
@@ -280,5 +348,7 @@ class Receiver:
             self._recv_into(c.dst)
         else:
             self._drain(plen)
-        c.wop.chunk_replied(w.Status.OK, "", c.region)
+        self._end_payload()
+        if self._pop_inflight(op_id, chunk) is not None:
+            c.wop.chunk_replied(w.Status.OK, "", c.region)
 

@@ -23,6 +23,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -34,11 +35,14 @@ from .._ops import DEFAULT_CHUNK, Chunk, WireOp, read_chunks, write_chunks
 from .._region import RegionDescriptor
 from . import _handshake
 from ._base import InboundHandler, Transport
+from ._gate import PreAuthGate
 from ._handshake import _HELLO, _REPLY, _PeerGone
 from ._link import Conn
 from ._peers import PeerLinks
 
 log = logging.getLogger("tensorfabric.tcp")
+
+MAX_LINKS_PER_PEER = 256  # links one authenticated peer may hold open to us at once
 
 
 class TcpTransport(Transport):
@@ -62,6 +66,7 @@ class TcpTransport(Transport):
         tls_client: ssl.SSLContext | None = None,
         chunk_bytes: int = DEFAULT_CHUNK,
         window: int = 4,
+        integrity: bool = True,
     ) -> None:
         self.engine_id = engine_id
         self.window = window  # chunks in flight (sent, not acknowledged) per link
@@ -76,7 +81,10 @@ class TcpTransport(Transport):
         self.reconnect_grace = reconnect_grace
         self.tls_server = tls_server
         self.tls_client = tls_client
+        self.integrity = integrity  # frame MACs (off only when every engine turns them off)
+        self.gate = PreAuthGate(connect_timeout)
         self.address: EngineAddress | None = None  # set by the engine once endpoints are known
+        self.address_bytes = b""
         self._lock = threading.Lock()
         self._peers: dict[bytes, PeerLinks] = {}
         self._accepted: set[Conn] = set()
@@ -102,6 +110,7 @@ class TcpTransport(Transport):
 
     def start(self, address: EngineAddress) -> None:
         self.address = address
+        self.address_bytes = address.to_bytes()
         for ls in self._listeners:
             self._spawn(self._accept_loop, ls)
 
@@ -113,27 +122,53 @@ class TcpTransport(Transport):
     # -- connection setup ---------------------------------------------------------------
 
     def _accept_loop(self, ls: socket.socket) -> None:
+        """Accept forever: a full fd table, a failed thread start or a bug backs off and
+        retries (logged), it never ends the loop; only close() does."""
+        backoff = 0.01
         while not self._closed:
             try:
-                sock, _ = ls.accept()
-            except OSError:
-                return
-            self._spawn(self._handshake_accept, sock)
+                sock, addr = ls.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("accepting a connection failed (%s); retrying in %.2f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            backoff = 0.01
+            try:
+                src = str(addr[0]) if isinstance(addr, tuple) else "?"
+                deadline = self.gate.admit(sock, src)
+                if deadline is None:
+                    sock.close()
+                    continue
+                self._spawn(self._handshake_accept, sock, src, deadline)
+            except Exception:  # e.g. no thread could be started: drop this one, keep going
+                log.exception("could not start a handshake")
+                self.gate.done(sock)
+                sock.close()
 
-    def _handshake_accept(self, sock: socket.socket) -> None:
+    def _handshake_accept(self, sock: socket.socket, src: str, deadline: float) -> None:
+        raw = sock
         try:
-            sock, peer, index = _handshake.accept(self, sock)
-        except (OSError, _PeerGone, TensorFabricError, struct.error) as exc:
-            log.warning("rejected incoming connection: %s", exc)
+            session = _handshake.accept(self, sock, deadline, src)
+        except Exception as exc:  # noqa: BLE001 - whatever an unauthenticated peer caused
+            if not isinstance(exc, (OSError, _PeerGone, TensorFabricError, struct.error)):
+                log.exception("handshake with %s failed unexpectedly", src)
+            else:
+                log.warning("rejected incoming connection from %s: %s", src, exc)
+            self.gate.done(raw)
             try:
                 sock.close()
             except OSError:
                 pass
             return
-        conn = Conn(self, sock, dialer=False, peer=peer, index=index, peer_links=None)
+        self.gate.done(raw)
+        conn = Conn(self, session, dialer=False, peer_links=None)
         with self._lock:
-            if self._closed:
-                sock.close()
+            mine = sum(1 for c in self._accepted if c.peer.engine_id == session.peer.engine_id)
+            if self._closed or mine >= MAX_LINKS_PER_PEER:
+                session.sock.close()
                 return
             self._accepted.add(conn)
         conn.start()
@@ -141,8 +176,7 @@ class TcpTransport(Transport):
     def _dial(self, peer: EngineAddress, i: int, links: PeerLinks) -> Conn:
         if self._closed:
             raise ClosedError("engine is closed")
-        sock = _handshake.dial(self, peer, i)
-        return Conn(self, sock, dialer=True, peer=peer, index=i, peer_links=links)
+        return Conn(self, _handshake.dial(self, peer, i), dialer=True, peer_links=links)
 
     def peer_links(self, peer: EngineAddress) -> PeerLinks:
         with self._lock:
@@ -201,6 +235,7 @@ class TcpTransport(Transport):
         links.submit(chunks)
 
     def tick(self, now: float) -> None:
+        self.gate.reap(now)
         with self._lock:
             peers = list(self._peers.values())
         for links in peers:
@@ -225,6 +260,7 @@ class TcpTransport(Transport):
             except OSError:
                 pass
             ls.close()
+        self.gate.close()
         err = ClosedError("engine closed")
         for c in accepted:
             c.flush_replies(0.5)
