@@ -170,6 +170,7 @@ class Engine(Inbound):
                 if self._probe is not None:
                     self._probe.close()
                 raise
+        self._tcp.on_peer_forgotten.append(self._forget_peer)
         self._address = EngineAddress(
             engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),
             host_id=host_id(), pid=os.getpid(),
@@ -452,6 +453,16 @@ class Engine(Inbound):
 
     # -- internals ------------------------------------------------------------------------
 
+    def _forget_peer(self, peer_id: bytes) -> None:
+        """A peer gone past its grace: drop everything kept for it."""
+        self.forget_partials(peer_id)
+        with self._lock:
+            for r in self._regions.values():
+                r._shm_peers.discard(peer_id)
+            stale = [k for k, a in self._addresses.items() if a.engine_id == peer_id]
+            for k in stale:
+                del self._addresses[k]
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("engine is closed")
@@ -475,6 +486,8 @@ class Engine(Inbound):
         addr = self._addresses.get(address)
         if addr is None:
             addr = EngineAddress.from_bytes(address)
+            if len(self._addresses) >= 4096:
+                self._addresses.clear()  # a cache: bounded, whatever the callers pass
             self._addresses[bytes(address)] = addr
         return addr
 

@@ -53,8 +53,15 @@ class PeerLinks:
             return
         try:
             self._dial(0, timeout)
-        except (OSError, _PeerGone) as exc:
-            raise BrokenError(f"cannot reach peer {self.name}: {exc}", peer=self.name) from exc
+        except BaseException as exc:
+            with self.cond:  # never reached: forgotten after the grace like a lost peer
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                self.last_error = exc
+            if isinstance(exc, (OSError, _PeerGone)):
+                raise BrokenError(f"cannot reach peer {self.name}: {exc}",
+                                  peer=self.name) from exc
+            raise
         for i in range(1, len(self.conns)):
             self._dial_later(i, 0.0)
 
@@ -163,6 +170,9 @@ class PeerLinks:
         err.__cause__ = self.last_error
         for chunk in queued:
             chunk.wop.transfer._fail(err)
+        # gone past its grace: forget it (no redials, no threads, its mappings released); a
+        # later op to it starts afresh and fails at once if it is still unreachable
+        self.t.forget_links(self, err)
 
     def close(self, error: BaseException) -> None:
         self.closed = True

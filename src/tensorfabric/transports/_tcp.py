@@ -88,6 +88,8 @@ class TcpTransport(Transport):
         self._lock = threading.Lock()
         self._peers: dict[bytes, PeerLinks] = {}
         self._accepted: set[Conn] = set()
+        #: peers whose last accepted link closed, and when (forgotten after a grace)
+        self._gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._delivered: collections.OrderedDict[tuple[bytes, int], None] = \
             collections.OrderedDict()  # recent (peer, op) of messages, to drop resent copies
         self._closed = False
@@ -201,6 +203,25 @@ class TcpTransport(Transport):
         with self._lock:
             self._delivered.pop(key, None)
 
+    def forget_links(self, links: PeerLinks, error: BaseException) -> None:
+        """Drop a peer gone past its grace; tell the listeners (shm mappings, the engine)."""
+        with self._lock:
+            if self._peers.get(links.peer.engine_id) is not links:
+                return
+            del self._peers[links.peer.engine_id]
+        links.close(error)
+        self._peer_gone(links.peer.engine_id)
+
+    def _peer_gone(self, peer_id: bytes) -> None:
+        with self._lock:
+            if peer_id in self._peers or any(c.peer.engine_id == peer_id for c in self._accepted):
+                return  # still linked one way or the other
+        for hook in list(self.on_peer_forgotten):
+            try:
+                hook(peer_id)
+            except Exception:
+                log.exception("forgetting peer failed")
+
     def accepted_from(self, peer_id: bytes) -> Conn | None:
         """A live link this peer dialled to us (the way to tell it something unasked)."""
         with self._lock:
@@ -212,6 +233,11 @@ class TcpTransport(Transport):
     def _forget_accepted(self, conn: Conn) -> None:
         with self._lock:
             self._accepted.discard(conn)
+            pid = conn.peer.engine_id
+            if not any(c.peer.engine_id == pid for c in self._accepted):
+                self._gone[pid] = time.monotonic()  # forgotten unless it links again in time
+                while len(self._gone) > 1 << 16:
+                    self._gone.popitem(last=False)
 
     # -- Transport ----------------------------------------------------------------------
 
@@ -238,8 +264,14 @@ class TcpTransport(Transport):
         self.gate.reap(now)
         with self._lock:
             peers = list(self._peers.values())
+            grace = self.reconnect_grace + self.link_timeout + self.connect_timeout
+            gone = [p for p, t0 in self._gone.items() if now - t0 > grace]
+            for p in gone:
+                del self._gone[p]
         for links in peers:
             links.tick(now)
+        for p in gone:
+            self._peer_gone(p)
 
     def link_stats(self) -> dict[str, list[int]]:
         with self._lock:
