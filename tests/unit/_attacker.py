@@ -1,7 +1,8 @@
 """A second process for the security tests: an engine with the secret that does what it is
 told on stdin (one JSON command a line) and answers one JSON line each.
 
-Run as ``python _attacker.py SECRET``. Commands: ``write``, ``read``, ``maps``, ``grab``.
+Run as ``python _attacker.py SECRET [JSON engine options]``. Commands: ``write``, ``read``,
+``maps``, ``grab``, ``alloc``, ``register``, ``address``, ``stats``, ``quit``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import resource
 import sys
+import threading
 
 import tensorfabric as tf
 from tensorfabric import _wire as w
@@ -75,8 +78,24 @@ def _writable(fd: int) -> bool:
     return (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) == os.O_RDWR
 
 
+def _stats(eng: tf.Engine) -> dict:
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t = eng._tcp
+    return {"threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")),
+            "rss": rss, "peers": len(t._peers), "accepted": len(t._accepted),
+            "pending": t.gate.pending(), "maps": len(eng._shm._maps) if eng._shm else 0,
+            "partials": len(eng._partial), "imm": len(eng._imm_counts),
+            "inbox": eng._inbox_bytes, "gone": len(t._gone)}
+
+
 def main() -> None:
-    eng = tf.Engine(sys.argv[1], name="attacker")
+    opts = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    nofile = opts.pop("nofile", None)
+    eng = tf.Engine(sys.argv[1], name="attacker", **opts)
+    if nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    regions: list = []
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -94,6 +113,18 @@ def main() -> None:
                 out = {"ok": True, "maps": len(eng._shm._maps) if eng._shm else 0}
             elif op == "grab":
                 out = {"ok": True, **_grab(eng, cmd)}
+            elif op in ("alloc", "register"):
+                acc = tf.Access(cmd.get("access", 3))
+                r = (eng.alloc(cmd["n"], acc) if op == "alloc"
+                     else eng.register(bytearray(cmd["n"]), acc))
+                regions.append(r)
+                out = {"ok": True, "desc": r.descriptor().to_bytes().hex()}
+            elif op == "head":
+                out = {"ok": True, "data": bytes(regions[cmd["i"]].array[:cmd["n"]]).hex()}
+            elif op == "address":
+                out = {"ok": True, "address": eng.address.hex()}
+            elif op == "stats":
+                out = {"ok": True, **_stats(eng)}
             elif op == "quit":
                 break
             else:

@@ -34,11 +34,12 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 class RawPeer:
     def __init__(self, target: tf.Engine | bytes, secret: str, *, integrity: bool = True,
                  engine_id: bytes = b"R" * 16, address: bytes | None = None, link: int = 0,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, source: str | None = None) -> None:
         addr = EngineAddress.from_bytes(target.address if isinstance(target, tf.Engine)
                                         else target)
         me = address or EngineAddress(engine_id, "raw", (("127.0.0.1", 1),)).to_bytes()
-        self.sock = socket.create_connection(addr.endpoints[0], timeout=timeout)
+        self.sock = socket.create_connection(addr.endpoints[0], timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         flags = (F_INTEGRITY if integrity else 0) | (F_POLY1305 if HAVE_POLY1305 else 0)
         hello = _HELLO.pack(_MAGIC, engine_id, addr.engine_id, _auth.new_nonce(), link, flags,
                             len(me))
@@ -49,6 +50,7 @@ class RawPeer:
         self.sock.sendall(proof)
         verdict, their_proof = _VERDICT.unpack(recv_exact(self.sock, _VERDICT.size))
         self.ok = verdict == b"OK\0\0" and their_proof == their
+        self.verdict, self.their_proof = verdict, their_proof
         self.tx = self.rx = None
         if mode & F_INTEGRITY:
             poly = bool(mode & F_POLY1305)

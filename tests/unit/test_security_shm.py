@@ -24,10 +24,13 @@ ATTACKER = Path(__file__).with_name("_attacker.py")
 
 
 class Attacker:
-    def __init__(self) -> None:
+    """An engine in another process (see ``_attacker.py``), driven one command at a time."""
+
+    def __init__(self, **opts: object) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.p = subprocess.Popen([sys.executable, str(ATTACKER), SECRET], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=env)
+        self.p = subprocess.Popen([sys.executable, str(ATTACKER), SECRET, json.dumps(opts)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=env)
         assert self._line() == {"ready": True}
 
     def _line(self) -> dict:
@@ -36,11 +39,12 @@ class Attacker:
         assert line, "the attacker process died"
         return json.loads(line)
 
-    def __call__(self, op: str, desc: tf.RegionDescriptor | None = None, **kw: object) -> dict:
+    def __call__(self, op: str, desc: tf.RegionDescriptor | str | None = None,
+                 **kw: object) -> dict:
         assert self.p.stdin is not None
         cmd = {"op": op, **kw}
         if desc is not None:
-            cmd["desc"] = desc.to_bytes().hex()
+            cmd["desc"] = desc if isinstance(desc, str) else desc.to_bytes().hex()
         self.p.stdin.write(json.dumps(cmd) + "\n")
         self.p.stdin.flush()
         return self._line()

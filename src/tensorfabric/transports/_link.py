@@ -9,6 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._errors import ProtocolError
 from .._ops import Chunk
 from ._handshake import IOV_MAX, Session
 from ._rx import Receiver
@@ -16,6 +17,9 @@ from ._rx import Receiver
 if TYPE_CHECKING:
     from ._peers import PeerLinks
     from ._tcp import TcpTransport
+
+
+MAX_REPLIES = 1024  # replies queued for a peer that is not reading them
 
 
 class Conn(Receiver):
@@ -114,6 +118,12 @@ class Conn(Receiver):
         if len(frame) == 1 and self._try_send_nowait(frame[0]):
             return
         with self.cond:
+            # an honest peer has a few chunks in flight per link, so a few replies queue at
+            # most; a peer that sends and never reads is stopped here, then cut off
+            if len(self.replies) >= MAX_REPLIES and not self.cond.wait_for(
+                    lambda: len(self.replies) < MAX_REPLIES or not self.alive,
+                    self.t.link_timeout):
+                raise ProtocolError(f"peer reads none of our {MAX_REPLIES} replies")
             self.replies.append(frame)
             self.cond.notify_all()
 
@@ -147,7 +157,10 @@ class Conn(Receiver):
                 if not self.alive:
                     return None
                 if self.replies:
-                    return ("frame", self.replies.popleft())
+                    frame = self.replies.popleft()
+                    if len(self.replies) == MAX_REPLIES - 1:
+                        self.cond.notify_all()  # a receive thread may wait for room
+                    return ("frame", frame)
                 if links is not None and links.queue and len(self.inflight) < self.t.window:
                     # a bounded window per link: a slow link holds few chunks, so it never
                     # keeps the tail of a transfer waiting long after the fast links are done
