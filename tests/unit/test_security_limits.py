@@ -121,7 +121,8 @@ def _hello(victim: Attacker, body: bytes, alen: int | None = None) -> socket.soc
 
 
 @pytest.mark.parametrize("body", [b"tfA1" + b"[" * 16000, b"tfA1" + b'{"a":' * 3000,
-                                  b"tfA1" + b"x" * 10, b"\xff" * 100])
+                                  b"tfA1" + b"x" * 10, b"\xff" * 100],
+                         ids=["deep-list", "deep-object", "not-json", "garbage"])
 def test_hostile_address_in_hello_is_refused(victim, body) -> None:
     base = victim("stats")
     s = _hello(victim, body)
