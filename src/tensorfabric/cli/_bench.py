@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-_TRANSPORTS = ("tcp", "shm", "nixl")
+_TRANSPORTS = ("tcp", "shm", "nixl", "tcp-plain", "tcp-tls")
 
 
 def _csv(text: str | None) -> list[str]:
@@ -65,6 +65,10 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
     plot: Optional[Path] = typer.Option(None, help="Draw throughput vs size to this PNG (needs matplotlib)."),
     no_baselines: bool = typer.Option(False, help="Skip the baselines (ratios left empty)."),
+    integrity: bool = typer.Option(
+        False, "--integrity",
+        help="Measure the cost of link integrity: tcp-plain (frame MACs off), tcp (MACs on, "
+             "the default) and tcp-tls, with each as a ratio to tcp-plain from the same run."),
 ) -> None:
     """Measure write, paged write, read, immediate and send/recv between two engines.
 
@@ -83,6 +87,8 @@ def bench(
     host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
 
     kind = pick(transport, "transport", "all")
+    if integrity:
+        kind = ",".join(("tcp-plain", "tcp", "tcp-tls"))
     if listen:
         _serve_listen(listen, port, "tcp" if kind == "all" else kind, nlinks, addrs)
         return
@@ -92,7 +98,7 @@ def bench(
         transports = tuple(_csv(kind))
     for t in transports:
         if t not in _TRANSPORTS:
-            raise typer.BadParameter(f"unknown transport {t!r}: use tcp, shm, nixl or all")
+            raise typer.BadParameter(f"unknown transport {t!r}: use one of {_TRANSPORTS} or all")
     kw: dict[str, Any] = dict(transports=transports, links=nlinks, link_addrs=addrs,
                               peer_link_addrs=peer_addrs, host=host_v,
                               baselines=not no_baselines)
@@ -123,6 +129,12 @@ def bench(
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     report = _run_with_progress(cfg, run_bench)
     _print(report, format_table)
+    if integrity:
+        from tensorfabric.bench import integrity_table
+
+        typer.echo("\ncost of integrity: ratio to tcp-plain (frame MACs off) at the same size, "
+                   "same run (each variant's ratio to its raw baseline over tcp-plain's)")
+        typer.echo(integrity_table(report.rows))
     if json_out:
         json_out.write_text(json.dumps(report.to_json(), indent=1))
         typer.echo(f"wrote {json_out}")
