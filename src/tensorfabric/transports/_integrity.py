@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 TAG = 16
@@ -31,6 +33,21 @@ except ImportError:  # pragma: no cover - depends on the environment
     pass
 
 HAVE_POLY1305 = _Poly1305 is not None
+#: payloads from this size are MACed on a helper thread while the socket moves the bytes
+#: (Poly1305 and hashlib's BLAKE2b release the GIL), so hashing overlaps sending/receiving
+OVERLAP_MIN = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def background(fn: Any, *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` on the shared MAC helper threads."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tf-mac")
+    return _pool.submit(fn, *args)
 
 
 class _Blake:
@@ -72,18 +89,32 @@ class FrameMac:
 
     def seal(self, bufs: list[Any]) -> list[Any]:
         """A frame (``[header + ext, *payload]``) with its tags, ready to send."""
+        head, tail = self.seal_async(bufs)
+        return head + [tail.result() if isinstance(tail, Future) else tail]
+
+    def seal_async(self, bufs: list[Any]) -> tuple[list[Any], bytes | Future[bytes]]:
+        """The frame up to its payload, and its last tag (or a future of it, computed on a
+        helper thread while the caller sends the rest). No payload: no last tag (b"")."""
         d = self.head(bufs[0])
         if len(bufs) == 1:
-            return [bufs[0], d[:TAG]]
-        nbytes = sum(memoryview(b).nbytes for b in bufs[1:])
+            return [bufs[0], d[:TAG]], b""
+        payload = bufs[1:]
+        nbytes = sum(memoryview(b).nbytes for b in payload)
         m = self.payload(d, nbytes)
-        for b in bufs[1:]:
-            m.update(b)
-        return [bufs[0], d[:TAG], *bufs[1:], m.finalize()]
+        if nbytes >= OVERLAP_MIN:
+            return [bufs[0], d[:TAG], *payload], background(_digest, m, payload)
+        return [bufs[0], d[:TAG], *payload], _digest(m, payload)
 
     @staticmethod
     def same(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
         return hmac.compare_digest(a, b)
 
 
-__all__ = ["FrameMac", "HAVE_POLY1305", "TAG"]
+def _digest(m: Any, parts: list[Any]) -> bytes:
+    for b in parts:
+        m.update(b)
+    result: bytes = m.finalize()
+    return result
+
+
+__all__ = ["FrameMac", "HAVE_POLY1305", "OVERLAP_MIN", "TAG", "background"]

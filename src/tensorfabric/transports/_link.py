@@ -36,6 +36,7 @@ class Conn(Receiver):
         self.tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
         self._pmac: Any = None  # the MAC of the payload being received
+        self._pfut: Any = None  # its last update running on a helper thread
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.cond = peer_links.cond if peer_links is not None else threading.Condition()
@@ -63,8 +64,18 @@ class Conn(Receiver):
         if self.tail:
             tail, self.tail = self.tail, b""
             sock.sendall(tail)
+        last: Any = None
         if self.tx is not None and bufs:
-            bufs = self.tx.seal(bufs)
+            bufs, last = self.tx.seal_async(bufs)
+            if isinstance(last, bytes):
+                bufs.append(last)  # small: computed already, one send
+                last = None
+        self._send_bufs(bufs)
+        if last is not None:  # the payload's tag, hashed while the payload went out
+            self._send_bufs([last.result()])
+
+    def _send_bufs(self, bufs: list[Any]) -> None:
+        sock = self.sock
         if self.tls:
             for b in bufs:
                 sock.sendall(b)

@@ -21,7 +21,7 @@ from .._errors import ProtocolError
 from .._ops import Chunk
 from .._region import Access
 from ._handshake import IOV_MAX, _PeerGone
-from ._integrity import TAG, FrameMac
+from ._integrity import OVERLAP_MIN, TAG, FrameMac, background
 
 if TYPE_CHECKING:
     from ._tcp import TcpTransport
@@ -45,6 +45,7 @@ class Receiver:
     last_rx: float
     rx: FrameMac | None
     _pmac: Any
+    _pfut: Any
 
     if TYPE_CHECKING:  # provided by Conn
         def fail(self, exc: BaseException | None = None) -> None: ...
@@ -52,16 +53,38 @@ class Receiver:
 
 
     def _recv_into(self, view: memoryview) -> None:
+        if self._pmac is not None and view.nbytes >= OVERLAP_MIN:
+            self._recv_hashing(view)
+            return
+        self._recv_plain(view)
+        if self._pmac is not None:
+            self._mac_update(view)
+
+    def _recv_plain(self, view: memoryview) -> None:
         sock = self.sock
-        whole = view
         while view:
             n = sock.recv_into(view)
             if n == 0:
                 raise _PeerGone("peer closed the connection")
             self.last_rx = time.monotonic()
             view = view[n:]
-        if self._pmac is not None:
-            self._pmac.update(whole)
+
+    def _recv_hashing(self, view: memoryview) -> None:
+        """Receive a large payload piece by piece, MACing each piece on a helper thread while
+        the next one arrives (updates stay in order: each waits for the one before)."""
+        mac = self._pmac
+        for off in range(0, view.nbytes, OVERLAP_MIN):
+            piece = view[off:off + OVERLAP_MIN]
+            self._recv_plain(piece)
+            if self._pfut is not None:
+                self._pfut.result()
+            self._pfut = background(mac.update, piece)
+
+    def _mac_update(self, view: memoryview) -> None:
+        if self._pfut is not None:
+            self._pfut.result()
+            self._pfut = None
+        self._pmac.update(view)
 
     def _recv_many(self, views: list[memoryview]) -> None:
         if self.tls or len(views) == 1:
@@ -83,13 +106,15 @@ class Receiver:
                 views[i] = views[i][n:]
         if whole is not None:
             for v in whole:
-                self._pmac.update(v)
+                self._mac_update(v)
 
     def _drain(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 20)))
         while n:
             k = min(n, len(scratch))
-            self._recv_into(scratch[:k])
+            self._recv_plain(scratch[:k])  # the scratch is reused: hash it before the next
+            if self._pmac is not None:
+                self._mac_update(scratch[:k])
             n -= k
 
     def _end_payload(self) -> None:
@@ -97,6 +122,9 @@ class Receiver:
         mac = self._pmac
         if mac is None:
             return
+        if self._pfut is not None:
+            self._pfut.result()
+            self._pfut = None
         self._pmac = None
         tag = bytearray(TAG)
         self._recv_into(memoryview(tag))
