@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from . import _wire as w
+from ._wire import charge
 from ._address import EngineAddress
 from ._checks import _imm
 from ._errors import ConfigError
@@ -79,7 +80,7 @@ class Inbound:
             box = self._inbox.get(tag)
             if box:
                 msg = box.popleft()
-                self._inbox_bytes -= len(msg.data)
+                self._inbox_bytes -= charge(len(msg.data))
             else:
                 msg = None
                 self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
@@ -280,12 +281,13 @@ class Inbound:
                 waiters = self._inbox_waiters.get(tag)
                 t = waiters.popleft() if waiters else None
                 if t is None:
-                    if not reserved and self._inbox_bytes + len(data) > self._inbox_limit:
+                    cost = charge(len(data))
+                    if not reserved and self._inbox_bytes + cost > self._inbox_limit:
                         return w.Status.INBOX_FULL, (
                             f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
                             "it is not calling recv()")
                     self._inbox.setdefault(tag, collections.deque()).append(msg)
-                    self._inbox_bytes += len(data) - reserved
+                    self._inbox_bytes += cost - reserved
                     return _OK
             if t._complete(msg):
                 self.release_inbox(reserved)

@@ -22,6 +22,16 @@ MAX_PAYLOAD = 256 << 20  # largest single frame payload accepted
 MAX_SEGMENTS = 1 << 16
 MAX_MESSAGE = 64 << 20  # largest send/recv message
 
+#: what a queued message costs against the receiver's inbox bound beyond its bytes (so that a
+#: flood of empty messages is bounded too)
+MESSAGE_OVERHEAD = 256
+
+
+def charge(nbytes: int) -> int:
+    """A message's cost against the inbox bound."""
+    return nbytes + MESSAGE_OVERHEAD
+
+
 SEG_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8")])
 #: what every WRITE / SHM_DONE / READ_REQ ext starts with: the region key and the end (one past
 #: the highest byte) of the whole op, so the owner refuses an op that reaches past its region

@@ -18,7 +18,7 @@ from tensorfabric.transports._handshake import (
     F_POLY1305,
     _keys,
 )
-from tensorfabric.transports._integrity import HAVE_POLY1305, FrameMac
+from tensorfabric.transports._integrity import FrameMac, have_poly1305
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -40,7 +40,7 @@ class RawPeer:
         me = address or EngineAddress(engine_id, "raw", (("127.0.0.1", 1),)).to_bytes()
         self.sock = socket.create_connection(addr.endpoints[0], timeout=timeout,
                                              source_address=(source, 0) if source else None)
-        flags = (F_INTEGRITY if integrity else 0) | (F_POLY1305 if HAVE_POLY1305 else 0)
+        flags = (F_INTEGRITY if integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
         hello = _HELLO.pack(_MAGIC, engine_id, addr.engine_id, _auth.new_nonce(), link, flags,
                             len(me))
         self.sock.sendall(hello + me)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 import time
 
 import numpy as np
@@ -48,10 +50,16 @@ def RawPeer(target: tf.Engine, secret: str = SECRET) -> _RawPeer:
     return raw
 
 
+BASELINE: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def victim():
     with tf.Engine(SECRET, transports=("tcp",)) as eng, tf.Engine(SECRET, transports=("tcp",)) as friend:
         region = eng.register(np.zeros(4096, np.uint8))
+        friend.write(b"warm", region.descriptor()).wait(10)  # the friend's link is up
+        BASELINE["threads"] = threading.active_count()
+        BASELINE["fds"] = len(os.listdir("/proc/self/fd"))
         yield eng, friend, region
 
 
@@ -134,4 +142,21 @@ def test_garbage_frames_never_hurt_the_engine(victim, case) -> None:
         pass  # the engine already dropped us: also fine
     assert raw.closed_by_peer()
     raw.sock.close()
+    _still_works(victim)
+
+
+def test_fuzzing_left_nothing_behind(victim) -> None:
+    """After the frame fuzz: every fuzzing connection is gone, with its threads and fds."""
+    eng, friend, _ = victim
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        others = [c for c in list(eng._tcp._accepted) if c.peer.engine_id != friend._id]
+        if not others and threading.active_count() <= BASELINE["threads"] and \
+                len(os.listdir("/proc/self/fd")) <= BASELINE["fds"]:
+            break
+        time.sleep(0.2)
+    assert not [c for c in list(eng._tcp._accepted) if c.peer.engine_id != friend._id]
+    assert threading.active_count() <= BASELINE["threads"]
+    assert len(os.listdir("/proc/self/fd")) <= BASELINE["fds"]
+    assert eng._inbox_bytes == sum(len(m.data) + 256 for q in eng._inbox.values() for m in q)
     _still_works(victim)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .. import _auth
 from .._address import EngineAddress
 from .._errors import AuthenticationError, BrokenError, ProtocolError
-from ._integrity import HAVE_POLY1305, FrameMac
+from ._integrity import FrameMac, have_poly1305
 
 if TYPE_CHECKING:
     from ._tcp import TcpTransport
@@ -107,7 +107,7 @@ def _macs(mode: int, tls_bound: bool, send_key: bytes, recv_key: bytes
 
 
 def _my_flags(t: TcpTransport) -> int:
-    return (F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if HAVE_POLY1305 else 0)
+    return (F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
 
 
 def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> Session:

@@ -27,12 +27,22 @@ _D = 48  # tag1 + a 32-byte one-time payload key
 _POLY_MIN = 4096  # below this, keyed BLAKE2b is cheaper than setting up Poly1305
 
 _Poly1305: Any = None
-try:  # optional: the `integrity` extra (OpenSSL's Poly1305, ~12 GB/s on one core here)
-    from cryptography.hazmat.primitives.poly1305 import Poly1305 as _Poly1305
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
 
-HAVE_POLY1305 = _Poly1305 is not None
+
+def have_poly1305() -> bool:
+    """Whether OpenSSL's Poly1305 is available (the ``integrity`` extra); imported on first
+    use, so ``import tensorfabric`` does not load ``cryptography``."""
+    global _Poly1305
+    if _Poly1305 is None:
+        try:
+            from cryptography.hazmat.primitives.poly1305 import Poly1305
+        except ImportError:
+            _Poly1305 = False
+        else:
+            _Poly1305 = Poly1305
+    return _Poly1305 is not False
+
+
 #: payloads from this size are MACed on a helper thread while the socket moves the bytes
 #: (Poly1305 and hashlib's BLAKE2b release the GIL), so hashing overlaps sending/receiving
 OVERLAP_MIN = 1 << 20
@@ -71,7 +81,7 @@ class FrameMac:
     def __init__(self, key: bytes, poly: bool) -> None:
         self._base = hashlib.blake2b(key=key, digest_size=_D)
         self.seq = 0
-        self.poly = poly and HAVE_POLY1305
+        self.poly = poly and have_poly1305()
 
     def head(self, head: bytes | bytearray | memoryview) -> bytes:
         """The 48-byte digest of the current frame's header and ext (advances the counter)."""
@@ -117,4 +127,4 @@ def _digest(m: Any, parts: list[Any]) -> bytes:
     return result
 
 
-__all__ = ["FrameMac", "HAVE_POLY1305", "OVERLAP_MIN", "TAG", "background"]
+__all__ = ["FrameMac", "OVERLAP_MIN", "TAG", "background", "have_poly1305"]

@@ -244,7 +244,8 @@ class Receiver:
             raise ProtocolError(f"message of {plen} bytes exceeds {w.MAX_MESSAGE}")
         handler = self.t.handler
         # counted against the inbox before a byte is allocated, and allocated as it arrives
-        if not handler.reserve_inbox(plen):
+        cost = w.charge(plen)
+        if not handler.reserve_inbox(cost):
             self._drain(plen)
             self._end_payload()
             self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox is full: it is "
@@ -254,15 +255,15 @@ class Receiver:
             data = self._recv_growing(plen)
             self._end_payload()
         except BaseException:
-            handler.release_inbox(plen)
+            handler.release_inbox(cost)
             raise
         key = (self.peer.engine_id, op_id)
         if not self.t.first_delivery(key):
             # resent after a link failure that lost only the acknowledgement: delivered once
-            handler.release_inbox(plen)
+            handler.release_inbox(cost)
             self._ack(op_id, chunk)
             return
-        status, text = handler.deliver(self.peer, imm, data, reserved=plen)
+        status, text = handler.deliver(self.peer, imm, data, reserved=cost)
         if status != w.Status.OK:
             self.t.forget_delivery(key)  # the sender fails it; a retry is a new message
         self._ack(op_id, chunk, status, text)
