@@ -147,3 +147,24 @@ def test_forged_larger_size_writes_nothing(owner, attacker) -> None:
     out = attacker("write", forged, data="ab" * 4096, offset=4096 - 16)
     assert out["error"] == "AccessError"
     assert not keep.any()
+
+
+def test_stalling_grant_clients_do_not_block_peers(owner, attacker) -> None:
+    """Any local user can connect to the owner's grant socket; stalling clients are served
+    (and cut off) on threads of their own and a peer with a real ticket still gets through."""
+    import socket
+    import time
+
+    r = owner.alloc(4096)
+    stallers = []
+    for _ in range(40):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(owner._shm.grants.name)
+        stallers.append(s)
+    try:
+        assert attacker("write", r.descriptor(), data="77" * 8)["ok"]
+        assert bytes(r.array[:8]) == b"\x77" * 8
+    finally:
+        for s in stallers:
+            s.close()
+    time.sleep(0.1)

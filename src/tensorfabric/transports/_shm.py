@@ -21,6 +21,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
 from . import _copy
 from ._base import Transport
-from ._shm_grant import GRANT, GrantFn, ShmGrants, redeem
+from ._shm_grant import GRANT, GrantFn, ShmGrants, Unanswered, redeem
 from ._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric.shm")
@@ -148,10 +149,18 @@ class ShmTransport(Transport):
         if len(grant) <= GRANT.size:
             raise BrokenError(f"peer {peer} sent a malformed shared-memory grant", peer=str(peer))
         ticket, nbytes = GRANT.unpack_from(grant)
-        try:
-            status, nbytes, fd = redeem(grant[GRANT.size:], ticket, self.timeout)
-        except OSError as exc:  # its socket is out of reach (another network namespace)
-            raise _NoSharedMemory(str(exc)) from exc
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                status, nbytes, fd = redeem(grant[GRANT.size:], ticket, self.timeout)
+                break
+            except Unanswered as exc:  # turned away unanswered (busy): try again
+                if time.monotonic() > deadline:
+                    raise BrokenError(f"peer {peer} did not hand over its shared memory: "
+                                      f"{exc}", peer=str(peer)) from exc
+                time.sleep(0.02)
+            except OSError as exc:  # its socket is out of reach (another network namespace)
+                raise _NoSharedMemory(str(exc)) from exc
         if fd < 0:
             raise AccessError(f"peer {peer} refused its shared memory for region "
                               f"{desc.region_id} (status {status})", peer=str(peer),

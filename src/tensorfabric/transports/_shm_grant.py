@@ -33,12 +33,17 @@ log = logging.getLogger("tensorfabric.shm")
 TICKET_BYTES = 16
 TICKET_TTL = 10.0
 MAX_TICKETS = 1024
+MAX_CLIENTS = 16  # grant-socket clients served at once
 #: SHM_OPEN_RESP ext on success: ticket, region size, then the owner's unix socket name
 GRANT = struct.Struct("<16sQ")
 _ANSWER = struct.Struct("<BQ")  # status, region size (sent with the file)
 
 #: grant(peer id, region id, writable) -> (file descriptor, nbytes) or None if no longer valid
 GrantFn = Callable[[bytes, int, bool], "tuple[int, int] | None"]
+
+
+class Unanswered(Exception):
+    """The owner's grant socket turned the client away unanswered (busy); the ticket is unused."""
 
 
 class ShmGrants:
@@ -55,6 +60,7 @@ class ShmGrants:
         self._sock.bind(self.name)
         self._sock.listen(64)
         self._closed = False
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._thread = threading.Thread(target=self._serve, name="tf-shm-grant", daemon=True)
         self._thread.start()
 
@@ -72,6 +78,9 @@ class ShmGrants:
         return ticket
 
     def _serve(self) -> None:
+        # anyone on the host can connect to an abstract socket: each client gets a thread of
+        # its own for at most a second, and at most MAX_CLIENTS at once, so a stalling client
+        # cannot hold up the peers that present real tickets
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
@@ -81,14 +90,26 @@ class ShmGrants:
                 log.warning("shared-memory grant socket: %s; retrying", exc)
                 time.sleep(0.1)
                 continue
-            try:
-                self._answer(conn)
-            except OSError:
-                pass
-            except Exception:  # never lose the grant thread to a bug or a hostile client
-                log.exception("shared-memory grant failed")
-            finally:
+            if not self._slots.acquire(blocking=False):
                 conn.close()
+                continue
+            try:
+                threading.Thread(target=self._client, args=(conn,), daemon=True,
+                                 name="tf-shm-grant-client").start()
+            except RuntimeError:
+                self._slots.release()
+                conn.close()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        except OSError:
+            pass
+        except Exception:  # never let a bug or a hostile client escape the thread
+            log.exception("shared-memory grant failed")
+        finally:
+            conn.close()
+            self._slots.release()
 
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(1.0)
@@ -157,16 +178,20 @@ class ShmGrants:
 
 def redeem(name: bytes, ticket: bytes, timeout: float) -> tuple[int, int, int]:
     """The peer's side: present ``ticket`` at the owner's socket ``name``; returns (status,
-    nbytes, file descriptor or -1)."""
+    nbytes, file descriptor or -1). :class:`Unanswered`: turned away, try again."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
-        s.connect(name)
-        s.sendall(ticket)
-        msg, fds, _, _ = socket.recv_fds(s, _ANSWER.size, 1)
+        s.connect(name)  # OSError here: out of reach (e.g. another network namespace)
+        try:
+            s.sendall(ticket)
+            msg, fds, _, _ = socket.recv_fds(s, _ANSWER.size, 1)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise Unanswered(str(exc)) from exc
         if len(msg) != _ANSWER.size:
             for fd in fds:
                 os.close(fd)
-            return w.Status.ERROR, 0, -1
+            # closed unanswered (the owner was busy with other clients): the ticket is unused
+            raise Unanswered("the owner's grant socket closed without an answer")
         status, nbytes = _ANSWER.unpack(msg)
         if status != w.Status.OK or len(fds) != 1:
             for fd in fds:
@@ -175,4 +200,4 @@ def redeem(name: bytes, ticket: bytes, timeout: float) -> tuple[int, int, int]:
         return status, nbytes, fds[0]
 
 
-__all__ = ["GRANT", "ShmGrants", "redeem"]
+__all__ = ["GRANT", "ShmGrants", "Unanswered", "redeem"]
