@@ -168,3 +168,14 @@ def test_stalling_grant_clients_do_not_block_peers(owner, attacker) -> None:
         for s in stallers:
             s.close()
     time.sleep(0.1)
+
+
+def test_cached_mapping_never_serves_a_wrong_key(owner, attacker) -> None:
+    r = owner.alloc(4096)
+    keep = r.array
+    assert attacker("write", r.descriptor(), data="01" * 8)["ok"]  # mapped and cached
+    for key in (b"\0" * 16, bytes(16 - 1) + b"\1"):
+        forged = dataclasses.replace(r.descriptor(), key=key)
+        assert attacker("write", forged, data="ee" * 8, offset=100)["error"] == "AccessError"
+        assert attacker("read", forged, n=8)["error"] == "AccessError"
+    assert not keep[100:].any()  # refused, and nothing was written

@@ -80,7 +80,7 @@ class ShmTransport(Transport):
         self.timeout = timeout
         self._host = host_id()
         self._same: dict[bytes, bool] = {}
-        self._maps: collections.OrderedDict[tuple[bytes, int, int], _Mapping] = \
+        self._maps: collections.OrderedDict[tuple[bytes, int, int, bytes], _Mapping] = \
             collections.OrderedDict()
         self._lock = threading.Condition()
         self.grants = ShmGrants(tcp, grant)
@@ -132,7 +132,9 @@ class ShmTransport(Transport):
     def _mapping(self, peer: EngineAddress, desc: RegionDescriptor, need: Access) -> _Mapping:
         """The mapping of ``desc``'s region with access ``need``, counted as in use (release it
         with :meth:`_release`); asks the owner for the memory the first time."""
-        key = (peer.engine_id, desc.region_id, int(need))
+        # the key is part of the cache key: a mapping opened with the right key never serves
+        # an op that names another (it asks the owner, and is refused before a byte moves)
+        key = (peer.engine_id, desc.region_id, int(need), desc.key)
         with self._lock:
             hit = self._maps.get(key)
             if hit is not None:
