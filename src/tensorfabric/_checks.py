@@ -51,3 +51,15 @@ def _check_dst_range(desc: RegionDescriptor, offset: int, nbytes: int) -> None:
         raise AccessError(f"write of {nbytes} bytes at {offset} is outside the peer's "
                           f"{desc.nbytes}-byte region {desc.region_id}", region=desc.region_id,
                           offset=offset, nbytes=nbytes)
+
+
+def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(spec, tuple):
+        return spec[0], int(spec[1])
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        return spec, 0
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ConfigError(f"bad listen address {spec!r}: expected HOST:PORT") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import logging
 import os
@@ -19,7 +18,7 @@ import numpy as np
 from . import _auth, _wire as w
 from ._address import EngineAddress
 from ._buffers import Buffer, as_bytes_view
-from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg
+from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg, _parse_endpoint
 from ._errors import (
     AccessError,
     ClosedError,
@@ -28,6 +27,7 @@ from ._errors import (
     TransferTimeout,
 )
 from ._inbound import CONTROL_TAG_BASE, Inbound, Message
+from ._timers import Timers
 from ._ops import DEFAULT_CHUNK, WireOp, coalesce, simple_chunk
 from ._region import KEY_BYTES, Access, MemoryRegion, RegionDescriptor, ShmBacking
 from ._transfer import Transfer
@@ -49,19 +49,7 @@ class ScatterDest(NamedTuple):
     nbytes: int
 
 
-def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(spec, tuple):
-        return spec[0], int(spec[1])
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        return spec, 0
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise ConfigError(f"bad listen address {spec!r}: expected HOST:PORT") from None
-
-
-class Engine(Inbound):
+class Engine(Inbound, Timers):
     """Moves bytes between registered memory regions of this and other engines.
 
     ``secret`` (or ``$TENSORFABRIC_SECRET``) authenticates peers; every engine of a cluster
@@ -499,18 +487,6 @@ class Engine(Inbound):
                 return self._nixl
         return self._tcp
 
-    def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
-                      peer: str | None) -> Transfer:
-        limit = self.timeout if timeout is None else float(timeout)
-        if limit <= 0:
-            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
-        t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
-        if parts:
-            with self._timer_cv:
-                heapq.heappush(self._timers,
-                               (t.deadline or 0.0, next(self._timer_seq), weakref.ref(t)))
-        return t
-
     def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
                lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
         peer = self._peer(desc.owner)
@@ -532,40 +508,3 @@ class Engine(Inbound):
             self._tcp.submit(addr, [chunk])
         except TensorFabricError as exc:
             t._fail(exc)
-
-    def _timer_loop(self) -> None:
-        next_tick = 0.0
-        while not self._closed:
-            now = time.monotonic()
-            expired: list[Transfer] = []
-            with self._timer_cv:
-                while self._timers:
-                    deadline, _, ref = self._timers[0]
-                    top = ref()
-                    if top is not None and not top.done() and deadline > now:
-                        break
-                    heapq.heappop(self._timers)
-                    if top is not None and not top.done():
-                        expired.append(top)
-                if len(self._timers) > 4096:  # drop finished entries buried under live ones
-                    live = [e for e in self._timers if (x := e[2]()) is not None and not x.done()]
-                    if len(live) < len(self._timers) // 2:
-                        heapq.heapify(live)
-                        self._timers = live
-                wait = 0.05
-                if self._timers:
-                    wait = min(wait, max(0.0, self._timers[0][0] - now))
-            for t in expired:
-                t._fail(TransferTimeout(f"{t.kind} did not complete within its timeout",
-                                        peer=t.peer, nbytes=t.nbytes))
-            if now >= next_tick:
-                next_tick = now + 0.1
-                try:
-                    self._tcp.tick(now)
-                except Exception:
-                    log.exception("tensorfabric: link housekeeping failed")
-                self._sweep_partial(now)
-            with self._timer_cv:
-                if not self._closed:
-                    self._timer_cv.wait(wait)
-
