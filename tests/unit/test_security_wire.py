@@ -155,3 +155,24 @@ def test_tls_terminating_relay_cannot_pass(relay_factory, certs) -> None:
         direct.write(b"y" * 64, region.descriptor()).wait(30)  # without it: works
         assert bytes(region.array) == b"y" * 64
     assert os.environ.get("TENSORFABRIC_SECRET") != SECRET  # the secret never left the test
+
+
+@pytest.mark.parametrize("integrity", [True, False])
+def test_large_payloads_with_and_without_macs(integrity) -> None:
+    """Payloads from 1 MiB are MACed on helper threads while they move: every path stays exact."""
+    rng = np.random.default_rng(11)
+    with tf.Engine(SECRET, transports=("tcp",), integrity=integrity, links=2) as a, \
+            tf.Engine(SECRET, transports=("tcp",), integrity=integrity) as b:
+        for n in (1 << 20, (5 << 20) + 3):
+            msg = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            a.send(b.address, msg, tag=8).wait(30)
+            assert b.recv(tag=8, timeout=30).data == msg
+        region = b.register(rng.integers(0, 256, 9 << 20, dtype=np.uint8), tf.Access.READ_WRITE)
+        out = np.zeros(9 << 20, np.uint8)
+        a.read(region.descriptor(), out).wait(30)
+        assert np.array_equal(out, region.array)
+        src = rng.integers(0, 256, 9 << 20, dtype=np.uint8)
+        a.write(src, region.descriptor()).wait(30)
+        assert np.array_equal(region.array, src)
+        conn = next(iter(b._tcp._accepted))
+        assert (conn.rx is not None) == integrity

@@ -269,17 +269,17 @@ class Receiver:
         self._ack(op_id, chunk, status, text)
 
     def _recv_growing(self, n: int) -> bytes:
-        """Receive ``n`` bytes into memory that grows (doubling) as they arrive, so a header
-        that claims much and sends little costs little."""
-        buf = bytearray(min(n, 1 << 20))
-        got = 0
-        while got < n:
-            if got == len(buf):
-                buf.extend(bytes(min(n - got, len(buf))))
-            with memoryview(buf) as mv:
-                self._recv_into(mv[got:])
-            got = len(buf)
-        return bytes(buf)
+        """Receive ``n`` bytes into memory allocated as they arrive (1 MiB pieces), so a header
+        that claims much and sends little costs little. Pieces are never resized (a helper
+        thread may still be MACing one)."""
+        pieces = []
+        left = n
+        while left:
+            piece = bytearray(min(left, 1 << 20))
+            self._recv_into(memoryview(piece))
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
 
     def _on_read_req(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                      chunk: int, nchunks: int) -> None:

@@ -185,7 +185,7 @@ class TcpTransport(Transport):
             if self._closed:
                 raise ClosedError("engine is closed")
             links = self._peers.get(peer.engine_id)
-            if links is None:
+            if links is None or links.closed:  # closed: forgotten, start afresh
                 links = self._peers[peer.engine_id] = PeerLinks(self, peer)
         return links
 
