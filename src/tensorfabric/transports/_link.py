@@ -68,7 +68,8 @@ class Conn(Receiver):
         if self.tx is not None and bufs:
             bufs, last = self.tx.seal_async(bufs)
             if isinstance(last, bytes):
-                bufs.append(last)  # small: computed already, one send
+                if last:
+                    bufs.append(last)  # small: computed already, one send
                 last = None
         self._send_bufs(bufs)
         if last is not None:  # the payload's tag, hashed while the payload went out
