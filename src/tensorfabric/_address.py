@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from ._errors import ConfigError
 
 _MAGIC = b"tfA1"
+MAX_ADDRESS_BYTES = 16 << 10  # one endpoint per NIC: real addresses are a few hundred bytes
+MAX_ENDPOINTS = 64
 
 
 @dataclass(frozen=True)
@@ -46,26 +48,55 @@ class EngineAddress:
     def from_bytes(cls, data: bytes | bytearray | memoryview | str) -> EngineAddress:
         if isinstance(data, str):
             data = data.encode()
-        data = bytes(data)
+        try:
+            data = bytes(data)
+        except TypeError:
+            raise ConfigError("an engine address must be bytes") from None
         if not data.startswith(_MAGIC):
             raise ConfigError("not a tensorfabric engine address (expected Engine.address bytes)")
+        if len(data) > MAX_ADDRESS_BYTES:
+            raise ConfigError(f"engine address of {len(data)} bytes (at most {MAX_ADDRESS_BYTES})")
+        body_bytes = data[len(_MAGIC):]
+        # nesting is bounded before parsing: a real address is 3 levels deep
+        if body_bytes.count(b"[") + body_bytes.count(b"{") > 4 * MAX_ENDPOINTS + 8:
+            raise ConfigError("malformed engine address: too deeply nested")
         try:
-            body = json.loads(data[len(_MAGIC):])
+            body = json.loads(body_bytes)
+            if not isinstance(body, dict) or not isinstance(body["ep"], list):
+                raise TypeError("expected an object with an endpoint list")
+            if not 0 < len(body["ep"]) <= MAX_ENDPOINTS:
+                raise ValueError(f"between 1 and {MAX_ENDPOINTS} endpoints expected")
+            probe = body.get("probe", [-1, ""])
+            engine_id = bytes.fromhex(body["id"])
+            if len(engine_id) != 16:
+                raise ValueError("engine id must be 16 bytes")
             return cls(
-                engine_id=bytes.fromhex(body["id"]),
-                name=str(body["name"]),
-                endpoints=tuple((str(h), int(p)) for h, p in body["ep"]),
-                host_id=str(body.get("host", "")),
+                engine_id=engine_id,
+                name=_text(body["name"]),
+                endpoints=tuple((_text(h), _port(p)) for h, p in body["ep"]),
+                host_id=_text(body.get("host", "")),
                 pid=int(body.get("pid", 0)),
-                probe_fd=int(body.get("probe", [-1, ""])[0]),
-                probe_nonce=bytes.fromhex(body.get("probe", [-1, ""])[1]),
-                transports=tuple(str(x) for x in body.get("x", ())),
+                probe_fd=int(probe[0]),
+                probe_nonce=bytes.fromhex(probe[1]),
+                transports=tuple(_text(x) for x in body.get("x", ())),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
             raise ConfigError(f"malformed engine address: {exc}") from None
 
     def __str__(self) -> str:
         return _label(self.name, self.endpoints)
+
+
+def _text(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _port(v: object) -> int:
+    if not isinstance(v, int) or not 0 <= v <= 65535:
+        raise ValueError(f"bad port {v!r}")
+    return v
 
 
 @functools.lru_cache(maxsize=1024)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-import heapq
-import hmac
 import itertools
 import logging
 import os
@@ -20,6 +18,7 @@ import numpy as np
 from . import _auth, _wire as w
 from ._address import EngineAddress
 from ._buffers import Buffer, as_bytes_view
+from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg, _parse_endpoint
 from ._errors import (
     AccessError,
     ClosedError,
@@ -27,6 +26,8 @@ from ._errors import (
     TensorFabricError,
     TransferTimeout,
 )
+from ._inbound import CONTROL_TAG_BASE, Inbound, Message
+from ._timers import Timers
 from ._ops import DEFAULT_CHUNK, WireOp, coalesce, simple_chunk
 from ._region import KEY_BYTES, Access, MemoryRegion, RegionDescriptor, ShmBacking
 from ._transfer import Transfer
@@ -36,11 +37,7 @@ from .transports._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric")
 
-_U64 = (1 << 64) - 1
-_RECENT_OPS = 1 << 16  # completed (peer, op) pairs remembered to drop resent duplicates
-#: send/recv tags from here up carry add-on transports' control messages (e.g. nixl's
-#: region-open requests), handled by that transport instead of the inbox
-CONTROL_TAG_BASE = 0xFFFF_FFFF_0000_0000
+__all__ = ["CONTROL_TAG_BASE", "Engine", "Message", "ScatterDest"]
 
 
 class ScatterDest(NamedTuple):
@@ -52,27 +49,7 @@ class ScatterDest(NamedTuple):
     nbytes: int
 
 
-class Message(NamedTuple):
-    """A two-sided message received with :meth:`Engine.recv`."""
-
-    peer: bytes  #: the sender's address; pass it to ``send`` to answer
-    tag: int
-    data: bytes
-
-
-def _parse_endpoint(spec: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(spec, tuple):
-        return spec[0], int(spec[1])
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        return spec, 0
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise ConfigError(f"bad listen address {spec!r}: expected HOST:PORT") from None
-
-
-class Engine:
+class Engine(Inbound, Timers):
     """Moves bytes between registered memory regions of this and other engines.
 
     ``secret`` (or ``$TENSORFABRIC_SECRET``) authenticates peers; every engine of a cluster
@@ -84,6 +61,12 @@ class Engine:
     peers' shared-memory regions, ``"tcp"`` for everything else; ``"nixl"`` adds NVIDIA NIXL
     for peers that have it too, configured by the ``nixl`` options, see ``docs/nixl.md``).
     ``timeout`` is the default deadline (seconds) of every operation.
+
+    Every tcp frame carries a MAC under a key of its link (``integrity``, on by default): a
+    relay without the secret cannot change, replay, reorder or splice frames. Turn it off
+    (``integrity=False``) only on a fabric you trust, on every engine: it stays on for a link
+    if either end wants it. With TLS (``tls_server`` / ``tls_client``) the secret check is bound
+    to the TLS channel and TLS carries integrity instead. See ``docs/architecture.md``.
     """
 
     def __init__(
@@ -104,6 +87,7 @@ class Engine:
         inbox_bytes: int = 256 << 20,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
+        integrity: bool = True,
         nixl: Mapping[str, Any] | None = None,
     ) -> None:
         secret_bytes = _auth.resolve_secret(secret)
@@ -132,6 +116,7 @@ class Engine:
         self._imm_counts: collections.Counter[int] = collections.Counter()
         self._imm_waiters: dict[int, collections.deque[list[Any]]] = {}
         self._partial: dict[tuple[bytes, int], tuple[float, set[int]]] = {}
+        self._partial_per_peer: collections.Counter[bytes] = collections.Counter()
         self._recent: collections.OrderedDict[tuple[bytes, int], None] = collections.OrderedDict()
         self._inbox_lock = threading.Lock()
         self._inbox: dict[int, collections.deque[Message]] = {}
@@ -150,7 +135,7 @@ class Engine:
             engine_id=self._id, secret=secret_bytes, handler=self, listen=endpoints,
             link_addrs=link_addrs, connect_timeout=connect_timeout, link_timeout=link_timeout,
             reconnect_grace=reconnect_grace, tls_server=tls_server, tls_client=tls_client,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=chunk_bytes, integrity=bool(integrity),
         )
         self._shm: ShmTransport | None = None
         self._probe: ShmBacking | None = None
@@ -159,7 +144,7 @@ class Engine:
             self._probe = ShmBacking(16, "tensorfabric-probe")
             probe_nonce = secrets.token_bytes(16)
             self._probe.map[:16] = probe_nonce
-            self._shm = ShmTransport(self._tcp, timeout=connect_timeout)
+            self._shm = ShmTransport(self._tcp, self._shm_grant, timeout=connect_timeout)
         self._nixl: Any = None
         if "nixl" in transports:
             from .transports._nixl import NixlTransport  # ImportError names the extra
@@ -173,6 +158,7 @@ class Engine:
                 if self._probe is not None:
                     self._probe.close()
                 raise
+        self._tcp.on_peer_forgotten.append(self._forget_peer)
         self._address = EngineAddress(
             engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),
             host_id=host_id(), pid=os.getpid(),
@@ -229,9 +215,11 @@ class Engine:
         self._check_open()
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ConfigError(f"nbytes must be a non-negative int, got {nbytes!r}")
-        shm = ShmBacking(nbytes, f"tensorfabric-{self.name}")
+        access = Access(access)
+        shm = ShmBacking(nbytes, f"tensorfabric-{self.name}",
+                         read_only_peers=access == Access.REMOTE_READ)
         view = memoryview(shm.map)[:nbytes]
-        return self._add_region(view, Access(access), None, shm)
+        return self._add_region(view, access, None, shm)
 
     def _add_region(self, view: memoryview, access: Access, owner: Any,
                     shm: ShmBacking | None) -> MemoryRegion:
@@ -242,12 +230,23 @@ class Engine:
         return region
 
     def unregister(self, region: MemoryRegion) -> None:
-        """Stop remote access to a region; later accesses by peers fail with AccessError."""
+        """Stop remote access to a region; later accesses by peers fail with AccessError.
+
+        Same-host peers that mapped the region's shared memory are told and drop their
+        mappings (this waits, up to ``connect_timeout``, for their copies in flight to end).
+        """
         with self._lock:
             if self._regions.get(region.id) is region:
                 del self._regions[region.id]
+            peers = set(region._shm_peers)
+            region._shm_peers.clear()
         if self._nixl is not None:
             self._nixl.forget_region(region.id)
+        if peers and self._shm is not None:
+            slow = self._shm.grants.revoke(region.id, peers, self._tcp.connect_timeout)
+            if slow:
+                log.warning("%d peer(s) did not confirm dropping region %d's memory",
+                            len(slow), region.id)
         region._release()
 
     # -- ops ------------------------------------------------------------------------------
@@ -288,11 +287,13 @@ class Engine:
         page_size = int(page_size)
         ss = page_size if src_stride is None else _nonneg("src_stride", src_stride)
         ds = page_size if dst_stride is None else _nonneg("dst_stride", dst_stride)
-        so = np.uint64(_nonneg("src_offset", src_offset)) + sp * np.uint64(ss)
-        do = np.uint64(_nonneg("dst_offset", dst_offset)) + dp * np.uint64(ds)
+        src_base, dst_base = _nonneg("src_offset", src_offset), _nonneg("dst_offset", dst_offset)
         if len(sp):
-            _check_range("source pages", int(so.max()), page_size, view.nbytes)
-            _check_dst_range(desc, int(do.max()), page_size)
+            # the furthest page, in Python integers: no uint64 wraparound can sneak past
+            _check_range("source pages", src_base + int(sp.max()) * ss, page_size, view.nbytes)
+            _check_dst_range(desc, dst_base + int(dp.max()) * ds, page_size)
+        so = np.uint64(src_base) + sp * np.uint64(ss)
+        do = np.uint64(dst_base) + dp * np.uint64(ds)
         so, do, lens = coalesce(so, do, page_size)
         return self._write(desc, view, so, do, lens, _imm(imm), timeout, "write_pages")
 
@@ -363,61 +364,6 @@ class Engine:
         t = self._new_transfer("send", len(payload), 1, timeout, str(addr))
         wop = WireOp(next(self._tcp.op_ids), t, str(addr))
         self._submit_control(t, addr, simple_chunk(wop, w.Op.SEND, imm=tagv or 0, payload=payload))
-        return t
-
-    def recv_async(self, *, tag: int = 0, timeout: float | None = None) -> Transfer:
-        """A transfer whose ``value`` is the next :class:`Message` with ``tag``."""
-        self._check_open()
-        t = self._new_transfer("recv", 0, 1, timeout, None)
-        with self._inbox_lock:
-            box = self._inbox.get(tag)
-            if box:
-                msg = box.popleft()
-                self._inbox_bytes -= len(msg.data)
-            else:
-                msg = None
-                self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
-        if msg is not None:
-            t._complete(msg)
-        return t
-
-    def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
-        """Wait for the next message with ``tag``; raises TransferTimeout after ``timeout``."""
-        msg: Message = self.recv_async(tag=tag, timeout=timeout).result()
-        return msg
-
-    def expect(self, imm: int, count: int = 1, *, timeout: float | None = None) -> Transfer:
-        """A transfer that completes once ``count`` ops carrying ``imm`` have fully landed here.
-
-        Arrivals before the call are counted too; a completed expect consumes its ``count``.
-        """
-        self._check_open()
-        value = _imm(imm)
-        if value is None or not isinstance(count, int) or count < 1:
-            raise ConfigError("expect needs an immediate value and a count >= 1")
-        t = self._new_transfer("expect", 0, 1, timeout, None)
-        waiter: list[Any] = [count, t, 0]  # wanted, transfer, consumed so far
-        with self._imm_lock:
-            have = self._imm_counts.get(value, 0)
-            ready = have >= count and not self._imm_waiters.get(value)
-            if ready:
-                self._set_count(value, have - count)
-            else:
-                self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
-        if ready:
-            t._part_done()
-            return t
-        self._drain_imm(value)
-
-        def give_back() -> None:  # a timed-out or cancelled expect returns what it consumed
-            with self._imm_lock:
-                q = self._imm_waiters.get(value)
-                if q is not None and waiter in q:
-                    q.remove(waiter)
-                    self._imm_counts[value] += int(waiter[2])
-            self._drain_imm(value)
-
-        t._on_abort(give_back)
         return t
 
     def connect(self, peer: bytes, *, timeout: float | None = None) -> None:
@@ -493,104 +439,17 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- InboundHandler (called by transports) --------------------------------------------
-
-    def resolve(self, region: int, key: bytes, need: int,
-                table: np.ndarray) -> tuple[int, str, memoryview | None]:
-        r = self._regions.get(region)
-        if r is None or r.closed:
-            return w.Status.NO_REGION, f"region {region} is not registered", None
-        if not hmac.compare_digest(r._key, key):
-            return w.Status.BAD_KEY, f"wrong access key for region {region}", None
-        if need not in (1, 2, 3) or (Access(need) & r.access) != need:
-            what = "write" if need & Access.REMOTE_WRITE else "read"
-            return w.Status.NOT_PERMITTED, f"region {region} does not allow remote {what}", None
-        view = r._view
-        if view is None:
-            return w.Status.NO_REGION, f"region {region} is not registered", None
-        if len(table):
-            size = np.uint64(view.nbytes)
-            off, n = table["offset"], table["length"]
-            if not bool(np.all((off <= size) & (n <= size - np.minimum(off, size)))):
-                return (w.Status.OUT_OF_BOUNDS,
-                        f"access outside region {region} ({view.nbytes} bytes)", None)
-        return w.Status.OK, "", view
-
-    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
-               imm: int | None) -> None:
-        if imm is None:
-            return
-        key = (peer_id, op_id)
-        with self._imm_lock:
-            if key in self._recent:
-                return  # a resent chunk of an op already counted
-            if nchunks > 1:
-                entry = self._partial.get(key)
-                if entry is None:
-                    entry = self._partial[key] = (time.monotonic(), set())
-                entry[1].add(chunk)
-                if len(entry[1]) < nchunks:
-                    return
-                del self._partial[key]
-            self._recent[key] = None
-            if len(self._recent) > _RECENT_OPS:
-                self._recent.popitem(last=False)
-            self._imm_counts[imm] += 1
-        self._drain_imm(imm)
-
-    def _set_count(self, imm: int, n: int) -> None:
-        """Set an immediate's unclaimed count; zero entries are dropped (no growth per imm)."""
-        if n:
-            self._imm_counts[imm] = n
-        else:
-            self._imm_counts.pop(imm, None)
-
-    def _drain_imm(self, imm: int) -> None:
-        done: list[list[Any]] = []
-        with self._imm_lock:
-            q = self._imm_waiters.get(imm)
-            while q:
-                waiter = q[0]
-                have = self._imm_counts.get(imm, 0)
-                take = min(have, waiter[0] - waiter[2])
-                waiter[2] += take
-                self._set_count(imm, have - take)
-                if waiter[2] < waiter[0]:
-                    break
-                q.popleft()
-                done.append(waiter)
-            if q is not None and not q:
-                del self._imm_waiters[imm]
-        give_back = 0
-        for waiter in done:
-            if not waiter[1]._complete(None):
-                give_back += waiter[0]  # it timed out meanwhile: return what it consumed
-        if give_back:
-            with self._imm_lock:
-                self._imm_counts[imm] += give_back
-            self._drain_imm(imm)
-
-    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
-        if tag >= CONTROL_TAG_BASE and self._nixl is not None:
-            return self._nixl.on_control(peer, tag, data)
-        msg = Message(peer.to_bytes(), tag, data)
-        while True:
-            with self._inbox_lock:
-                waiters = self._inbox_waiters.get(tag)
-                t = waiters.popleft() if waiters else None
-                if t is None:
-                    if self._inbox_bytes + len(data) > self._inbox_limit:
-                        return w.Status.INBOX_FULL, (
-                            f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
-                            "it is not calling recv()")
-                    self._inbox.setdefault(tag, collections.deque()).append(msg)
-                    self._inbox_bytes += len(data)
-                    return w.Status.OK, ""
-            if t._complete(msg):
-                return w.Status.OK, ""
-            # that waiter had timed out: offer the message to the next one
-
     # -- internals ------------------------------------------------------------------------
+
+    def _forget_peer(self, peer_id: bytes) -> None:
+        """A peer gone past its grace: drop everything kept for it."""
+        self.forget_partials(peer_id)
+        with self._lock:
+            for r in self._regions.values():
+                r._shm_peers.discard(peer_id)
+            stale = [k for k, a in self._addresses.items() if a.engine_id == peer_id]
+            for k in stale:
+                del self._addresses[k]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -615,6 +474,8 @@ class Engine:
         addr = self._addresses.get(address)
         if addr is None:
             addr = EngineAddress.from_bytes(address)
+            if len(self._addresses) >= 4096:
+                self._addresses.clear()  # a cache: bounded, whatever the callers pass
             self._addresses[bytes(address)] = addr
         return addr
 
@@ -625,18 +486,6 @@ class Engine:
             if name == "nixl" and self._nixl is not None and self._nixl.reaches(peer, desc):
                 return self._nixl
         return self._tcp
-
-    def _new_transfer(self, kind: str, nbytes: int, parts: int, timeout: float | None,
-                      peer: str | None) -> Transfer:
-        limit = self.timeout if timeout is None else float(timeout)
-        if limit <= 0:
-            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
-        t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
-        if parts:
-            with self._timer_cv:
-                heapq.heappush(self._timers,
-                               (t.deadline or 0.0, next(self._timer_seq), weakref.ref(t)))
-        return t
 
     def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
                lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
@@ -659,85 +508,3 @@ class Engine:
             self._tcp.submit(addr, [chunk])
         except TensorFabricError as exc:
             t._fail(exc)
-
-    def _timer_loop(self) -> None:
-        next_tick = 0.0
-        while not self._closed:
-            now = time.monotonic()
-            expired: list[Transfer] = []
-            with self._timer_cv:
-                while self._timers:
-                    deadline, _, ref = self._timers[0]
-                    top = ref()
-                    if top is not None and not top.done() and deadline > now:
-                        break
-                    heapq.heappop(self._timers)
-                    if top is not None and not top.done():
-                        expired.append(top)
-                if len(self._timers) > 4096:  # drop finished entries buried under live ones
-                    live = [e for e in self._timers if (x := e[2]()) is not None and not x.done()]
-                    if len(live) < len(self._timers) // 2:
-                        heapq.heapify(live)
-                        self._timers = live
-                wait = 0.05
-                if self._timers:
-                    wait = min(wait, max(0.0, self._timers[0][0] - now))
-            for t in expired:
-                t._fail(TransferTimeout(f"{t.kind} did not complete within its timeout",
-                                        peer=t.peer, nbytes=t.nbytes))
-            if now >= next_tick:
-                next_tick = now + 0.1
-                try:
-                    self._tcp.tick(now)
-                except Exception:
-                    log.exception("tensorfabric: link housekeeping failed")
-                self._sweep_partial(now)
-            with self._timer_cv:
-                if not self._closed:
-                    self._timer_cv.wait(wait)
-
-    def _sweep_partial(self, now: float) -> None:
-        with self._imm_lock:
-            stale = [k for k, (t0, _) in self._partial.items() if now - t0 > 600]
-            for k in stale:
-                del self._partial[k]
-
-
-def _nonneg(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-def _imm(value: int | None) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, np.integer)) or not 0 <= value <= _U64:
-        raise ConfigError(f"immediate must be an int in [0, 2**64), got {value!r}")
-    return int(value)
-
-
-def _index_array(name: str, pages: Sequence[int] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(pages)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise ConfigError(f"{name} must be a 1-D sequence of page indices")
-    if arr.size and int(arr.min()) < 0:
-        raise ConfigError(f"{name} has a negative page index")
-    return arr.astype(np.uint64)
-
-
-def _check_range(what: str, offset: int, nbytes: int, size: int) -> None:
-    _nonneg(f"{what} offset", offset)
-    _nonneg("nbytes", nbytes)
-    if offset + nbytes > size:
-        raise ConfigError(f"{what} range [{offset}, {offset + nbytes}) is outside its "
-                          f"{size}-byte buffer", offset=offset, nbytes=nbytes)
-
-
-def _check_dst_range(desc: RegionDescriptor, offset: int, nbytes: int) -> None:
-    _nonneg("dst_offset", offset)
-    _nonneg("nbytes", nbytes)
-    if offset + nbytes > desc.nbytes:
-        raise AccessError(f"write of {nbytes} bytes at {offset} is outside the peer's "
-                          f"{desc.nbytes}-byte region {desc.region_id}", region=desc.region_id,
-                          offset=offset, nbytes=nbytes)

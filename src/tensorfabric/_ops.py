@@ -160,6 +160,7 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
         return [_one_frame(wop, op, region, key, imm, src, int(src_off[0]), int(dst_off[0]),
                            int(lengths[0]))]
     p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes, links)
+    opkey = w.OP_HEAD.pack(key, int((p_dst + p_len).max()) if len(p_len) else 0)
     table = np.empty(len(p_len), dtype=w.SEG_DTYPE)
     table["offset"] = p_dst
     table["length"] = p_len
@@ -169,7 +170,7 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
     chunks = []
     for i in range(nchunks):
         a, b = int(bounds[i]), int(bounds[i + 1])
-        ext = key + table[a:b].tobytes()
+        ext = opkey + table[a:b].tobytes()
         nbytes = sum(lens[a:b])
         head = w.pack_header(op, flags, len(ext), wop.op_id, region, nbytes, imm or 0, i, nchunks)
         payload = [src[s:s + n] for s, n in zip(srcs[a:b], lens[a:b])]
@@ -184,7 +185,7 @@ _ONE_SEG = struct.Struct("<QQ")  # one SEG_DTYPE entry: offset, length
 def _one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                src: memoryview, s: int, d: int, n: int) -> Chunk:
     """The common small write: one segment in one frame, without numpy (latency path)."""
-    ext = key + _ONE_SEG.pack(d, n) if n else key
+    ext = w.OP_HEAD.pack(key, d + n) + (_ONE_SEG.pack(d, n) if n else b"")
     head = w.pack_header(op, w.FLAG_IMM if imm is not None else 0, len(ext), wop.op_id, region,
                          n, imm or 0, 0, 1)
     wop.remaining = 1
@@ -198,7 +199,7 @@ def read_chunks(wop: WireOp, region: int, key: bytes, src_off: int, dst: memoryv
     chunks = []
     for i in range(count):
         a, b = i * chunk_bytes, min(n, (i + 1) * chunk_bytes)
-        ext = key + np.array([(src_off + a, b - a)], dtype=w.SEG_DTYPE).tobytes()
+        ext = w.OP_HEAD.pack(key, src_off + n) + _ONE_SEG.pack(src_off + a, b - a)
         head = w.pack_header(w.Op.READ_REQ, 0, len(ext), wop.op_id, region, 0, 0, i, count)
         chunks.append(Chunk(wop, i, head + ext, [], b - a, dst=dst[a:b], region=region))
     wop.remaining = count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import fcntl
 import mmap
 import os
 import struct
@@ -28,9 +29,11 @@ class Access(enum.IntFlag):
 
 KEY_BYTES = 16
 _DESC_MAGIC = b"tfRD"
-_DESC_HEAD = struct.Struct("<4sBBHQQQ16s")  # magic, version, access, flags, region, nbytes, pid, key
+_DESC_VERSION = 2
+_DESC_HEAD = struct.Struct("<4sBBHQQ16s")  # magic, version, access, flags, region, nbytes, key
 _FLAG_SHM = 1
-_SHM_FD = struct.Struct("<i")
+_U64 = (1 << 64) - 1
+_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class RegionDescriptor:
 
     Holding a descriptor grants the access it names: it carries the region's access key.
     Treat it like a capability and only give it to peers that should have that access.
+    It names no file, process or address: a same-host peer that wants the region's shared
+    memory asks the owner, which checks the key and hands over that region's memory itself.
     """
 
     owner: bytes  #: the owner engine's address (``Engine.address``)
@@ -46,38 +51,35 @@ class RegionDescriptor:
     nbytes: int
     access: Access
     key: bytes
-    shm_pid: int = 0  #: owner pid when the region is shared-memory backed (same-host fast path)
-    shm_fd: int = -1
-
-    @property
-    def shm(self) -> bool:
-        return self.shm_fd >= 0
+    shm: bool = False  #: the owner can share this region's memory with same-host peers
 
     def to_bytes(self) -> bytes:
-        flags = _FLAG_SHM if self.shm else 0
-        head = _DESC_HEAD.pack(
-            _DESC_MAGIC, 1, int(self.access), flags, self.region_id, self.nbytes, self.shm_pid,
-            self.key,
-        )
-        extra = _SHM_FD.pack(self.shm_fd) if self.shm else b""
-        return head + extra + self.owner
+        head = _DESC_HEAD.pack(_DESC_MAGIC, _DESC_VERSION, int(self.access),
+                               _FLAG_SHM if self.shm else 0, self.region_id, self.nbytes,
+                               self.key)
+        return head + self.owner
 
     __bytes__ = to_bytes
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> RegionDescriptor:
-        data = bytes(data)
+        """Parse a descriptor; anything truncated, unknown or out of range is a ConfigError."""
+        try:
+            data = bytes(data)
+        except TypeError:
+            raise ConfigError("a region descriptor must be bytes") from None
         if len(data) < _DESC_HEAD.size or data[:4] != _DESC_MAGIC:
-            raise ConfigError("not a tensorfabric region descriptor")
-        magic, version, access, flags, region_id, nbytes, pid, key = _DESC_HEAD.unpack_from(data)
-        if version != 1:
-            raise ConfigError(f"region descriptor version {version} is not supported")
-        pos = _DESC_HEAD.size
-        fd = -1
-        if flags & _FLAG_SHM:
-            (fd,) = _SHM_FD.unpack_from(data, pos)
-            pos += _SHM_FD.size
-        return cls(data[pos:], region_id, nbytes, Access(access), key, pid, fd)
+            raise ConfigError("not a tensorfabric region descriptor (or a truncated one)")
+        _, version, access, flags, region_id, nbytes, key = _DESC_HEAD.unpack_from(data)
+        if version != _DESC_VERSION:
+            raise ConfigError(f"region descriptor version {version} is not supported "
+                              f"(this engine speaks version {_DESC_VERSION})")
+        if access & ~int(Access.READ_WRITE) or flags & ~_FLAG_SHM:
+            raise ConfigError("region descriptor has unknown access or flag bits")
+        if len(data) == _DESC_HEAD.size:
+            raise ConfigError("region descriptor has no owner address (truncated)")
+        return cls(data[_DESC_HEAD.size:], region_id, nbytes, Access(access), key,
+                   bool(flags & _FLAG_SHM))
 
     def __repr__(self) -> str:
         return (
@@ -89,20 +91,33 @@ class RegionDescriptor:
 class ShmBacking:
     """An anonymous shared-memory file (memfd) mapped into this process.
 
-    Peers on the same host open it through ``/proc/<pid>/fd/<fd>`` after the owner checked their
-    key, so nothing is ever named in /dev/shm and nothing leaks when the owner dies: the kernel
-    frees the memory when the last process unmaps it.
+    The owner hands the file itself to a same-host peer (over a unix socket, after checking the
+    peer's key), opened with exactly the access the region grants; nothing is ever named in
+    /dev/shm and nothing leaks when the owner dies: the kernel frees the memory when the last
+    process unmaps it. The file is sealed against shrinking and growing (a peer cannot truncate
+    it under the owner), and a read-only region also against any new writable mapping or
+    write, so a peer cannot upgrade the read-only file it was given.
     """
 
-    def __init__(self, nbytes: int, name: str = "tensorfabric") -> None:
+    def __init__(self, nbytes: int, name: str = "tensorfabric", *,
+                 read_only_peers: bool = False) -> None:
         self.nbytes = nbytes
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, max(nbytes, 1))
             self.map = mmap.mmap(self.fd, max(nbytes, 1), mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            if read_only_peers:
+                seals |= _F_SEAL_FUTURE_WRITE  # our own mapping above stays writable
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
         except BaseException:
             os.close(self.fd)
             raise
+
+    def open_for_peer(self, writable: bool) -> int:
+        """A new descriptor of this file for a peer: read-write, or read-only."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        return os.open(f"/proc/self/fd/{self.fd}", flags)
 
     def close(self) -> None:
         try:
@@ -135,6 +150,8 @@ class MemoryRegion:
         self._key = key
         self._owner_obj = owner_obj  # keeps the user's buffer alive while registered
         self._shm = shm
+        #: same-host peers that were handed this region's memory (told when it is unregistered)
+        self._shm_peers: set[bytes] = set()
 
     @property
     def nbytes(self) -> int:
@@ -163,16 +180,22 @@ class MemoryRegion:
 
     def descriptor(self) -> RegionDescriptor:
         """The bytes-serializable capability a peer uses to reach this region."""
-        shm = self._shm
         return RegionDescriptor(
             owner=self._engine.address,
             region_id=self.id,
             nbytes=self.nbytes,
             access=self.access,
             key=self._key,
-            shm_pid=os.getpid() if shm else 0,
-            shm_fd=shm.fd if shm else -1,
+            shm=self.shares_memory,
         )
+
+    @property
+    def shares_memory(self) -> bool:
+        """Whether same-host peers may map this region: it is shared-memory backed and a
+        mapping can grant exactly its access (read-write or read-only; a write-only region
+        cannot be mapped without also being readable, so peers reach it over tcp)."""
+        return (self._shm is not None and bool(self.access & Access.REMOTE_READ)
+                and self._engine._shm is not None)
 
     def close(self) -> None:
         """Unregister: peers' later accesses fail with AccessError."""

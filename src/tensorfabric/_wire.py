@@ -22,21 +22,37 @@ MAX_PAYLOAD = 256 << 20  # largest single frame payload accepted
 MAX_SEGMENTS = 1 << 16
 MAX_MESSAGE = 64 << 20  # largest send/recv message
 
+#: what a queued message costs against the receiver's inbox bound beyond its bytes (so that a
+#: flood of empty messages is bounded too)
+MESSAGE_OVERHEAD = 256
+
+
+def charge(nbytes: int) -> int:
+    """A message's cost against the inbox bound."""
+    return nbytes + MESSAGE_OVERHEAD
+
+
 SEG_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8")])
+#: what every WRITE / SHM_DONE / READ_REQ ext starts with: the region key and the end (one past
+#: the highest byte) of the whole op, so the owner refuses an op that reaches past its region
+#: before its first chunk lands, whichever chunk arrives first
+OP_HEAD = struct.Struct("<16sQ")
 
 
 class Op(enum.IntEnum):
-    WRITE = 1  # ext: key + segment table; payload: the segments' bytes, concatenated
+    WRITE = 1  # ext: OP_HEAD + segment table; payload: the segments' bytes, concatenated
     IMM = 2  # immediate only (barrier); imm in header
     ACK = 3  # reply to WRITE/IMM/SEND/SHM_DONE chunk; flags = Status; ext = error text
-    READ_REQ = 4  # ext: key + one segment
+    READ_REQ = 4  # ext: OP_HEAD + one segment
     READ_RESP = 5  # payload: the bytes read; flags = Status; ext = error text
     SEND = 6  # two-sided message; imm = tag; payload = data
     SHM_OPEN = 7  # ext: key; region = region id; imm = wanted access
-    SHM_OPEN_RESP = 8  # flags = Status; ext = error text
-    SHM_DONE = 9  # data already copied through shared memory; ext: key + segment table
+    SHM_OPEN_RESP = 8  # flags = Status; ext = grant (ticket, size, socket name) or error text
+    SHM_DONE = 9  # data already copied through shared memory; ext: OP_HEAD + segment table
     PING = 10
     PONG = 11
+    SHM_REVOKE = 12  # owner -> peer: region (in header) is unregistered; drop its mapping
+    SHM_REVOKED = 13  # peer -> owner: the mapping is gone (op id of the SHM_REVOKE)
 
 
 class Status(enum.IntEnum):

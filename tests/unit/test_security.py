@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 import time
 
 import numpy as np
@@ -12,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorfabric as tf
-from tensorfabric import _auth, _wire as w
+from _rawpeer import RawPeer as _RawPeer, closed as _closed
+from tensorfabric import _wire as w
 from tensorfabric._address import EngineAddress
-from tensorfabric.transports._tcp import _HELLO, _REPLY
 
 SECRET = "security-secret"
 
@@ -42,46 +44,22 @@ def test_wrong_secret_is_refused_both_ways() -> None:
         assert bytes(r.view) == b"\0" * 8
 
 
-class RawPeer:
-    """A hand-made client that knows the secret and speaks the handshake, then anything."""
-
-    def __init__(self, target: tf.Engine, secret: str = SECRET) -> None:
-        addr = EngineAddress.from_bytes(target.address)
-        me = EngineAddress(b"R" * 16, "raw", (("127.0.0.1", 1),))
-        self.sock = socket.create_connection(addr.endpoints[0], timeout=5)
-        nonce = _auth.new_nonce()
-        mine = me.to_bytes()
-        self.sock.sendall(_HELLO.pack(b"tfH1", me.engine_id, addr.engine_id, nonce, 0,
-                                      len(mine)) + mine)
-        data = b""
-        while len(data) < _REPLY.size:
-            data += self.sock.recv(_REPLY.size - len(data))
-        _, their_id, their_nonce, _ = _REPLY.unpack(data)
-        ids = me.engine_id + their_id
-        self.sock.sendall(_auth.prove(secret.encode(), b"D", their_nonce, nonce, ids))
-        assert self.sock.recv(4) == b"OK\0\0"
-
-    def closed_by_peer(self, timeout: float = 5.0) -> bool:
-        return _closed(self.sock, timeout)
+def RawPeer(target: tf.Engine, secret: str = SECRET) -> _RawPeer:
+    raw = _RawPeer(target, secret)
+    assert raw.ok
+    return raw
 
 
-def _closed(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True once the engine has closed this connection (EOF or reset) within ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
+BASELINE: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
 def victim():
     with tf.Engine(SECRET, transports=("tcp",)) as eng, tf.Engine(SECRET, transports=("tcp",)) as friend:
         region = eng.register(np.zeros(4096, np.uint8))
+        friend.write(b"warm", region.descriptor()).wait(10)  # the friend's link is up
+        BASELINE["threads"] = threading.active_count()
+        BASELINE["fds"] = len(os.listdir("/proc/self/fd"))
         yield eng, friend, region
 
 
@@ -104,7 +82,7 @@ def test_garbage_before_handshake_is_dropped(victim) -> None:
 
 def test_oversized_frame_closes_the_connection(victim) -> None:
     raw = RawPeer(victim[0])
-    raw.sock.sendall(w.pack_header(w.Op.SEND, 0, 0, 1, 0, 1 << 40, 0, 0, 1))
+    raw.send(w.pack_header(w.Op.SEND, 0, 0, 1, 0, 1 << 40, 0, 0, 1))
     assert raw.closed_by_peer()
     _still_works(victim)
 
@@ -113,9 +91,10 @@ def test_lying_segment_table_closes_the_connection(victim) -> None:
     eng, _, region = victim
     desc = region.descriptor()
     raw = RawPeer(eng)
-    ext = desc.key + w.segments_table(np.array([0], np.uint64), np.array([100], np.uint64))
-    raw.sock.sendall(w.pack_header(w.Op.WRITE, 0, len(ext), 1, desc.region_id, 50, 0, 0, 1) +
-                     ext + b"x" * 50)
+    ext = w.OP_HEAD.pack(desc.key, 100) + w.segments_table(np.array([0], np.uint64),
+                                                           np.array([100], np.uint64))
+    raw.send(w.pack_header(w.Op.WRITE, 0, len(ext), 1, desc.region_id, 50, 0, 0, 1) + ext,
+             b"x" * 50)
     assert raw.closed_by_peer()
     assert not region.array[5:].any()
     _still_works(victim)
@@ -125,9 +104,11 @@ def test_truncated_frame_then_hangup(victim) -> None:
     eng, _, region = victim
     desc = region.descriptor()
     raw = RawPeer(eng)
-    ext = desc.key + w.segments_table(np.array([1000], np.uint64), np.array([1000], np.uint64))
-    raw.sock.sendall(w.pack_header(w.Op.WRITE, w.FLAG_IMM, len(ext), 1, desc.region_id, 1000,
-                                   77, 0, 1) + ext + b"y" * 10)
+    ext = w.OP_HEAD.pack(desc.key, 2000) + w.segments_table(np.array([1000], np.uint64),
+                                                            np.array([1000], np.uint64))
+    frame = raw.seal(w.pack_header(w.Op.WRITE, w.FLAG_IMM, len(ext), 1, desc.region_id, 1000,
+                                   77, 0, 1) + ext, b"y" * 1000)
+    raw.sock.sendall(frame[:-1000])  # cut short in the payload
     raw.sock.close()
     time.sleep(0.2)
     with pytest.raises(tf.TransferTimeout):  # a frame cut short never counts its immediate
@@ -135,23 +116,47 @@ def test_truncated_frame_then_hangup(victim) -> None:
     _still_works(victim)
 
 
+_fields = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 1 << 63),
+                    st.integers(0, 4), st.integers(0, 4), st.integers(0, 1 << 63))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(
-    st.binary(min_size=1, max_size=300),
-    st.builds(
-        lambda op, flags, ext_len, region, plen, chunk, nchunks, tail: struct.pack(
-            "<HBBIQQQQII", w.MAGIC, op, flags, ext_len, 1, region, plen, 0, chunk, nchunks) + tail,
-        st.integers(0, 255), st.integers(0, 255), st.integers(0, 1 << 31),
-        st.integers(0, 1 << 63), st.integers(0, 1 << 63), st.integers(0, 4), st.integers(0, 4),
-        st.binary(max_size=64)),
+    st.binary(min_size=1, max_size=300).map(lambda b: ("raw", b, b"")),
+    st.builds(  # well-formed, correctly MACed frames with hostile contents (post-auth parsing)
+        lambda f, ext, payload, lie: ("sealed", struct.pack(
+            "<HBBIQQQQII", w.MAGIC, f[0], f[1], len(ext), 1, f[2] % (1 << 16),
+            len(payload) + lie, f[5], f[3], f[4]) + ext, payload),
+        _fields, st.binary(max_size=80), st.binary(max_size=200), st.sampled_from([0, 0, 7])),
 ))
-def test_garbage_frames_never_hurt_the_engine(victim, frame: bytes) -> None:
+def test_garbage_frames_never_hurt_the_engine(victim, case) -> None:
+    kind, head, payload = case
     raw = RawPeer(victim[0])
     try:
-        raw.sock.sendall(frame)
+        if kind == "raw":
+            raw.sock.sendall(head)
+        else:
+            raw.send(head, payload)
         raw.sock.shutdown(socket.SHUT_WR)  # a truncated frame: then the peer hangs up
     except OSError:
         pass  # the engine already dropped us: also fine
     assert raw.closed_by_peer()
     raw.sock.close()
+    _still_works(victim)
+
+
+def test_fuzzing_left_nothing_behind(victim) -> None:
+    """After the frame fuzz: every fuzzing connection is gone, with its threads and fds."""
+    eng, friend, _ = victim
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        others = [c for c in list(eng._tcp._accepted) if c.peer.engine_id != friend._id]
+        if not others and threading.active_count() <= BASELINE["threads"] and \
+                len(os.listdir("/proc/self/fd")) <= BASELINE["fds"]:
+            break
+        time.sleep(0.2)
+    assert not [c for c in list(eng._tcp._accepted) if c.peer.engine_id != friend._id]
+    assert threading.active_count() <= BASELINE["threads"]
+    assert len(os.listdir("/proc/self/fd")) <= BASELINE["fds"]
+    assert eng._inbox_bytes == sum(len(m.data) + 256 for q in eng._inbox.values() for m in q)
     _still_works(victim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._baselines import RawSocketPeer, memcpy_timing
 from ._plot import plot_rows
 from ._runner import ALL_OPS, BenchConfig, BenchReport, run_bench
-from ._stats import Row, Timing, format_table, human_size, parse_size
+from ._stats import Row, Timing, format_table, human_size, integrity_table, parse_size
 
 __all__ = [
     # running
@@ -22,6 +22,7 @@ __all__ = [
     "Row",
     "Timing",
     "format_table",
+    "integrity_table",
     "plot_rows",
     # baselines
     "RawSocketPeer",

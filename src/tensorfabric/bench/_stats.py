@@ -146,3 +146,31 @@ def format_table(rows: list[Row]) -> str:
                        for i in range(len(COLUMNS))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def integrity_table(rows: list[Row], plain: str = "tcp-plain") -> str:
+    """Each tcp variant's figure as a ratio to the plain link (frame MACs off) at the same op
+    and size, from the same run. Where both have a baseline ratio (each measured in alternation
+    with its own raw-socket baseline) it is the ratio of those; else the throughput ratio, or
+    for latency-bound ops plain p50 / p50."""
+    base = {(r.op, r.size, r.page_size): r for r in rows if r.transport == plain}
+    lines = [f"{'op':<9} {'size':>8}  " + "  ".join(f"{t:>12}" for t in ("tcp (mac)", "tcp-tls"))]
+    keys = sorted({(r.op, r.size, r.page_size) for r in rows if r.transport != plain},
+                  key=lambda k: (k[0], k[1], k[2] or 0))
+    for key in keys:
+        b = base.get(key)
+        cells = []
+        for t in ("tcp", "tcp-tls"):
+            r = next((x for x in rows if x.transport == t and (x.op, x.size, x.page_size) == key),
+                     None)
+            if r is None or b is None:
+                cells.append("-")
+            elif r.ratio and b.ratio:  # each against its own raw baseline, alternated: the
+                cells.append(f"{r.ratio / b.ratio:.2f}")  # steadiest on a busy machine
+            elif r.gbps and b.gbps and key[1] >= 64 * KiB:
+                cells.append(f"{r.gbps / b.gbps:.2f}")
+            else:
+                cells.append(f"{b.p50_us / r.p50_us:.2f}")
+        size = human_size(key[2] or key[1]) if key[0] == "pages" else human_size(key[1])
+        lines.append(f"{key[0]:<9} {size:>8}  " + "  ".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)

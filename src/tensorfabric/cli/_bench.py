@@ -10,7 +10,7 @@ import typer
 
 from . import _types
 
-_TRANSPORTS = ("tcp", "shm", "nixl")
+_TRANSPORTS = ("tcp", "shm", "nixl", "tcp-plain", "tcp-tls")
 _OPS = ("write", "pages", "read", "imm", "sendrecv")  # bench._runner.ALL_OPS (kept import-free)
 
 
@@ -120,6 +120,10 @@ def bench(
     moe_points: Optional[str] = typer.Option(
         None, "--moe-points",
         help="With --moe: EPxTOKENSxHIDDENxEXPERTS[xTOPK] list, e.g. 2x128x2048x64,4x4096x7168x256."),
+    integrity: bool = typer.Option(
+        False, "--integrity",
+        help="Measure the cost of link integrity: tcp-plain (frame MACs off), tcp (MACs on, "
+             "the default) and tcp-tls, with each as a ratio to tcp-plain from the same run."),
 ) -> None:
     """Measure write, paged write, read, immediate and send/recv between two engines.
 
@@ -147,6 +151,8 @@ def bench(
     host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
 
     kind: tuple[str, ...] = pick(transport, "transport", ("all",))
+    if integrity:
+        kind = ("tcp-plain", "tcp", "tcp-tls")
     if listen:
         _serve_listen(listen, port, "tcp" if kind == ("all",) else kind[0], nlinks, addrs)
         return
@@ -181,6 +187,12 @@ def bench(
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     report = _run_with_progress(cfg, run_bench)
     _print(report, format_table)
+    if integrity:
+        from tensorfabric.bench import integrity_table
+
+        typer.echo("\ncost of integrity: ratio to tcp-plain (frame MACs off) at the same size, "
+                   "same run (each variant's ratio to its raw baseline over tcp-plain's)")
+        typer.echo(integrity_table(report.rows))
     if json_out:
         json_out.write_text(json.dumps(report.to_json(), indent=1))
         typer.echo(f"wrote {json_out}")

@@ -18,20 +18,37 @@ class InboundHandler(Protocol):
     Every method is called from a transport thread and must not block on the network.
     """
 
-    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray) -> tuple[int, str, memoryview | None]:
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray,
+                end: int = 0) -> tuple[int, str, memoryview | None]:
         """Check a remote access before any byte lands: returns ``(Status, reason, region view)``.
 
-        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment must lie
-        inside the region and ``need`` (an ``Access`` flag) must be granted, and ``key`` must be
-        the region's key, else a non-OK status and nothing is touched.
+        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment, and the
+        whole op (up to ``end``), must lie inside the region and ``need`` (an ``Access`` flag)
+        must be granted, and ``key`` must be the region's key, else a non-OK status and nothing
+        is touched.
         """
 
-    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int, imm: int | None) -> None:
+    def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
+               imm: int | None) -> tuple[int, str]:
         """A chunk's bytes are in place. Counts ``imm`` once per logical op, however many
-        chunks (and links) carried it, and never twice for a resent chunk."""
+        chunks (and links) carried it, and never twice for a resent chunk. Returns a status:
+        a peer that leaves too many immediates unclaimed or unfinished is refused."""
 
-    def deliver(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
-        """A two-sided message arrived. Returns a status (the inbox may be full)."""
+    def reserve_inbox(self, nbytes: int) -> bool:
+        """Count ``nbytes`` of a message about to arrive against the inbox bound (False: full)."""
+
+    def release_inbox(self, nbytes: int) -> None:
+        """Give back a reservation whose message was not queued."""
+
+    def deliver(self, peer: EngineAddress, tag: int, data: bytes,
+                reserved: int = 0) -> tuple[int, str]:
+        """A two-sided message arrived (``reserved``: its bytes are already counted by
+        :meth:`reserve_inbox`; the reservation is used or given back). Returns a status."""
+
+    def shm_open(self, peer_id: bytes, region: int, key: bytes,
+                 need: int) -> tuple[int, str, bytes]:
+        """A same-host peer asks for a region's memory: checks key and permission like
+        :meth:`resolve` and returns ``(Status, reason, grant)`` (the SHM_OPEN_RESP body)."""
 
 
 class Transport(ABC):

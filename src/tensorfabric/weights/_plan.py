@@ -212,6 +212,8 @@ CHECKSUMS = ("xxh3", "lanesum", "crc32")
 #: ``xxh3`` where the ``xxhash`` package is installed (the ``weights`` extra), else ``lanesum``.
 DEFAULT_CHECKSUM = "xxh3" if _xxhash is not None else "lanesum"
 _BLOCK = 16 * 64 * 8  # lanesum block: 16 rows of 64 uint64 lanes (8 KiB)
+#: lanesum row weights: distinct odd multipliers, so rows that trade places change the sums
+_ROW_WEIGHTS = np.uint64(0x9E3779B97F4A7C15) * (2 * np.arange(16, dtype=np.uint64) + np.uint64(1))
 
 
 def checksum_available(kind: str) -> str | None:
@@ -230,10 +232,13 @@ def checksum(buf: np.ndarray | memoryview | bytes, kind: str = DEFAULT_CHECKSUM)
     ``xxh3`` (default where ``xxhash`` is installed): the 64-bit XXH3 hash, as fast as memory
     can be read (27-30 GB/s on one core here, 2.7x ``lanesum``); it catches any change of the
     bytes, reordering included. ``crc32``: zlib CRC-32 (about 4-6 GB/s on one core).
-    ``lanesum`` (no extra package, ~2x ``crc32``): each 8 KiB block is summed as 16 rows of 64
-    uint64 lanes, and the CRC-32 of those lane sums (in block order) plus the CRC-32 of the
-    tail is the result. It catches any bit flip, stale or missing bytes, and data landing in
-    the wrong 8 KiB block; it can miss 512-byte pieces swapped within one block.
+    ``lanesum`` (no extra package): each 8 KiB block is summed as 16 rows of 64 uint64 lanes,
+    each row times its own odd weight (mod 2**64), and the CRC-32 of those lane sums (in block
+    order) plus the CRC-32 of the tail is the result. It catches any bit flip, stale or missing
+    bytes, data landing in the wrong 8 KiB block and 512-byte rows swapped within a block.
+
+    None of these is keyed: they catch accidents. Against a relay on the network the tcp
+    links' frame MACs (on by default) protect the data and the checksums both.
     """
     why = checksum_available(kind)
     if why is not None:
@@ -246,7 +251,8 @@ def checksum(buf: np.ndarray | memoryview | bytes, kind: str = DEFAULT_CHECKSUM)
     body = arr.nbytes - arr.nbytes % _BLOCK
     crc = 0
     if body:
-        sums = arr[:body].view(np.uint64).reshape(-1, 16, 64).sum(axis=1, dtype=np.uint64)
+        rows = arr[:body].view(np.uint64).reshape(-1, 16, 64)
+        sums = np.einsum("j,njk->nk", _ROW_WEIGHTS, rows)
         crc = zlib.crc32(cast(Any, sums), crc)
     return zlib.crc32(cast(Any, arr[body:]), crc)
 

@@ -1,0 +1,383 @@
+"""TCP receive path: a link's receive loop and the handlers of each frame type.
+
+Acceptor side: a peer's operations on our memory (checked by the engine before a byte lands).
+Dialer side: the replies to our operations. Payloads are received straight into place.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .. import _wire as w
+from .._address import EngineAddress
+from .._errors import ProtocolError
+from .._ops import Chunk
+from .._region import Access
+from ._handshake import IOV_MAX, _PeerGone
+from ._integrity import OVERLAP_MIN, TAG, FrameMac, background
+
+if TYPE_CHECKING:
+    from ._tcp import TcpTransport
+
+log = logging.getLogger("tensorfabric.tcp")
+
+
+class Receiver:
+    """The receive half of :class:`~._link.Conn` (a mixin: it uses the link's state)."""
+
+    t: TcpTransport
+    sock: socket.socket
+    dialer: bool
+    peer: EngineAddress
+    peer_name: str
+    index: int
+    tls: bool
+    cond: threading.Condition
+    replies: collections.deque[list[Any]]
+    inflight: dict[tuple[int, int], Chunk]
+    last_rx: float
+    rx: FrameMac | None
+    _pmac: Any
+    _pfut: Any
+
+    if TYPE_CHECKING:  # provided by Conn
+        def fail(self, exc: BaseException | None = None) -> None: ...
+        def reply(self, frame: list[Any]) -> None: ...
+
+
+    def _recv_into(self, view: memoryview) -> None:
+        if self._pmac is not None and view.nbytes >= OVERLAP_MIN:
+            self._recv_hashing(view)
+            return
+        self._recv_plain(view)
+        if self._pmac is not None:
+            self._mac_update(view)
+
+    def _recv_plain(self, view: memoryview) -> None:
+        sock = self.sock
+        while view:
+            n = sock.recv_into(view)
+            if n == 0:
+                raise _PeerGone("peer closed the connection")
+            self.last_rx = time.monotonic()
+            view = view[n:]
+
+    def _recv_hashing(self, view: memoryview) -> None:
+        """Receive a large payload piece by piece, MACing each piece on a helper thread while
+        the next one arrives (updates stay in order: each waits for the one before)."""
+        mac = self._pmac
+        for off in range(0, view.nbytes, OVERLAP_MIN):
+            piece = view[off:off + OVERLAP_MIN]
+            self._recv_plain(piece)
+            if self._pfut is not None:
+                self._pfut.result()
+            self._pfut = background(mac.update, piece)
+
+    def _mac_update(self, view: memoryview) -> None:
+        if self._pfut is not None:
+            self._pfut.result()
+            self._pfut = None
+        self._pmac.update(view)
+
+    def _recv_many(self, views: list[memoryview]) -> None:
+        if self.tls or len(views) == 1:
+            for v in views:
+                self._recv_into(v)
+            return
+        whole = list(views) if self._pmac is not None else None
+        sock = self.sock
+        i = 0
+        while i < len(views):
+            n = sock.recvmsg_into(views[i:i + IOV_MAX])[0]
+            if n == 0:
+                raise _PeerGone("peer closed the connection")
+            self.last_rx = time.monotonic()
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
+        if whole is not None:
+            for v in whole:
+                self._mac_update(v)
+
+    def _drain(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n:
+            k = min(n, len(scratch))
+            self._recv_plain(scratch[:k])  # the scratch is reused: hash it before the next
+            if self._pmac is not None:
+                self._mac_update(scratch[:k])
+            n -= k
+
+    def _end_payload(self) -> None:
+        """The payload is in: check its MAC before anything acts on it (ack, count, deliver)."""
+        mac = self._pmac
+        if mac is None:
+            return
+        if self._pfut is not None:
+            self._pfut.result()
+            self._pfut = None
+        self._pmac = None
+        tag = bytearray(TAG)
+        self._recv_into(memoryview(tag))
+        if not FrameMac.same(mac.finalize(), tag):
+            raise ProtocolError("a frame's payload failed its integrity check (changed on the "
+                                "way, or a relay without the secret)")
+
+    def _recv_loop(self) -> None:
+        header = bytearray(w.HEADER_SIZE)
+        hview = memoryview(header)
+        handlers = self._dialer_handlers() if self.dialer else self._acceptor_handlers()
+        rx = self.rx
+        try:
+            while True:
+                self._recv_into(hview)
+                magic, op, flags, ext_len, op_id, region, plen, imm, chunk, nchunks = \
+                    w.HEADER.unpack(header)
+                if magic != w.MAGIC:
+                    raise ProtocolError(f"bad frame magic {magic:#x}")
+                if ext_len > w.MAX_EXT or plen > w.MAX_PAYLOAD:
+                    raise ProtocolError(f"oversized frame (ext {ext_len}, payload {plen})")
+                if nchunks == 0 or chunk >= nchunks:
+                    raise ProtocolError(f"bad chunk numbering {chunk}/{nchunks}")
+                handler = handlers.get(op)
+                if handler is None:
+                    raise ProtocolError(f"unexpected frame type {op} on a "
+                                        f"{'dialled' if self.dialer else 'accepted'} link")
+                ext = b""
+                if rx is not None:  # ext and tag in one read; checked before anything acts
+                    buf = bytearray(ext_len + TAG)
+                    self._recv_into(memoryview(buf))
+                    ext = bytes(buf[:ext_len])
+                    d = rx.head(header + ext)
+                    if not FrameMac.same(d[:TAG], buf[ext_len:]):
+                        raise ProtocolError("a frame failed its integrity check (changed, "
+                                            "replayed, reordered or spliced on the way)")
+                    if plen:
+                        self._pmac = rx.payload(d, plen)
+                elif ext_len:
+                    ext_buf = bytearray(ext_len)
+                    self._recv_into(memoryview(ext_buf))
+                    ext = bytes(ext_buf)
+                handler(flags, ext, op_id, region, plen, imm, chunk, nchunks)
+                if self._pmac is not None:
+                    raise ProtocolError(f"frame type {op}: payload not checked")  # a bug
+        except ProtocolError as exc:
+            log.warning("closing link %d with %s: %s", self.index, self.peer_name, exc)
+            self.fail(exc)
+        except _PeerGone as exc:
+            self.fail(exc)
+        except (OSError, ValueError) as exc:
+            self.fail(exc)
+        except Exception as exc:  # a bug must not leave a half-dead link behind
+            log.exception("link %d with %s: unexpected error", self.index, self.peer_name)
+            self.fail(exc)
+
+    # acceptor side: a peer's operations on our memory
+
+    def _acceptor_handlers(self) -> dict[int, Callable[..., None]]:
+        return {
+            w.Op.WRITE: self._on_write,
+            w.Op.SHM_DONE: self._on_write,
+            w.Op.IMM: self._on_imm,
+            w.Op.SEND: self._on_send,
+            w.Op.READ_REQ: self._on_read_req,
+            w.Op.SHM_OPEN: self._on_shm_open,
+            w.Op.PING: self._on_ping,
+            w.Op.SHM_REVOKED: self._on_shm_revoked,
+        }
+
+    def _ack(self, op_id: int, chunk: int, status: int = 0, text: str = "",
+             op: int = w.Op.ACK) -> None:
+        ext = text.encode()[:4000]
+        self.reply([w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext])
+
+    @staticmethod
+    def _table(ext: bytes) -> tuple[bytes, int, np.ndarray]:
+        """An op's key, its end and this frame's segment table."""
+        body = len(ext) - w.OP_HEAD.size
+        if body < 0 or body % w.SEG_DTYPE.itemsize:
+            raise ProtocolError("malformed segment table")
+        key, end = w.OP_HEAD.unpack_from(ext)
+        return key, end, np.frombuffer(ext, dtype=w.SEG_DTYPE, offset=w.OP_HEAD.size)
+
+    def _on_write(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                  chunk: int, nchunks: int) -> None:
+        key, end, table = self._table(ext)
+        is_shm = plen == 0 and len(table) and int(table["length"].sum()) > 0
+        total = int(table["length"].sum()) if len(table) else 0
+        if not is_shm and total != plen:
+            raise ProtocolError(f"segment table says {total} bytes, frame carries {plen}")
+        status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_WRITE, table, end)
+        if status != w.Status.OK or view is None:
+            self._drain(plen)
+            self._end_payload()
+            self._ack(op_id, chunk, status, text)
+            return
+        if plen:
+            offs = table["offset"].tolist()
+            lens = table["length"].tolist()
+            self._recv_many([view[o:o + n] for o, n in zip(offs, lens) if n])
+            self._end_payload()
+        status, text = self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
+                                             imm if flags & w.FLAG_IMM else None)
+        self._ack(op_id, chunk, status, text)
+
+    def _on_imm(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                chunk: int, nchunks: int) -> None:
+        self._drain(plen)
+        self._end_payload()
+        status, text = self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks, imm)
+        self._ack(op_id, chunk, status, text)
+
+    def _on_send(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                 chunk: int, nchunks: int) -> None:
+        if plen > w.MAX_MESSAGE:
+            raise ProtocolError(f"message of {plen} bytes exceeds {w.MAX_MESSAGE}")
+        handler = self.t.handler
+        # counted against the inbox before a byte is allocated, and allocated as it arrives
+        cost = w.charge(plen)
+        if not handler.reserve_inbox(cost):
+            self._drain(plen)
+            self._end_payload()
+            self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox is full: it is "
+                      "not calling recv()")
+            return
+        try:
+            data = self._recv_growing(plen)
+            self._end_payload()
+        except BaseException:
+            handler.release_inbox(cost)
+            raise
+        key = (self.peer.engine_id, op_id)
+        if not self.t.first_delivery(key):
+            # resent after a link failure that lost only the acknowledgement: delivered once
+            handler.release_inbox(cost)
+            self._ack(op_id, chunk)
+            return
+        status, text = handler.deliver(self.peer, imm, data, reserved=cost)
+        if status != w.Status.OK:
+            self.t.forget_delivery(key)  # the sender fails it; a retry is a new message
+        self._ack(op_id, chunk, status, text)
+
+    def _recv_growing(self, n: int) -> bytes:
+        """Receive ``n`` bytes into memory allocated as they arrive (1 MiB pieces), so a header
+        that claims much and sends little costs little. Pieces are never resized (a helper
+        thread may still be MACing one)."""
+        pieces = []
+        left = n
+        while left:
+            piece = bytearray(min(left, 1 << 20))
+            self._recv_into(memoryview(piece))
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
+
+    def _on_read_req(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                     chunk: int, nchunks: int) -> None:
+        key, end, table = self._table(ext)
+        if len(table) != 1 or plen:
+            raise ProtocolError("a read request names exactly one segment and carries no payload")
+        status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_READ, table, end)
+        if status != w.Status.OK or view is None:
+            self._ack(op_id, chunk, status, text, op=w.Op.READ_RESP)
+            return
+        off, n = int(table["offset"][0]), int(table["length"][0])
+        head = w.pack_header(w.Op.READ_RESP, 0, 0, op_id, region, n, 0, chunk, chunk + 1)
+        frame: list[Any] = [head, view[off:off + n]] if n else [head]
+        with self.cond:  # data goes through the writer: never block this thread on a send
+            self.replies.append(frame)
+            self.cond.notify_all()
+
+    def _on_shm_open(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                     chunk: int, nchunks: int) -> None:
+        if len(ext) != 16 or plen:
+            raise ProtocolError("malformed shared-memory open request")
+        status, text, grant = self.t.handler.shm_open(self.peer.engine_id, region, ext, imm)
+        body = grant if status == w.Status.OK else text.encode()[:4000]
+        self.reply([w.pack_header(w.Op.SHM_OPEN_RESP, status, len(body), op_id, 0, 0, 0, chunk,
+                                  chunk + 1) + body])
+
+    def _on_shm_revoked(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
+        self.t.on_shm_revoked(op_id)
+
+    def _on_ping(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
+        self.reply([w.pack_header(w.Op.PONG, 0, 0, op_id)])
+
+    # dialer side: replies to our operations
+
+    def _dialer_handlers(self) -> dict[int, Callable[..., None]]:
+        return {
+            w.Op.ACK: self._on_reply,
+            w.Op.SHM_OPEN_RESP: self._on_shm_open_resp,
+            w.Op.READ_RESP: self._on_read_resp,
+            w.Op.PONG: lambda *a: None,
+            w.Op.SHM_REVOKE: self._on_shm_revoke,
+        }
+
+    def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
+        with self.cond:
+            c = self.inflight.pop((op_id, chunk), None)
+            if c is not None and len(self.inflight) == self.t.window - 1:
+                self.cond.notify_all()  # this link's writer may take the next chunk
+            return c
+
+    def _on_reply(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                  chunk: int, nchunks: int) -> None:
+        self._drain(plen)
+        self._end_payload()
+        c = self._pop_inflight(op_id, chunk)
+        if c is not None:
+            c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
+
+    def _on_shm_open_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                          imm: int, chunk: int, nchunks: int) -> None:
+        if plen:
+            raise ProtocolError("a shared-memory grant carries no payload")
+        c = self._pop_inflight(op_id, chunk)
+        if c is None:
+            return
+        if flags == w.Status.OK:
+            c.wop.transfer.value = ext  # the grant: ticket, size, the owner's socket
+            c.wop.chunk_replied(w.Status.OK, "", c.region)
+        else:
+            c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
+
+    def _on_shm_revoke(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                       *_: int) -> None:
+        if plen or ext:
+            raise ProtocolError("malformed shared-memory revocation")
+        if self.t.on_shm_revoke is not None:
+            self.t.on_shm_revoke(self.peer.engine_id, region)
+        self.reply([w.pack_header(w.Op.SHM_REVOKED, 0, 0, op_id, region)])
+
+    def _on_read_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                      chunk: int, nchunks: int) -> None:
+        with self.cond:  # popped only once the payload checked out (else it is resent)
+            c = self.inflight.get((op_id, chunk))
+        if c is None or c.dst is None or flags != w.Status.OK:
+            self._drain(plen)
+            self._end_payload()
+            c = self._pop_inflight(op_id, chunk)
+            if c is not None:
+                c.wop.chunk_replied(flags or w.Status.ERROR, ext.decode(errors="replace"),
+                                    c.region)
+            return
+        if plen != c.dst.nbytes:
+            raise ProtocolError(f"read response of {plen} bytes for a {c.dst.nbytes}-byte request")
+        if not c.wop.dead:
+            self._recv_into(c.dst)
+        else:
+            self._drain(plen)
+        self._end_payload()
+        if self._pop_inflight(op_id, chunk) is not None:
+            c.wop.chunk_replied(w.Status.OK, "", c.region)
+
