@@ -83,7 +83,7 @@ async def batch(url: str, ps: list[list[int]], max_tokens: int) -> dict[str, Any
             "tok_s": len(ok) * max_tokens / wall}
 
 
-def start_mode(mode: str, folder: str, work: Path, kv_gib: float) -> tuple[list[VllmServer], str, Any]:
+def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[VllmServer], str, Any]:
     common = dict(kv_space_gib=kv_gib, max_model_len=MAX_LEN)
     if mode == "single":
         s = VllmServer(folder, cpus="0", log_path=work / "single.log", **common)  # type: ignore[arg-type]
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--lengths", default="128,512,2048")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--kv-space", type=float, default=2.0, help="GiB of KV cache per server")
+    ap.add_argument("--kv-space", type=int, default=2, help="GiB of KV cache per server")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     conc = [int(x) for x in args.concurrency.split(",")]

@@ -1,8 +1,8 @@
 """Disaggregated prefill/decode between real vLLM servers over the tensorfabric connector.
 
-One prefill and one decode server (each on its own CPU) and the proxy are shared by the
-module; the last two tests kill one of them mid-transfer (the decode server is restarted in
-between). Outputs are compared with the prefill server answering on its own (a plain vLLM
+One prefill and one decode server (each on its own CPU and its own emulated host) and the
+proxy are shared by the module; the last two tests kill one of them mid-transfer (the decode
+server is restarted in between, tcp-only). Outputs are compared with the prefill server answering on its own (a plain vLLM
 instance: no ``kv_transfer_params``), token for token.
 """
 
@@ -28,36 +28,57 @@ TIMEOUT_S = 20.0    # how long the decode server waits for a transfer
 USAGE = "vllm:kv_cache_usage_perc"
 
 
-def connector(role: str, stats: Path) -> dict[str, Any]:
+def connector(role: str, stats: Path, host: str, **options: Any) -> dict[str, Any]:
     from tensorfabric.vllm import kv_transfer_config
 
-    return kv_transfer_config(role, hold_s=HOLD_S, timeout=TIMEOUT_S, heartbeat_s=0.3,
-                              stats_file=str(stats))
+    return kv_transfer_config(role, host=host, hold_s=HOLD_S, timeout=TIMEOUT_S,
+                              heartbeat_s=0.3, stats_file=str(stats), **options)
 
 
 class Pair:
+    """The prefill server on host 0, the decode server on host 1, the proxy and the test's
+    requests on host 2 of a NetnsHosts fabric (the root namespace's loopback where network
+    namespaces cannot be built). The first decode server takes KV over shared memory (the
+    namespaces share one kernel, as processes on one machine do); the one restarted after
+    the decode-kill test is tcp-only, so the prefill server writes to it over the fabric."""
+
     def __init__(self, start: Any, stats: Path) -> None:
+        from tensorfabric.testing.netns import NetnsHosts, netns_unavailable_reason
+
         self.start, self.stats = start, stats
         self.cpus = pick_cpus(2)
         self.env = {"TENSORFABRIC_SECRET": "vllm-test-secret"}
-        p = start("prefill", cpus=self.cpus[0], wait=False, env=self.env,
-                  kv_transfer_config=connector("prefill", stats))
-        self.decode = start("decode", cpus=self.cpus[1], env=self.env,
-                            kv_transfer_config=connector("decode", stats))
+        self.fab = NetnsHosts(3, rate="10gbit") if netns_unavailable_reason() is None else None
+        self._inside = None
+        if self.fab is not None:
+            self._inside = self.fab.inside(2)
+            self._inside.__enter__()   # this thread (and threads it starts) live on host 2
+        p = self._server("prefill", 0, wait=False)
+        self.decode = self._server("decode", 1)
         self.prefill = p.wait_ready(900)
         self.baseline: dict[str, list[int]] = {}
+        self.proxy: Any = None
         self.restart_proxy()
+
+    def host(self, i: int) -> str:
+        return self.fab.addr(i) if self.fab is not None else "127.0.0.1"
+
+    def _server(self, role: str, i: int, *, name: str | None = None, wait: bool = True,
+                **options: Any) -> Any:
+        ns = self.fab.ns[f"h{i}"] if self.fab is not None else None
+        return self.start(name or role, cpus=self.cpus[i], wait=wait, env=self.env,
+                          host=self.host(i), netns=ns,
+                          kv_transfer_config=connector(role, self.stats, self.host(i), **options))
 
     def restart_proxy(self) -> None:
         from tensorfabric.vllm._proxy import DisaggProxy
 
-        if getattr(self, "proxy", None) is not None:
+        if self.proxy is not None:
             self.proxy.close()
-        self.proxy = DisaggProxy([self.prefill.url], [self.decode.url]).start()
+        self.proxy = DisaggProxy([self.prefill.url], [self.decode.url], host=self.host(2)).start()
 
-    def restart_decode(self) -> None:
-        self.decode = self.start("decode-2", cpus=self.cpus[1], env=self.env,
-                                 kv_transfer_config=connector("decode", self.stats))
+    def restart_decode_tcp(self) -> None:
+        self.decode = self._server("decode", 1, name="decode-tcp", transports=["tcp"])
         self.restart_proxy()
 
     def expected(self, prompt: str, max_tokens: int) -> list[int]:
@@ -68,12 +89,22 @@ class Pair:
             self.baseline[key] = body["choices"][0]["token_ids"]
         return self.baseline[key]
 
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        for s in (self.prefill, self.decode):
+            s.kill()
+        if self._inside is not None:
+            self._inside.__exit__(None, None, None)
+        if self.fab is not None:
+            self.fab.close()
+
 
 @pytest.fixture(scope="module")
 def pair(start_vllm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     p = Pair(start_vllm, tmp_path_factory.mktemp("tf-vllm") / "events.jsonl")
     yield p
-    p.proxy.close()
+    p.close()
 
 
 def loaded(stats: Path) -> list[dict[str, Any]]:
@@ -164,12 +195,19 @@ def test_decode_killed_mid_transfer_prefill_frees_its_blocks(pair: Pair) -> None
     # and keeps serving
     status, body = complete(pair.prefill.url, SHORT[1], 8)
     assert status == 200, body
-    pair.restart_decode()
+    pair.restart_decode_tcp()
 
 
 def test_prefill_killed_mid_transfer_decode_recomputes_or_fails_cleanly(pair: Pair) -> None:
     prompts = _variants(6)
     expected = {i: pair.expected(p, 8) for i, p in enumerate(prompts)}
+    # the restarted decode server is tcp-only: the same tokens, KV moved over the fabric
+    before = len(loaded(pair.stats))
+    status, body = complete(pair.proxy.url, LONG, 16)
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == pair.expected(LONG, 16)
+    new = loaded(pair.stats)[before:]
+    assert len(new) == 1 and new[0]["shm"] is False, new
     before = len(read_events(pair.stats))
     # a grant from the prefill server that will be dead when the decode server uses it
     status, granted = complete(pair.prefill.url, SHORT[2], 1,

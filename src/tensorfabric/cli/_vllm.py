@@ -15,7 +15,7 @@ def register(app: Any) -> None:
         decode: int = typer.Option(1, "--decode", help="Decode instances."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address the proxy and the engines listen on."),
         port: int = typer.Option(8000, "--port", help="Proxy port (0: any free port)."),
-        kv_space: float = typer.Option(2.0, "--kv-space", help="GiB of KV cache per instance (VLLM_CPU_KVCACHE_SPACE)."),
+        kv_space: int = typer.Option(2, "--kv-space", help="GiB of KV cache per instance (VLLM_CPU_KVCACHE_SPACE)."),
         block_size: int = typer.Option(None, "--block-size", help="vLLM --block-size for every instance."),
         timeout: float = typer.Option(30.0, "--timeout", help="Seconds a KV transfer may take before decode recomputes."),
         log_dir: str = typer.Option(None, "--log-dir", help="Write each instance's log here."),

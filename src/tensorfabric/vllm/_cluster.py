@@ -31,7 +31,7 @@ class DisaggCluster:
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, prefill: int = 1,
                  decode: int = 1, host: str = "127.0.0.1", port: int = 0,
-                 secret: str | None = None, kv_space_gib: float = 2,
+                 secret: str | None = None, kv_space_gib: int = 2,
                  block_size: int | None = None, prefill_block_size: int | None = None,
                  decode_block_size: int | None = None, max_model_len: int = 2048,
                  connector: Mapping[str, Any] | None = None, cpus: list[str] | None = None,

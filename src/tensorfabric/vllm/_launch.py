@@ -39,7 +39,7 @@ class VllmServer:
     """
 
     def __init__(self, model: str | os.PathLike[str], *, host: str = "127.0.0.1",
-                 port: int | None = None, cpus: str | None = None, kv_space_gib: float = 2,
+                 port: int | None = None, cpus: str | None = None, kv_space_gib: int = 2,
                  max_model_len: int = 2048, dtype: str = "float32", block_size: int | None = None,
                  served_model_name: str = "default",
                  kv_transfer_config: Mapping[str, Any] | None = None,
@@ -62,6 +62,9 @@ class VllmServer:
         if netns is not None:
             self.argv = ["ip", "netns", "exec", netns, *self.argv]
         self.env = dict(os.environ)
+        if not isinstance(kv_space_gib, int) or kv_space_gib < 1:
+            raise ConfigError(f"kv_space_gib must be a whole number of GiB >= 1 (vLLM reads "
+                              f"VLLM_CPU_KVCACHE_SPACE as an int), got {kv_space_gib!r}")
         self.env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
         if cpus is not None:
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
