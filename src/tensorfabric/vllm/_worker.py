@@ -131,7 +131,9 @@ class WorkerSide:
 
     def hold(self, reqs: dict[str, float]) -> None:
         with self._lock:
-            self._held.update(reqs)
+            for req, expiry in reqs.items():
+                if req not in self._spent:   # a pull can beat the scheduler's word
+                    self._held[req] = expiry
 
     def _on_pull(self, peer: bytes, msg: dict[str, Any]) -> None:
         req = str(msg.get("req"))
@@ -233,7 +235,8 @@ class WorkerSide:
                     expired.append(req)
             out = self._to_report & self._finished_seen
             self._to_report -= out
-            self._finished_seen -= out
+            # keep only what may still be reported (vLLM finishes every request, not just ours)
+            self._finished_seen &= self._to_report | set(self._held) | set(self._inflight)
             for req, expiry in list(self._spent.items()):
                 if now > expiry + 60:
                     del self._spent[req]
