@@ -198,3 +198,14 @@ def test_shm_allocation_takes_only_the_kv_buffer() -> None:
         other = torch.zeros(2 << 20, dtype=torch.float32)
     assert got == [2 << 20] and kv.all() and not small.any() and not other.any()
     assert torch.zeros(3).sum() == 0   # restored
+
+
+def test_cli_refuses_bad_arguments_before_starting_anything() -> None:
+    typer_testing = pytest.importorskip("typer.testing")
+    from tensorfabric.cli import build_app
+
+    runner = typer_testing.CliRunner()
+    r = runner.invoke(build_app(), ["vllm-disagg", "--prefill", "0"])
+    assert r.exit_code == 2 and "at least one prefill" in r.output
+    r = runner.invoke(build_app(), ["vllm-disagg", "--timeout", "-1"])
+    assert r.exit_code == 2 and "timeout must be > 0" in r.output

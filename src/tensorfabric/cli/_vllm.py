@@ -31,12 +31,12 @@ def register(app: Any) -> None:
         from tensorfabric.vllm._cluster import DisaggCluster
 
         console = Console(stderr=True)
-        cluster = DisaggCluster(model, prefill=prefill, decode=decode, host=host, port=port,
-                                kv_space_gib=kv_space, block_size=block_size,
-                                connector={"timeout": timeout}, log_dir=log_dir)
-        console.print(f"starting {prefill} prefill + {decode} decode vLLM instances "
-                      "(about a minute each on a small CPU)...")
         try:
+            cluster = DisaggCluster(model, prefill=prefill, decode=decode, host=host, port=port,
+                                    kv_space_gib=kv_space, block_size=block_size,
+                                    connector={"timeout": timeout}, log_dir=log_dir)
+            console.print(f"starting {prefill} prefill + {decode} decode vLLM instances "
+                          "(about a minute each on a small CPU)...")
             cluster.start()
         except (TensorFabricError, ImportError) as exc:
             console.print(f"[red]error:[/red] {exc}")
