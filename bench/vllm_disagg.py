@@ -84,9 +84,9 @@ async def batch(url: str, ps: list[list[int]], max_tokens: int) -> dict[str, Any
 
 
 def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[VllmServer], str, Any]:
-    common = dict(kv_space_gib=kv_gib, max_model_len=MAX_LEN)
+    common: dict[str, Any] = dict(kv_space_gib=kv_gib, max_model_len=MAX_LEN)
     if mode == "single":
-        s = VllmServer(folder, cpus="0", log_path=work / "single.log", **common)  # type: ignore[arg-type]
+        s = VllmServer(folder, cpus="0", log_path=work / "single.log", **common)
         s.start().wait_ready(900)
         return [s], s.url, None
     if mode == "tensorfabric":
@@ -103,15 +103,53 @@ def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[Vl
     else:
         raise SystemExit(f"unknown mode {mode}")
     p = VllmServer(folder, cpus="0", kv_transfer_config=cfgs["prefill"], env=env,
-                   log_path=work / f"{mode}-prefill.log", **common)  # type: ignore[arg-type]
+                   log_path=work / f"{mode}-prefill.log", **common)
     d = VllmServer(folder, cpus="1", kv_transfer_config=cfgs["decode"], env=env,
-                   log_path=work / f"{mode}-decode.log", **common)  # type: ignore[arg-type]
+                   log_path=work / f"{mode}-decode.log", **common)
     p.start()
     d.start()
     p.wait_ready(900)
     d.wait_ready(900)
     proxy = DisaggProxy([p.url], [d.url]).start()
     return [p, d], proxy.url, proxy
+
+
+def interleaved(args: Any, folder: str, work: Path, conc: list[int], lengths: list[int],
+                results: list[dict[str, Any]]) -> None:
+    t0 = time.perf_counter()
+    started = {m: start_mode(m, folder, work, args.kv_space) for m in ("tensorfabric", "example")}
+    urls = {"single": started["tensorfabric"][0][1].url,
+            "tensorfabric": started["tensorfabric"][1], "example": started["example"][1]}
+    print(f"# both pairs ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    try:
+        for url in urls.values():
+            asyncio.run(batch(url, prompts(1, 64, 0), 4))   # warm up
+        order = ["single", "tensorfabric", "example"]
+        for length in lengths:
+            for c in conc:
+                runs: dict[str, list[dict[str, Any]]] = {m: [] for m in order}
+                for rep in range(args.reps):
+                    for mode in order[rep % 3:] + order[:rep % 3]:
+                        since = time.time()
+                        r = asyncio.run(batch(urls[mode], prompts(c, length, 7 * rep + c + length),
+                                              args.max_tokens))
+                        r.update(mode=mode, length=length, concurrency=c, load=os.getloadavg()[0])
+                        if mode == "tensorfabric":
+                            r.update(transfer_stats(work / "events.jsonl", since))
+                        print(json.dumps(r), flush=True)
+                        runs[mode].append(r)
+                for mode, rs in runs.items():
+                    best = dict(rs[0])
+                    for key in ("ttft_p50", "ttft_mean", "tok_s", "xfer_s", "kv_bytes"):
+                        vals = [x[key] for x in rs if x.get(key) is not None]
+                        if vals:
+                            best[key] = statistics.median(vals)
+                    results.append(best)
+    finally:
+        for servers, _, proxy in started.values():
+            proxy.close()
+            for s in servers:
+                s.stop()
 
 
 def transfer_stats(path: Path, since: float) -> dict[str, Any]:
@@ -134,6 +172,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-space", type=int, default=2, help="GiB of KV cache per server")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--interleave", action="store_true",
+                    help="start the tensorfabric and example pairs together and run the modes "
+                         "in turn at every point (same machine load for all three); single is "
+                         "then the tensorfabric pair's decode server answering on its own")
+    ap.add_argument("--reps", type=int, default=1, help="rounds per point with --interleave")
     args = ap.parse_args()
     conc = [int(x) for x in args.concurrency.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -142,6 +185,12 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; logs in {work}", flush=True)
     results: list[dict[str, Any]] = []
+    if args.interleave:
+        interleaved(args, folder, work, conc, lengths, results)
+        table(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
         servers, url, proxy = start_mode(mode, folder, work, args.kv_space)

@@ -2,8 +2,8 @@
 
 One prefill and one decode server (each on its own CPU and its own emulated host) and the
 proxy are shared by the module; the last two tests kill one of them mid-transfer (the decode
-server is restarted in between, tcp-only). Outputs are compared with the prefill server answering on its own (a plain vLLM
-instance: no ``kv_transfer_params``), token for token.
+server is restarted in between, tcp-only). Outputs are compared with the prefill server
+answering on its own (a plain vLLM instance: no ``kv_transfer_params``), token for token.
 """
 
 from __future__ import annotations
