@@ -131,7 +131,10 @@ def interleaved(args: Any, folder: str, work: Path, conc: list[int], lengths: li
                 for rep in range(args.reps):
                     for mode in order[rep % 3:] + order[:rep % 3]:
                         since = time.time()
-                        r = asyncio.run(batch(urls[mode], prompts(c, length, 7 * rep + c + length),
+                        # its own prompts per mode: single runs on the tf decode server, whose prefix
+                        # cache would otherwise already hold the tf requests' prompts
+                        seed = 7 * rep + c + length + 100003 * order.index(mode)
+                        r = asyncio.run(batch(urls[mode], prompts(c, length, seed),
                                               args.max_tokens))
                         r.update(mode=mode, length=length, concurrency=c, load=os.getloadavg()[0])
                         if mode == "tensorfabric":
