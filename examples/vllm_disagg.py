@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from tensorfabric.vllm._cluster import DisaggCluster
+from tensorfabric.vllm import DisaggCluster
 
 
 def complete(url: str, prompt: str) -> list[int]:

@@ -15,17 +15,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._cluster import DisaggCluster
+from ._launch import VllmServer, VllmStartError, free_port
 from ._layout import KVLayout, LayoutMismatchError
+from ._model import hf_folder
+from ._proxy import DisaggProxy
 from ._settings import CONNECTOR_MODULE, CONNECTOR_NAME, ConnectorSettings, kv_transfer_config
 
 __all__ = [
+    # the connector vLLM loads
     "CONNECTOR_MODULE",
     "CONNECTOR_NAME",
     "ConnectorSettings",
-    "KVLayout",
-    "LayoutMismatchError",
     "TensorFabricConnector",
     "kv_transfer_config",
+    # running instances
+    "DisaggCluster",
+    "DisaggProxy",
+    "VllmServer",
+    "free_port",
+    "hf_folder",
+    # errors and layouts
+    "KVLayout",
+    "LayoutMismatchError",
+    "VllmStartError",
 ]
 
 
