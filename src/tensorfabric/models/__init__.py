@@ -12,7 +12,7 @@ from __future__ import annotations
 from ._diskcache import CacheEntry, list_cache, prune_cache
 from ._errors import ModelError, ModelLoadError, ModelNotFoundError
 from ._generate import Generation, TextStream, chat_ids, decode, generate, prefill
-from ._loader import LoadedModel, clear_model_cache, default_cache_dir, load_model
+from ._loader import LoadedModel, clear_model_cache, default_cache_dir, load_model, model_folder
 from ._source import DEFAULT_MODEL, ModelSource, default_model_path, resolve_model
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "prune_cache",
     "default_model_path",
     "load_model",
+    "model_folder",
     "resolve_model",
     # running
     "Generation",

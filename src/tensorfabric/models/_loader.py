@@ -132,6 +132,32 @@ def load_model(
     return loaded
 
 
+def model_folder(
+    path_or_name: str | Path | None = None,
+    *,
+    dtype: Any = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """A Hugging Face folder holding the model, for engines that load folders (vLLM).
+
+    A folder is returned as it is, a ``.safetensors`` file as the folder around it; a GGUF file
+    (the default model included) as the disk-cache entry of its conversion to ``dtype``
+    (default ``torch.float32``), converted once under the cache's lock if it is not there yet.
+    """
+    source = resolve_model(path_or_name)
+    if source.path.is_dir():
+        return source.path
+    if source.kind != "gguf":
+        return source.path.parent
+    torch, _ = _require_llm()
+    dtype = _as_dtype(torch, dtype)
+    entry = _diskcache.entry_path(source.path, str(dtype).removeprefix("torch."), cache_dir)
+    if not (entry / "config.json").is_file():
+        load_model(source.path, dtype=dtype, cache=False, cache_dir=cache_dir, progress=progress)
+    return entry
+
+
 def _announce_conversion(source: ModelSource, dtype: Any, cache_dir: str | Path | None,
                          say: Callable[[str], None]) -> None:
     name = "float32" if dtype is None else str(dtype).removeprefix("torch.")

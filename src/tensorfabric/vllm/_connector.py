@@ -1,0 +1,216 @@
+"""``TensorFabricConnector``: vLLM's KV connector API (v1) over a tensorfabric engine.
+
+vLLM builds one instance in its scheduler process (role SCHEDULER) and one in each worker
+(role WORKER); the worker's engine address, grant key and KV layout reach the scheduler
+through vLLM's handshake metadata, and the scheduler's decisions reach the worker as
+:class:`TFConnectorMetadata` every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+
+from .._errors import ConfigError
+from . import _tokens
+from ._layout import KVLayout, LayoutMismatchError
+from ._settings import ConnectorSettings
+from ._worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+log = logging.getLogger("tensorfabric.vllm")
+
+
+@dataclass
+class TFHandshake(KVConnectorHandshakeMetadata):
+    info: dict[str, Any]
+
+
+@dataclass
+class TFConnectorMetadata(KVConnectorMetadata):
+    # decode: request -> (local block ids, index of the first remote block, transfer params)
+    recv: dict[str, tuple[list[int], int, dict[str, Any]]] = field(default_factory=dict)
+    # decode: transfer params of requests whose remote blocks must be freed without a pull
+    release: list[dict[str, Any]] = field(default_factory=list)
+    # prefill: request -> time.time() after which its blocks are freed if nobody pulled
+    hold: dict[str, float] = field(default_factory=dict)
+
+
+_FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
+
+
+class TensorFabricConnector(KVConnectorBase_V1):
+    """Moves a prefill instance's KV blocks into a decode instance with tensorfabric.
+
+    Load it with ``--kv-transfer-config`` (see :func:`tensorfabric.vllm.kv_transfer_config`).
+    The proxy sends a request to the prefill instance with ``kv_transfer_params =
+    {"do_remote_decode": true}`` and ``max_tokens=1``; the response's ``kv_transfer_params``
+    (engine address, block ids and a grant) go with the request to the decode instance, which
+    pulls the blocks and decodes.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        pp = vllm_config.parallel_config.pipeline_parallel_size
+        if tp != 1 or pp != 1:
+            raise ConfigError(f"the tensorfabric KV connector supports tensor- and pipeline-"
+                              f"parallel size 1, got tp={tp} pp={pp}")
+        kvc = self._kv_transfer_config   # the base class refuses a missing one
+        self.settings = ConnectorSettings.from_extra(kvc.kv_connector_extra_config)
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.worker: WorkerSide | None = None
+        if role == KVConnectorRole.WORKER:
+            self.worker = WorkerSide(self.settings, self.block_size, str(kvc.kv_role))
+        # scheduler state
+        self._peer: dict[str, Any] | None = None
+        self._recv: dict[str, tuple[list[int], int, dict[str, Any]]] = {}
+        self._release: list[dict[str, Any]] = []
+        self._hold: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._bad: set[int] = set()
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def get_mem_pool_context(self) -> Any:
+        return self.worker.allocation_context() if self.worker else None
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        assert self.worker is not None
+        self.worker.register(kv_caches)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return TFHandshake(self.worker.handshake()) if self.worker else None
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        assert self.worker is not None
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TFConnectorMetadata)
+        if meta.hold:
+            self.worker.hold(meta.hold)
+        for params in meta.release:
+            self.worker.release(params)
+        for req_id, (blocks, first, params) in meta.recv.items():
+            self.worker.load(req_id, blocks, first, params)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish before vLLM schedules the request (asynchronous loading)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return  # blocks stay in place; the decode instance asks for them when it has room
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return r.finished_sending or None, r.finished_recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self.worker is not None
+        sending = self.worker.finished_sending(set(finished_req_ids))
+        recving, failed, bad = self.worker.finished_recving()
+        self._bad |= bad
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
+                                          failed_recving=failed)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        bad, self._bad = self._bad, set()
+        return bad
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    # -- scheduler side -------------------------------------------------------------------
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        meta = metadata.get(0)
+        if isinstance(meta, TFHandshake):
+            self._peer = meta.info
+
+    def _local(self) -> dict[str, Any]:
+        if self._peer is None:
+            raise RuntimeError("the tensorfabric connector's worker sent no handshake")
+        return self._peer
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill") or "tf_engine" not in params:
+            return 0, False
+        try:
+            KVLayout.from_json(self._local()["layout"]).check_compatible(
+                KVLayout.from_json(params.get("tf_layout") or {}))
+        except (LayoutMismatchError, ConfigError) as exc:
+            if request.request_id not in self._warned:
+                self._warned.add(request.request_id)
+                log.error("tensorfabric: %s: recomputing request %s here", exc, request.request_id)
+            return 0, False
+        count = min(int(params.get("remote_num_tokens", 0)), request.num_prompt_tokens)
+        count -= num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill") or "tf_engine" not in params:
+            return
+        params["do_remote_prefill"] = False   # one transfer per request
+        if num_external_tokens <= 0:
+            self._release.append(params)
+            return
+        nc = request.num_computed_tokens
+        first = nc // self.block_size
+        n = -(-(nc + num_external_tokens) // self.block_size) - first
+        local = list(blocks.get_unhashed_block_ids())[:n]
+        self._recv[request.request_id] = (local, first, params)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = TFConnectorMetadata(recv=self._recv, release=self._release, hold=self._hold)
+        self._recv, self._release, self._hold = {}, [], {}
+        return meta
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        params = request.kv_transfer_params
+        if not params:
+            return False, None
+        if params.get("do_remote_prefill") and "tf_engine" in params:
+            self._release.append(params)   # finished (aborted) before it was scheduled
+            params["do_remote_prefill"] = False
+            return False, None
+        if not params.get("do_remote_decode"):
+            return False, None
+        if request.status.name not in _FINISHED_OK or not block_ids:
+            return False, None
+        local = self._local()
+        expiry = round(time.time() + self.settings.hold_s, 3)
+        blocks = [int(b) for b in block_ids]
+        self._hold[request.request_id] = expiry
+        grant = {"req": request.request_id, "blocks": blocks, "expiry": expiry,
+                 "token": _tokens.grant(bytes.fromhex(local["key"]), request.request_id,
+                                        blocks, expiry)}
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_request_id": request.request_id,
+            "remote_block_ids": blocks,
+            "remote_num_tokens": min(request.num_computed_tokens, request.num_prompt_tokens),
+            "tf_engine": local["address"],
+            "tf_grant": grant,
+            "tf_layout": local["layout"],
+        }

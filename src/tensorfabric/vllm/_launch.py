@@ -1,0 +1,155 @@
+"""Start vLLM OpenAI servers as processes (one process group each, so a kill takes the engine
+core and worker with it) and wait until they answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .._errors import ConfigError, TensorFabricError
+
+
+class VllmStartError(TensorFabricError):
+    """A vLLM server exited or did not answer /health in time (the message has its log)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class VllmServer:
+    """``python -m vllm.entrypoints.openai.api_server`` for ``model`` (a folder vLLM loads).
+
+    ``cpus``: the CPU list its worker thread(s) bind to (``VLLM_CPU_OMP_THREADS_BIND``, e.g.
+    ``"0"``); ``kv_space_gib``: ``VLLM_CPU_KVCACHE_SPACE``; ``kv_transfer_config``: a dict for
+    ``--kv-transfer-config``; ``env``: more environment (``TENSORFABRIC_SECRET`` belongs here,
+    not on the command line). The log goes to ``log_path`` (a temporary file by default).
+    """
+
+    def __init__(self, model: str | os.PathLike[str], *, host: str = "127.0.0.1",
+                 port: int | None = None, cpus: str | None = None, kv_space_gib: int = 2,
+                 max_model_len: int = 2048, dtype: str = "float32", block_size: int | None = None,
+                 served_model_name: str = "default",
+                 kv_transfer_config: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+                 log_path: str | os.PathLike[str] | None = None,
+                 netns: str | None = None) -> None:
+        self.model = str(model)
+        self.host = host
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                     "--model", self.model, "--served-model-name", served_model_name,
+                     "--host", host, "--port", str(self.port), "--dtype", dtype,
+                     "--max-model-len", str(max_model_len), "--enforce-eager",
+                     "--disable-uvicorn-access-log", *args]
+        if block_size is not None:
+            self.argv += ["--block-size", str(block_size)]
+        if kv_transfer_config is not None:
+            self.argv += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
+        if netns is not None:
+            self.argv = ["ip", "netns", "exec", netns, *self.argv]
+        self.env = dict(os.environ)
+        if not isinstance(kv_space_gib, int) or kv_space_gib < 1:
+            raise ConfigError(f"kv_space_gib must be a whole number of GiB >= 1 (vLLM reads "
+                              f"VLLM_CPU_KVCACHE_SPACE as an int), got {kv_space_gib!r}")
+        self.env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
+        if cpus is not None:
+            self.env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        self.env.update(env or {})
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tf-vllm-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VllmServer:
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> VllmServer:
+        """Block until GET /health answers 200; raise VllmStartError if the server exits or
+        ``timeout`` seconds pass."""
+        if self.proc is None:
+            raise ConfigError("start() the server first")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise VllmStartError(f"vLLM server {self.url} exited with {self.proc.returncode}:\n"
+                                     + self.log_tail())
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        raise VllmStartError(f"vLLM server {self.url} did not answer /health within "
+                             f"{timeout:.0f} s:\n" + self.log_tail())
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (engine core, worker)."""
+        self._signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL whatever is left after ``grace`` seconds."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal(signal.SIGKILL)   # the group: stray engine-core or worker processes
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> VllmServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,389 @@
+"""The worker half of the connector: an engine, the KV buffer as a region, and the transfers.
+
+Producer (prefill instance): keeps finished requests' blocks until a decode instance asks for
+them with a valid grant, writes them with one ``write_pages`` (every layer) carrying the
+decoder's immediate, and reports the request as finished sending when the write is done, has
+failed, or nobody asked within ``hold_s``.
+
+Consumer (decode instance): asks the prefill instance for a request's blocks (a ``pull``
+message with its region's descriptor and its block ids), waits for the immediate, and reports
+the request as received, or as failed (its blocks then go to ``get_block_ids_with_load_errors``
+and vLLM recomputes them) on a timeout, a refusal, or a prefill instance that stops answering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._engine import Engine
+from .._errors import ClosedError, TensorFabricError, TransferTimeout
+from .._region import Access
+from .._transfer import Transfer
+from . import _tokens
+from ._layout import KVLayout, LayoutMismatchError, layout_of, shm_allocation
+from ._settings import ConnectorSettings
+
+log = logging.getLogger("tensorfabric.vllm")
+
+TAG = 0x74667676  # control messages between connectors
+_MAX_MSG = 1 << 20
+
+
+@dataclass
+class _Load:
+    req_id: str
+    peer: bytes
+    imm: int
+    local_blocks: list[int]
+    grant: dict[str, Any]
+    expect: Transfer | None = None
+    started: float = field(default_factory=time.monotonic)
+    reason: str = ""
+
+
+class WorkerSide:
+    def __init__(self, settings: ConnectorSettings, block_size: int, role: str) -> None:
+        self.s = settings
+        self.block_size = block_size
+        self.role = role
+        self.engine = Engine(settings.secret, host=settings.host, transports=settings.transports,
+                             timeout=settings.timeout,
+                             name=settings.name or f"vllm-{role}-{os.getpid()}")
+        self.key = secrets.token_bytes(32)   # signs grants; the scheduler gets it by handshake
+        self.region: Any = None
+        self.kv_tensor: Any = None
+        self.layout: KVLayout | None = None
+        self._lock = threading.Lock()
+        self._lock_stats = threading.Lock()
+        # producer
+        self._held: dict[str, float] = {}         # request -> grant expiry
+        self._inflight: dict[str, Transfer] = {}  # request -> its write_pages
+        self._spent: dict[str, float] = {}        # sent, released or expired (until expiry)
+        self._to_report: set[str] = set()
+        self._finished_seen: set[str] = set()
+        # consumer
+        self._loads: dict[str, _Load] = {}
+        self._by_imm: dict[int, str] = {}
+        self._recv_done: set[str] = set()
+        self._recv_failed: set[str] = set()
+        self._bad_blocks: set[int] = set()
+        self._pinging: set[bytes] = set()
+        self.stats = {"pulls": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0, "expired": 0}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, name="tf-vllm-serve", daemon=True),
+                         threading.Thread(target=self._watch, name="tf-vllm-watch", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- KV memory --------------------------------------------------------------------------
+
+    def allocation_context(self) -> Any:
+        if not self.s.shm_kv or "shm" not in self.s.transports:
+            return None
+        return shm_allocation(self._alloc_kv)
+
+    def _alloc_kv(self, nbytes: int) -> Any:
+        import torch
+
+        if self.region is not None:
+            raise RuntimeError("vLLM allocated a second KV buffer; the tensorfabric connector "
+                               "supports one (a single KV cache group)")
+        self.region = self.engine.alloc(nbytes, access=Access.REMOTE_WRITE)
+        self.kv_tensor = torch.frombuffer(self.region.view, dtype=torch.int8)
+        return self.kv_tensor
+
+    def register(self, kv_caches: dict[str, Any]) -> None:
+        import torch
+
+        storages = {t.untyped_storage().data_ptr() for t in kv_caches.values()}
+        if len(storages) != 1:
+            raise RuntimeError(f"vLLM's KV layers live in {len(storages)} buffers; the "
+                               "tensorfabric connector needs them in one")
+        ptr = storages.pop()
+        if self.kv_tensor is None or self.kv_tensor.data_ptr() != ptr:
+            if self.region is not None:
+                self.engine.unregister(self.region)
+            # vLLM allocated the buffer itself: register it as it is (peers reach it by tcp)
+            first = next(iter(kv_caches.values()))
+            nbytes = first.untyped_storage().nbytes()
+            self.kv_tensor = torch.empty(0, dtype=torch.int8).set_(first.untyped_storage(), 0,
+                                                                     (nbytes,), (1,))
+            self.region = self.engine.register(self.kv_tensor, access=Access.REMOTE_WRITE)
+            log.info("tensorfabric: KV cache registered in vLLM's memory (no shared memory)")
+        self.layout = layout_of(kv_caches, ptr, self.block_size)
+        log.info("tensorfabric: %d KV layers, %d blocks of %d bytes, engine %s, shm=%s",
+                 len(self.layout.layers), self.layout.num_blocks, self.layout.block_bytes,
+                 self.engine.name, self.region.descriptor().shm)
+
+    def handshake(self) -> dict[str, Any]:
+        assert self.layout is not None
+        return {"address": self.engine.address.hex(), "key": self.key.hex(),
+                "layout": self.layout.to_json()}
+
+    # -- producer -----------------------------------------------------------------------------
+
+    def hold(self, reqs: dict[str, float]) -> None:
+        with self._lock:
+            for req, expiry in reqs.items():
+                if req not in self._spent:   # a pull can beat the scheduler's word
+                    self._held[req] = expiry
+
+    def _on_pull(self, peer: bytes, msg: dict[str, Any]) -> None:
+        req = str(msg.get("req"))
+        op = msg.get("op")
+        reply_imm = msg.get("imm")
+        if not _tokens.check(self.key, msg):
+            self._refuse(peer, reply_imm, f"request {req}: bad or forged grant")
+            return
+        now = time.time()
+        with self._lock:
+            if op == "cancel":
+                t = self._inflight.get(req)
+                if t is not None:
+                    t.cancel()
+                return
+            if req in self._spent or req in self._inflight or now > float(msg["expiry"]):
+                why = "already sent" if req in self._spent or req in self._inflight else "expired"
+                refuse = f"request {req}: blocks {why}"
+            elif op == "release":
+                self._free(req, now)
+                return
+            else:
+                refuse = ""
+        if refuse:
+            self._refuse(peer, reply_imm, refuse)
+            return
+        try:
+            remote = KVLayout.from_json(msg["layout"])
+            assert self.layout is not None
+            self.layout.check_compatible(remote, ours="prefill", theirs="decode")
+            granted = list(map(int, msg["blocks"]))
+            src = list(map(int, msg["src_blocks"]))
+            dst = list(map(int, msg["dst_blocks"]))
+            if len(src) != len(dst) or not set(src) <= set(granted):
+                raise ValueError("asks for blocks outside its grant")
+            t = self.engine.write_pages(
+                self.region, bytes.fromhex(msg["dst"]), src_pages=self.layout.pages(src),
+                dst_pages=remote.pages(dst), page_size=self.layout.block_bytes,
+                imm=int(msg["imm"]), timeout=self.s.timeout)
+        except (TensorFabricError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            with self._lock:
+                self._free(req, now)
+            self._refuse(peer, reply_imm, f"request {req}: {exc}")
+            return
+        with self._lock:
+            self._inflight[req] = t
+            self.stats["pulls"] += 1
+        t.add_done_callback(lambda t: self._sent(peer, req, reply_imm, t))
+
+    def _sent(self, peer: bytes, req: str, imm: Any, t: Transfer) -> None:
+        err = t.exception()
+        with self._lock:
+            self._inflight.pop(req, None)
+            self._free(req, time.time())
+            if err is None:
+                self.stats["bytes"] += t.nbytes
+        self._record("sent" if err is None else "send_failed", req, bytes=t.nbytes,
+                     seconds=t.elapsed, error=None if err is None else str(err))
+        if err is not None:
+            log.warning("tensorfabric: sending KV of %s failed (%s); its blocks are freed", req, err)
+            self._refuse(peer, imm, f"request {req}: write failed: {err}")
+
+    def _record(self, event: str, req: str, **fields: Any) -> None:
+        if not self.s.stats_file:
+            return
+        line = json.dumps({"event": event, "req": req, "pid": os.getpid(), "time": time.time(),
+                           **fields})
+        try:
+            with self._lock_stats, open(self.s.stats_file, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+    def _free(self, req: str, now: float) -> None:   # holding self._lock
+        self._spent[req] = self._held.pop(req, now + self.s.hold_s)
+        self._to_report.add(req)
+
+    def _refuse(self, peer: bytes, imm: Any, reason: str) -> None:
+        log.warning("tensorfabric: refused a KV pull: %s", reason)
+        if imm is None:
+            return
+        body = json.dumps({"op": "failed", "imm": imm, "reason": reason}).encode()
+        try:
+            self.engine.send(peer, body, tag=TAG, timeout=self.s.heartbeat_s * 4)
+        except TensorFabricError:
+            pass
+
+    def finished_sending(self, finished: set[str]) -> set[str]:
+        now = time.time()
+        expired: list[str] = []
+        with self._lock:
+            self._finished_seen |= finished
+            for req, expiry in list(self._held.items()):
+                if now > expiry and req not in self._inflight:
+                    log.warning("tensorfabric: no decode instance asked for %s within %.0f s; "
+                                "its blocks are freed", req, self.s.hold_s)
+                    self.stats["expired"] += 1
+                    self._free(req, now)
+                    expired.append(req)
+            out = self._to_report & self._finished_seen
+            self._to_report -= out
+            # keep only what may still be reported (vLLM finishes every request, not just ours)
+            self._finished_seen &= self._to_report | set(self._held) | set(self._inflight)
+            for req, expiry in list(self._spent.items()):
+                if now > expiry + 60:
+                    del self._spent[req]
+        for req in expired:
+            self._record("expired", req)
+        return out
+
+    # -- consumer -----------------------------------------------------------------------------
+
+    def load(self, req_id: str, local_blocks: list[int], first: int,
+             params: dict[str, Any]) -> None:
+        """Ask the prefill instance named in ``params`` for the request's blocks ``first``,
+        ``first + 1``, ... (the ones before are a local prefix-cache hit) into
+        ``local_blocks``."""
+        assert self.layout is not None
+        peer = bytes.fromhex(params["tf_engine"])
+        g = params["tf_grant"]
+        imm = secrets.randbits(62) | 1
+        ld = _Load(req_id, peer, imm, list(local_blocks), g)
+        src = list(map(int, g["blocks"]))[first:first + len(local_blocks)]
+        if not local_blocks or len(src) != len(local_blocks):
+            # the grant does not cover what vLLM allocated: free the remote blocks, recompute
+            self.release(params)
+            with self._lock:
+                self._recv_failed.add(req_id)
+                self._bad_blocks.update(local_blocks)
+            return
+        msg = {"op": "pull", **g, "imm": imm, "src_blocks": src, "dst_blocks": ld.local_blocks,
+               "dst": self.region.descriptor().to_bytes().hex(), "layout": self.layout.to_json()}
+        ld.expect = self.engine.expect(imm, 1, timeout=self.s.timeout)
+        with self._lock:
+            self._loads[req_id] = ld
+            self._by_imm[imm] = req_id
+        ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
+        self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
+
+    def release(self, params: dict[str, Any]) -> None:
+        self._send(bytes.fromhex(params["tf_engine"]), {"op": "release", **params["tf_grant"]})
+
+    def _send(self, peer: bytes, msg: dict[str, Any], on_fail: Any = None) -> None:
+        try:
+            t = self.engine.send(peer, json.dumps(msg).encode(), tag=TAG,
+                                 timeout=max(self.s.heartbeat_s * 4, 2.0))
+        except TensorFabricError as exc:
+            if on_fail:
+                on_fail(exc)
+            return
+        if on_fail:
+            t.add_done_callback(lambda t: t.exception() and on_fail(t.exception()))
+
+    def _fail(self, req_id: str, reason: str) -> None:
+        with self._lock:
+            ld = self._loads.get(req_id)
+        if ld is not None and ld.expect is not None:
+            ld.reason = ld.reason or reason
+            ld.expect.cancel()
+
+    def _loaded(self, req_id: str, t: Transfer) -> None:
+        err = t.exception()
+        with self._lock:
+            ld = self._loads.pop(req_id, None)
+            if ld is None:
+                return
+            self._by_imm.pop(ld.imm, None)
+            if err is None:
+                self._recv_done.add(req_id)
+                self.stats["loads_ok"] += 1
+            else:
+                self._recv_failed.add(req_id)
+                self._bad_blocks.update(ld.local_blocks)
+                self.stats["loads_failed"] += 1
+        assert self.layout is not None
+        nbytes = len(ld.local_blocks) * len(self.layout.layers) * self.layout.block_bytes
+        seconds = time.monotonic() - ld.started
+        if err is None:
+            self._record("loaded", req_id, bytes=nbytes, seconds=seconds,
+                         shm=self.region.descriptor().shm)
+            return
+        why = ld.reason or (f"no KV within {self.s.timeout} s" if isinstance(err, TransferTimeout)
+                            else str(err))
+        log.warning("tensorfabric: loading KV of %s failed (%s); vLLM recomputes it", req_id, why)
+        self._record("load_failed", req_id, bytes=nbytes, seconds=seconds, error=why)
+        self._send(ld.peer, {"op": "cancel", **ld.grant})
+
+    def finished_recving(self) -> tuple[set[str], set[str], set[int]]:
+        with self._lock:
+            done, failed, bad = self._recv_done, self._recv_failed, self._bad_blocks
+            self._recv_done, self._recv_failed, self._bad_blocks = set(), set(), set()
+        return done | failed, failed, bad
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.engine.recv(tag=TAG, timeout=0.5)
+            except TransferTimeout:
+                continue
+            except ClosedError:
+                return
+            if len(m.data) > _MAX_MSG:
+                continue
+            try:
+                msg = json.loads(m.data)
+                op = msg.get("op")
+                if op in ("pull", "release", "cancel"):
+                    self._on_pull(m.peer, msg)
+                elif op == "failed":
+                    with self._lock:
+                        req = self._by_imm.get(int(msg["imm"]))
+                    if req is not None:
+                        self._fail(req, str(msg.get("reason")))
+            except Exception:  # noqa: BLE001 - a bad message must not stop the server
+                log.exception("tensorfabric: bad control message from a peer")
+
+    def _watch(self) -> None:
+        """Ping the prefill instances that pending loads wait on: a dead one fails them now."""
+        while not self._stop.wait(self.s.heartbeat_s):
+            with self._lock:
+                peers = {ld.peer for ld in self._loads.values()} - self._pinging
+                self._pinging |= peers
+            for peer in peers:
+                self._ping(peer)
+
+    def _ping(self, peer: bytes) -> None:
+        def done(t: Transfer) -> None:
+            err = t.exception()
+            if err is None:
+                with self._lock:
+                    self._pinging.discard(peer)
+            else:
+                self._peer_gone(peer, err)
+        try:
+            t = self.engine.send(peer, b'{"op":"ping"}', tag=TAG,
+                                 timeout=max(self.s.heartbeat_s * 4, 2.0))
+        except TensorFabricError as exc:
+            self._peer_gone(peer, exc)
+            return
+        t.add_done_callback(done)
+
+    def _peer_gone(self, peer: bytes, err: BaseException) -> None:
+        with self._lock:
+            self._pinging.discard(peer)
+            dead = [r for r, ld in self._loads.items() if ld.peer == peer]
+        for req in dead:
+            self._fail(req, f"prefill instance unreachable: {err}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.engine.close()

@@ -1,0 +1,211 @@
+"""The connector's transfer protocol between two real engines, without vLLM: the worker
+halves of a prefill and a decode connector over KV buffers shaped like vLLM's CPU cache
+(layers as views of one buffer), and the settings, layout and grant checks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tensorfabric import ConfigError  # noqa: E402
+from tensorfabric.vllm import KVLayout, LayoutMismatchError, kv_transfer_config  # noqa: E402
+from tensorfabric.vllm._cluster import DisaggCluster  # noqa: E402
+from tensorfabric.vllm._layout import shm_allocation  # noqa: E402
+from tensorfabric.vllm._settings import ConnectorSettings  # noqa: E402
+from tensorfabric.vllm._tokens import grant  # noqa: E402
+from tensorfabric.vllm._worker import WorkerSide  # noqa: E402
+
+LAYERS, BLOCKS, SHAPE, BS = 4, 16, (3, 32, 64), 8   # small stand-in for [182, 3, 128, 128]
+
+
+def kv_caches(buf: Any, blocks: int = BLOCKS) -> dict[str, Any]:
+    """Per-layer views of one int8 buffer, as vllm.v1.worker.utils.allocate_kv_cache makes."""
+    per = blocks * int(torch.tensor(SHAPE).prod()) * 4
+    return {f"model.layers.{i}.self_attn.attn":
+            buf[i * per:(i + 1) * per].view(torch.float32).view(blocks, *SHAPE)
+            for i in range(LAYERS)}
+
+
+def side(role: str, blocks: int = BLOCKS, **kw: Any) -> tuple[WorkerSide, dict[str, Any]]:
+    s = ConnectorSettings.from_extra({"secret": "unit", "hold_s": 5, "timeout": 5,
+                                      "heartbeat_s": 0.1, **kw})
+    w = WorkerSide(s, BS, role)
+    ctx = w.allocation_context()
+    nbytes = LAYERS * blocks * int(torch.tensor(SHAPE).prod()) * 4
+    if ctx is None:
+        buf = torch.zeros(nbytes, dtype=torch.int8)
+    else:
+        with ctx:
+            buf = torch.zeros(nbytes, dtype=torch.int8)
+    caches = kv_caches(buf, blocks)
+    w.register(caches)
+    return w, caches
+
+
+def params_for(p: WorkerSide, req: str, blocks: list[int], tokens: int,
+               expiry: float | None = None) -> dict[str, Any]:
+    hs = p.handshake()
+    expiry = round(time.time() + 5 if expiry is None else expiry, 3)
+    p.hold({req: expiry})
+    return {"do_remote_prefill": True, "remote_block_ids": blocks, "remote_num_tokens": tokens,
+            "tf_engine": hs["address"], "tf_layout": hs["layout"],
+            "tf_grant": {"req": req, "blocks": blocks, "expiry": expiry,
+                         "token": grant(bytes.fromhex(hs["key"]), req, blocks, expiry)}}
+
+
+def wait_recv(d: WorkerSide, timeout: float = 10) -> tuple[set[str], set[str], set[int]]:
+    deadline = time.monotonic() + timeout
+    done: set[str] = set()
+    failed: set[str] = set()
+    bad: set[int] = set()
+    while time.monotonic() < deadline and not done:
+        a, b, c = d.finished_recving()
+        done |= a
+        failed |= b
+        bad |= c
+        time.sleep(0.02)
+    return done, failed, bad
+
+
+@pytest.fixture
+def pd() -> Any:
+    p, pc = side("kv_producer")
+    d, dc = side("kv_consumer", blocks=BLOCKS + 4)   # only the block count may differ
+    yield p, pc, d, dc
+    p.close()
+    d.close()
+
+
+def test_blocks_of_every_layer_land_in_the_decoders_blocks(pd: Any) -> None:
+    p, pc, d, dc = pd
+    assert p.region.descriptor().shm and d.region.descriptor().shm   # vLLM's KV in shm
+    for name, t in pc.items():
+        t.normal_()
+    d.load("r1", [9, 3, 11], 0, params_for(p, "r1", [2, 5, 7], 3 * BS - 2))
+    done, failed, bad = wait_recv(d)
+    assert done == {"r1"} and not failed and not bad
+    for name in pc:
+        for src, dst in ((2, 9), (5, 3), (7, 11)):
+            assert torch.equal(pc[name][src], dc[name][dst])
+        assert not dc[name][0].any()   # nothing else written
+    # the prefill side frees the blocks once vLLM has reported the request finished
+    assert p.finished_sending(set()) == set()
+    assert p.finished_sending({"r1"}) == {"r1"}
+
+
+def test_a_local_prefix_hit_pulls_only_the_rest(pd: Any) -> None:
+    p, pc, d, dc = pd
+    for t in pc.values():
+        t.normal_()
+    d.load("r2", [4], 2, params_for(p, "r2", [1, 2, 3], 3 * BS))
+    assert wait_recv(d)[0] == {"r2"}
+    assert all(torch.equal(pc[n][3], dc[n][4]) for n in pc)
+
+
+@pytest.mark.parametrize("tamper", ["token", "blocks", "expired"])
+def test_forged_reused_or_expired_grants_are_refused(pd: Any, tamper: str) -> None:
+    p, pc, d, dc = pd
+    for t in pc.values():
+        t.fill_(7.0)
+    params = params_for(p, "r3", [1, 2], 2 * BS,
+                        expiry=time.time() - 1 if tamper == "expired" else None)
+    g = params["tf_grant"]
+    if tamper == "token":
+        g["token"] = "0" * 64
+    elif tamper == "blocks":
+        g["blocks"] = [1, 2, 8]   # asks for a block the grant did not name
+        params["remote_block_ids"] = g["blocks"]
+    d.load("r3", [5, 6], 0, params)
+    done, failed, bad = wait_recv(d)
+    assert done == failed == {"r3"} and bad == {5, 6}
+    assert not any(t[5].any() for t in dc.values())   # no page reached the decoder
+
+
+def test_a_grant_is_used_once(pd: Any) -> None:
+    p, pc, d, dc = pd
+    params = params_for(p, "r4", [1], BS)
+    d.load("r4", [2], 0, params)
+    assert wait_recv(d)[1] == set()
+    d.load("r4-again", [3], 0, params)
+    done, failed, _ = wait_recv(d)
+    assert failed == {"r4-again"}
+
+
+def test_dead_prefill_fails_the_load_fast_and_unasked_blocks_expire(pd: Any) -> None:
+    p, pc, d, dc = pd
+    params = params_for(p, "r5", [1], BS)
+    p.hold({"r6": time.time() + 0.2})
+    time.sleep(0.3)
+    assert p.finished_sending({"r6"}) == {"r6"}   # nobody asked within hold_s: freed
+    p.close()
+    t0 = time.monotonic()
+    d.load("r5", [2], 0, params)
+    done, failed, bad = wait_recv(d)
+    assert failed == {"r5"} and bad == {2}
+    assert time.monotonic() - t0 < 4   # well before the 5 s transfer timeout
+
+
+def test_tcp_only_registers_vllms_own_buffer() -> None:
+    p, pc = side("kv_producer", transports=["tcp"])
+    d, dc = side("kv_consumer", transports=["tcp"])
+    try:
+        assert not d.region.descriptor().shm
+        for t in pc.values():
+            t.normal_()
+        d.load("r7", [1, 2], 0, params_for(p, "r7", [3, 4], 2 * BS))
+        assert wait_recv(d)[0] == {"r7"}
+        assert all(torch.equal(pc[n][3:5], dc[n][1:3]) for n in pc)
+    finally:
+        p.close()
+        d.close()
+
+
+def test_layout_mismatch_is_refused_with_the_difference() -> None:
+    a = KVLayout(("l0", "l1"), (0, 10), 1024, (3, 8, 16), "float32", 16, 10)
+    b = KVLayout(("l0", "l1"), (0, 20), 1024, (3, 8, 16), "float32", 32, 20)
+    a.check_compatible(KVLayout.from_json(a.to_json()))
+    with pytest.raises(LayoutMismatchError, match="block_size: decode 16, prefill 32"):
+        a.check_compatible(b)
+    with pytest.raises(LayoutMismatchError, match="block size 16 and decode block size 32"):
+        DisaggCluster(prefill_block_size=16, decode_block_size=32)
+
+
+def test_settings_and_config_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown tensorfabric connector option"):
+        ConnectorSettings.from_extra({"secret": "x", "timeot": 3})
+    with pytest.raises(ConfigError, match="timeout must be > 0"):
+        kv_transfer_config("decode", secret="x", timeout=0)
+    with pytest.raises(ConfigError, match="role must be one of"):
+        kv_transfer_config("producer")
+    cfg = kv_transfer_config("prefill", host="10.0.0.1")
+    assert cfg["kv_role"] == "kv_producer" and "secret" not in cfg["kv_connector_extra_config"]
+
+
+def test_shm_allocation_takes_only_the_kv_buffer() -> None:
+    got: list[int] = []
+
+    def alloc(n: int) -> Any:
+        got.append(n)
+        return torch.ones(n, dtype=torch.int8)
+
+    with shm_allocation(alloc):
+        kv = torch.zeros(2 << 20, dtype=torch.int8, device="cpu")
+        small = torch.zeros(10, dtype=torch.int8)
+        other = torch.zeros(2 << 20, dtype=torch.float32)
+    assert got == [2 << 20] and kv.all() and not small.any() and not other.any()
+    assert torch.zeros(3).sum() == 0   # restored
+
+
+def test_cli_refuses_bad_arguments_before_starting_anything() -> None:
+    typer_testing = pytest.importorskip("typer.testing")
+    from tensorfabric.cli import build_app
+
+    runner = typer_testing.CliRunner()
+    r = runner.invoke(build_app(), ["vllm-disagg", "--prefill", "0"])
+    assert r.exit_code == 2 and "at least one prefill" in r.output
+    r = runner.invoke(build_app(), ["vllm-disagg", "--timeout", "-1"])
+    assert r.exit_code == 2 and "timeout must be > 0" in r.output
