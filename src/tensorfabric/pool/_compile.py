@@ -32,6 +32,7 @@ class NodeView:
     verified: bool = False
     score: float = 0.0
     verify_reason: str = ""
+    drained: bool = False  # a later check failed: no new work, its replicas move
 
     @property
     def claims(self) -> L.NodeClaims | None:
@@ -93,11 +94,13 @@ Step = tuple[str, Callable[[NodeView], bool], Callable[[list[NodeView]], str]]
 
 def compile_spec(spec: DeploymentSpec, nodes: Sequence[NodeView]) -> Placement:
     """Candidate selectors for ``spec`` given ``nodes``; raise PlacementError if none can fit."""
-    survivors = [n for n in nodes if n.alive and not n.is_head and n.claims is not None]
+    pool_nodes = [n for n in nodes if n.alive and not n.is_head and n.claims is not None]
+    survivors = [n for n in pool_nodes if not n.drained]
     if not survivors:
         raise PlacementError(
-            f"deployment {spec.name!r}: no pool node is alive; join one with "
-            "'tensorfabric pool join'",
+            f"deployment {spec.name!r}: no pool node is alive"
+            + (f" ({len(pool_nodes)} drained after failing a re-check)" if pool_nodes else "")
+            + "; join one with 'tensorfabric pool join'",
             requirement="nodes",
             deployment=spec.name,
         )
@@ -113,6 +116,9 @@ def compile_spec(spec: DeploymentSpec, nodes: Sequence[NodeView]) -> Placement:
             )
         survivors = kept
     selector = _base_selector(spec, survivors)
+    drained = [n.node_id for n in pool_nodes if n.drained]
+    if drained and L.NODE_ID not in selector:
+        selector[L.NODE_ID] = "!" + _one_of(drained)  # keep Ray off nodes that failed a re-check
     _check_capacity(spec, survivors)
     return _candidates(spec, selector, survivors)
 
