@@ -177,10 +177,11 @@ def join(
     import uuid
 
     from tensorfabric.pool import NodeClaims, PoolError
-    from tensorfabric.pool._cluster import resolve_secret
+    from tensorfabric.pool._cluster import resolve_secret, use_secret
 
     try:
         sec = resolve_secret(secret)
+        use_secret(sec)  # before Ray is imported: Ray reads its auth settings on import
         claims = NodeClaims(region, zone, country, provider, gpu_model, gpu_memory_gb,
                             link_tier, simulated)  # fmt: skip
     except PoolError as exc:
@@ -199,8 +200,6 @@ def join(
 def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
                verify: bool, block: bool) -> Any:  # fmt: skip
     """``ray start`` this node, wait for it in the cluster, verify; the child if ``block``."""
-    import ray
-
     from tensorfabric.pool import PoolError
     from tensorfabric.pool._cluster import join as ray_join
     from tensorfabric.pool._cluster import wait_for_node
@@ -223,12 +222,14 @@ def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str
             child.stop()
         raise PoolError(str(exc)) from None
     finally:
+        import ray
+
         ray.shutdown()
     return child
 
 
 HEAD_LOST_S = 10.0  # the head's port refusing connections this long means the head is gone
-BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_S = 10.0  # retries while the head is down cost one TCP connect each
 
 
 def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
@@ -238,15 +239,17 @@ def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[
     from tensorfabric.pool._cluster import reachable
 
     _on_sigterm()
-    attempt, child = 0, None
+    attempt, child, joined = 0, None, False
     try:
         while True:
             why = reachable(address)
             if why is None:
                 try:
-                    child = _join_once(address, claims, sec, join_id, opts, verify and attempt == 0,
+                    # After the first join the head re-checks the node itself (its record
+                    # carries over under the same join id, marked for a re-check).
+                    child = _join_once(address, claims, sec, join_id, opts, verify and not joined,
                                        block=True)  # fmt: skip
-                    attempt = 0
+                    attempt, joined = 0, True
                     why = _watch(child, address)
                 except PoolError as exc:
                     why = str(exc)
@@ -254,7 +257,7 @@ def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[
                     child.stop()
                     child = None
             attempt += 1
-            delay = min(2.0 ** min(attempt, 5), BACKOFF_MAX_S)
+            delay = min(2.0 ** min(attempt, 4), BACKOFF_MAX_S)
             typer.secho(f"lost the pool head at {address} ({why}); rejoining in {delay:.0f} s "
                         f"(attempt {attempt}) ...", fg=typer.colors.YELLOW, err=True)  # fmt: skip
             time.sleep(delay)
