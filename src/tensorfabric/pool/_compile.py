@@ -10,6 +10,7 @@ Ray does the placing; this module only says where Ray may place.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -71,13 +72,21 @@ class Placement:
 def match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     """Whether node ``labels`` satisfy a Ray label ``selector`` (all keys ANDed)."""
     for key, expr in selector.items():
-        negate = expr.startswith("!")
-        body = expr[1:] if negate else expr
-        values = [v.strip() for v in body[3:-1].split(",")] if body.startswith("in(") else [body]
+        negate, values = _parse_expr(expr)
         hit = labels.get(key) in values
         if hit == negate:
             return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_expr(expr: str) -> tuple[bool, frozenset[str]]:
+    """(negated, values) of one selector expression; cached: a verified-only selector lists
+    every eligible node id, and parsing it per node made matching quadratic."""
+    negate = expr.startswith("!")
+    body = expr[1:] if negate else expr
+    values = [v.strip() for v in body[3:-1].split(",")] if body.startswith("in(") else [body]
+    return negate, frozenset(values)
 
 
 def _one_of(values: Iterable[str]) -> str:

@@ -79,7 +79,7 @@ class PoolController:
         self._store = store or StateStore(state_file)
         self._book = VerificationBook(verify_ttl_s)
         self.restored = self._restore()
-        self._book.on_change = self._save
+        self._book.on_change = lambda key, rec: self._store.put("rec", key, rec)
         self._stop = threading.Event()
         self._verifying: set[str] = set()
         self._threads = []
@@ -175,7 +175,7 @@ class PoolController:
                     f"'tensorfabric pool down --deployment {spec.name}'"
                 )
             dep = self._deployments[spec.name] = Deployment(spec)
-        self._save()
+        self._save(dep)
         try:
             for i in range(spec.replicas):
                 zones = [r.zone for r in dep.replicas.values()]
@@ -185,16 +185,16 @@ class PoolController:
                                          requirement="capacity", deployment=spec.name)  # fmt: skip
                 with self._lock:
                     dep.replicas[i] = rep
-                self._save()
+                self._save(dep)
         except BaseException:
             with self._lock:
                 self._deployments.pop(spec.name, None)
             for rep in list(dep.replicas.values()):
                 self._backend.discard(rep.actor, rep.pg)
-            self._save()
+            self._store.put("dep", spec.name, None)
             raise
         dep.state, dep.ready_s = "ready", time.perf_counter() - t0
-        self._save()
+        self._save(dep)
         return self._dep_status(dep)
 
     def _place(self, dep: Deployment, index: int,
@@ -253,7 +253,7 @@ class PoolController:
                     raise PoolError(f"no deployment named {n!r}")
                 for rep in dep.replicas.values():
                     self._backend.discard(rep.actor, rep.pg)
-        self._save()
+                self._store.put("dep", n, None)
         return names
 
     def replica_handles(self, name: str) -> list[Any]:
@@ -308,7 +308,7 @@ class PoolController:
             dep.state = "recovering"
             self._event(dep, "lost", replica=rep.index, node=rep.node_id, zone=rep.zone, why=why)
         self._backend.discard(rep.actor, rep.pg)
-        self._save()
+        self._save(dep)
 
     def _replace_pending(self, dep: Deployment) -> None:
         for index in sorted(dep.pending):
@@ -335,7 +335,7 @@ class PoolController:
                             recovery_s=round(time.perf_counter() - t_lost, 3))  # fmt: skip
                 if not dep.pending:
                     dep.state = "ready"
-            self._save()
+            self._save(dep)
 
     def _event(self, dep: Deployment, event: str, **fields: Any) -> None:
         with self._lock:
@@ -343,29 +343,29 @@ class PoolController:
             del dep.events[:-EVENTS_KEPT]
 
     # ---------------------------------------------------------- persistence
-    def _save(self) -> None:
+    def _save(self, dep: Deployment) -> None:
+        """Write one deployment (spec, state, replicas by name, recent events)."""
         from ._client import _spec_dict
 
         with self._lock:
-            deps = [{
-                "spec": _spec_dict(d.spec), "state": d.state, "ready_s": d.ready_s,
-                "events": d.events, "pending": sorted(d.pending),
+            if self._deployments.get(dep.spec.name) is not dep:
+                return  # removed meanwhile
+            item = {
+                "spec": _spec_dict(dep.spec), "state": dep.state, "ready_s": dep.ready_s,
+                "events": list(dep.events), "pending": sorted(dep.pending),
                 "replicas": [{"index": r.index, "name": r.name, "node_id": r.node_id,
                               "zone": r.zone, "selector": r.selector}
-                             for r in d.replicas.values()],
-            } for d in self._deployments.values()]  # fmt: skip
-            state = {"records": self._book.dump(), "deployments": deps}
-        self._store.save(state)
+                             for r in dep.replicas.values()],
+            }  # fmt: skip
+        self._store.put("dep", dep.spec.name, item)
 
     def _restore(self) -> dict[str, Any]:
         """Load saved state; adopt replicas still running, queue the rest for placement."""
         state = self._store.load()
-        if not state:
-            return {"adopted": 0, "pending": 0, "records": 0}
-        self._book.load(state.get("records", []))
+        self._book.load(state["rec"].values())
         adopted = pending = 0
         now = time.perf_counter()
-        for d in state.get("deployments", []):
+        for d in state["dep"].values():
             dep = Deployment(DeploymentSpec.from_dict(d["spec"]), ready_s=d.get("ready_s", 0.0),
                              events=list(d.get("events", [])))  # fmt: skip
             for r in d.get("replicas", []):
@@ -385,6 +385,7 @@ class PoolController:
             dep.state = "recovering" if dep.pending else "ready"
             self._event(dep, "restored", adopted=len(dep.replicas), pending=len(dep.pending))
             self._deployments[dep.spec.name] = dep
+            self._save(dep)
         return {"adopted": adopted, "pending": pending, "records": len(self._book)}
 
     # ---------------------------------------------------------------- status
@@ -425,6 +426,7 @@ class PoolController:
         close = getattr(self._backend, "close", None)
         if close:
             close()
+        self._store.close()
 
 
 def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:

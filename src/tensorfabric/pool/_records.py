@@ -66,20 +66,21 @@ class VerificationBook:
         self._lock = threading.RLock()
         self._recs: dict[str, dict[str, Any]] = {}
         self._inflight = 0
-        self.on_change: Callable[[], None] = lambda: None
+        self.on_change: Callable[[str, dict[str, Any]], None] = lambda key, rec: None
 
     # -------------------------------------------------------------- reading
     def annotate(self, views: list[NodeView], now: float | None = None) -> list[NodeView]:
         """Fill ``verified``, ``score``, ``verify_reason`` and ``drained`` of each view."""
         now = time.time() if now is None else now
-        changed = False
+        changed = []
         with self._lock:
             for v in views:
                 rec = self._recs.get(node_key(v))
                 if rec is None:
                     continue
                 if rec["node_id"] != v.node_id and v.alive:
-                    changed |= self._rebind(rec, v)
+                    self._rebind(rec, v)
+                    changed.append(dict(rec))
                 if rec["node_id"] != v.node_id:
                     continue
                 fresh = rec["expires"] > now
@@ -87,18 +88,17 @@ class VerificationBook:
                 v.score = float(rec["score"])
                 v.drained = bool(rec.get("drained"))
                 v.verify_reason = rec["reason"] if fresh else f"verdict expired ({rec['reason']})"
-        if changed:
-            self.on_change()
+        for rec in changed:
+            self.on_change(rec["key"], rec)
         return views
 
-    def _rebind(self, rec: dict[str, Any], v: NodeView) -> bool:
+    def _rebind(self, rec: dict[str, Any], v: NodeView) -> None:
         """The node rejoined under a new Ray id: keep its record if its claims are the same."""
         if rec.get("claims") != claims_sig(v.labels):
             rec.update(verified=False, reason="rejoined with different claims; not verified yet",
                        node_id=v.node_id, expires=0.0)  # fmt: skip
-            return True
+            return
         rec.update(node_id=v.node_id, carried_over=True, recheck=True)
-        return True
 
     def get(self, view: NodeView) -> dict[str, Any] | None:
         with self._lock:
@@ -169,7 +169,7 @@ class VerificationBook:
             if rec["drained"]:
                 rec["reason"] = f"drained: {reason}"
             self._recs[key] = rec
-        self.on_change()
+        self.on_change(key, dict(rec))
         return dict(rec), was_ok and not ok
 
     def forget(self, key: str) -> None:
@@ -186,7 +186,7 @@ class VerificationBook:
         with self._lock:
             return [dict(r) for r in self._recs.values()]
 
-    def load(self, recs: list[dict[str, Any]]) -> None:
+    def load(self, recs: Any) -> None:
         with self._lock:
             for r in recs:
                 if isinstance(r, dict) and {"key", "node_id", "verified", "expires"} <= set(r):
