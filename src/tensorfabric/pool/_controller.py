@@ -32,6 +32,7 @@ MONITOR_PERIOD_S = 0.25
 PING_TIMEOUT_S = 2.0
 VERIFY_SCAN_S = 10.0  # how often the controller looks for nodes due a (re-)check
 MAX_NODE_LOSSES = 3  # node deaths one replica start may survive before the deploy gives up
+MAX_SELECTOR_IDS = 64  # a node-id list in a placement group's selector names at most this many
 EVENTS_KEPT = 50
 
 
@@ -217,6 +218,7 @@ class PoolController:
                 free = any(n.available_gpus >= spec.num_gpus for n in fits)
                 wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
                 name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
+                sel = _narrow(sel, fits, spec.num_gpus)
                 pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
                 if pg is None:
                     continue
@@ -427,6 +429,17 @@ class PoolController:
         if close:
             close()
         self._store.close()
+
+
+def _narrow(sel: dict[str, str], fits: list[NodeView], gpus: float) -> dict[str, str]:
+    """Bound a node-id list (``verified_only`` lists every eligible node) to the first
+    MAX_SELECTOR_IDS matching nodes with free GPUs: Ray keeps each placement group's selector,
+    and at 10,000 nodes the full list is ~0.5 MB per replica."""
+    expr = sel.get(L.NODE_ID, "")
+    if not expr.startswith("in(") or expr.count(",") < MAX_SELECTOR_IDS:
+        return sel
+    free = [n.node_id for n in fits if n.available_gpus >= gpus] or [n.node_id for n in fits]
+    return {**sel, L.NODE_ID: f"in({','.join(free[:MAX_SELECTOR_IDS])})"}
 
 
 def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:
