@@ -100,7 +100,7 @@ def answers(addr: str, name: str, env: dict[str, str], *args: int, deadline: flo
         out = subprocess.run([sys.executable, "-c", CALL, addr, name, *map(str, args)], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         if out.returncode == 0 and "ANSWER" in out.stdout:
-            return out.stdout.split("ANSWER", 1)[1].strip()
+            return out.stdout.split("ANSWER", 1)[1].strip().splitlines()[0]
         last = (out.stderr or out.stdout).strip().splitlines()[-1:]
         time.sleep(2)
     raise AssertionError(f"{name} did not answer in time; last: {last}")

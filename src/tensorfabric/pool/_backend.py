@@ -119,6 +119,8 @@ class RayBackend:
 
     def ping(self, actors: dict[Any, Any], timeout: float) -> dict[Any, str]:
         """``key -> "ok" | "miss" | "dead: <error>"`` for each replica actor."""
+        if not actors:
+            return {}  # ray.wait refuses an empty list (a deployment with no replica left)
         refs = {k: a.ping.remote() for k, a in actors.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         done = set(ready)
