@@ -172,7 +172,11 @@ def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[s
         assert "2 verification record(s)" in restored, restored
         t_up = time.monotonic()
         mark("head restarted")
-        assert answers(addr, "sq", env, 9, deadline=t_up + 60) == "81"
+        try:
+            assert answers(addr, "sq", env, 9, deadline=t_up + 60) == "81"
+        except AssertionError:
+            print(cli(["pool", "status", "--address", addr, "--json"], env).stdout[-3000:])
+            raise
         mark("sq answers again")
         try:
             # It had no replica yet and waits for the second node to rejoin: more time on a

@@ -207,12 +207,15 @@ def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str
     proc = ray_join(address, claims, sec, join_id, block=block, **opts)
     child = _Child(proc) if proc is not None else None
     try:
-        pool = _connect(address, sec)
+        from tensorfabric.pool._client import connect
+
+        connect(address)  # the node needs the cluster, not the controller (it may start later)
         node = wait_for_node(join_id)
         typer.echo(f"joined as node {node['NodeID'][:12]} with {claims.to_label_string()}")
         if verify:
             from rich.console import Console
 
+            pool = _controller_within(address, sec, 60.0)
             with Console(stderr=True).status("verifying claims (memory, compute, transfer) ..."):
                 rec = pool.verify(node["NodeID"])
             word = "verified" if rec["verified"] else "NOT verified"
@@ -226,6 +229,20 @@ def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str
 
         ray.shutdown()
     return child
+
+
+def _controller_within(address: str, sec: str, timeout: float) -> Any:
+    """The pool once its controller runs (a restarted head creates it a little later)."""
+    from tensorfabric.pool import PoolError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _connect(address, sec)
+        except PoolError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 HEAD_LOST_S = 10.0  # the head's port refusing connections this long means the head is gone

@@ -318,8 +318,8 @@ class PoolController:
             try:
                 placement = compile_spec(dep.spec, self.nodes())
                 rep, _ = self._place(dep, index, _failover_order(placement, dead_zone, dep))
-            except PoolError as exc:
-                dep.state = f"degraded: {exc}"
+            except Exception as exc:  # one deployment's trouble must not stall the others
+                dep.state = f"degraded: {_first_line(exc) if not isinstance(exc, PoolError) else exc}"
                 continue
             with self._lock:
                 if dep.spec.name not in self._deployments:  # removed meanwhile
@@ -456,10 +456,11 @@ def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, los
 def _failover_order(placement: Placement, dead_zone: str, dep: Deployment) -> list[dict[str, str]]:
     """Away from the dead zone and the other replicas' zones, then away from the dead zone,
     then anywhere the spec allows."""
-    used = {r.zone for r in dep.replicas.values()}
+    used = {r.zone for r in dep.replicas.values()} - {"?"}
+    dead = {dead_zone} - {"?"}  # "?": never placed (restored while it was starting)
     seen, order = set(), []
-    for sels in (placement.preferring_other_zones(used | {dead_zone}),
-                 placement.preferring_other_zones({dead_zone}), placement.candidates):  # fmt: skip
+    for sels in (placement.preferring_other_zones(used | dead),
+                 placement.preferring_other_zones(dead), placement.candidates):  # fmt: skip
         for sel in sels:
             key = repr(sorted(sel.items()))
             if key not in seen:

@@ -231,7 +231,7 @@ class TensorFabricTransport(TensorTransportManager):
 
     def send_multiple_tensors(self, tensors: list[Any], tensor_transport_metadata: TensorTransportMetadata,
                               communicator_metadata: CommunicatorMetadata) -> None:  # fmt: skip
-        raise NotImplementedError(f"{TRANSPORT_NAME} is one-sided: the receiver reads")
+        raise RuntimeError(f"{TRANSPORT_NAME} is one-sided: the receiver reads; Ray never sends")
 
     def garbage_collect(self, obj_id: str, tensor_transport_meta: TensorTransportMetadata,
                         tensors: list[Any]) -> None:  # fmt: skip
