@@ -26,3 +26,22 @@ def square(x: int) -> int:
 class Broken:
     def __init__(self) -> None:
         raise RuntimeError("model weights not found")
+
+
+class SlowStart:
+    """A replica whose constructor reports its node (to a file) and then takes a while, so a
+    test can kill the node while the replica starts."""
+
+    def __init__(self, path: str, delay_s: float = 10.0) -> None:
+        import time
+
+        import ray
+
+        with open(path, "a") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
+        time.sleep(delay_s)
+
+    def __call__(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -30,29 +30,59 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _connect(address: Optional[str], secret: Optional[str], create: bool = False) -> Any:
+def _connect(address: Optional[str], secret: Optional[str], create: bool = False, **kw: Any) -> Any:
     from tensorfabric.pool import Pool
     from tensorfabric.pool._cluster import resolve_secret, use_secret
 
     use_secret(resolve_secret(secret))
-    return Pool(address, create=create)
+    return Pool(address, create=create, **kw)
 
 
-def _block_on(proc: Any) -> None:
-    """Wait on a ``ray start --block`` child; SIGTERM/SIGINT stop it cleanly."""
+class _Child:
+    """A ``ray start --block`` child: its output is echoed, and the last lines kept for errors."""
 
+    def __init__(self, proc: Any) -> None:
+        import collections
+        import threading
+
+        self.proc = proc
+        self.tail: collections.deque[str] = collections.deque(maxlen=4)
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def why(self) -> str:
+        last = [ln for ln in self.tail if ln.strip()]
+        return f"ray exited with code {self.proc.poll()}" + (f": {last[-1].strip()}" if last else "")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.proc.kill()
+
+
+def _on_sigterm() -> None:
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _block_on(child: _Child) -> None:
+    """Wait on a ``ray start --block`` child; SIGTERM/SIGINT stop it cleanly."""
+    _on_sigterm()
     try:
-        proc.wait()
+        child.proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except Exception:
-            proc.kill()
+        child.stop()
 
 
 @pool_app.command()
@@ -62,41 +92,60 @@ def up(
     secret: Optional[str] = SECRET,
     block: bool = typer.Option(False, help="Stay in the foreground; Ctrl-C stops the head."),
     num_cpus: Optional[float] = typer.Option(None, help="CPUs the head offers to Ray."),
+    state_dir: Optional[str] = typer.Option(None, help="Where the head keeps the pool's checkpoint (default ~/.tensorfabric/pool)."),
+    verify_every: float = typer.Option(3600.0, help="Seconds a verification holds; nodes are re-checked before it expires."),
 ) -> None:
-    """Start a pool head (Ray head + pool controller), or connect to one with --address."""
+    """Start a pool head (Ray head + pool controller), or connect to one with --address.
+
+    A restarted head reloads its checkpoint: verification records, deployments (placed again
+    as their nodes rejoin)."""
     from tensorfabric.pool import PoolError
     from tensorfabric.pool._cluster import resolve_secret, start_head
+    from tensorfabric.pool._state import default_state_file
 
+    child = None
     try:
         sec = resolve_secret(secret)
-        proc = None
         if address is None:
             typer.echo(f"starting a Ray head on port {port} (token auth on) ...")
             proc = start_head(port, sec, block=block, num_cpus=num_cpus)
+            child = _Child(proc) if proc is not None else None
             address = f"127.0.0.1:{port}"
-        pool = _connect_retry(address, sec)
-        n = len(pool.status()["nodes"])
+        state_file = default_state_file(int(address.rsplit(":", 1)[1]), state_dir)
+        pool = _connect_retry(address, sec, child, state_file=state_file, verify_ttl_s=verify_every)
+        st = pool.status()
     except PoolError as exc:
+        if child is not None:
+            child.stop()
         _fail(exc)
     assert address is not None
-    typer.echo(f"pool controller ready on {address} ({n} node(s)).")
+    restored = st.get("restored") or {}
+    typer.echo(f"pool controller ready on {address} ({len(st['nodes'])} node(s)); state in {state_file}.")
+    if restored.get("records") or restored.get("adopted") or restored.get("pending"):
+        typer.echo(f"restored: {restored['records']} verification record(s), "
+                   f"{restored['adopted']} replica(s) adopted, {restored['pending']} to place "
+                   "again as nodes rejoin.")  # fmt: skip
     typer.echo("join a GPU node with:\n  TENSORFABRIC_SECRET=... tensorfabric pool join "
                f"--address <this host's IP>:{address.rsplit(':', 1)[1]} --region R --zone Z "
-               "--gpu-model M --gpu-memory-gb G --link-tier T")  # fmt: skip
-    if proc is not None:
+               "--gpu-model M --gpu-memory-gb G --link-tier T --block")  # fmt: skip
+    if child is not None:
         import ray
 
         ray.shutdown()
-        _block_on(proc)
+        _block_on(child)
 
 
-def _connect_retry(address: str, secret: str, timeout: float = 60.0) -> Any:
+def _connect_retry(address: str, secret: str, child: Any = None, timeout: float = 90.0,
+                   **create: Any) -> Any:  # fmt: skip
+    """Connect (creating the controller) while the head comes up; fail at once if it died."""
     from tensorfabric.pool import PoolError
 
     deadline = time.monotonic() + timeout
     while True:
+        if child is not None and child.proc.poll() is not None:
+            raise PoolError(f"the Ray head did not start: {child.why()}")
         try:
-            return _connect(address, secret, create=True)
+            return _connect(address, secret, create=True, **create)
         except PoolError:
             if time.monotonic() > deadline:
                 raise
@@ -120,40 +169,135 @@ def join(
     block: bool = typer.Option(False, help="Stay in the foreground; Ctrl-C leaves the pool."),
     secret: Optional[str] = SECRET,
 ) -> None:
-    """Join this machine to a pool with labels; the head then verifies its claims."""
+    """Join this machine to a pool with labels; the head then verifies its claims.
+
+    With --block the node stays in the pool: when its head goes away (restart, crash) it
+    rejoins on its own, retrying with backoff, under the same join id, so the head's records
+    for it carry over."""
     import uuid
 
     from tensorfabric.pool import NodeClaims, PoolError
-    from tensorfabric.pool._cluster import join as ray_join
-    from tensorfabric.pool._cluster import resolve_secret, wait_for_node
+    from tensorfabric.pool._cluster import resolve_secret, use_secret
 
-    proc = None
     try:
         sec = resolve_secret(secret)
+        use_secret(sec)  # before Ray is imported: Ray reads its auth settings on import
         claims = NodeClaims(region, zone, country, provider, gpu_model, gpu_memory_gb,
                             link_tier, simulated)  # fmt: skip
-        join_id = uuid.uuid4().hex[:16]
-        proc = ray_join(address, claims, sec, join_id, block=block, num_gpus=num_gpus,
-                        num_cpus=num_cpus)  # fmt: skip
-        pool = _connect(address, sec)
+    except PoolError as exc:
+        _fail(exc)
+    join_id = uuid.uuid4().hex[:16]
+    opts = {"num_gpus": num_gpus, "num_cpus": num_cpus}
+    if not block:
+        try:
+            _join_once(address, claims, sec, join_id, opts, verify, block=False)
+        except PoolError as exc:
+            _fail(exc)
+        return
+    _join_forever(address, claims, sec, join_id, opts, verify)
+
+
+def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
+               verify: bool, block: bool) -> Any:  # fmt: skip
+    """``ray start`` this node, wait for it in the cluster, verify; the child if ``block``."""
+    from tensorfabric.pool import PoolError
+    from tensorfabric.pool._cluster import join as ray_join
+    from tensorfabric.pool._cluster import wait_for_node
+
+    proc = ray_join(address, claims, sec, join_id, block=block, **opts)
+    child = _Child(proc) if proc is not None else None
+    try:
+        from tensorfabric.pool._client import connect
+
+        connect(address)  # the node needs the cluster, not the controller (it may start later)
         node = wait_for_node(join_id)
         typer.echo(f"joined as node {node['NodeID'][:12]} with {claims.to_label_string()}")
         if verify:
             from rich.console import Console
 
+            pool = _controller_within(address, sec, 60.0)
             with Console(stderr=True).status("verifying claims (memory, compute, transfer) ..."):
                 rec = pool.verify(node["NodeID"])
             word = "verified" if rec["verified"] else "NOT verified"
             typer.echo(f"{word}: {rec['reason']} (score {rec['score']:.1f} GFLOP/s)")
-    except PoolError as exc:
-        if proc is not None:
-            proc.terminate()
-        _fail(exc)
-    if proc is not None:
+    except (PoolError, ConnectionError) as exc:
+        if child is not None:
+            child.stop()
+        raise PoolError(str(exc)) from None
+    finally:
         import ray
 
         ray.shutdown()
-        _block_on(proc)
+    return child
+
+
+def _controller_within(address: str, sec: str, timeout: float) -> Any:
+    """The pool once its controller runs (a restarted head creates it a little later)."""
+    from tensorfabric.pool import PoolError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _connect(address, sec)
+        except PoolError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+HEAD_LOST_S = 10.0  # the head's port refusing connections this long means the head is gone
+BACKOFF_MAX_S = 10.0  # retries while the head is down cost one TCP connect each
+
+
+def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
+                  verify: bool) -> None:  # fmt: skip
+    """Stay joined: rejoin with backoff whenever the node drops out of the pool."""
+    from tensorfabric.pool import PoolError
+    from tensorfabric.pool._cluster import reachable
+
+    _on_sigterm()
+    attempt, child, joined = 0, None, False
+    try:
+        while True:
+            why = reachable(address)
+            if why is None:
+                try:
+                    # After the first join the head re-checks the node itself (its record
+                    # carries over under the same join id, marked for a re-check).
+                    child = _join_once(address, claims, sec, join_id, opts, verify and not joined,
+                                       block=True)  # fmt: skip
+                    attempt, joined = 0, True
+                    why = _watch(child, address)
+                except PoolError as exc:
+                    why = str(exc)
+                if child is not None:
+                    child.stop()
+                    child = None
+            attempt += 1
+            delay = min(2.0 ** min(attempt, 4), BACKOFF_MAX_S)
+            typer.secho(f"lost the pool head at {address} ({why}); rejoining in {delay:.0f} s "
+                        f"(attempt {attempt}) ...", fg=typer.colors.YELLOW, err=True)  # fmt: skip
+            time.sleep(delay)
+    except KeyboardInterrupt:
+        if child is not None:
+            child.stop()
+
+
+def _watch(child: Any, address: str) -> str:
+    """Block while the node is in the pool; return why it no longer is."""
+    from tensorfabric.pool._cluster import reachable
+
+    down_since = None
+    while child.proc.poll() is None:
+        time.sleep(1.0)
+        why = reachable(address)
+        if why is None:
+            down_since = None
+        elif down_since is None:
+            down_since = time.monotonic()
+        elif time.monotonic() - down_since > HEAD_LOST_S:
+            return f"head unreachable for {HEAD_LOST_S:g} s: {why}"
+    return child.why()
 
 
 @pool_app.command()
@@ -203,6 +347,35 @@ def status(
     from tensorfabric.pool._status import render
 
     render(st)
+
+
+@pool_app.command()
+def verify(
+    node: Optional[str] = typer.Argument(None, help="Node id or join id (a unique prefix is enough; see 'pool status')."),
+    all_nodes: bool = typer.Option(False, "--all", help="Re-verify every alive pool node."),
+    timeout: Optional[float] = typer.Option(None, help="First attempt's timeout, s (default: 60 s scaled by the head's load)."),
+    attempts: int = typer.Option(3, min=1, help="Attempts per node; retries back off 1, 2, 4 s."),
+    address: Optional[str] = ADDRESS,
+    secret: Optional[str] = SECRET,
+) -> None:
+    """Measure nodes' claims now. A verified node that fails is drained: its replicas move.
+    Exits 1 if any node is not verified."""
+    from tensorfabric.pool import PoolError
+
+    if (node is None) == (not all_nodes):
+        _fail(PoolError("give one node id (see 'tensorfabric pool status') or --all"))
+    try:
+        recs = _connect(address, secret).verify_many(None if all_nodes else [node], timeout, attempts)
+    except PoolError as exc:
+        _fail(exc)
+    for nid, rec in recs.items():
+        word = "verified" if rec["verified"] else "NOT verified"
+        typer.echo(f"{nid[:12]}: {word}: {rec['reason']} (score {rec['score']:.1f} GFLOP/s, "
+                   f"{rec.get('attempts', 1)} attempt(s))")  # fmt: skip
+    if not recs:
+        typer.echo("no alive pool node to verify")
+    if not all(r["verified"] for r in recs.values()):
+        raise typer.Exit(1)
 
 
 @pool_app.command()

@@ -37,8 +37,12 @@ def connect(address: str | None = None) -> None:
         ) from exc
 
 
-def controller(create: bool = True) -> Any:
-    """The pool controller actor (created on the head node if ``create`` and absent)."""
+def controller(create: bool = True, state_file: str | None = None,
+               verify_ttl_s: float | None = None) -> Any:
+    """The pool controller actor (created on the head node if ``create`` and absent).
+
+    ``state_file`` (the head's checkpoint) and ``verify_ttl_s`` apply only when this call
+    creates the controller; a running one keeps its own."""
     ray = _ray()
     if not create:
         try:
@@ -48,25 +52,27 @@ def controller(create: bool = True) -> Any:
                 "no pool controller runs on this cluster; start it with 'tensorfabric pool up'"
             ) from None
     from ._controller import PoolController
+    from ._records import VERIFY_TTL_S
 
     return (
         ray.remote(PoolController)
         .options(
             name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-            num_cpus=0, max_concurrency=32, max_restarts=0,
+            num_cpus=0, max_concurrency=32, max_restarts=-1,
             resources={"node:__internal_head__": 0.001},  # never on an untrusted worker
         )  # fmt: skip
-        .remote()
+        .remote(state_file, verify_ttl_s or VERIFY_TTL_S)
     )
 
 
 class Pool:
     """A connected view of the pool: verify nodes, deploy specs, read status, remove."""
 
-    def __init__(self, address: str | None = None, *, create: bool = True) -> None:
+    def __init__(self, address: str | None = None, *, create: bool = True,
+                 state_file: str | None = None, verify_ttl_s: float | None = None) -> None:  # fmt: skip
         connect(address)
         self._ray = _ray()
-        self.controller = controller(create)
+        self.controller = controller(create, state_file, verify_ttl_s)
 
     def _get(self, ref: Any, timeout: float) -> Any:
         try:
@@ -77,11 +83,20 @@ class Pool:
                 raise cause from None  # the controller's own message, without Ray's wrapping
             raise
 
-    def verify_pending(self, timeout: float = 120.0) -> dict[str, dict[str, Any]]:
-        return self._get(self.controller.verify_pending.remote(timeout / 2), timeout)
+    def verify_pending(self, wait: float = 900.0) -> dict[str, dict[str, Any]]:
+        """Verify the nodes that are due (never checked, expiring, or rejoined)."""
+        return self._get(self.controller.verify_pending.remote(), wait)
 
-    def verify(self, node_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        return self._get(self.controller.verify.remote(node_id, timeout / 2), timeout)
+    def verify(self, node_id: str, timeout: float | None = None, attempts: int = 3,
+               wait: float = 900.0) -> dict[str, Any]:  # fmt: skip
+        """Check one node now (id or join id, or a unique prefix). ``timeout`` is the first
+        attempt's (default: load-aware); retries back off and get at least the default."""
+        return self._get(self.controller.verify.remote(node_id, timeout, attempts), wait)
+
+    def verify_many(self, node_ids: list[str] | None = None, timeout: float | None = None,
+                    attempts: int = 3, wait: float = 900.0) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """Check these nodes (every alive pool node with ``None``) now."""
+        return self._get(self.controller.verify_many.remote(node_ids, timeout, attempts), wait)
 
     def deploy(self, spec: DeploymentSpec | dict[str, Any] | str | Path,
                timeout: float = 300.0) -> DeploymentHandle:  # fmt: skip

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -63,9 +64,39 @@ def _ray_cli() -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
+def port_taken(port: int, host: str = "0.0.0.0") -> str | None:
+    """Why ``port`` cannot be a head's GCS port here (None if it is free)."""
+    with socket.socket() as s:
+        # Like the GCS itself: a port left in TIME_WAIT by a killed head is free to reuse.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def reachable(address: str, timeout: float = 2.0) -> str | None:
+    """None if a TCP connection to the head's ``HOST:PORT`` opens, else the reason."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+
+
 def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = None,
-               temp_dir: str | None = None) -> subprocess.Popen[bytes] | None:  # fmt: skip
-    """``ray start --head`` with token auth and no GPUs (replicas never land on the head)."""
+               temp_dir: str | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
+    """``ray start --head`` with token auth and no GPUs (replicas never land on the head).
+    Fails at once, in one line, when the port is taken (another head on this host)."""
+    why = port_taken(port)
+    if why:
+        raise PoolError(
+            f"cannot start a pool head on port {port}: the port is taken ({why}); another Ray "
+            f"head probably runs here: check 'tensorfabric pool status --address 127.0.0.1:{port}' "
+            "or choose another --port"
+        )
     cmd = _ray_cli() + ["start", "--head", f"--port={port}", "--num-gpus=0",
                         f"--labels={ROLE}=head", "--disable-usage-stats",
                         "--include-dashboard=false"]  # fmt: skip
@@ -76,8 +107,14 @@ def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = 
     return _run(cmd, secret, block)
 
 
+# A worker whose head vanished gives up reconnecting after this many seconds (Ray's default is
+# 60), so that ``pool join --block`` rejoins a restarted head sooner.
+RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+RECONNECT_S = "15"
+
+
 def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: bool,
-         num_gpus: int | None = None, num_cpus: float | None = None) -> subprocess.Popen[bytes] | None:  # fmt: skip
+         num_gpus: int | None = None, num_cpus: float | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
     """``ray start --address`` with the node's claims as labels (and a join id to find it)."""
     labels = {**claims.to_labels(), JOIN_ID: join_id}
     cmd = _ray_cli() + ["start", f"--address={address}", "--disable-usage-stats",
@@ -89,10 +126,11 @@ def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: 
     return _run(cmd, secret, block)
 
 
-def _run(cmd: list[str], secret: str, block: bool) -> subprocess.Popen[bytes] | None:
+def _run(cmd: list[str], secret: str, block: bool) -> subprocess.Popen[str] | None:
     env = cluster_env(secret)
+    env.setdefault(RECONNECT_ENV, RECONNECT_S)
     if block:
-        return subprocess.Popen(cmd + ["--block"], env=env)
+        return subprocess.Popen(cmd + ["--block"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

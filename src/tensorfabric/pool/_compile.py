@@ -10,6 +10,7 @@ Ray does the placing; this module only says where Ray may place.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ class NodeView:
     verified: bool = False
     score: float = 0.0
     verify_reason: str = ""
+    drained: bool = False  # a later check failed: no new work, its replicas move
 
     @property
     def claims(self) -> L.NodeClaims | None:
@@ -70,13 +72,21 @@ class Placement:
 def match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     """Whether node ``labels`` satisfy a Ray label ``selector`` (all keys ANDed)."""
     for key, expr in selector.items():
-        negate = expr.startswith("!")
-        body = expr[1:] if negate else expr
-        values = [v.strip() for v in body[3:-1].split(",")] if body.startswith("in(") else [body]
+        negate, values = _parse_expr(expr)
         hit = labels.get(key) in values
         if hit == negate:
             return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_expr(expr: str) -> tuple[bool, frozenset[str]]:
+    """(negated, values) of one selector expression; cached: a verified-only selector lists
+    every eligible node id, and parsing it per node made matching quadratic."""
+    negate = expr.startswith("!")
+    body = expr[1:] if negate else expr
+    values = [v.strip() for v in body[3:-1].split(",")] if body.startswith("in(") else [body]
+    return negate, frozenset(values)
 
 
 def _one_of(values: Iterable[str]) -> str:
@@ -93,11 +103,13 @@ Step = tuple[str, Callable[[NodeView], bool], Callable[[list[NodeView]], str]]
 
 def compile_spec(spec: DeploymentSpec, nodes: Sequence[NodeView]) -> Placement:
     """Candidate selectors for ``spec`` given ``nodes``; raise PlacementError if none can fit."""
-    survivors = [n for n in nodes if n.alive and not n.is_head and n.claims is not None]
+    pool_nodes = [n for n in nodes if n.alive and not n.is_head and n.claims is not None]
+    survivors = [n for n in pool_nodes if not n.drained]
     if not survivors:
         raise PlacementError(
-            f"deployment {spec.name!r}: no pool node is alive; join one with "
-            "'tensorfabric pool join'",
+            f"deployment {spec.name!r}: no pool node is alive"
+            + (f" ({len(pool_nodes)} drained after failing a re-check)" if pool_nodes else "")
+            + "; join one with 'tensorfabric pool join'",
             requirement="nodes",
             deployment=spec.name,
         )
@@ -113,6 +125,9 @@ def compile_spec(spec: DeploymentSpec, nodes: Sequence[NodeView]) -> Placement:
             )
         survivors = kept
     selector = _base_selector(spec, survivors)
+    drained = [n.node_id for n in pool_nodes if n.drained]
+    if drained and L.NODE_ID not in selector:
+        selector[L.NODE_ID] = "!" + _one_of(drained)  # keep Ray off nodes that failed a re-check
     _check_capacity(spec, survivors)
     return _candidates(spec, selector, survivors)
 

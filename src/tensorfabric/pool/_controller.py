@@ -1,8 +1,13 @@
 """The pool controller: one detached Ray actor on the head node.
 
-It keeps what Ray does not: verification records (score, reason) per node, and the
-deployments with their replicas. Ray places everything (placement groups with label
-selectors); the controller chooses the order in which to ask and watches for failures.
+It keeps what Ray does not: verification records (:mod:`._records`), and the deployments with
+their replicas. Ray places everything (placement groups with label selectors, through
+:mod:`._backend`); the controller chooses the order in which to ask and watches for failures.
+
+Its state is durable (:mod:`._state`): saved after every change to Ray's internal KV and a
+checkpoint file, and reloaded when the controller or the head restarts. Replicas are detached
+named actors, so a restarted controller adopts the ones still running and places again the
+ones that are gone.
 """
 
 from __future__ import annotations
@@ -11,24 +16,24 @@ import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from . import _labels as L
+from ._backend import NodeLost
 from ._compile import NodeView, Placement, compile_spec, match
-from ._client import NAMESPACE
 from ._errors import PlacementError, PoolError
-from ._replica import ReplicaHost
+from ._records import VERIFY_TTL_S, VerificationBook, node_key
 from ._spec import DeploymentSpec
-from ._verify import judge, measure_node
+from ._state import StateStore
 
 MONITOR_PERIOD_S = 0.25
 PING_TIMEOUT_S = 2.0
-VERIFY_BYTES = 16 * 2**20
+VERIFY_SCAN_S = 10.0  # how often the controller looks for nodes due a (re-)check
+MAX_NODE_LOSSES = 3  # node deaths one replica start may survive before the deploy gives up
+MAX_SELECTOR_IDS = 64  # a node-id list in a placement group's selector names at most this many
+EVENTS_KEPT = 50
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Replica:
     node_id: str
     zone: str
     selector: dict[str, str]
+    name: str = ""
     state: str = "ready"
     misses: int = 0
 
@@ -55,101 +61,111 @@ class Deployment:
 
 
 class PoolController:
-    """Wrapped with ``ray.remote`` by :func:`get_or_create_controller`."""
+    """Wrapped with ``ray.remote`` by :func:`tensorfabric.pool._client.controller`.
 
-    def __init__(self) -> None:
+    ``backend`` defaults to the live Ray cluster; the scale benchmark injects a simulated one.
+    ``monitor=False`` leaves the failover and re-verification threads off (the benchmark
+    calls :meth:`check_once` and :meth:`reverify_due` itself)."""
+
+    def __init__(self, state_file: str | None = None, verify_ttl_s: float = VERIFY_TTL_S,
+                 verify_scan_s: float = VERIFY_SCAN_S, *, backend: Any = None,
+                 store: StateStore | None = None, monitor: bool = True) -> None:  # fmt: skip
+        if backend is None:
+            from ._backend import RayBackend
+
+            backend = RayBackend()
+        self._backend = backend
         self._lock = threading.RLock()
-        self._verified: dict[str, dict[str, Any]] = {}
         self._deployments: dict[str, Deployment] = {}
-        self._engine: Any = None
+        self._store = store or StateStore(state_file)
+        self._book = VerificationBook(verify_ttl_s)
+        self.restored = self._restore()
+        self._book.on_change = lambda key, rec: self._store.put("rec", key, rec)
         self._stop = threading.Event()
-        self._replica_cls: Any = ray.remote(ReplicaHost)
-        self._probe = ray.remote(measure_node)
-        self._monitor = threading.Thread(target=self._monitor_loop, daemon=True)
-        self._monitor.start()
+        self._verifying: set[str] = set()
+        self._threads = []
+        if monitor:
+            for fn, period in ((self.check_once, MONITOR_PERIOD_S), (self.reverify_due, verify_scan_s)):
+                if period > 0:
+                    t = threading.Thread(target=self._loop, args=(fn, period), daemon=True)
+                    t.start()
+                    self._threads.append(t)
 
     # ---------------------------------------------------------------- nodes
     def nodes(self) -> list[NodeView]:
-        from ray._private.state import available_resources_per_node
+        return self._book.annotate(self._backend.nodes())
 
-        avail = available_resources_per_node()
-        views = []
-        for n in ray.nodes():
-            nid = n["NodeID"]
-            rec = self._verified.get(nid, {})
-            views.append(NodeView(
-                node_id=nid, alive=bool(n["Alive"]), labels=dict(n.get("Labels") or {}),
-                total_gpus=float(n.get("Resources", {}).get("GPU", 0.0)),
-                available_gpus=float(avail.get(nid, {}).get("GPU", 0.0)),
-                is_head="node:__internal_head__" in n.get("Resources", {}),
-                verified=bool(rec.get("verified")), score=float(rec.get("score", 0.0)),
-                verify_reason=str(rec.get("reason", "")),
-            ))  # fmt: skip
-        return views
+    def _find_nodes(self, ids: list[str] | None) -> list[NodeView]:
+        views = [n for n in self.nodes() if n.alive and not n.is_head and n.claims is not None]
+        if ids is None:
+            return views
+        out = []
+        for want in ids:
+            hits = [n for n in views if n.node_id.startswith(want) or node_key(n).startswith(want)]
+            if len(hits) != 1:
+                raise PoolError(f"node {want!r} " + ("matches several nodes; give more of its id"
+                                if hits else "is not an alive pool node; see 'tensorfabric pool status'"))  # fmt: skip
+            out.append(hits[0])
+        return out
 
-    def verify(self, node_id: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Measure one node's claims now; record and return the verdict."""
-        import hashlib
+    def verify(self, node_id: str, timeout: float | None = None, attempts: int = 3) -> dict[str, Any]:
+        """Measure one node's claims now (retrying with backoff); record and return the
+        verdict. A node that was verified and fails now is drained: its replicas move."""
+        return self._verify_view(self._find_nodes([node_id])[0], timeout, attempts)
 
-        import tensorfabric as tf
-
-        view = next((n for n in self.nodes() if n.node_id == node_id and n.alive), None)
-        if view is None or view.claims is None:
-            raise PoolError(f"node {node_id[:12]} is not an alive pool node")
-        eng = self._get_engine()
-        buf = eng.alloc(VERIFY_BYTES, access=tf.Access.REMOTE_WRITE)
-        imm = int.from_bytes(os.urandom(4), "little") | 1
-        try:
-            landed = eng.expect(imm, 1, timeout=timeout)
-            ref = self._probe.options(
-                label_selector={L.NODE_ID: node_id}, num_cpus=0, max_retries=0
-            ).remote(view.labels, buf.descriptor().to_bytes(), VERIFY_BYTES, imm, timeout)
-            measured = ray.get(ref, timeout=timeout)
-            sha = None
-            if "error" not in measured:
-                landed.wait(timeout)
-                sha = hashlib.sha256(buf.array.tobytes()).hexdigest()
-        except Exception as exc:  # node died or hung: record it as unverified, with the reason
-            measured, sha = {"error": f"{type(exc).__name__}: {exc}"}, None
-        finally:
-            eng.unregister(buf)
-        ok, reason = judge(view.claims, measured, sha)
-        rec = {"verified": ok, "reason": reason, "score": round(measured.get("gflops", 0.0), 1),
-               "measured": measured, "time": time.time()}  # fmt: skip
+    def _verify_view(self, view: NodeView, timeout: float | None, attempts: int) -> dict[str, Any]:
         with self._lock:
-            self._verified[node_id] = rec
+            self._verifying.add(view.node_id)
+        try:
+            rec, newly_failed = self._book.verify(view, self._backend.measure, timeout, attempts)
+        finally:
+            with self._lock:
+                self._verifying.discard(view.node_id)
+        if newly_failed:
+            self._drain(view.node_id, rec["reason"])
         return rec
 
-    def verify_pending(self, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-        """Verify every alive pool node that has no record yet (all at once)."""
-        from concurrent.futures import ThreadPoolExecutor
+    def verify_many(self, node_ids: list[str] | None = None, timeout: float | None = None,
+                    attempts: int = 3) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """Verify the given nodes (all alive pool nodes with ``None``), eight at a time."""
+        views = self._find_nodes(node_ids)
+        return self._verify_all(views, timeout, attempts)
 
-        todo = [n.node_id for n in self.nodes() if n.alive and not n.is_head
-                and n.claims is not None and n.node_id not in self._verified]  # fmt: skip
-
-        def one(node_id: str) -> dict[str, Any]:
+    def _verify_all(self, views: list[NodeView], timeout: float | None,
+                    attempts: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+        def one(v: NodeView) -> dict[str, Any]:
             try:
-                return self.verify(node_id, timeout)
-            except PoolError as exc:  # it died meanwhile: skip it, verify the others
-                return {"verified": False, "reason": str(exc), "score": 0.0}
+                return self._verify_view(v, timeout, attempts)
+            except Exception as exc:  # it died meanwhile: report it, verify the others
+                return {"verified": False, "reason": f"{type(exc).__name__}: {exc}", "score": 0.0}
 
-        with ThreadPoolExecutor(max_workers=8) as ex:
-            return dict(zip(todo, ex.map(one, todo)))
+        if not views:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(8, len(views))) as ex:
+            return dict(zip((v.node_id for v in views), ex.map(one, views)))
 
-    def _get_engine(self) -> Any:
+    def verify_pending(self, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        """Verify every alive pool node that is due: never checked, expiring, or rejoined."""
         with self._lock:
-            return self._make_engine()
+            busy = set(self._verifying)
+        return self._verify_all([v for v in self._book.due(self.nodes()) if v.node_id not in busy],
+                                timeout, 3)  # fmt: skip
 
-    def _make_engine(self) -> Any:
-        if self._engine is None:
-            import tensorfabric as tf
+    def reverify_due(self) -> None:
+        """One pass of the schedule: check the nodes that are due (in the background loop)."""
+        self.verify_pending()
 
-            self._engine = tf.Engine(host=ray.util.get_node_ip_address(), port=0, name="pool")
-        return self._engine
+    def _drain(self, node_id: str, reason: str) -> None:
+        with self._lock:
+            victims = [(d, r) for d in self._deployments.values() for r in d.replicas.values()
+                       if r.node_id == node_id and r.state == "ready"]  # fmt: skip
+        for dep, rep in victims:
+            self._lose(dep, rep, f"node {node_id[:12]} drained: {reason}")
 
     # ---------------------------------------------------------- deployments
     def deploy(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
-        """Place all replicas (all or nothing) and wait until each answers; return status."""
+        """Place all replicas (all or nothing) and wait until each answers; return status.
+        A replica whose node dies while it starts is placed again on the next matching node."""
         spec = DeploymentSpec.from_dict(spec_dict)
         t0 = time.perf_counter()
         placement = compile_spec(spec, self.nodes())
@@ -160,73 +176,74 @@ class PoolController:
                     f"'tensorfabric pool down --deployment {spec.name}'"
                 )
             dep = self._deployments[spec.name] = Deployment(spec)
+        self._save(dep)
         try:
             for i in range(spec.replicas):
                 zones = [r.zone for r in dep.replicas.values()]
-                rep = self._place(spec, i, placement.preferring_other_zones(zones))
+                rep, lost = self._place(dep, i, placement.preferring_other_zones(zones))
                 if rep is None:
-                    raise PlacementError(
-                        f"deployment {spec.name!r}: replica {i} found no free node within "
-                        f"{spec.placement_timeout_s:g} s; nodes matching "
-                        f"[{', '.join(placement.descriptions)}] are busy (their GPUs are "
-                        "taken by other work)",
-                        requirement="capacity", deployment=spec.name,
-                    )  # fmt: skip
-                dep.replicas[i] = rep
+                    raise PlacementError(_no_node_message(spec, i, placement, lost),
+                                         requirement="capacity", deployment=spec.name)  # fmt: skip
+                with self._lock:
+                    dep.replicas[i] = rep
+                self._save(dep)
         except BaseException:
             with self._lock:
                 self._deployments.pop(spec.name, None)
             for rep in list(dep.replicas.values()):
-                self._discard(rep)
+                self._backend.discard(rep.actor, rep.pg)
+            self._store.put("dep", spec.name, None)
             raise
         dep.state, dep.ready_s = "ready", time.perf_counter() - t0
+        self._save(dep)
         return self._dep_status(dep)
 
-    def _place(self, spec: DeploymentSpec, index: int, selectors: list[dict[str, str]]) -> Replica | None:
+    def _place(self, dep: Deployment, index: int,
+               selectors: list[dict[str, str]]) -> tuple[Replica | None, list[str]]:  # fmt: skip
+        """Try ``selectors`` in order; on a node loss, start over without that node."""
+        spec = dep.spec
         bundle = {k: v for k, v in (("GPU", spec.num_gpus), ("CPU", spec.num_cpus)) if v > 0}
-        nodes = [n for n in self.nodes() if n.alive]
-        tried: list[str] = []
-        for sel in selectors:
-            key = repr(sorted(sel.items()))
-            fits = [n for n in nodes if match(n.labels, sel) and n.total_gpus >= spec.num_gpus]
-            if key in tried or not fits:
-                continue
-            tried.append(key)
-            # Ray's free-resource view can lag by a second: where it says "busy", still ask
-            # Ray, but wait briefly so a truly busy candidate does not cost the full timeout.
-            free = any(n.available_gpus >= spec.num_gpus for n in fits)
-            wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
-            pg = placement_group([bundle or {"CPU": 0.001}], bundle_label_selector=[sel])
-            if not pg.wait(wait_s):
-                remove_placement_group(pg)
-                continue
-            actor = self._replica_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
-                num_gpus=spec.num_gpus, num_cpus=spec.num_cpus, max_concurrency=8,
-                name=f"{spec.name}-{index}-{os.urandom(3).hex()}", namespace=NAMESPACE,
-            ).remote(spec.run.kind, spec.run.target, spec.run.args, spec.run.kwargs,
-                     spec.name, index)  # fmt: skip
-            try:
-                where = ray.get(actor.ready.remote(), timeout=max(30.0, spec.placement_timeout_s))
-            except Exception as exc:
-                ray.kill(actor, no_restart=True)
-                remove_placement_group(pg)
-                raise PoolError(
-                    f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
-                    f"{spec.run.target}): {_first_line(exc)}"
-                ) from None
-            return Replica(index, actor, pg, where["node_id"], where["labels"].get(L.ZONE, "?"), sel)
-        return None
-
-    def _discard(self, rep: Replica) -> None:
-        try:
-            ray.kill(rep.actor, no_restart=True)
-        except Exception:
-            pass
-        try:
-            remove_placement_group(rep.pg)
-        except Exception:
-            pass
+        lost: list[str] = []
+        for _ in range(MAX_NODE_LOSSES + 1):
+            nodes = [n for n in self.nodes() if n.alive and n.node_id not in lost and not n.drained]
+            tried: set[str] = set()
+            for sel in selectors:
+                key = repr(sorted(sel.items()))
+                fits = [n for n in nodes if match(n.labels, sel) and n.total_gpus >= spec.num_gpus]
+                if key in tried or not fits:
+                    continue
+                tried.add(key)
+                # Ray's free-resource view can lag by a second: where it says "busy", still
+                # ask Ray, but briefly, so a truly busy candidate does not cost the timeout.
+                free = any(n.available_gpus >= spec.num_gpus for n in fits)
+                wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
+                name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
+                sel = _narrow(sel, fits, spec.num_gpus)
+                pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
+                if pg is None:
+                    continue
+                node_id = self._backend.pg_node(pg)
+                actor = self._backend.start(pg, spec, index, name)
+                try:
+                    where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
+                except NodeLost as exc:
+                    self._backend.discard(actor, pg)
+                    lost.append(exc.node_id)
+                    zone = next((n.labels.get(L.ZONE, "?") for n in nodes if n.node_id == exc.node_id), "?")
+                    self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
+                                zone=zone, why=str(exc))  # fmt: skip
+                    break  # look at the nodes again, without the dead one
+                except Exception as exc:
+                    self._backend.discard(actor, pg)
+                    raise PoolError(
+                        f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
+                        f"{spec.run.target}): {_first_line(exc)}"
+                    ) from None
+                zone = where["labels"].get(L.ZONE, "?")
+                return Replica(index, actor, pg, where["node_id"], zone, sel, name), lost
+            else:
+                return None, lost  # no candidate had a free node
+        return None, lost
 
     def remove(self, name: str | None = None) -> list[str]:
         """Remove one deployment (or all with ``name=None``); return the names removed."""
@@ -237,8 +254,9 @@ class PoolController:
                 if dep is None:
                     raise PoolError(f"no deployment named {n!r}")
                 for rep in dep.replicas.values():
-                    self._discard(rep)
-            return names
+                    self._backend.discard(rep.actor, rep.pg)
+                self._store.put("dep", n, None)
+        return names
 
     def replica_handles(self, name: str) -> list[Any]:
         with self._lock:
@@ -248,90 +266,146 @@ class PoolController:
             return [r.actor for r in dep.replicas.values() if r.state == "ready"]
 
     # -------------------------------------------------------------- failover
-    def _monitor_loop(self) -> None:
-        while not self._stop.wait(MONITOR_PERIOD_S):
+    def _loop(self, fn: Any, period: float) -> None:
+        while not self._stop.wait(period):
             try:
-                self._check_once()
+                fn()
             except Exception:  # keep watching; a transient GCS error must not end failover
                 traceback.print_exc()
 
-    def _check_once(self) -> None:
+    def check_once(self) -> None:
+        """Ping every replica; mark the lost ones and place replacements (one monitor pass)."""
         with self._lock:
             deps = list(self._deployments.values())
         if not deps:
             return
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        alive = self._backend.alive_ids()
         for dep in deps:
             reps = [r for r in dep.replicas.values() if r.state == "ready"]
-            pings = {r.index: r.actor.ping.remote() for r in reps if r.node_id in alive}
-            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+            results = self._backend.ping({r.index: r.actor for r in reps if r.node_id in alive},
+                                         PING_TIMEOUT_S)  # fmt: skip
             for rep in reps:
-                ref = pings.get(rep.index)
-                if ref is None:
+                res = results.get(rep.index)
+                if res is None:
                     self._lose(dep, rep, "node died")
-                    continue
-                if ref not in ready:
+                elif res == "miss":
                     rep.misses += 1
                     if rep.misses >= 3:
                         self._lose(dep, rep, "stopped answering")
-                    continue
-                try:
-                    ray.get(ref, timeout=0)
+                elif res.startswith("dead"):
+                    self._lose(dep, rep, f"replica died: {res[6:]}")
+                else:
                     rep.misses = 0
-                except Exception as exc:
-                    self._lose(dep, rep, f"replica died: {type(exc).__name__}")
-            self._replace_pending(dep)
+            if dep.pending:
+                self._replace_pending(dep)
 
     def _lose(self, dep: Deployment, rep: Replica, why: str) -> None:
         with self._lock:
+            if dep.replicas.get(rep.index) is not rep:
+                return  # already lost (by the monitor and a drain at once)
             rep.state = "lost"
             dep.replicas.pop(rep.index, None)
             dep.pending.add(rep.index)
             dep.lost_at[rep.index] = (time.perf_counter(), rep.zone, rep.node_id)
             dep.state = "recovering"
-            dep.events.append({"time": time.time(), "event": "lost", "replica": rep.index,
-                               "node": rep.node_id, "zone": rep.zone, "why": why})  # fmt: skip
-        self._discard(rep)
+            self._event(dep, "lost", replica=rep.index, node=rep.node_id, zone=rep.zone, why=why)
+        self._backend.discard(rep.actor, rep.pg)
+        self._save(dep)
 
     def _replace_pending(self, dep: Deployment) -> None:
         for index in sorted(dep.pending):
-            t_lost, dead_zone, dead_node = dep.lost_at[index]
+            t_lost, dead_zone, dead_node = dep.lost_at.get(index, (time.perf_counter(), "?", "?"))
             try:
                 placement = compile_spec(dep.spec, self.nodes())
-                rep = self._place(dep.spec, index, _failover_order(placement, dead_zone, dep))
-            except PlacementError as exc:
-                dep.state = f"degraded: {exc}"
+                rep, _ = self._place(dep, index, _failover_order(placement, dead_zone, dep))
+            except Exception as exc:  # one deployment's trouble must not stall the others
+                dep.state = f"degraded: {_first_line(exc) if not isinstance(exc, PoolError) else exc}"
                 continue
             with self._lock:
                 if dep.spec.name not in self._deployments:  # removed meanwhile
-                    self._discard(rep) if rep else None
+                    if rep:
+                        self._backend.discard(rep.actor, rep.pg)
                     return
                 if rep is None:
                     dep.state = "degraded: no free matching node; waiting for one"
                     continue
                 dep.replicas[index] = rep
                 dep.pending.discard(index)
-                dep.events.append({
-                    "time": time.time(), "event": "replaced", "replica": index,
-                    "from_node": dead_node, "from_zone": dead_zone, "node": rep.node_id,
-                    "zone": rep.zone, "recovery_s": round(time.perf_counter() - t_lost, 3),
-                })  # fmt: skip
+                dep.lost_at.pop(index, None)
+                self._event(dep, "replaced", replica=index, from_node=dead_node,
+                            from_zone=dead_zone, node=rep.node_id, zone=rep.zone,
+                            recovery_s=round(time.perf_counter() - t_lost, 3))  # fmt: skip
                 if not dep.pending:
                     dep.state = "ready"
+            self._save(dep)
+
+    def _event(self, dep: Deployment, event: str, **fields: Any) -> None:
+        with self._lock:
+            dep.events.append({"time": time.time(), "event": event, **fields})
+            del dep.events[:-EVENTS_KEPT]
+
+    # ---------------------------------------------------------- persistence
+    def _save(self, dep: Deployment) -> None:
+        """Write one deployment (spec, state, replicas by name, recent events)."""
+        from ._client import _spec_dict
+
+        with self._lock:
+            if self._deployments.get(dep.spec.name) is not dep:
+                return  # removed meanwhile
+            item = {
+                "spec": _spec_dict(dep.spec), "state": dep.state, "ready_s": dep.ready_s,
+                "events": list(dep.events), "pending": sorted(dep.pending),
+                "replicas": [{"index": r.index, "name": r.name, "node_id": r.node_id,
+                              "zone": r.zone, "selector": r.selector}
+                             for r in dep.replicas.values()],
+            }  # fmt: skip
+        self._store.put("dep", dep.spec.name, item)
+
+    def _restore(self) -> dict[str, Any]:
+        """Load saved state; adopt replicas still running, queue the rest for placement."""
+        state = self._store.load()
+        self._book.load(state["rec"].values())
+        adopted = pending = 0
+        now = time.perf_counter()
+        for d in state["dep"].values():
+            dep = Deployment(DeploymentSpec.from_dict(d["spec"]), ready_s=d.get("ready_s", 0.0),
+                             events=list(d.get("events", [])))  # fmt: skip
+            for r in d.get("replicas", []):
+                found = self._backend.find(r["name"], r["name"] + "-pg")
+                if found is not None:
+                    dep.replicas[r["index"]] = Replica(r["index"], found[0], found[1], r["node_id"],
+                                                       r["zone"], r["selector"], r["name"])  # fmt: skip
+                    adopted += 1
+                    continue
+                dep.pending.add(r["index"])
+                dep.lost_at[r["index"]] = (now, r["zone"], r["node_id"])
+                self._event(dep, "lost", replica=r["index"], node=r["node_id"], zone=r["zone"],
+                            why="gone after the controller restarted")  # fmt: skip
+            placed = set(dep.replicas) | dep.pending
+            dep.pending |= {i for i in range(dep.spec.replicas) if i not in placed}
+            pending += len(dep.pending)
+            dep.state = "recovering" if dep.pending else "ready"
+            self._event(dep, "restored", adopted=len(dep.replicas), pending=len(dep.pending))
+            self._deployments[dep.spec.name] = dep
+            self._save(dep)
+        return {"adopted": adopted, "pending": pending, "records": len(self._book)}
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        views = self.nodes()
         nodes = []
-        for n in views:
-            rec = self._verified.get(n.node_id, {})
+        for n in self.nodes():
+            rec = self._book.get(n) or {}
             nodes.append({"node_id": n.node_id, "alive": n.alive, "head": n.is_head,
                           "labels": n.labels, "verified": n.verified, "score": n.score,
-                          "reason": rec.get("reason", ""), "gpus": n.total_gpus,
-                          "gpus_free": n.available_gpus})  # fmt: skip
+                          "reason": n.verify_reason, "gpus": n.total_gpus,
+                          "gpus_free": n.available_gpus, "drained": n.drained,
+                          "verified_at": rec.get("time"), "expires": rec.get("expires"),
+                          "attempts": rec.get("attempts", 0),
+                          "carried_over": bool(rec.get("carried_over"))})  # fmt: skip
         with self._lock:
             deps = [self._dep_status(d) for d in self._deployments.values()]
-        return {"nodes": nodes, "deployments": deps}
+        return {"nodes": nodes, "deployments": deps, "restored": self.restored,
+                "state_error": self._store.last_error}  # fmt: skip
 
     def _dep_status(self, dep: Deployment) -> dict[str, Any]:
         return {
@@ -339,24 +413,54 @@ class PoolController:
             "ready": sum(r.state == "ready" for r in dep.replicas.values()),
             "ready_s": round(dep.ready_s, 3),
             "replicas": [{"index": r.index, "node_id": r.node_id, "zone": r.zone,
-                          "state": r.state} for r in dep.replicas.values()],
+                          "state": r.state, "name": r.name} for r in dep.replicas.values()],
             "events": list(dep.events),
         }  # fmt: skip
 
-    def shutdown(self) -> None:
+    def records(self) -> list[dict[str, Any]]:
+        return self._book.dump()
+
+    def shutdown(self, remove: bool = True) -> None:
+        """Stop the threads; with ``remove`` also remove every deployment (``pool down``)."""
         self._stop.set()
-        self.remove(None)
-        if self._engine is not None:
-            self._engine.close()
+        if remove:
+            self.remove(None)
+        close = getattr(self._backend, "close", None)
+        if close:
+            close()
+        self._store.close()
+
+
+def _narrow(sel: dict[str, str], fits: list[NodeView], gpus: float) -> dict[str, str]:
+    """Bound a node-id list (``verified_only`` lists every eligible node) to the first
+    MAX_SELECTOR_IDS matching nodes with free GPUs: Ray keeps each placement group's selector,
+    and at 10,000 nodes the full list is ~0.5 MB per replica."""
+    expr = sel.get(L.NODE_ID, "")
+    if not expr.startswith("in(") or expr.count(",") < MAX_SELECTOR_IDS:
+        return sel
+    free = [n.node_id for n in fits if n.available_gpus >= gpus] or [n.node_id for n in fits]
+    return {**sel, L.NODE_ID: f"in({','.join(free[:MAX_SELECTOR_IDS])})"}
+
+
+def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:
+    if lost:
+        return (f"deployment {spec.name!r}: replica {index} lost its node"
+                f"{'s' if len(lost) > 1 else ''} {', '.join(n[:12] for n in lost)} while it "
+                f"started, and no other node matching [{', '.join(placement.descriptions)}] was "
+                f"free within {spec.placement_timeout_s:g} s")  # fmt: skip
+    return (f"deployment {spec.name!r}: replica {index} found no free node within "
+            f"{spec.placement_timeout_s:g} s; nodes matching [{', '.join(placement.descriptions)}] "
+            "are busy (their GPUs are taken by other work)")  # fmt: skip
 
 
 def _failover_order(placement: Placement, dead_zone: str, dep: Deployment) -> list[dict[str, str]]:
     """Away from the dead zone and the other replicas' zones, then away from the dead zone,
     then anywhere the spec allows."""
-    used = {r.zone for r in dep.replicas.values()}
+    used = {r.zone for r in dep.replicas.values()} - {"?"}
+    dead = {dead_zone} - {"?"}  # "?": never placed (restored while it was starting)
     seen, order = set(), []
-    for sels in (placement.preferring_other_zones(used | {dead_zone}),
-                 placement.preferring_other_zones({dead_zone}), placement.candidates):  # fmt: skip
+    for sels in (placement.preferring_other_zones(used | dead),
+                 placement.preferring_other_zones(dead), placement.candidates):  # fmt: skip
         for sel in sels:
             key = repr(sorted(sel.items()))
             if key not in seen:

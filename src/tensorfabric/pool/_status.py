@@ -26,7 +26,7 @@ def render(status: dict[str, Any], console: Any = None) -> None:
         elif L.REGION not in lab:
             verified = "not a pool node"
         else:
-            verified = "yes" if n["verified"] else "no"
+            verified = "yes" if n["verified"] else ("drained" if n.get("drained") else "no")
             if not n["verified"] and n["alive"]:
                 notes.append(f"node {n['node_id'][:12]} unverified: {n['reason'] or 'not verified yet'}")
         used = f"{n['gpus'] - n['gpus_free']:g}/{n['gpus']:g}" if n["alive"] else "-"
@@ -44,6 +44,8 @@ def render(status: dict[str, Any], console: Any = None) -> None:
     dep_notes: list[str] = []
     for col in ("name", "state", "ready", "deploy s", "replicas", "last event"):
         deps.add_column(col)
+    if status.get("state_error"):
+        dep_notes.append(f"the pool state could not be saved: {status['state_error']}")
     for d in status["deployments"]:
         reps = ", ".join(f"{r['index']}@{r['zone']}({r['node_id'][:6]})" for r in d["replicas"])
         state, _, detail = d["state"].partition(": ")
@@ -61,4 +63,10 @@ def _event(e: dict[str, Any]) -> str:
     if e["event"] == "replaced":
         return (f"replica {e['replica']} moved {e['from_zone']} -> {e['zone']} in "
                 f"{e['recovery_s']:.2f} s ({ago:.0f} s ago)")  # fmt: skip
-    return f"replica {e['replica']} lost in {e['zone']}: {e['why']} ({ago:.0f} s ago)"
+    if e["event"] == "lost":
+        return f"replica {e['replica']} lost in {e['zone']}: {e['why']} ({ago:.0f} s ago)"
+    if e["event"] == "node_lost_during_start":
+        return f"replica {e['replica']}: node {e['node'][:8]} in {e['zone']} died while it started ({ago:.0f} s ago)"
+    if e["event"] == "restored":
+        return f"restored after a controller restart: {e['adopted']} adopted, {e['pending']} to place ({ago:.0f} s ago)"
+    return f"{e['event']} ({ago:.0f} s ago)"

@@ -86,6 +86,31 @@ def _measure_transfer(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) 
     return {"transfer_mb_s": nbytes / seconds / 1e6, "sha256": hashlib.sha256(payload.tobytes()).hexdigest()}
 
 
+FAULTS_ENV = "TENSORFABRIC_POOL_FAULTS"
+
+
+def _inject_faults(out: dict[str, Any]) -> None:
+    """Fault injection for tests: ``TENSORFABRIC_POOL_FAULTS`` names a JSON file mapping a
+    Ray node id to measurements to lower, e.g. ``{"<node id>": {"memory_gb": 1.0}}`` (a GPU
+    that lost memory). Faults can only make a node look worse, never better."""
+    import json
+
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        with open(path) as f:
+            faults = json.load(f).get(node, {})
+    except (OSError, ValueError, AttributeError):
+        return
+    for key in ("memory_gb", "gflops", "transfer_mb_s"):
+        if key in faults and key in out:
+            out[key] = min(out[key], float(faults[key]))
+
+
 def measure_node(labels: dict[str, str], desc_bytes: bytes, nbytes: int, imm: int,
                  timeout: float) -> dict[str, Any]:  # fmt: skip
     """Runs on the node being verified. Returns the raw measurements (no verdict)."""
@@ -97,6 +122,7 @@ def measure_node(labels: dict[str, str], desc_bytes: bytes, nbytes: int, imm: in
         out["device"], out["memory_gb"], out["memory_probe_ok"] = _measure_memory(claims)
         out["gflops"] = _measure_compute()
         out.update(_measure_transfer(desc_bytes, nbytes, imm, timeout))
+        _inject_faults(out)
     except Exception as exc:  # reported as a failed claim, not a crash of the controller
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
