@@ -125,16 +125,23 @@ def test_replica_that_cannot_start_reports_why(pool):
 
 
 @pytest.mark.model
-def test_split_cloud_tier_runs_as_a_replica(pool):
+def test_split_cloud_tier_runs_as_a_replica(pool, tmp_path):
     """``run: {serve: cloud}`` starts the edge/cloud work's cloud tier; it answers over the
-    engine at the address its replica reports."""
+    engine at the address its replica reports. It listens beyond loopback, so its link is TLS
+    with the tiers' pinned pair (here generated into a folder both sides read)."""
     pytest.importorskip("tensorfabric.split")
     import tensorfabric as tf
+    from tensorfabric.split import parse_config
     from tensorfabric.split._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
+    from tensorfabric.split._tls import tls_contexts
 
-    h = pool.deploy(spec("cloud", run={"serve": "cloud"}, countries=["US"]), timeout=240)
+    config = {"cloud": {"tls": {"dir": str(tmp_path)}}}
+    h = pool.deploy(spec("cloud", run={"serve": "cloud", "config": config}, countries=["US"]),
+                    timeout=240)
     addr = bytes.fromhex(h.call(method="address", timeout=60))
-    with tf.Engine(host=ray.util.get_node_ip_address(), name="edge-probe") as eng:
+    server, client = tls_contexts(parse_config(config).cloud.tls)
+    with tf.Engine(host=ray.util.get_node_ip_address(), name="edge-probe",
+                   tls_server=server, tls_client=client) as eng:
         eng.send(addr, encode_msg({"op": "ping", "id": 7}), tag=TAG_REQUEST).wait(30)
         reply = decode_msg(eng.recv(tag=TAG_REPLY, timeout=60).data)
     assert reply["id"] == 7 and reply["event"] == "pong" and "SmolLM2" in reply["model"]

@@ -10,7 +10,7 @@ import typer
 
 from . import _types
 
-_TRANSPORTS = ("tcp", "shm", "nixl", "tcp-plain", "tcp-tls")
+_TRANSPORTS = ("tcp", "shm", "nixl", "tcp-plain", "tcp-tls", "netns")  # netns: --moe only
 _OPS = ("write", "pages", "read", "imm", "sendrecv")  # bench._runner.ALL_OPS (kept import-free)
 
 
@@ -134,7 +134,8 @@ def bench(
         from tensorfabric.bench._moe import moe_command
 
         try:
-            moe_command(moe_points, transport, quick=quick, json_out=json_out,
+            moe_command(moe_points, ",".join(transport) if transport else None, quick=quick,
+                        json_out=json_out,
                         baselines=not no_baselines, echo=typer.echo)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
@@ -151,6 +152,9 @@ def bench(
     host_v = pick(host, "host", addrs[0] if addrs and not listen else "127.0.0.1")
 
     kind: tuple[str, ...] = pick(transport, "transport", ("all",))
+    if "netns" in kind:
+        raise typer.BadParameter("'netns' (ranks on emulated hosts) is a transport of --moe only",
+                                 param_hint="'--transport'")
     if integrity:
         kind = ("tcp-plain", "tcp", "tcp-tls")
     if listen:
