@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _relay import Relay
+from _tier_relay import Relay
 from conftest import subprocess_env
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

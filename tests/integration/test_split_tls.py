@@ -18,7 +18,7 @@ from tensorfabric.split import parse_config
 from tensorfabric.split._rpc import TAG_REPLY, TAG_REQUEST, CloudClient, encode_msg
 from tensorfabric.split._tls import tls_contexts
 
-from _relay import Relay
+from _tier_relay import Relay
 
 
 def make_pki(d: Path) -> dict[str, str]:

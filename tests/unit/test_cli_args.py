@@ -16,7 +16,6 @@ pytest.importorskip("typer")
 
 from tensorfabric.cli import build_command, run  # noqa: E402
 
-from conftest import subprocess_env  # noqa: E402
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -108,8 +107,8 @@ def test_our_errors_are_one_line_with_exit_code_1(capsys, tmp_path) -> None:  # 
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_version_and_help_end_to_end() -> None:
-    env = subprocess_env()
+def test_version_and_help_end_to_end(child_env) -> None:  # type: ignore[no-untyped-def]
+    env = child_env
     ver = subprocess.run([sys.executable, "-m", "tensorfabric", "--version"], env=env,
                          capture_output=True, text=True, timeout=120)
     from tensorfabric import __version__
