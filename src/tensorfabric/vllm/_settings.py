@@ -23,7 +23,10 @@ class ConnectorSettings:
     that peers dial (use the host's reachable address across hosts). ``transports``: the
     engine's transports (``shm`` between instances on one host, ``tcp`` otherwise).
     ``shm_kv``: place vLLM's KV cache in the engine's shared memory, so a same-host prefill
-    instance writes it with one copy. ``timeout``: seconds a KV transfer may take before the
+    instance writes it with one copy. Shared memory cannot be mapped write-only, so this grants
+    the prefill instance that a decode instance pulls from read access to the whole KV buffer
+    as well; ``shm_kv: false`` keeps the grant write-only (transfers then go over tcp, also on
+    one host). ``timeout``: seconds a KV transfer may take before the
     decode instance gives up and recomputes. ``hold_s``: seconds a prefill instance keeps a
     finished request's blocks for its decode instance. ``heartbeat_s``: how often a decode
     instance checks that the prefill instance it waits on is alive. ``stats_file``: append one

@@ -95,7 +95,10 @@ class WorkerSide:
         if self.region is not None:
             raise RuntimeError("vLLM allocated a second KV buffer; the tensorfabric connector "
                                "supports one (a single KV cache group)")
-        self.region = self.engine.alloc(nbytes, access=Access.REMOTE_WRITE)
+        # Shared memory cannot be mapped write-only, so the engine hands a same-host writer a
+        # readable mapping only when the region grants reads too (else it goes over tcp).
+        # The key reaches only the prefill instance this decode instance pulls from.
+        self.region = self.engine.alloc(nbytes, access=Access.READ_WRITE)
         self.kv_tensor = torch.frombuffer(self.region.view, dtype=torch.int8)
         return self.kv_tensor
 
