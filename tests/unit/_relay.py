@@ -29,6 +29,15 @@ state = {"links": 0, "done": False, "spliced": None}
 spare: list[bytes] = []
 
 
+
+def _shut(*socks: socket.socket) -> None:
+    """Shut both directions of each socket, ignoring ones already gone."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
 def say(msg: str) -> None:
     with lock:
         print(msg, flush=True)
@@ -62,11 +71,7 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(src, dst)
 
 
 def handle(client: socket.socket, target: tuple[str, int], mode: str, arg: str) -> None:
@@ -153,11 +158,7 @@ def handle(client: socket.socket, target: tuple[str, int], mode: str, arg: str) 
     except (OSError, ConnectionError):
         pass
     finally:
-        for s in (client, server):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(client, server)
 
 
 def main() -> None:

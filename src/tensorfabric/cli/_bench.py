@@ -75,7 +75,8 @@ def _positive_int(text: str) -> int:
 def bench(
     transport: Optional[Any] = typer.Option(
         None, parser=_types.names(_TRANSPORTS, extra=("all",)), metavar="NAMES",
-        help="tcp, shm, nixl (comma separated) or all (tcp and shm, nixl if installed)."),
+        help="tcp, shm, nixl (comma separated) or all (tcp and shm, nixl if installed); "
+             "tcp-plain and tcp-tls (see --integrity); netns with --moe."),
     links: Optional[int] = typer.Option(None, min=1, max=64, help="tcp links per peer (default 1)."),
     link_addrs: Optional[Any] = typer.Option(
         None, parser=_types.local_addresses, metavar="ADDRS",
