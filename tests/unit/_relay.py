@@ -29,7 +29,6 @@ state = {"links": 0, "done": False, "spliced": None}
 spare: list[bytes] = []
 
 
-
 def _shut(*socks: socket.socket) -> None:
     """Shut both directions of each socket, ignoring ones already gone."""
     for s in socks:
@@ -37,6 +36,7 @@ def _shut(*socks: socket.socket) -> None:
             s.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
 
 def say(msg: str) -> None:
     with lock:
