@@ -4,7 +4,8 @@ Shared by the vLLM test tier (tests/vllm) and any later test that needs vLLM: th
 ``vllm_model`` (the Hugging Face folder of the default model), ``vllm_logs`` (a folder for
 server logs, printed on failure) and the factory ``start_vllm`` (returns a started and ready
 ``VllmServer``; every server it started is killed at the end of the session, whatever the
-test did to it). Keep servers module- or session-scoped: each costs ~45-140 s to start on a
+test did to it) and ``plain_vllm`` (one plain server for the whole session, the reference
+to compare against). Keep servers module- or session-scoped: each costs ~45-140 s to start on a
 2-core machine.
 """
 
@@ -127,6 +128,14 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
     yield start
     for s in started:
         s.stop(grace=10)
+
+
+@pytest.fixture(scope="session")
+def plain_vllm(start_vllm: Callable[..., Any]) -> Any:
+    """One plain vLLM server on the default model (no connector, no extension), shared by the
+    whole session as the reference that tensorfabric's vLLM paths are compared against. Tests
+    must not change its state (no weight loads, no sleep mode)."""
+    return start_vllm("plain", cpus=pick_cpus(1)[0])
 
 
 def pick_cpus(n: int) -> list[str]:

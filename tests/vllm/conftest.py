@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.vllm import HAVE_VLLM, start_vllm, vllm_logs, vllm_model  # noqa: F401 - fixtures
+from helpers.vllm import (HAVE_VLLM, plain_vllm, start_vllm, vllm_logs,  # noqa: F401 - fixtures
+                          vllm_model)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
