@@ -165,6 +165,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prom() -> Any:
+        metrics.update_tiers(edge.tier_stats())
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 

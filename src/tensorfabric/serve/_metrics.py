@@ -42,15 +42,45 @@ class ServeMetrics:
         )  # fmt: skip
         self.cloud_up = Gauge("tensorfabric_cloud_up", "1 while the cloud tier is in use", registry=r)
         self.inflight = Gauge("tensorfabric_requests_in_flight", "Admitted requests", registry=r)
+        self.queue = Gauge("tensorfabric_tier_queue_depth", "Requests waiting for the tier's engine",
+                           ["tier"], registry=r)  # fmt: skip
+        self.batch = Gauge("tensorfabric_tier_batch_size", "Requests the tier's engine runs at once",
+                           ["tier"], registry=r)  # fmt: skip
+        self.kv = Gauge("tensorfabric_tier_kv_usage", "KV cache in use (0-1; vLLM tiers)", ["tier"],
+                        registry=r)  # fmt: skip
+        self.tps = Gauge("tensorfabric_tier_tokens_per_second",
+                         "Output tokens per second over the last scrape interval", ["tier"], registry=r)
+        self._last_tokens: dict[str, tuple[float, float]] = {}
+        self._answered_tokens: dict[str, float] = {}
 
     def record(self, done: Any, seconds: float) -> None:
         self.requests.labels(done.tier, done.reason, str(done.degraded).lower()).inc()
         self.latency.labels(done.tier).observe(seconds)
         self.tokens.labels(done.tier).inc(done.completion_tokens)
+        self._answered_tokens[done.tier] = self._answered_tokens.get(done.tier, 0.0) + done.completion_tokens
         if done.confidence is not None:
             self.confidence.observe(done.confidence)
         for kind, n in done.pii.items():
             self.pii.labels(kind).inc(n)
+
+    def update_tiers(self, stats: dict[str, dict[str, float]]) -> None:
+        """Refresh the per-tier gauges (at scrape time) from :meth:`EdgeTier.tier_stats`."""
+        import time
+
+        now = time.monotonic()
+        for tier, st in stats.items():
+            self.queue.labels(tier).set(st.get("queue", 0.0))
+            self.batch.labels(tier).set(st.get("batch", 0.0))
+            self.kv.labels(tier).set(st.get("kv_usage", 0.0))
+            # tokens the tier generated: its engine's own count where it reports one (vLLM
+            # counts every request, wherever it came from), else the answers recorded here
+            total = st.get("generated")
+            if total is None:
+                total = self._answered_tokens.get(tier, 0.0)
+            prev = self._last_tokens.get(tier)
+            if prev is not None and now > prev[0]:
+                self.tps.labels(tier).set(max(total - prev[1], 0.0) / (now - prev[0]))
+            self._last_tokens[tier] = (now, total)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -19,7 +19,7 @@ from .._engine import Engine
 from .._errors import ClosedError, TensorFabricError, TransferTimeout
 from ._config import DeployConfig
 from ._lm import ChatModel, load_chat_model
-from ._errors import Overloaded
+from ._errors import Overloaded, SplitConfigError
 from ._rpc import TAG_JOIN, TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
 from ._tls import fingerprint, tls_contexts, tls_wanted
 
@@ -33,17 +33,32 @@ class CloudTier:
 
     def __init__(self, cfg: DeployConfig, *, model: ChatModel | None = None) -> None:
         self.cfg = cfg
-        self.model = model or load_chat_model(cfg.cloud.model)
-        self.model.warmup()
         self.disagg: Any = None
-        if cfg.cloud.disaggregated:
-            # Prefill and decode in their own processes, KV cache moved with write_pages.
-            from ..kv import DisaggregatedCluster
+        self.vllm: Any = None  # VllmChat / VllmHttpChat when the tier runs on vLLM
+        self.model: Any = None
+        c = cfg.cloud
+        if model is None and engine_kind(cfg) == "vllm":
+            from ._vllm import VllmChat, VllmHttpChat
 
-            self.disagg = DisaggregatedCluster(
-                None if cfg.cloud.model == "default" else cfg.cloud.model,
-                secret=cfg.resolve_secret(), timeout=cfg.cloud.timeout,
-            )  # fmt: skip
+            if c.disaggregated:  # a prefill/decode pair joined by tensorfabric's KV connector
+                self.vllm = VllmHttpChat.disaggregated(c.model, kv_space_gib=c.kv_space_gib,
+                                                       max_model_len=c.max_model_len)  # fmt: skip
+            else:
+                self.vllm = VllmChat(c.model, kv_space_gib=c.kv_space_gib, max_num_seqs=c.max_num_seqs,
+                                     max_model_len=c.max_model_len)  # fmt: skip
+            self.vllm.warmup()
+        else:
+            self.model = model or load_chat_model(c.model)
+            self.model.warmup()
+            if c.disaggregated:
+                # Prefill and decode in their own processes, KV cache moved with write_pages.
+                from ..kv import DisaggregatedCluster
+
+                self.disagg = DisaggregatedCluster(
+                    None if c.model == "default" else c.model,
+                    secret=cfg.resolve_secret(), timeout=c.timeout,
+                )  # fmt: skip
+        self.model_name = (self.vllm or self.model).name
         tls_server, tls_client = tls_contexts(cfg.cloud.tls, enabled=tls_wanted(cfg))
         self.tls = tls_server is not None
         self.engine = Engine(
@@ -53,7 +68,9 @@ class CloudTier:
         )  # fmt: skip
         self._record = open(cfg.cloud.record_received, "ab") if cfg.cloud.record_received else None
         self._record_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tf-cloud")
+        # on vLLM every admitted request runs in the batch: one thread each relays its tokens
+        workers = 16 if self.vllm is None else max(16, c.max_num_seqs + 8)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tf-cloud")
         self._cancelled: set[tuple[bytes, int]] = set()
         self._sessions: dict[tuple[bytes, int], Any] = {}
         self._session_ids = iter(range(1, 1 << 62))
@@ -95,7 +112,10 @@ class CloudTier:
                 self._cancelled.add((msg.peer, int(req.get("target", -1))))
                 continue
             if op == "ping":  # answered here, never queued behind work: busy is not down
-                pong = {"id": rid, "event": "pong", "model": self.model.name, "load": self._load()}
+                pong = {"id": rid, "event": "pong", "model": self.model_name, "load": self._load(),
+                        "engine": "vllm" if self.vllm is not None else "transformers"}
+                if self.vllm is not None:
+                    pong["stats"] = self.vllm.stats.snapshot()
                 try:  # not waited for: this loop must never stall on one slow edge
                     self.engine.send(msg.peer, encode_msg(pong), tag=TAG_REPLY, timeout=5.0)
                 except TensorFabricError:
@@ -116,9 +136,12 @@ class CloudTier:
         while not self._stop.wait(period):
             with self._active_lock:
                 snapshot = [(peer, sorted(ids)) for peer, ids in self._active.items() if ids]
+            extra: dict[str, Any] = {"load": sum(len(i) for _, i in snapshot)}
+            if self.vllm is not None:  # batch statistics ride along (the edge's /metrics)
+                extra["stats"] = self.vllm.stats.snapshot()
             for peer, ids in snapshot:
                 try:
-                    self.engine.send(peer, encode_msg({"event": "alive", "ids": ids}), tag=TAG_REPLY,
+                    self.engine.send(peer, encode_msg({"event": "alive", "ids": ids, **extra}), tag=TAG_REPLY,
                                      timeout=max(period * 2, 1.0))  # fmt: skip
                 except TensorFabricError:
                     pass
@@ -185,6 +208,9 @@ class CloudTier:
     # ------------------------------------------------------------------ chat
 
     def _chat(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
+        if self.vllm is not None:
+            self._chat_vllm(peer, rid, req)
+            return
         m = self.model
         ids = m.encode_chat(req["messages"], prefix=req.get("prefix", ""))
         if self.disagg is not None:
@@ -208,6 +234,34 @@ class CloudTier:
                                    "token": step.token_id, "logprob": step.logprob})
         finally:
             m.lock.release()
+        self.served += 1
+        self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
+                           "prompt_tokens": len(ids), "completion_tokens": n})
+
+    def _chat_vllm(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
+        """One request in vLLM's running batch; its tokens are relayed as vLLM makes them."""
+        v = self.vllm
+        ids = v.encode_chat(req["messages"], prefix=req.get("prefix", ""))
+        steps = v.stream(
+            ids, max_tokens=int(req.get("max_tokens", 128)),
+            temperature=float(req.get("temperature", 0.0)), top_p=float(req.get("top_p", 1.0)),
+            seed=req.get("seed"), logprobs=bool(req.get("logprobs", False)),
+            timeout=self.cfg.server.request_timeout,
+        )  # fmt: skip
+        n, finish = 0, "length"
+        try:
+            for st in steps:
+                if (peer, rid) in self._cancelled or self._stop.is_set():
+                    return  # closing the stream aborts the request in vLLM
+                if st.token_ids:
+                    n += len(st.token_ids)
+                    self._reply(peer, {"id": rid, "event": "delta", "text": st.text, "n": len(st.token_ids),
+                                       "token": st.token_ids[-1], "tokens": st.token_ids,
+                                       "logprobs": st.logprobs})  # fmt: skip
+                if st.finish_reason is not None:
+                    finish = "stop" if st.finish_reason == "stop" else "length"
+        finally:
+            steps.close()
         self.served += 1
         self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
                            "prompt_tokens": len(ids), "completion_tokens": n})
@@ -290,11 +344,29 @@ class CloudTier:
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.vllm is not None:
+            self.vllm.close()
         if self.disagg is not None:
             self.disagg.close()
         self.engine.close()
         if self._record is not None:
             self._record.close()
+
+
+def engine_kind(cfg: DeployConfig) -> str:
+    """The cloud tier's generation engine: ``vllm`` or ``transformers`` (``cloud.engine``)."""
+    from ._vllm import have_vllm
+
+    kind = cfg.cloud.engine
+    if kind == "auto":
+        return "vllm" if cfg.mode == "route" and have_vllm() else "transformers"
+    if kind == "vllm":
+        if cfg.mode == "layer_split":
+            raise SplitConfigError("cloud.engine: vllm cannot run layer_split mode (it needs the "
+                                   "model's layers in this process); use engine: transformers")
+        if not have_vllm():
+            raise ImportError("cloud.engine: vllm needs the vllm extra: pip install 'tensorfabric[vllm]'")
+    return kind
 
 
 def run_cloud(cfg: DeployConfig, *, announce: Any = print) -> None:

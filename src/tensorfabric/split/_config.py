@@ -94,7 +94,13 @@ class CloudConfig:
     dead_after: float = 1.5  # the edge declares the cloud gone after this long without a word
     connect_timeout: float = 10.0
     join: str | None = None  # remote cloud: an edge address (hex) or file to announce itself to
-    disaggregated: bool = False  # prefill/decode workers from tensorfabric.kv
+    engine: str = "auto"  # "vllm", "transformers", or "auto": vllm when installed (route mode)
+    kv_space_gib: int = 1  # vLLM: KV cache size (VLLM_CPU_KVCACHE_SPACE on CPU)
+    max_num_seqs: int = 64  # vLLM: requests run in one continuous batch
+    max_model_len: int = 2048  # vLLM: context of the cloud model
+    # prefill and decode apart: vLLM instances joined by tensorfabric's KV connector (engine
+    # vllm), or tensorfabric.kv workers (engine transformers)
+    disaggregated: bool = False
     record_received: str | None = None  # audit: append every byte the cloud receives to a file
     tls: TlsConfig = field(default_factory=TlsConfig)
 
@@ -164,13 +170,14 @@ _CHOICES = {
     "mode": ("route", "layer_split"),
     "edge.quantize": ("int8", "none"),
     "cloud.launch": ("local", "remote"),
+    "cloud.engine": ("auto", "vllm", "transformers"),
 }
 _POSITIVE = {
     "server.max_queue", "server.request_timeout", "edge.max_context", "cloud.links",
     "cloud.timeout", "cloud.connect_timeout", "health.failures_to_open",
     "health.backoff_initial", "health.backoff_max", "health.probe_timeout",
     "layer_split.layers_at_edge", "server.max_body_bytes", "cloud.keepalive", "cloud.dead_after",
-    "health.interval",
+    "health.interval", "cloud.kv_space_gib", "cloud.max_num_seqs", "cloud.max_model_len",
 }  # fmt: skip
 _ROUTING_KEYS = {
     "policy", "threshold", "metric", "probe_tokens", "edge_max_prompt_tokens",

@@ -209,6 +209,22 @@ class EdgeTier:
             self.cloud.cloud = msg.peer
             self.health.poke()
 
+    def tier_stats(self) -> dict[str, dict[str, float]]:
+        """Per tier: requests queued, batch size (requests running at once), KV cache use (0-1)
+        and generated tokens so far; the cloud's as of its last health pong."""
+        m = self.model
+        out = {"edge": {"queue": float(m.waiting), "batch": float(m.lock.locked()), "kv_usage": 0.0}}
+        pong = self.cloud.last_pong if self.cloud is not None else {}
+        st = pong.get("stats")
+        if st:
+            out["cloud"] = {"queue": float(st.get("waiting", 0)), "batch": float(st.get("running", 0)),
+                            "kv_usage": float(st.get("kv_usage", 0.0)),
+                            "generated": float(st.get("generation_tokens", 0))}  # fmt: skip
+        elif pong:
+            out["cloud"] = {"queue": float(max(int(pong.get("load", 0)) - 1, 0)),
+                            "batch": float(min(int(pong.get("load", 0)), 1)), "kv_usage": 0.0}  # fmt: skip
+        return out
+
     @property
     def cloud_available(self) -> bool:
         return self.health is not None and self.health.available
@@ -338,7 +354,7 @@ class EdgeTier:
                     break
                 if ev.get("token", 0) < 0:
                     continue  # keep-alive from a cloud still working (disaggregated workers)
-                n += 1
+                n += int(ev.get("n", 1))  # a vLLM step may carry several tokens
                 produced.append(ev["text"])
                 text = cutter.feed(restorer.feed(ev["text"]))
                 if text:

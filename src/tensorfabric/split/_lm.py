@@ -51,6 +51,8 @@ class ChatModel:
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.lock = threading.Lock()
         self.config = model.config
+        self.waiting = 0  # requests queued for the model (``acquire`` not yet returned)
+        self._waiting_lock = threading.Lock()
 
     def warmup(self) -> None:
         """Run two tokens once: the first forward in a process pays for page faults and lazy
@@ -86,7 +88,14 @@ class ChatModel:
 
     def acquire(self, timeout: float) -> None:
         """Take the model for one generation; :class:`Overloaded` if it stays busy too long."""
-        if not self.lock.acquire(timeout=timeout):
+        with self._waiting_lock:
+            self.waiting += 1
+        try:
+            got = self.lock.acquire(timeout=timeout)
+        finally:
+            with self._waiting_lock:
+                self.waiting -= 1
+        if not got:
             raise Overloaded(
                 f"model {self.name!r} stayed busy for {timeout:.0f} s; retry later or raise "
                 "server.request_timeout"

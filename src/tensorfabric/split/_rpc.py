@@ -66,6 +66,7 @@ class CloudClient:
         self.cloud = cloud_address
         self.dead_after = dead_after
         self.last_heard = 0.0  # monotonic time of the last message from the cloud
+        self.last_pong: dict[str, Any] = {}  # the cloud's last pong (engine, load, batch stats)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, queue.Queue[dict[str, Any]]] = {}
@@ -101,6 +102,8 @@ class CloudClient:
                 continue  # a cloud we left (restarted): its late replies are not ours
             self.last_heard = time.monotonic()
             ids = obj.get("ids") if obj.get("event") == "alive" else [obj.get("id", -1)]
+            if "stats" in obj and obj.get("event") == "alive":
+                self.last_pong = {**self.last_pong, "stats": obj["stats"], "load": obj.get("load", 0)}
             with self._lock:
                 queues = [self._pending.get(i) for i in ids or ()]
             for q in queues:
@@ -200,7 +203,11 @@ class CloudClient:
 
     def ping(self, timeout: float) -> bool:
         try:
-            return self.call("ping", timeout).get("event") == "pong"
+            reply = self.call("ping", timeout)
+            if reply.get("event") == "pong":
+                self.last_pong = reply
+                return True
+            return False
         except (CloudUnavailable, Overloaded, CloudRequestError):
             return False
 
