@@ -1,35 +1,32 @@
-"""Benchmark the edge/cloud deployment through its HTTP API.
+"""Benchmark ``tensorfabric serve`` against plain ``vllm serve`` of the same model, same run.
 
-Phases on one fixed prompt set (greedy, same max_tokens):
-  edge    every request answered by the edge model (int8)       model tensorfabric-edge
-  cloud   every request answered by the cloud tier (full model)  model tensorfabric-cloud
-  routed  the confidence policy decides                          model tensorfabric
-Per phase: p50/p99 latency, requests/s and tokens/s, with ``--concurrency`` clients. Ratios are
-to the cloud phase of the same run. The routed phase reports the share kept at the edge; the
-edge and cloud phases give how often the edge answer equals the cloud answer (all prompts, and
-the prompts the router kept at the edge).
+Modes (every request streamed, greedy, the same ``--max-tokens``):
+  plain   ``vllm serve`` of the default model (float32, eager, same KV space)   the baseline
+  cloud   ``tensorfabric serve``, model ``tensorfabric-cloud`` (vLLM cloud tier over the tier link)
+  edge    ``tensorfabric serve``, model ``tensorfabric-edge`` (the edge runtime alone)
+  routed  ``tensorfabric serve``, model ``tensorfabric`` (the router decides)
+Per mode and client count (``--clients 1,8,50``): requests/s, output tokens/s, p50/p99 latency
+and p50 TTFT; each ratio is to plain vLLM at the same client count. Degraded answers and HTTP
+errors are counted. The edge and cloud answers are compared prompt by prompt (routing quality).
 
-With root, the cloud tier runs in its own network namespace behind a tbf-limited veth link
-(``--rate``); without root, on loopback (the table says which).
+    PYTHONPATH=src /work/vllm-slot python bench/serve_split.py [--max-tokens 16] [--clients 1,8,50]
 
-    PYTHONPATH=src python bench/serve_split.py [--rate 20mbit] [--max-tokens 32] [--concurrency 4]
+Two vLLM instances run at once (the plain one and the cloud tier's); the edge runs on the edge
+runtime the config names (``--edge-config`` adds YAML keys under ``edge:``).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import datetime
+import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
-import threading
+import tempfile
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 PROMPTS = [
@@ -60,145 +57,132 @@ PROMPTS = [
 ]
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=20)
-
-
-@contextlib.contextmanager
-def rate_limited_netns(rate: str) -> Iterator[dict[str, str] | None]:
-    """A namespace for the cloud behind a tbf veth link, or None without root."""
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-        yield None
-        return
-    tag = str(os.getpid() % 100000)
-    ns, hif, nif = f"tfbench{tag}", f"tfbh{tag}", f"tfbc{tag}"
-    sub = f"10.{150 + os.getpid() % 50}.{os.getpid() % 250}"
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", hif, "type", "veth", "peer", "name", nif)
-        sh("ip", "link", "set", nif, "netns", ns)
-        sh("ip", "addr", "add", f"{sub}.1/24", "dev", hif)
-        sh("ip", "link", "set", hif, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{sub}.2/24", "dev", nif)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", nif, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        sh("tc", "qdisc", "add", "dev", hif, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "100ms")
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", nif, "root", "tbf", "rate", rate,
-           "burst", "32kbit", "latency", "100ms")  # fmt: skip
-        yield {"ns": ns, "edge_ip": f"{sub}.1", "cloud_ip": f"{sub}.2"}
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        subprocess.run(["ip", "link", "del", hif], capture_output=True, timeout=20)
-
-
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))] if s else float("nan")
 
 
-def run_phase(url: str, model: str, max_tokens: int, conc: int) -> dict[str, Any]:
+def one(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed chat request: latency, TTFT, tokens, text, tier."""
     import httpx
 
-    def one(prompt: str) -> tuple[float, dict[str, Any]]:
-        t = time.perf_counter()
-        with httpx.Client(timeout=600) as c:
-            r = c.post(f"{url}/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens})  # fmt: skip
-        r.raise_for_status()
-        return time.perf_counter() - t, r.json()
-
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(conc) as pool:
-        results = list(pool.map(one, PROMPTS))
+    ttft, parts, tokens, tf = None, [], 0, None
+    with httpx.Client(timeout=900) as c, c.stream("POST", url + "/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": r.status_code, "lat": time.perf_counter() - t0}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                return {"error": "stream", "lat": time.perf_counter() - t0}
+            for ch in ev.get("choices") or []:
+                text = (ch.get("delta") or {}).get("content")
+                if text:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    parts.append(text)
+            if ev.get("usage"):
+                tokens = int(ev["usage"]["completion_tokens"])
+            if ev.get("tensorfabric"):
+                tf = ev["tensorfabric"]
+    lat = time.perf_counter() - t0
+    return {"lat": lat, "ttft": ttft if ttft is not None else lat, "tokens": tokens,
+            "text": "".join(parts), "tier": (tf or {}).get("tier", "vllm"),
+            "degraded": bool((tf or {}).get("degraded"))}  # fmt: skip
+
+
+def run(url: str, model: str, clients: int, n: int, max_tokens: int) -> dict[str, Any]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        res = list(pool.map(lambda p: one(url, model, p, max_tokens), prompts))
     wall = time.perf_counter() - t0
-    lat = [r[0] for r in results]
-    bodies = [r[1] for r in results]
-    tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+    ok = [r for r in res if "error" not in r]
     return {
-        "p50": pct(lat, 50), "p99": pct(lat, 99), "rps": len(PROMPTS) / wall, "tps": tokens / wall,
-        "texts": [b["choices"][0]["message"]["content"] for b in bodies],
-        "tiers": [b["tensorfabric"]["tier"] for b in bodies],
-        "degraded": sum(b["tensorfabric"]["degraded"] for b in bodies),
+        "rps": len(ok) / wall, "tps": sum(r["tokens"] for r in ok) / wall,
+        "p50": pct([r["lat"] for r in ok], 50), "p99": pct([r["lat"] for r in ok], 99),
+        "ttft": pct([r["ttft"] for r in ok], 50), "errors": len(res) - len(ok),
+        "degraded": sum(r["degraded"] for r in ok), "edge": sum(r["tier"] == "edge" for r in ok),
+        "n": len(res), "texts": [r.get("text") for r in res],
     }  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", default="20mbit", help="tbf rate of the edge-cloud link (root only)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--threshold", type=float, default=-0.5)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--clients", default="1,8,50", help="client counts, comma-separated")
+    ap.add_argument("--modes", default="plain,cloud,edge,routed")
+    ap.add_argument("--requests", type=int, default=0, help="requests per point (default: max(8, 2*clients))")
+    ap.add_argument("--edge-config", default="{}", help="JSON merged into the config's edge section")
+    ap.add_argument("--routing", default="{}", help="JSON for the config's routing section")
     args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    modes = args.modes.split(",")
 
-    import uvicorn
+    from tensorfabric.serve import ServerProcess
+    from tensorfabric.vllm import VllmServer, hf_folder
 
-    from tensorfabric.serve import start_cloud_process
-    from tensorfabric.serve._app import create_app
-    from tensorfabric.split import parse_config
-    from tensorfabric.split._edge import EdgeTier
-    from tensorfabric.split._lm import load_chat_model
+    cpus = sorted(os.sched_getaffinity(0))
+    load0 = os.getloadavg()
+    plain = None
+    if "plain" in modes:
+        print("starting plain vllm serve ...", file=sys.stderr)
+        plain = VllmServer(hf_folder(), kv_space_gib=1).start().wait_ready(900)
+    d = Path(tempfile.mkdtemp(prefix="tf-bench-serve-"))
+    cfg = {"server": {"port": 0, "max_queue": 256, "request_timeout": 900},
+           "cloud": {"engine": "vllm", "kv_space_gib": 1, "max_num_seqs": 64},
+           "edge": json.loads(args.edge_config)}  # fmt: skip
+    routing = json.loads(args.routing)
+    if routing:
+        cfg["routing"] = routing
+    (d / "serve.yaml").write_text(json.dumps(cfg))
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    srv = None
+    try:
+        if set(modes) - {"plain"}:
+            print("starting tensorfabric serve ...", file=sys.stderr)
+            srv = ServerProcess(d / "serve.yaml", timeout=900)
+        urls = {"plain": plain.url + "/v1" if plain else "", "cloud": srv.url if srv else "",
+                "edge": srv.url if srv else "", "routed": srv.url if srv else ""}  # fmt: skip
+        names = {"plain": "default", "cloud": "tensorfabric-cloud", "edge": "tensorfabric-edge",
+                 "routed": "tensorfabric"}  # fmt: skip
+        for m in modes:  # one warm-up request per mode (first-batch setup is not measured)
+            one(urls[m], names[m], "Hi", 2)
+        for c in clients:
+            n = args.requests or max(8, 2 * c)
+            for m in modes:
+                print(f"{m} x{c} ({n} requests) ...", file=sys.stderr)
+                results[(m, c)] = run(urls[m], names[m], c, n, args.max_tokens)
+    finally:
+        if srv is not None:
+            srv.stop()
+        if plain is not None:
+            plain.stop()
+    load1 = os.getloadavg()
 
-    with rate_limited_netns(args.rate) as net:
-        edge_ip = net["edge_ip"] if net else "127.0.0.1"
-        cloud_ip = net["cloud_ip"] if net else "127.0.0.1"
-        cfg = parse_config({
-            "secret": "bench-secret",
-            "edge": {"host": edge_ip},
-            "cloud": {"host": cloud_ip, "timeout": 120},
-            "routing": {"policy": "confidence", "threshold": args.threshold, "probe_tokens": 8},
-            "server": {"max_queue": 256, "request_timeout": 600},
-        })  # fmt: skip
-        prefix = ["ip", "netns", "exec", net["ns"]] if net else None
-        print("starting the cloud tier and loading the edge model ...", file=sys.stderr)
-        cloud = start_cloud_process(cfg, prefix=prefix, timeout=600)
-        edge_model = load_chat_model(quantize="int8")
-        edge_model.warmup()
-        edge = EdgeTier(cfg, edge_model, cloud.address)
-        app = create_app(edge, max_queue=256)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        th.start()
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            phases = {}
-            for name, model in (("edge", "tensorfabric-edge"), ("cloud", "tensorfabric-cloud"),
-                                ("routed", "tensorfabric")):  # fmt: skip
-                print(f"phase {name} ...", file=sys.stderr)
-                phases[name] = run_phase(url, model, args.max_tokens, args.concurrency)
-        finally:
-            server.should_exit = True
-            th.join(10)
-            edge.close()
-            cloud.stop()
-
-    e, c, r = phases["edge"], phases["cloud"], phases["routed"]
-    equal = [a.strip() == b.strip() for a, b in zip(e["texts"], c["texts"])]
-    words = [a.split()[:5] == b.split()[:5] for a, b in zip(e["texts"], c["texts"])]
-    kept = [t == "edge" for t in r["tiers"]]
-    kept_equal = [eq for eq, k in zip(equal, kept) if k]
-    link = f"cloud in a netns behind tbf {args.rate}" if net else "cloud on loopback (no root: no netns)"
-    print(f"\n# serve_split: {len(PROMPTS)} prompts, max_tokens={args.max_tokens}, "
-          f"concurrency={args.concurrency}, {link}")  # fmt: skip
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"{os.cpu_count()} CPUs, {platform.python_version()}\n")  # fmt: skip
-    print("| phase | p50 s | p99 s | req/s | tok/s | p50 vs cloud | tok/s vs cloud | kept at edge |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, ph in phases.items():
-        share = sum(t == "edge" for t in ph["tiers"]) / len(PROMPTS)
-        print(f"| {name} | {ph['p50']:.2f} | {ph['p99']:.2f} | {ph['rps']:.2f} | {ph['tps']:.1f} | "
-              f"{ph['p50'] / c['p50']:.2f}x | {ph['tps'] / c['tps']:.2f}x | {share:.0%} |")  # fmt: skip
-    print(f"\nedge answer == cloud answer (greedy, {args.max_tokens} tokens): "
-          f"{sum(equal)}/{len(equal)} of all prompts; {sum(kept_equal)}/{len(kept_equal)} of the "
-          f"prompts the router kept at the edge (threshold {args.threshold}); degraded replies: "
-          f"{sum(ph['degraded'] for ph in phases.values())}")  # fmt: skip
-    print(f"same first 5 words: {sum(words)}/{len(words)} of all prompts; "
-          f"{sum(w for w, k in zip(words, kept) if k)}/{len(kept_equal)} of those kept at the edge")
+    print(f"\n# serve_split: max_tokens={args.max_tokens}, greedy, streamed; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+          f"{len(cpus)} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after\n")  # fmt: skip
+    print("| mode | clients | req/s | tok/s | p50 s | p99 s | TTFT p50 s | req/s vs plain | tok/s vs plain "
+          "| p99 vs plain | at edge | degraded | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in clients:
+        base = results.get(("plain", c))
+        for m in modes:
+            r = results[(m, c)]
+            rel = (lambda k: f"{r[k] / base[k]:.2f}") if base else (lambda k: "-")
+            print(f"| {m} | {c} | {r['rps']:.2f} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                  f"{r['ttft']:.2f} | {rel('rps')} | {rel('tps')} | {rel('p99')} | "
+                  f"{r['edge']}/{r['n']} | {r['degraded']} | {r['errors']} |")  # fmt: skip
+    if "edge" in modes and "cloud" in modes:
+        c = clients[0]
+        e, cl = results[("edge", c)]["texts"], results[("cloud", c)]["texts"]
+        same = sum(a is not None and a.strip() == b.strip() for a, b in zip(e, cl))
+        print(f"\nedge answer == cloud answer (greedy, {args.max_tokens} tokens): {same}/{len(e)}")
     return 0
 
 

@@ -36,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     cfg.write_text(
         "server: {port: 0, max_queue: 64, request_timeout: 300, api_key: 'env:TF_TEST_API_KEY', "
         "max_body_bytes: 65536}\n"
-        f"cloud: {{record_received: {record}, tls: {{enabled: true}}}}\n"
+        f"cloud: {{engine: transformers, record_received: {record}, tls: {{enabled: true}}}}\n"
         "edge: {max_context: 512}\n"
         "routing: {policy: confidence, threshold: -0.5, probe_tokens: 4}\n"
     )

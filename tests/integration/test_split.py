@@ -27,7 +27,7 @@ def cfg(**over):  # type: ignore[no-untyped-def]
         "secret": SECRET,
         "mode": "route",
         "layer_split": {"layers_at_edge": K},
-        "cloud": {"timeout": 3.0, "connect_timeout": 2.0},
+        "cloud": {"timeout": 3.0, "connect_timeout": 2.0, "engine": "transformers"},
         "health": {"backoff_initial": 0.2, "backoff_max": 1.0, "probe_timeout": 1.0},
         "server": {"request_timeout": 60},
     }

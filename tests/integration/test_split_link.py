@@ -41,7 +41,8 @@ def link(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     d = tmp_path_factory.mktemp(f"link-{request.param}")
     record = d / "cloud-received.log"
     tls_cfg = {"enabled": tls, "dir": str(d / "tls")}
-    cloud_cfg = {"secret": SECRET, "cloud": {"record_received": str(record), "tls": tls_cfg}}
+    cloud_cfg = {"secret": SECRET, "cloud": {"engine": "transformers", "record_received": str(record),
+                                            "tls": tls_cfg}}
     (d / "cloud.json").write_text(json.dumps(cloud_cfg))
     env = subprocess_env()
     cloud = start_cloud(cloud_cfg, env)

@@ -61,7 +61,7 @@ def cfg(net, record=None, **over):  # type: ignore[no-untyped-def]
         "secret": SECRET,
         "layer_split": {"layers_at_edge": K},
         "edge": {"host": net["edge_ip"]},
-        "cloud": {"host": net["cloud_ip"], "timeout": 4.0, "connect_timeout": 2.0,
+        "cloud": {"host": net["cloud_ip"], "timeout": 4.0, "connect_timeout": 2.0, "engine": "transformers",
                   "record_received": str(record) if record else None},
         "health": {"backoff_initial": 0.2, "backoff_max": 1.0, "probe_timeout": 1.5},
     }  # fmt: skip

@@ -135,7 +135,7 @@ def test_split_cloud_tier_runs_as_a_replica(pool, tmp_path):
     from tensorfabric.split._rpc import TAG_REPLY, TAG_REQUEST, decode_msg, encode_msg
     from tensorfabric.split._tls import tls_contexts
 
-    config = {"cloud": {"tls": {"dir": str(tmp_path)}}}
+    config = {"cloud": {"engine": "transformers", "tls": {"dir": str(tmp_path)}}}
     h = pool.deploy(spec("cloud", run={"serve": "cloud", "config": config}, countries=["US"]),
                     timeout=240)
     addr = bytes.fromhex(h.call(method="address", timeout=60))

@@ -41,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the HTTP server needs fastapi and uvicorn: pip install 'tensorfabric[serve]'") from exc
 
 from ..split._edge import Done, EdgeTier, RouteInfo
-from ..split._errors import CloudUnavailable, InvalidRequest, Overloaded
+from ..split._errors import CloudUnavailable, InvalidRequest, Overloaded, QueueFull
 from ._metrics import ServeMetrics
 from ._openai import ApiError, chunk, completion, parse_chat, parse_completion
 
@@ -74,6 +74,8 @@ def _map_error(exc: BaseException) -> ApiError:
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded"
                         if "max_context" in str(exc) else "invalid_request")  # fmt: skip
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), "rate_limit_error", "queue_full")
     if isinstance(exc, Overloaded):
         return ApiError(503, str(exc), "server_error", "overloaded")
     if isinstance(exc, CloudUnavailable):
@@ -208,6 +210,9 @@ def create_app(
             await run_in_threadpool(g.close)
             e = _map_error(exc)
             metrics.rejected.labels(str(e.status)).inc()
+            if isinstance(exc, QueueFull):
+                log.info("refused (429): %s", exc)
+                return _error(e, {"Retry-After": str(exc.retry_after)})
             return _error(e, {"Retry-After": "2"} if e.status == 503 else None)
         assert isinstance(route, RouteInfo)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"

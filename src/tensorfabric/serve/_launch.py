@@ -129,9 +129,10 @@ def _cloud_address(cfg: DeployConfig) -> bytes:
 def build_edge(cfg: DeployConfig, cloud_address: bytes | None) -> Any:
     """Load the edge model(s) and return an :class:`EdgeTier` connected to the cloud."""
     from ..split._edge import EdgeTier
+    from ..split._edge_runtimes import load_edge_model
     from ..split._lm import load_chat_model
 
-    model = load_chat_model(cfg.edge.model, quantize=cfg.edge.quantize)
+    model = load_edge_model(cfg)
     full = load_chat_model(cfg.edge.model) if cfg.mode == "layer_split" else None
     model.warmup()
     return EdgeTier(cfg, model, cloud_address, full_model=full)

@@ -59,6 +59,7 @@ class CloudTier:
                     secret=cfg.resolve_secret(), timeout=c.timeout,
                 )  # fmt: skip
         self.model_name = (self.vllm or self.model).name
+        self._slots = c.max_num_seqs if self.vllm is not None else 1  # requests run at once
         tls_server, tls_client = tls_contexts(cfg.cloud.tls, enabled=tls_wanted(cfg))
         self.tls = tls_server is not None
         self.engine = Engine(
@@ -113,7 +114,8 @@ class CloudTier:
                 continue
             if op == "ping":  # answered here, never queued behind work: busy is not down
                 pong = {"id": rid, "event": "pong", "model": self.model_name, "load": self._load(),
-                        "engine": "vllm" if self.vllm is not None else "transformers"}
+                        "engine": "vllm" if self.vllm is not None else "transformers",
+                        "slots": self._slots}
                 if self.vllm is not None:
                     pong["stats"] = self.vllm.stats.snapshot()
                 try:  # not waited for: this loop must never stall on one slow edge
@@ -136,7 +138,7 @@ class CloudTier:
         while not self._stop.wait(period):
             with self._active_lock:
                 snapshot = [(peer, sorted(ids)) for peer, ids in self._active.items() if ids]
-            extra: dict[str, Any] = {"load": sum(len(i) for _, i in snapshot)}
+            extra: dict[str, Any] = {"load": sum(len(i) for _, i in snapshot), "slots": self._slots}
             if self.vllm is not None:  # batch statistics ride along (the edge's /metrics)
                 extra["stats"] = self.vllm.stats.snapshot()
             for peer, ids in snapshot:

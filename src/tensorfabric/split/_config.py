@@ -64,7 +64,10 @@ class EdgeConfig:
     host: str = "127.0.0.1"  # where the edge engine listens (the cloud dials back to it)
     port: int = 0  # fix it so a restarted remote cloud can rejoin (cloud.join)
     address_file: str | None = None  # the edge writes its engine address here (for cloud.join)
-    quantize: str = "int8"  # "int8" (torch dynamic quantization of Linear layers) or "none"
+    runtime: str = "transformers"  # "transformers", "vllm" (batched) or "llama_cpp" (GGUF)
+    quantize: str = "int8"  # transformers runtime: "int8" (torch dynamic quantization) or "none"
+    kv_space_gib: int = 1  # vllm runtime: KV cache size
+    max_num_seqs: int = 32  # vllm runtime: requests run in one batch
     max_context: int = 2048
 
 
@@ -169,6 +172,7 @@ class DeployConfig:
 _CHOICES = {
     "mode": ("route", "layer_split"),
     "edge.quantize": ("int8", "none"),
+    "edge.runtime": ("transformers", "vllm", "llama_cpp"),
     "cloud.launch": ("local", "remote"),
     "cloud.engine": ("auto", "vllm", "transformers"),
 }
@@ -178,10 +182,11 @@ _POSITIVE = {
     "health.backoff_initial", "health.backoff_max", "health.probe_timeout",
     "layer_split.layers_at_edge", "server.max_body_bytes", "cloud.keepalive", "cloud.dead_after",
     "health.interval", "cloud.kv_space_gib", "cloud.max_num_seqs", "cloud.max_model_len",
+    "edge.kv_space_gib", "edge.max_num_seqs",
 }  # fmt: skip
 _ROUTING_KEYS = {
     "policy", "threshold", "metric", "probe_tokens", "edge_max_prompt_tokens",
-    "edge_max_new_tokens", "allow_user_choice",
+    "edge_max_new_tokens", "allow_user_choice", "cloud_kinds",
 }  # fmt: skip
 
 
@@ -255,6 +260,9 @@ def parse_config(data: Mapping[str, Any] | None) -> DeployConfig:
             "cloud: launch: remote needs cloud.address (hex, printed by the cloud tier) "
             "or cloud.address_file"
         )
+    if cfg.cloud.engine == "vllm" and cfg.mode == "layer_split":
+        raise SplitConfigError("cloud.engine: vllm cannot serve mode: layer_split (the cloud runs the "
+                               "model's upper layers itself); use cloud.engine: transformers")
     if bool(cfg.cloud.tls.cert) != bool(cfg.cloud.tls.key):
         raise SplitConfigError("cloud.tls: give both cert and key, or neither")
     if cfg.cloud.keepalive * 2 > cfg.cloud.dead_after:

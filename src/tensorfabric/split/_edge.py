@@ -17,6 +17,7 @@ import itertools
 import os
 import secrets
 import threading
+import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from ._health import CloudHealth
 from ._lm import ChatModel, TokenStep
 from ._pii import NameDetector, PiiMapping, PiiScrubber, StreamRestorer
 from ._routing import Decision, Probe, RouteRequest, RoutingPolicy, make_policy
+from ._admission import TierLoad
 from ._rpc import TAG_JOIN, CloudClient
 from ._tls import tls_contexts, tls_wanted
 
@@ -142,6 +144,10 @@ class EdgeTier:
         self._imm = itertools.count(secrets.randbits(40) << 20)
         self._file_address = cloud_address
         self.hidden_bytes_shipped = 0  # layer split: bytes of hidden states written to the cloud
+        self.edge_load = TierLoad("edge", getattr(model, "slots", 1))
+        self.cloud_load = TierLoad("cloud", 1)
+        self._cloud_inflight = 0  # this edge's requests at the cloud (when it reports no stats)
+        self._inflight_lock = threading.Lock()
         if cloud_address is not None:
             hosts = tuple(h for h, _ in EngineAddress.from_bytes(cloud_address).endpoints)
             tls_server, tls_client = tls_contexts(cfg.cloud.tls, enabled=tls_wanted(cfg, hosts))
@@ -213,7 +219,12 @@ class EdgeTier:
         """Per tier: requests queued, batch size (requests running at once), KV cache use (0-1)
         and generated tokens so far; the cloud's as of its last health pong."""
         m = self.model
-        out = {"edge": {"queue": float(m.waiting), "batch": float(m.lock.locked()), "kv_usage": 0.0}}
+        running = getattr(m, "running", None)  # batched runtimes count; one-at-a-time ones lock
+        batch = float(running if running is not None else m.lock.locked())
+        out = {"edge": {"queue": float(m.waiting), "batch": batch, "kv_usage": 0.0}}
+        eng = getattr(m, "engine", None)
+        if eng is not None and hasattr(eng, "stats"):
+            out["edge"]["kv_usage"] = float(eng.stats.kv_usage)
         pong = self.cloud.last_pong if self.cloud is not None else {}
         st = pong.get("stats")
         if st:
@@ -253,14 +264,20 @@ class EdgeTier:
                 f"the context of {limit} tokens (edge.max_context); shorten the conversation or "
                 "lower max_tokens"
             )
-        rreq = RouteRequest(len(prompt_ids), req.max_tokens, req.explicit, mapping.counts(), req.stream)  # type: ignore[arg-type]
+        last_user = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), "")
+        rreq = RouteRequest(len(prompt_ids), req.max_tokens, req.explicit, mapping.counts(),  # type: ignore[arg-type]
+                            req.stream, last_user)  # fmt: skip
         timeout = self.cfg.server.request_timeout
         edge_steps: Generator[TokenStep, None, None] | None = None
         probe: list[TokenStep] = []
         decision = self.policy.pre_route(rreq)
+        held = [0.0]  # when this request took the edge model (its hold time feeds admission)
         try:
             if decision is None or decision.tier == "edge":
+                m = self.model
+                self.edge_load.admit(m.waiting + int(getattr(m, "running", m.lock.locked())), timeout)
                 self.model.acquire(timeout)
+                held[0] = time.monotonic()
                 edge_steps = self._edge_stream(prompt_ids, req)
             if decision is None:
                 for step in edge_steps:  # type: ignore[union-attr]
@@ -277,11 +294,15 @@ class EdgeTier:
                 decision = Decision("edge", "cloud_down", decision.confidence)
                 if edge_steps is None:
                     self.model.acquire(timeout)
+                    held[0] = time.monotonic()
                     edge_steps = self._edge_stream(prompt_ids, req)
             if decision.tier == "cloud" and edge_steps is not None:
                 edge_steps.close()
                 self.model.lock.release()
+                self.edge_load.observe(time.monotonic() - held[0])
                 edge_steps, probe = None, []
+            if decision.tier == "cloud":
+                self._admit_cloud(timeout)
             yield RouteInfo(decision, degraded, mapping.counts(), len(prompt_ids))
             if edge_steps is not None:
                 yield from self._finish_edge(probe, edge_steps, restorer, decision, degraded, rreq,
@@ -292,6 +313,17 @@ class EdgeTier:
             if edge_steps is not None:
                 edge_steps.close()
                 self.model.lock.release()
+                self.edge_load.observe(time.monotonic() - held[0])
+
+    def _admit_cloud(self, budget: float) -> None:
+        """429 now if the cloud's queue would keep this request past ``budget`` seconds."""
+        pong = self.cloud.last_pong if self.cloud is not None else {}
+        st = pong.get("stats") or {}
+        if st:
+            ahead, slots = int(st.get("waiting", 0)) + int(st.get("running", 0)), int(pong.get("slots", 1))
+        else:
+            ahead, slots = self._cloud_inflight, int(pong.get("slots", 1))
+        self.cloud_load.admit(ahead, budget, slots)
 
     def _edge_stream(
         self, prompt_ids: Sequence[int], req: ChatRequest
@@ -339,6 +371,9 @@ class EdgeTier:
         produced: list[str] = []
         cutter = StopCutter(req.stop)
         n, finish = 0, "length"
+        started = time.monotonic()
+        with self._inflight_lock:
+            self._cloud_inflight += 1
         try:
             if self.cfg.mode == "layer_split":
                 events = self._split_stream(prompt_ids, req)
@@ -370,6 +405,10 @@ class EdgeTier:
                 self.health.record_failure(str(exc))  # silence: the cloud is down
             yield from self._take_over(msgs, req, restorer, decision, rreq, mapping, produced, n, exc, cutter)
             return
+        finally:
+            with self._inflight_lock:
+                self._cloud_inflight -= 1
+        self.cloud_load.observe(time.monotonic() - started)
         self.health.record_success()
         tail = cutter.feed(restorer.flush()) + cutter.flush()
         if tail:
@@ -460,6 +499,9 @@ class EdgeTier:
                 pass
 
     def close(self) -> None:
+        close = getattr(self.model, "close", None)
+        if close is not None:  # an edge runtime with its own engine (vLLM, llama.cpp)
+            close()
         if self.health is not None:
             self.health.close()
         if self.cloud is not None:

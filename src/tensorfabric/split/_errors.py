@@ -21,6 +21,15 @@ class Overloaded(SplitError):
     """Too many requests are waiting at this tier; retry later (HTTP 429/503)."""
 
 
+class QueueFull(Overloaded):
+    """The tier's queue is too long for this request to finish within ``server.request_timeout``:
+    refused at once (HTTP 429 with ``Retry-After``) instead of waiting to time out."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidRequest(SplitError):
     """The request cannot be served as asked (too long for the context, a bad parameter): the
     client's fault, answered 400."""

@@ -31,9 +31,17 @@ __all__ = [
     "RoutingPolicy",
     "calibrate_threshold",
     "make_policy",
+    "task_kind",
 ]
 
 Tier = Literal["edge", "cloud"]
+
+TASK_KINDS = ("fact", "math", "translate", "chat", "write", "explain", "summarize", "advice", "code",
+              "reasoning")  # fmt: skip
+#: Defaults calibrated by ``bench/routing_calibrate.py`` on the shipped prompt set
+#: (``split/data/routing_prompts.json``); docs/split.md ("Routing") has the run.
+DEFAULT_THRESHOLD = -0.5
+DEFAULT_CLOUD_KINDS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class RouteRequest:
     explicit: Tier | None = None
     pii_counts: Mapping[str, int] = field(default_factory=dict)
     stream: bool = False
+    text: str = ""  # the last user message (scrubbed): what cheap classifiers look at
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,34 @@ class Decision:
     tier: Tier
     reason: str
     confidence: float | None = None
+
+
+#: Task kinds by the first rule that matches the (lower-cased) last user message. A cheap
+#: classifier: a few regular expressions, microseconds per prompt, run before any model.
+_KIND_RULES: tuple[tuple[str, str], ...] = (
+    ("code", r"\b(python|javascript|sql|function|code|git|regex|compile|bash)\b"),
+    ("translate", r"\btranslat|\bhow do you say\b|\bin (spanish|french|german|italian|portuguese)\b"),
+    ("summarize", r"\bsummar|\btl;?dr\b"),
+    ("write", r"^(write|compose|draft|suggest a name)\b|\b(poem|haiku|limerick|story|email|essay)\b"),
+    ("explain", r"^(explain|describe|why|how does|how do|what are the (main )?differences?)\b|\bdifference between\b"),
+    ("math", r"\d\s*[-+*/x%]\s*\d|\b(times|plus|minus|divided|square root|percent|\d+%)\b"),
+    ("reasoning", r"\b(if all|which is heavier|what comes next|cost[s]? \$|explain briefly)\b"),
+    ("advice", r"^(how can i|how do i|what should i|give (me )?(three|\d) (tips|ideas))\b"),
+    ("fact", r"^(what|who|which|where|when|name|how many)\b"),
+    ("chat", r""),
+)
+
+
+def task_kind(text: str) -> str:
+    """The task kind of a prompt (``fact``, ``math``, ``translate``, ``chat``, ``write``,
+    ``explain``, ``summarize``, ``advice``, ``code``, ``reasoning``) by keyword rules."""
+    import re
+
+    t = " ".join(text.lower().split())
+    for kind, rule in _KIND_RULES:
+        if re.search(rule, t):
+            return kind
+    return "chat"
 
 
 class RoutingPolicy(ABC):
@@ -118,12 +155,13 @@ class ConfidencePolicy(RoutingPolicy):
     def __init__(
         self,
         *,
-        threshold: float = -0.5,
+        threshold: float = DEFAULT_THRESHOLD,
         metric: Literal["mean", "min"] = "mean",
         probe_tokens: int = 8,
         edge_max_prompt_tokens: int = 1024,
         edge_max_new_tokens: int = 512,
         allow_user_choice: bool = True,
+        cloud_kinds: Sequence[str] = DEFAULT_CLOUD_KINDS,
     ) -> None:
         if metric not in ("mean", "min"):
             raise SplitConfigError(f"routing.metric must be 'mean' or 'min', got {metric!r}")
@@ -133,12 +171,18 @@ class ConfidencePolicy(RoutingPolicy):
             raise SplitConfigError(
                 f"routing.threshold is a log-probability (<= 0), got {threshold!r}"
             )
+        if isinstance(cloud_kinds, str) or not all(isinstance(k, str) for k in cloud_kinds):
+            raise SplitConfigError("routing.cloud_kinds must be a list of task kinds")
+        unknown = set(cloud_kinds) - set(TASK_KINDS)
+        if unknown:
+            raise SplitConfigError(f"routing.cloud_kinds: unknown kind(s) {sorted(unknown)}; known: {list(TASK_KINDS)}")
         self.threshold = float(threshold)
         self.metric = metric
         self.probe_tokens = int(probe_tokens)
         self.edge_max_prompt_tokens = int(edge_max_prompt_tokens)
         self.edge_max_new_tokens = int(edge_max_new_tokens)
         self.allow_user_choice = allow_user_choice
+        self.cloud_kinds = frozenset(cloud_kinds)
 
     def pre_route(self, req: RouteRequest) -> Decision | None:
         if self.allow_user_choice and req.explicit is not None:
@@ -147,6 +191,8 @@ class ConfidencePolicy(RoutingPolicy):
             return Decision("cloud", "size")
         if req.max_tokens > self.edge_max_new_tokens:
             return Decision("cloud", "size")
+        if req.text and self.cloud_kinds and task_kind(req.text) in self.cloud_kinds:
+            return Decision("cloud", "task_kind")
         return None
 
     def score(self, probe: Probe) -> float:

@@ -103,7 +103,8 @@ class CloudClient:
             self.last_heard = time.monotonic()
             ids = obj.get("ids") if obj.get("event") == "alive" else [obj.get("id", -1)]
             if "stats" in obj and obj.get("event") == "alive":
-                self.last_pong = {**self.last_pong, "stats": obj["stats"], "load": obj.get("load", 0)}
+                self.last_pong = {**self.last_pong, "stats": obj["stats"], "load": obj.get("load", 0),
+                                  "slots": obj.get("slots", 1)}
             with self._lock:
                 queues = [self._pending.get(i) for i in ids or ()]
             for q in queues:
