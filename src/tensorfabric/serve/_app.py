@@ -226,6 +226,7 @@ def create_app(
             finally:
                 release()
                 await run_in_threadpool(g.close)  # runs the generator's cleanup (model lock)
+            _log_request(done, time.perf_counter() - started, None)
             metrics.record(done, time.perf_counter() - started)
             headers = {
                 "x-tensorfabric-tier": done.tier, "x-tensorfabric-route-reason": done.reason,
@@ -235,6 +236,7 @@ def create_app(
 
         async def sse() -> AsyncIterator[bytes]:
             first = True
+            ttft = None
             try:
                 if chat:
                     yield chunk(cid, model, None, None, chat, role=True)
@@ -244,10 +246,12 @@ def create_app(
                         break
                     if isinstance(ev, str):
                         if first:
-                            metrics.ttft.labels(route.decision.tier).observe(time.perf_counter() - started)
+                            ttft = time.perf_counter() - started
+                            metrics.ttft.labels(route.decision.tier).observe(ttft)
                             first = False
                         yield chunk(cid, model, ev, None, chat)
                     elif isinstance(ev, Done):
+                        _log_request(ev, time.perf_counter() - started, ttft)
                         metrics.record(ev, time.perf_counter() - started)
                         yield chunk(cid, model, None if chat else "", ev.finish_reason, chat, done=ev)
                 yield b"data: [DONE]\n\n"
@@ -272,6 +276,14 @@ def create_app(
         return await serve(request, chat=False)
 
     return app
+
+
+def _log_request(done: Done, seconds: float, ttft: float | None) -> None:
+    """One line per answered request: who answered, why, and how long it took."""
+    log.info("request tier=%s reason=%s degraded=%s prompt_tokens=%d completion_tokens=%d "
+             "latency=%.3fs ttft=%s", done.tier, done.reason, str(done.degraded).lower(),
+             done.prompt_tokens, done.completion_tokens, seconds,
+             "-" if ttft is None else f"{ttft:.3f}s")  # fmt: skip
 
 
 def _collect(g: _Guarded) -> tuple[str, Done]:

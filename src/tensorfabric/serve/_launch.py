@@ -146,6 +146,7 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
 
     cloud: CloudProcess | None = None
     edge = None
+    _request_log()
     if cfg.cloud.launch == "local" and not cfg.cloud.address_file:
         # A respawned cloud has a new engine address; the edge's prober reads it from here.
         import tempfile
@@ -221,6 +222,18 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
             import shutil
 
             shutil.rmtree(own_tls_dir, ignore_errors=True)
+
+
+def _request_log() -> None:
+    """Request logs (tier, reason, tokens, latency) on stderr unless the host app set up logging."""
+    import logging
+
+    lg = logging.getLogger("tensorfabric.serve")
+    if not lg.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
 
 
 def _local_tls_dir(cfg: DeployConfig) -> str | None:
