@@ -186,7 +186,7 @@ _POSITIVE = {
 }  # fmt: skip
 _ROUTING_KEYS = {
     "policy", "threshold", "metric", "probe_tokens", "edge_max_prompt_tokens",
-    "edge_max_new_tokens", "allow_user_choice", "cloud_kinds",
+    "edge_max_new_tokens", "allow_user_choice", "cloud_kinds", "spill",
 }  # fmt: skip
 
 

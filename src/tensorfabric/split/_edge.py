@@ -12,14 +12,12 @@ every request is answered at the edge; a background prober closes it when the cl
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import secrets
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._address import EngineAddress
@@ -28,95 +26,16 @@ from .._errors import TensorFabricError, TransferTimeout
 from .._region import RegionDescriptor
 from ._config import DeployConfig
 from ._errors import CloudFailed, CloudUnavailable, InvalidRequest, SplitConfigError
+from ._admission import TierLoad
 from ._health import CloudHealth
 from ._lm import ChatModel, TokenStep
-from ._pii import NameDetector, PiiMapping, PiiScrubber, StreamRestorer
+from ._pii import PiiMapping, StreamRestorer
+from ._requests import ChatRequest, Done, RouteInfo, StopCutter, build_scrubber
 from ._routing import Decision, Probe, RouteRequest, RoutingPolicy, make_policy
-from ._admission import TierLoad
 from ._rpc import TAG_JOIN, CloudClient
 from ._tls import tls_contexts, tls_wanted
 
 __all__ = ["ChatRequest", "Done", "EdgeTier", "RouteInfo", "StopCutter", "build_scrubber"]
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict[str, str]]
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stream: bool = False
-    explicit: str | None = None  # "edge" | "cloud" | None
-    stop: list[str] = field(default_factory=list)  # cut the answer at the first of these
-
-
-class StopCutter:
-    """Applies ``stop`` strings to streamed text: emits what is safe, holds back what could be
-    the start of a stop string, and reports when one was hit (text after it is dropped)."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self._held = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        if not self.stops:
-            return text
-        if self.hit:
-            return ""
-        text = self._held + text
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.hit, self._held = True, ""
-            return text[: min(cuts)]
-        safe = len(text) - self.keep if self.keep else len(text)
-        self._held = text[max(safe, 0):]
-        return text[: max(safe, 0)]
-
-    def flush(self) -> str:
-        text, self._held = self._held, ""
-        return "" if self.hit else text
-
-
-@dataclass
-class RouteInfo:
-    decision: Decision
-    degraded: bool
-    pii: dict[str, int]
-    prompt_tokens: int
-
-
-@dataclass
-class Done:
-    tier: str  # who produced the answer: edge | cloud | cloud+edge (edge finished it)
-    reason: str
-    degraded: bool
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    confidence: float | None = None
-    pii: dict[str, int] = field(default_factory=dict)
-    cloud_error: str | None = None
-
-
-def build_scrubber(cfg: DeployConfig) -> PiiScrubber | None:
-    p = cfg.pii
-    if not p.enabled:
-        return None
-    detector: NameDetector | None = None
-    if p.name_detector:
-        module, _, attr = p.name_detector.partition(":")
-        try:
-            detector = getattr(importlib.import_module(module), attr)()
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise SplitConfigError(
-                f"pii.name_detector {p.name_detector!r} could not be loaded ({exc}); "
-                "name a factory as 'package.module:function'"
-            ) from exc
-    return PiiScrubber(kinds=p.kinds, names=p.names or (), fail_closed=p.fail_closed,
-                       name_detector=detector)
 
 
 class EdgeTier:
@@ -271,6 +190,8 @@ class EdgeTier:
         edge_steps: Generator[TokenStep, None, None] | None = None
         probe: list[TokenStep] = []
         decision = self.policy.pre_route(rreq)
+        if decision is None and self._edge_busier():
+            decision = Decision("cloud", "edge_busy")  # a probe would only queue behind others
         held = [0.0]  # when this request took the edge model (its hold time feeds admission)
         try:
             if decision is None or decision.tier == "edge":
@@ -314,6 +235,22 @@ class EdgeTier:
                 edge_steps.close()
                 self.model.lock.release()
                 self.edge_load.observe(time.monotonic() - held[0])
+
+    def _edge_busier(self) -> bool:
+        """True when the edge model's slots are all taken and the cloud, up, would answer
+        sooner than the edge could start: auto-routed requests then skip the probe."""
+        if not self.cloud_available or not getattr(self.policy, "spill", True):
+            return False
+        m = self.model
+        slots = int(getattr(m, "slots", 1))
+        ahead = m.waiting + int(getattr(m, "running", m.lock.locked()))
+        if ahead < slots:
+            return False
+        pong = self.cloud.last_pong if self.cloud is not None else {}
+        st = pong.get("stats") or {}
+        cloud_ahead = int(st.get("waiting", 0)) + int(st.get("running", 0)) if st else self._cloud_inflight
+        cloud_wait = self.cloud_load.expected_wait(cloud_ahead, int(pong.get("slots", 1)))
+        return self.edge_load.expected_wait(ahead, slots) >= cloud_wait
 
     def _admit_cloud(self, budget: float) -> None:
         """429 now if the cloud's queue would keep this request past ``budget`` seconds."""

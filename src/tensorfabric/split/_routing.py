@@ -162,6 +162,7 @@ class ConfidencePolicy(RoutingPolicy):
         edge_max_new_tokens: int = 512,
         allow_user_choice: bool = True,
         cloud_kinds: Sequence[str] = DEFAULT_CLOUD_KINDS,
+        spill: bool = True,
     ) -> None:
         if metric not in ("mean", "min"):
             raise SplitConfigError(f"routing.metric must be 'mean' or 'min', got {metric!r}")
@@ -183,6 +184,7 @@ class ConfidencePolicy(RoutingPolicy):
         self.edge_max_new_tokens = int(edge_max_new_tokens)
         self.allow_user_choice = allow_user_choice
         self.cloud_kinds = frozenset(cloud_kinds)
+        self.spill = bool(spill)  # the edge server sends auto requests on while the edge is full
 
     def pre_route(self, req: RouteRequest) -> Decision | None:
         if self.allow_user_choice and req.explicit is not None:
