@@ -53,12 +53,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama_cpp", "vllm"])
     ap.add_argument("--quantize", default="int8", choices=["int8", "none"])
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--probe-tokens", type=int, default=8)
     ap.add_argument("--share", type=float, default=0.8, help="share kept at the edge after the cheap signals")
     ap.add_argument("--kind-bar", type=float, default=0.5)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--cloud-cache", help="the cloud answers: read from this JSON file if it exists, "
+                    "else computed and written there (reuse them across runtimes)")
     args = ap.parse_args()
 
     from tensorfabric.split import calibrate_threshold, parse_config
@@ -74,7 +76,7 @@ def main() -> int:
     edge = load_edge_model(cfg)
     edge.warmup()
     load_s = time.perf_counter() - t
-    print(f"edge runtime {args.runtime}: {edge.name} loaded in {load_s:.1f} s", file=sys.stderr)
+    print(f"edge runtime {args.runtime}: {edge.name} loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
 
     # speed: one stream, then N at once
     t = time.perf_counter()
@@ -89,8 +91,15 @@ def main() -> int:
     close = getattr(edge, "close", None)
     if close is not None:
         close()
-    cloud = load_chat_model("default")
-    cloud_out = [answer(cloud, r["prompt"], args.max_tokens) for r in rows]
+    cache = args.cloud_cache and os.path.exists(args.cloud_cache) and json.load(open(args.cloud_cache))
+    if cache and cache.get("max_tokens") == args.max_tokens and len(cache["answers"]) == len(rows):
+        cloud_out = cache["answers"]
+    else:
+        cloud = load_chat_model("default")
+        cloud_out = [answer(cloud, r["prompt"], args.max_tokens) for r in rows]
+        if args.cloud_cache:
+            with open(args.cloud_cache, "w") as f:
+                json.dump({"max_tokens": args.max_tokens, "answers": cloud_out}, f)
 
     agree = [e[0] == c[0] for e, c in zip(edge_out, cloud_out)]
     scores = [sum(e[1][: args.probe_tokens]) / max(len(e[1][: args.probe_tokens]), 1) for e in edge_out]
