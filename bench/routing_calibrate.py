@@ -15,7 +15,6 @@ model, the weights the vLLM cloud tier serves). Then:
   for the calibrated policy, the old default (-0.5, no kinds), always-edge and always-cloud.
 
     PYTHONPATH=src python bench/routing_calibrate.py --runtime transformers   # int8 edge
-    PYTHONPATH=src python bench/routing_calibrate.py --runtime llama_cpp
     PYTHONPATH=src /work/vllm-slot python bench/routing_calibrate.py --runtime vllm
 """
 
@@ -51,7 +50,7 @@ def answer(model: Any, prompt: str, max_tokens: int) -> tuple[str, list[float], 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama_cpp", "vllm"])
+    ap.add_argument("--runtime", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--quantize", default="int8", choices=["int8", "none"])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--probe-tokens", type=int, default=8)

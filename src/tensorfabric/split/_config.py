@@ -64,7 +64,7 @@ class EdgeConfig:
     host: str = "127.0.0.1"  # where the edge engine listens (the cloud dials back to it)
     port: int = 0  # fix it so a restarted remote cloud can rejoin (cloud.join)
     address_file: str | None = None  # the edge writes its engine address here (for cloud.join)
-    runtime: str = "transformers"  # "transformers", "vllm" (batched) or "llama_cpp" (GGUF)
+    runtime: str = "transformers"  # "transformers" (one request at a time) or "vllm" (batched)
     quantize: str = "int8"  # transformers runtime: "int8" (torch dynamic quantization) or "none"
     kv_space_gib: int = 1  # vllm runtime: KV cache size
     max_num_seqs: int = 32  # vllm runtime: requests run in one batch
@@ -172,7 +172,7 @@ class DeployConfig:
 _CHOICES = {
     "mode": ("route", "layer_split"),
     "edge.quantize": ("int8", "none"),
-    "edge.runtime": ("transformers", "vllm", "llama_cpp"),
+    "edge.runtime": ("transformers", "vllm"),
     "cloud.launch": ("local", "remote"),
     "cloud.engine": ("auto", "vllm", "transformers"),
 }

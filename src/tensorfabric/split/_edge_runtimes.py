@@ -1,4 +1,4 @@
-"""Edge runtimes besides the int8 transformers model: vLLM (batched) and llama.cpp (GGUF).
+"""The edge runtime besides the int8 transformers model: vLLM (batched, float32).
 
 Each gives the edge tier the interface of :class:`~._lm.ChatModel`: ``encode_chat``, ``acquire``
 / ``lock.release()`` around one generation, ``stream`` yielding :class:`~._lm.TokenStep` with the
@@ -6,9 +6,6 @@ token's log-probability (the router's probe), ``waiting`` and ``running`` for /m
 
 - ``vllm``: the edge's own in-process vLLM engine. ``lock`` is a semaphore of
   ``max_num_seqs`` slots, so that many requests run in one continuous batch.
-- ``llama_cpp``: llama-cpp-python on the model's GGUF file (the default model ships as Q4_1,
-  llama.cpp's own format: no conversion). One sequence at a time per loaded model.
-
 docs/split.md ("Edge runtime") has the measurements behind the default.
 """
 
@@ -21,7 +18,7 @@ from typing import Any
 from ._errors import Overloaded
 from ._lm import TokenStep
 
-__all__ = ["LlamaCppEdge", "VllmEdge", "load_edge_model"]
+__all__ = ["VllmEdge", "load_edge_model"]
 
 
 class _Slots:
@@ -133,120 +130,13 @@ class VllmEdge:
         self.engine.close()
 
 
-class LlamaCppEdge:
-    """The edge model on llama.cpp (llama-cpp-python) straight from the GGUF file."""
-
-    def __init__(self, model: str = "default", *, n_ctx: int = 2048, threads: int | None = None) -> None:
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:
-            raise ImportError("edge.runtime: llama_cpp needs llama-cpp-python: pip install "
-                              "'tensorfabric[llamacpp]' (it builds llama.cpp from source)") from exc
-        from ..models import resolve_model
-
-        src = resolve_model(None if model == "default" else model)
-        if src.kind != "gguf":
-            raise ValueError(f"edge.runtime: llama_cpp needs a .gguf model, got {src.path}")
-        self.llm = Llama(model_path=str(src.path), n_ctx=n_ctx, n_threads=threads, logits_all=False,
-                         verbose=False)  # fmt: skip
-        self.name = src.path.stem + "-llamacpp"
-        eos = self.llm.token_eos()
-        self.stop_ids = frozenset({int(eos)})
-        from transformers import AutoTokenizer
-
-        from ..models import model_folder
-
-        # the chat template and detokenizer of the same model (the GGUF's vocabulary), from the
-        # Hugging Face folder tensorfabric's model cache keeps for it
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_folder(None if model == "default" else model)))
-        self._slots = _Slots(self.name, 1)
-        self.lock = _Lock(self._slots)
-
-    @property
-    def waiting(self) -> int:
-        return self._slots.waiting
-
-    @property
-    def slots(self) -> int:
-        return self._slots.slots
-
-    @property
-    def running(self) -> int:
-        return self._slots.running
-
-    def acquire(self, timeout: float) -> None:
-        self._slots.acquire(timeout)
-
-    def encode_chat(self, messages: Sequence[dict[str, str]], prefix: str = "") -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        if prefix:
-            ids += self.tokenizer.encode(prefix, add_special_tokens=False)
-        return [int(i) for i in ids]
-
-    def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        return len(self.encode_chat(messages))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-    def warmup(self) -> None:
-        for _ in self.stream(self.encode_chat([{"role": "user", "content": "Hi"}]), max_new_tokens=2):
-            pass
-
-    def stream(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Generator[TokenStep, None, None]:  # fmt: skip
-        """Greedy or sampled decoding with llama.cpp's logits (log-softmax here)."""
-        import numpy as np
-
-        from ._lm import _Detokenizer
-
-        rng = np.random.default_rng(seed)
-        detok = _Detokenizer(self)  # type: ignore[arg-type]
-        llm = self.llm
-        llm.reset()
-        llm.eval(list(prompt_ids))
-        for _ in range(max_new_tokens):
-            logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            m = logits.max()
-            logp = logits - (m + np.log(np.exp(logits - m).sum()))
-            if temperature <= 0:
-                tok = int(logits.argmax())
-            else:
-                p = np.exp((logits - m) / temperature)
-                p /= p.sum()
-                if top_p < 1.0:
-                    order = np.argsort(-p)
-                    keep = np.cumsum(p[order]) - p[order] < top_p
-                    q = np.zeros_like(p)
-                    q[order[keep]] = p[order[keep]]
-                    p = q / q.sum()
-                tok = int(rng.choice(len(p), p=p))
-            stop = tok in self.stop_ids
-            yield TokenStep(tok, float(logp[tok]), "" if stop else detok.push(tok), stop)
-            if stop:
-                return
-            llm.eval([tok])
-
-    def close(self) -> None:
-        close = getattr(self.llm, "close", None)
-        if close is not None:
-            close()
-
-
 def load_edge_model(cfg: Any) -> Any:
-    """The edge model for ``edge.runtime`` (``transformers`` int8 / none, ``vllm``, ``llama_cpp``)."""
+    """The edge model for ``edge.runtime`` (``transformers`` int8 / none, or ``vllm``)."""
     e = cfg.edge
     runtime = e.runtime
     if runtime == "vllm":
         return VllmEdge(e.model, kv_space_gib=e.kv_space_gib, max_num_seqs=e.max_num_seqs,
                         max_model_len=e.max_context)  # fmt: skip
-    if runtime == "llama_cpp":
-        return LlamaCppEdge(e.model, n_ctx=e.max_context)
     from ._lm import load_chat_model
 
     return load_chat_model(e.model, quantize=e.quantize)
