@@ -86,7 +86,11 @@ def main() -> int:
         outs = list(pool.map(lambda r: answer(edge, r["prompt"], args.max_tokens), rows[: 2 * args.concurrency]))
     multi = sum(o[2] for o in outs) / (time.perf_counter() - t)
 
-    edge_out = [answer(edge, r["prompt"], args.max_tokens) for r in rows]
+    edge_out = []
+    for i, r in enumerate(rows):
+        edge_out.append(answer(edge, r["prompt"], args.max_tokens))
+        if i % 10 == 9:
+            print(f"edge {i + 1}/{len(rows)}", file=sys.stderr, flush=True)
     close = getattr(edge, "close", None)
     if close is not None:
         close()

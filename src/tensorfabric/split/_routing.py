@@ -38,8 +38,8 @@ Tier = Literal["edge", "cloud"]
 
 TASK_KINDS = ("fact", "math", "translate", "chat", "write", "explain", "summarize", "advice", "code",
               "reasoning")  # fmt: skip
-#: Defaults calibrated by ``bench/routing_calibrate.py`` on the shipped prompt set
-#: (``split/data/routing_prompts.json``); docs/split.md ("Routing") has the run.
+#: Defaults; ``bench/routing_calibrate.py`` calibrates both for an edge runtime on the shipped
+#: prompt set (``split/data/routing_prompts.json``); see docs/split.md ("Routing").
 DEFAULT_THRESHOLD = -0.5
 DEFAULT_CLOUD_KINDS: tuple[str, ...] = ()
 
