@@ -6,6 +6,7 @@ model, so the module runs two vLLM instances with the session's plain reference)
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     path = Path(d) / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # the reference server binds CPU 0 (helpers.vllm.pick_cpus); this one the next
-    env = subprocess_env(VLLM_CPU_OMP_THREADS_BIND="1" if len(__import__("os").sched_getaffinity(0)) > 1 else "0")
+    env = subprocess_env(VLLM_CPU_OMP_THREADS_BIND="1" if len(os.sched_getaffinity(0)) > 1 else "0")
     with ServerProcess(path, env=env, timeout=900) as s:
         yield s
 
