@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TENSORFABRIC_SECRET", raising=False)
     cfg = parse_config(None)
-    assert cfg.mode == "route" and cfg.edge.quantize == "int8" and cfg.cloud.launch == "local"
+    assert cfg.mode == "route" and cfg.edge.quantize == "none" and cfg.cloud.launch == "local"
     assert cfg.pii.enabled and cfg.routing == {"policy": "confidence"}
     assert len(cfg.resolve_secret()) == 32  # random for a local deployment
 
