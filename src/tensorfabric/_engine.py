@@ -44,7 +44,9 @@ class Engine(EngineOps, Inbound, Timers):
     transports this engine may use, in order of preference (``"shm"`` is used for same-host
     peers' shared-memory regions, ``"tcp"`` for everything else; ``"nixl"`` adds NVIDIA NIXL
     for peers that have it too, configured by the ``nixl`` options, see ``docs/nixl.md``).
-    ``timeout`` is the default deadline (seconds) of every operation.
+    ``timeout`` is the default deadline (seconds) of every operation. Unread messages take at
+    most ``inbox_bytes`` in all and ``inbox_peer_bytes`` (default: half of it) from one sender,
+    so a peer whose messages nobody reads cannot shut the others out.
 
     Every tcp frame carries a MAC under a key of its link (``integrity``, on by default): a
     relay without the secret cannot change, replay, reorder or splice frames. Turn it off
@@ -69,6 +71,7 @@ class Engine(EngineOps, Inbound, Timers):
         link_timeout: float = 3.0,
         reconnect_grace: float = 2.0,
         inbox_bytes: int = 256 << 20,
+        inbox_peer_bytes: int | None = None,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
         integrity: bool = True,
@@ -107,6 +110,8 @@ class Engine(EngineOps, Inbound, Timers):
         self._inbox_waiters: dict[int, collections.deque[Transfer]] = {}
         self._inbox_bytes = 0
         self._inbox_limit = inbox_bytes
+        self._inbox_share = inbox_bytes // 2 if inbox_peer_bytes is None else inbox_peer_bytes
+        self._inbox_peer: collections.Counter[bytes] = collections.Counter()
         # deadlines of pending transfers; weak, so finished ones (and a recv's message) are
         # freed as soon as the caller drops them, not when their deadline passes
         self._timers: list[tuple[float, int, weakref.ref[Transfer]]] = []
@@ -285,6 +290,7 @@ class Engine(EngineOps, Inbound, Timers):
             waiters += [t for q in self._inbox_waiters.values() for t in q]
             self._inbox_waiters.clear()
             self._inbox.clear()
+            self._inbox_peer.clear()
         with self._timer_cv:
             waiters += [t for _, _, ref in self._timers if (t := ref()) is not None]
             self._timers.clear()

@@ -59,9 +59,21 @@ class EngineOps:
             nbytes = view.nbytes - _nonneg("src_offset", src_offset)
         _check_range("source", src_offset, nbytes, view.nbytes)
         _check_dst_range(desc, dst_offset, nbytes)
-        return self._write(desc, view, np.array([src_offset], np.uint64),
-                           np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
-                           _imm(imm), timeout, "write")
+        peer = self._peer(desc.owner)
+        if self._transport_for(peer, desc) is not self._tcp:
+            return self._write(desc, view, np.array([src_offset], np.uint64),
+                               np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
+                               _imm(imm), timeout, "write")
+        # the small-op path: no numpy, one frame built straight from Python ints
+        value = _imm(imm)
+        label = str(peer)
+        t = self._new_transfer("write", nbytes, 1, timeout, label)
+        try:
+            self._tcp.write_one(peer, desc, WireOp(next(self._tcp.op_ids), t, label), view,
+                                int(src_offset), int(dst_offset), int(nbytes), value)
+        except TensorFabricError as exc:
+            t._fail(exc)
+        return t
 
     def write_pages(self, src: MemoryRegion | Buffer, dst: RegionDescriptor | bytes, *,
                     src_pages: Sequence[int] | np.ndarray, dst_pages: Sequence[int] | np.ndarray,
@@ -181,14 +193,16 @@ class EngineOps:
     def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
                lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
         peer = self._peer(desc.owner)
-        t = self._new_transfer(kind, int(lens.sum()) if len(lens) else 0, 1, timeout, str(peer))
-        self._start_write(t, desc, view, so, do, lens, imm)
+        label = str(peer)
+        t = self._new_transfer(kind, int(lens.sum()) if len(lens) else 0, 1, timeout, label)
+        self._start_write(t, desc, view, so, do, lens, imm, label)
         return t
 
     def _start_write(self, t: Transfer, desc: RegionDescriptor, view: memoryview,
-                     so: np.ndarray, do: np.ndarray, lens: np.ndarray, imm: int | None) -> None:
+                     so: np.ndarray, do: np.ndarray, lens: np.ndarray, imm: int | None,
+                     label: str | None = None) -> None:
         peer = self._peer(desc.owner)
-        wop = WireOp(next(self._tcp.op_ids), t, str(peer))
+        wop = WireOp(next(self._tcp.op_ids), t, label or str(peer))
         try:
             self._transport_for(peer, desc).write(peer, desc, wop, view, so, do, lens, imm)
         except TensorFabricError as exc:
