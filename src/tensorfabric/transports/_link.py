@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 MAX_REPLIES = 1024  # replies queued for a peer that is not reading them
 _ARM = (select.EPOLLIN | select.EPOLLONESHOT) if hasattr(select, "epoll") else 0
+SMALL = 64 << 10  #: chunks up to this size are sent inline or batched
+SMALL_WINDOW = 64  #: small chunks in flight per link (large ones: the transport's window)
 
 
 class Conn(Receiver):
@@ -176,8 +178,9 @@ class Conn(Receiver):
             self.cond.notify_all()
 
     def send_chunk_inline(self, chunk: Chunk) -> bool:
-        """Caller-thread fast path for a small chunk on an idle link."""
-        if not self.alive or not self.send_lock.acquire(blocking=False):
+        """Caller-thread fast path for a small chunk on an idle link (nothing in flight: else
+        the chunk queues, and the writer sends queued small chunks together)."""
+        if not self.alive or self.inflight or not self.send_lock.acquire(blocking=False):
             return False
         try:
             if not self._track(chunk):
@@ -209,14 +212,26 @@ class Conn(Receiver):
                 if not self.alive:
                     return None
                 if self.replies:
-                    frame = self.replies.popleft()
-                    if len(self.replies) == MAX_REPLIES - 1:
+                    full = len(self.replies) >= MAX_REPLIES
+                    frames = [self.replies.popleft()]
+                    while (len(frames[0]) == 1 and self.replies and len(frames) < 64
+                           and len(self.replies[0]) == 1):
+                        frames.append(self.replies.popleft())  # small replies: one send
+                    if full:
                         self.cond.notify_all()  # a receive thread may wait for room
-                    return ("frame", frame)
-                if links is not None and links.queue and len(self.inflight) < self.t.window:
+                    return ("frames", frames)
+                queue = links.queue if links is not None else None
+                if queue and queue[0].nbytes <= SMALL and len(self.inflight) < SMALL_WINDOW:
+                    # small frames queued behind each other go out together, in one send
+                    batch = [queue.popleft()]
+                    room = SMALL_WINDOW - len(self.inflight)
+                    while queue and len(batch) < room and queue[0].nbytes <= SMALL:
+                        batch.append(queue.popleft())
+                    return ("batch", batch)
+                if queue and len(self.inflight) < self.t.window:
                     # a bounded window per link: a slow link holds few chunks, so it never
                     # keeps the tail of a transfer waiting long after the fast links are done
-                    return ("chunk", links.queue.popleft())
+                    return ("chunk", queue.popleft())
                 if self.tail:
                     return ("frame", [])
                 self.cond.wait(1.0)
@@ -238,10 +253,50 @@ class Conn(Receiver):
                                 self.links.requeue(chunk)
                             return
                         self._send_all([chunk.head, *chunk.payload])
+                    elif kind == "batch":
+                        if not self._send_batch(obj):
+                            return
+                    elif kind == "frames" and len(obj) > 1:
+                        self._send_frames(obj)
+                    elif kind == "frames":
+                        self._send_all(obj[0])
                     else:
                         self._send_all(obj)
         except (OSError, ValueError) as exc:
             self.fail(exc)
+
+    def _send_batch(self, chunks: list[Chunk]) -> bool:
+        """Send small chunks (each its own frame, MACed in order) with one ``sendmsg``; the send
+        lock is held. False if the link failed before they were recorded (they are requeued)."""
+        bufs: list[Any] = []
+        tx = self.tx
+        for i, chunk in enumerate(chunks):
+            if chunk.wop.dead:
+                continue
+            if not self._track(chunk):
+                if self.links is not None:
+                    for c in reversed(chunks[i:]):
+                        self.links.requeue(c)
+                return False
+            frame = [chunk.head, *chunk.payload]
+            bufs += tx.seal(frame) if tx is not None else frame
+        if self.tail:
+            tail, self.tail = self.tail, b""
+            self.sock.sendall(tail)
+        if bufs:
+            self._send_bufs(bufs)
+        return True
+
+    def _send_frames(self, frames: list[list[Any]]) -> None:
+        """Send queued small replies (header + ext each) with one ``sendmsg``."""
+        tx = self.tx
+        bufs: list[Any] = []
+        for frame in frames:
+            bufs += tx.seal(frame) if tx is not None else frame
+        if self.tail:
+            tail, self.tail = self.tail, b""
+            self.sock.sendall(tail)
+        self._send_bufs(bufs)
 
     # -- reading: the receive thread, or the caller waiting for its reply ------------------
 

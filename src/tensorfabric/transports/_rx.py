@@ -32,6 +32,7 @@ log = logging.getLogger("tensorfabric.tcp")
 RBUF = 64 << 10  #: a link's read-ahead buffer
 _DIRECT = 16 << 10  #: pieces from this size are received straight into place, not via RBUF
 _MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out together
+_SMALL_WINDOW = 64  # = _link.SMALL_WINDOW (small chunks in flight per link)
 _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
 
@@ -429,7 +430,7 @@ class Receiver:
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
         with self.cond:
             c = self.inflight.pop((op_id, chunk), None)
-            if c is not None and len(self.inflight) == self.t.window - 1:
+            if c is not None and len(self.inflight) in (self.t.window - 1, _SMALL_WINDOW - 1):
                 self.cond.notify_all()  # this link's writer may take the next chunk
             return c
 
