@@ -5,7 +5,9 @@ wait in one queue shared by its links: a writer takes the next chunk when its so
 taken the last one, so faster links carry more (work stealing). Payloads are received with
 ``recv_into`` straight into the destination region. Receive threads never block on sending
 (acknowledgements go out with MSG_DONTWAIT or through the writer), so two engines writing to
-each other at full speed cannot deadlock.
+each other at full speed cannot deadlock. Small ops take a shorter path (see ``_link``): sent
+from the caller's thread on an idle link, batched behind an op in flight, and their replies
+read by the caller waiting for them.
 
 A link that fails (reset, or no progress for ``link_timeout`` while it has work in flight) is
 closed; its unacknowledged chunks go back to the front of the queue for the other links, and it
