@@ -58,6 +58,9 @@ class Deployment:
     events: list[dict[str, Any]] = field(default_factory=list)
     pending: set[int] = field(default_factory=set)  # replica indexes waiting for a node
     lost_at: dict[int, tuple[float, str, str]] = field(default_factory=dict)
+    # replica index -> actor name while it starts: a restarted controller (after a head
+    # restart that kept Ray's state) removes what such a start left behind, then places again
+    starting: dict[int, str] = field(default_factory=dict)
 
 
 class PoolController:
@@ -219,31 +222,50 @@ class PoolController:
                 wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
                 name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
                 sel = _narrow(sel, fits, spec.num_gpus)
-                pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
-                if pg is None:
-                    continue
-                node_id = self._backend.pg_node(pg)
-                actor = self._backend.start(pg, spec, index, name)
+                with self._lock:
+                    dep.starting[index] = name
+                self._save(dep)
                 try:
-                    where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
-                except NodeLost as exc:
-                    self._backend.discard(actor, pg)
-                    lost.append(exc.node_id)
-                    zone = next((n.labels.get(L.ZONE, "?") for n in nodes if n.node_id == exc.node_id), "?")
-                    self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
-                                zone=zone, why=str(exc))  # fmt: skip
+                    out = self._start_one(dep, index, name, bundle, sel, wait_s, nodes, lost)
+                finally:
+                    with self._lock:
+                        dep.starting.pop(index, None)
+                if out == "lost":
                     break  # look at the nodes again, without the dead one
-                except Exception as exc:
-                    self._backend.discard(actor, pg)
-                    raise PoolError(
-                        f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
-                        f"{spec.run.target}): {_first_line(exc)}"
-                    ) from None
-                zone = where["labels"].get(L.ZONE, "?")
-                return Replica(index, actor, pg, where["node_id"], zone, sel, name), lost
+                if out is not None:
+                    return out, lost
             else:
                 return None, lost  # no candidate had a free node
         return None, lost
+
+    def _start_one(self, dep: Deployment, index: int, name: str, bundle: dict[str, float],
+                   sel: dict[str, str], wait_s: float, nodes: list[NodeView],
+                   lost: list[str]) -> Replica | str | None:  # fmt: skip
+        """One try on nodes matching ``sel``: the replica, None (no room) or "lost" (its node
+        died while it started; the node is added to ``lost``)."""
+        spec = dep.spec
+        pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
+        if pg is None:
+            return None
+        node_id = self._backend.pg_node(pg)
+        actor = self._backend.start(pg, spec, index, name)
+        try:
+            where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
+        except NodeLost as exc:
+            self._backend.discard(actor, pg)
+            lost.append(exc.node_id)
+            zone = next((n.labels.get(L.ZONE, "?") for n in nodes if n.node_id == exc.node_id), "?")
+            self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
+                        zone=zone, why=str(exc))  # fmt: skip
+            return "lost"
+        except Exception as exc:
+            self._backend.discard(actor, pg)
+            raise PoolError(
+                f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
+                f"{spec.run.target}): {_first_line(exc)}"
+            ) from None
+        zone = where["labels"].get(L.ZONE, "?")
+        return Replica(index, actor, pg, where["node_id"], zone, sel, name)
 
     def remove(self, name: str | None = None) -> list[str]:
         """Remove one deployment (or all with ``name=None``); return the names removed."""
@@ -355,6 +377,7 @@ class PoolController:
             item = {
                 "spec": _spec_dict(dep.spec), "state": dep.state, "ready_s": dep.ready_s,
                 "events": list(dep.events), "pending": sorted(dep.pending),
+                "starting": {str(i): n for i, n in dep.starting.items()},
                 "replicas": [{"index": r.index, "name": r.name, "node_id": r.node_id,
                               "zone": r.zone, "selector": r.selector}
                              for r in dep.replicas.values()],
@@ -370,9 +393,16 @@ class PoolController:
         for d in state["dep"].values():
             dep = Deployment(DeploymentSpec.from_dict(d["spec"]), ready_s=d.get("ready_s", 0.0),
                              events=list(d.get("events", [])))  # fmt: skip
+            for index, name in d.get("starting", {}).items():
+                # A start the old controller did not finish: remove what is left of it (its
+                # actor and placement group survive a head restart with GCS fault tolerance).
+                left = self._backend.find(name, name + "-pg")
+                if left is not None:
+                    self._backend.discard(*left)
+                self._event(dep, "start_abandoned", replica=int(index), name=name)
             for r in d.get("replicas", []):
                 found = self._backend.find(r["name"], r["name"] + "-pg")
-                if found is not None:
+                if found is not None and found[0] is not None:
                     dep.replicas[r["index"]] = Replica(r["index"], found[0], found[1], r["node_id"],
                                                        r["zone"], r["selector"], r["name"])  # fmt: skip
                     adopted += 1
