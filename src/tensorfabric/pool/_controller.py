@@ -22,9 +22,9 @@ from typing import Any
 
 from . import _labels as L
 from ._backend import NodeLost
-from ._compile import NodeView, Placement, compile_spec, match
+from ._compile import NodeView, Placement, compile_spec, match, narrow_ids, no_node_message
 from ._errors import PlacementError, PoolError
-from ._records import VERIFY_TTL_S, VerificationBook, node_key
+from ._records import VERIFY_TTL_S, VerificationBook, load_factor, node_key
 from ._spec import DeploymentSpec
 from ._state import StateStore
 
@@ -32,7 +32,6 @@ MONITOR_PERIOD_S = 0.25
 PING_TIMEOUT_S = 2.0
 VERIFY_SCAN_S = 10.0  # how often the controller looks for nodes due a (re-)check
 MAX_NODE_LOSSES = 3  # node deaths one replica start may survive before the deploy gives up
-MAX_SELECTOR_IDS = 64  # a node-id list in a placement group's selector names at most this many
 EVENTS_KEPT = 50
 
 
@@ -185,7 +184,7 @@ class PoolController:
                 zones = [r.zone for r in dep.replicas.values()]
                 rep, lost = self._place(dep, i, placement.preferring_other_zones(zones))
                 if rep is None:
-                    raise PlacementError(_no_node_message(spec, i, placement, lost),
+                    raise PlacementError(no_node_message(spec, i, placement, lost),
                                          requirement="capacity", deployment=spec.name)  # fmt: skip
                 with self._lock:
                     dep.replicas[i] = rep
@@ -216,12 +215,12 @@ class PoolController:
                 if key in tried or not fits:
                     continue
                 tried.add(key)
-                # Ray's free-resource view can lag by a second: where it says "busy", still
-                # ask Ray, but briefly, so a truly busy candidate does not cost the timeout.
+                # Ray's free-resource view can lag by a second (more on a loaded head): where
+                # it says "busy", still ask Ray, briefly, so a truly busy one costs little.
                 free = any(n.available_gpus >= spec.num_gpus for n in fits)
-                wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
+                wait_s = spec.placement_timeout_s if free else min(1.5 * load_factor(), spec.placement_timeout_s)
                 name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
-                sel = _narrow(sel, fits, spec.num_gpus)
+                sel = narrow_ids(sel, fits, spec.num_gpus)
                 with self._lock:
                     dep.starting[index] = name
                 self._save(dep)
@@ -459,28 +458,6 @@ class PoolController:
         if close:
             close()
         self._store.close()
-
-
-def _narrow(sel: dict[str, str], fits: list[NodeView], gpus: float) -> dict[str, str]:
-    """Bound a node-id list (``verified_only`` lists every eligible node) to the first
-    MAX_SELECTOR_IDS matching nodes with free GPUs: Ray keeps each placement group's selector,
-    and at 10,000 nodes the full list is ~0.5 MB per replica."""
-    expr = sel.get(L.NODE_ID, "")
-    if not expr.startswith("in(") or expr.count(",") < MAX_SELECTOR_IDS:
-        return sel
-    free = [n.node_id for n in fits if n.available_gpus >= gpus] or [n.node_id for n in fits]
-    return {**sel, L.NODE_ID: f"in({','.join(free[:MAX_SELECTOR_IDS])})"}
-
-
-def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:
-    if lost:
-        return (f"deployment {spec.name!r}: replica {index} lost its node"
-                f"{'s' if len(lost) > 1 else ''} {', '.join(n[:12] for n in lost)} while it "
-                f"started, and no other node matching [{', '.join(placement.descriptions)}] was "
-                f"free within {spec.placement_timeout_s:g} s")  # fmt: skip
-    return (f"deployment {spec.name!r}: replica {index} found no free node within "
-            f"{spec.placement_timeout_s:g} s; nodes matching [{', '.join(placement.descriptions)}] "
-            "are busy (their GPUs are taken by other work)")  # fmt: skip
 
 
 def _failover_order(placement: Placement, dead_zone: str, dep: Deployment) -> list[dict[str, str]]:
