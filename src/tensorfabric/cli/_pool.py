@@ -124,10 +124,12 @@ def up(
         state_file = default_state_file(int(address.rsplit(":", 1)[1]), state_dir)
         pool, st = _connect_retry(address, sec, child, state_file=state_file, verify_ttl_s=verify_every)
         _mark_fault_tolerance(bool(redis_address) if started else None)
-    except PoolError as exc:
+    except BaseException as exc:  # never leave a started head behind (Ctrl-C, a bug)
         if child is not None:
             child.stop()
-        _fail(exc)
+        if isinstance(exc, PoolError):
+            _fail(exc)
+        raise
     assert address is not None
     restored = st.get("restored") or {}
     typer.echo(f"pool controller ready on {address} ({len(st['nodes'])} node(s)); state in {state_file}.")
