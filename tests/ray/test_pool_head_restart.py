@@ -156,6 +156,7 @@ def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[s
         up = Group(up_args(1), env)
         procs.append(up)
         up.wait_for("pool controller ready", timeout=120)
+        mark("first head ready")
         for zone in ("eu-west-a", "eu-west-b"):
             node = Group(["pool", "join", "--address", addr, "--region", "eu-west", "--zone", zone,
                           "--gpu-model", "A100", "--gpu-memory-gb", "16", "--simulated",

@@ -229,10 +229,10 @@ class PoolController:
                 finally:
                     with self._lock:
                         dep.starting.pop(index, None)
+                if isinstance(out, Replica):
+                    return out, lost
                 if out == "lost":
                     break  # look at the nodes again, without the dead one
-                if out is not None:
-                    return out, lost
             else:
                 return None, lost  # no candidate had a free node
         return None, lost
