@@ -231,8 +231,11 @@ def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[s
                 os.killpg(p.p.pid, signal.SIGTERM)
         for p in reversed(procs):
             p.stop()
-        for d in sessions:
-            shutil.rmtree(d, ignore_errors=True)
+        if os.environ.get("TF_KEEP_RAY_SESSIONS"):
+            print("Ray sessions kept:", sessions)
+        else:
+            for d in sessions:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _drain(p: Proc) -> list[str]:
