@@ -135,6 +135,7 @@ class WeightsExtension:
                 t0 = time.perf_counter()
                 self.model_runner.reload_weights(  # type: ignore[attr-defined]
                     weights_iterator=_torch_tensors(st.sub.layout, snap.tensors))
+                _repack_tied(self._tf_model())
                 st.last_switch_s = time.perf_counter() - t0
                 st.serving = want
                 st.switches += 1
@@ -157,6 +158,20 @@ class WeightsExtension:
         if st.engine is not None:
             st.engine.close()
         st.sub, st.engine, st.publisher = None, None, ""
+
+
+def _repack_tied(model: Any) -> None:
+    """Rebuild the CPU GEMM kernels of layers that keep their weight next to a packed copy
+    (``cpu_linear`` with a non-empty ``weight``: the embedding method, so the LM head). A tied
+    ``lm_head`` shares ``embed_tokens.weight``, which the reload updates in place, but it gets
+    no weights of its own, so vLLM's reload leaves its packed copy (a oneDNN handle) at the old
+    values. Re-running its ``process_weights_after_loading`` packs the new ones."""
+    for mod in model.modules():
+        method = getattr(mod, "quant_method", None)
+        weight = getattr(mod, "weight", None)
+        if (hasattr(mod, "cpu_linear") and method is not None and weight is not None
+                and weight.numel() > 0 and hasattr(method, "process_weights_after_loading")):
+            method.process_weights_after_loading(mod)
 
 
 def _torch_tensors(layout: Layout, views: dict[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -119,6 +119,7 @@ class VllmWeights:
         with self._lock:  # a new publisher continues after the newest version anyone serves
             if int(state.get("serving", 0)) > self.publisher.version:
                 self.publisher.version = int(state["serving"])
+                self.publisher.crcs = []  # nothing of that number to catch anyone up with
         return state
 
     def join_all(self, timeout: float | None = None) -> None:
@@ -169,6 +170,7 @@ class VllmWeights:
         deadline = time.monotonic() + timeout
         want = self.publisher.version
         serving: dict[str, int] = {}
+        asked: set[str] = set()
         while True:
             for name in self.urls:
                 try:
@@ -177,6 +179,9 @@ class VllmWeights:
                         st = self.join(name)
                     elif int(st["staged"]) == want and int(st["version"]) != want:
                         st = self.switch(name, want)
+                    elif int(st["version"]) != want and name not in asked:
+                        asked.add(name)  # it missed the version (say it failed there)
+                        self.publisher.catch_up([name])
                     serving[name] = int(st["version"])
                 except ReplicaError as exc:
                     log.info("sync: %s", exc)

@@ -127,6 +127,13 @@ class Publisher:
                 self._cond.wait(left)
             return list(self._replicas)
 
+    def catch_up(self, names: list[str]) -> None:
+        """Send the current version again to ``names`` (replicas that missed it), in the
+        background, as for late joiners."""
+        with self._cond:
+            self._joiners.extend(n for n in names if n in self._replicas)
+            self._cond.notify_all()
+
     def replica_versions(self) -> dict[str, int]:
         with self._cond:
             return {r.name: r.version for r in self._replicas.values()}
@@ -186,7 +193,9 @@ class Publisher:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._joiners) or self._closed.is_set(), timeout=0.5)
                 names, self._joiners = self._joiners, []
-            if names and self.version > 0 and not self._closed.is_set():
+            # only a version this publisher has published (a new one may start its numbering
+            # after what replicas serve, with nothing to send yet)
+            if names and self.version > 0 and self.crcs and not self._closed.is_set():
                 with self._round:
                     behind = [n for n in names if n in self._replicas
                               and self._replicas[n].version < self.version]
