@@ -8,16 +8,18 @@ For 1, 2, 4 vLLM servers (the default model, float32, 538 MB of vLLM parameters 
   - raw: the engine's raw ``write`` of the same bytes into every server's staging region at once
     (chunked and windowed like the publisher, no checksums, no switch);
   - vllm: what a user has without tensorfabric on CPU: save the new weights as safetensors
-    (to /dev/shm), then on every server ``/pause``, ``collective_rpc("reload_weights",
+    (to local disk, page cache), then on every server ``/pause``, ``collective_rpc("reload_weights",
     weights_path=...)``, ``/resume`` (dev-mode routes, ``VLLM_SERVER_DEV_MODE=1``) in parallel.
     Between emulated hosts the file is not shipped over the network (the hosts share a disk
     here), which favours this path.
 
-    /work/vllm-slot --all python bench/vllm_weights.py --replicas 1,2,4
+    /work/vllm-slot --all python bench/vllm_weights.py --replicas 1,2,4 --modes shm
     /work/vllm-slot --all python bench/vllm_weights.py --replicas 1,2,4 --fabric 2gbit   # root
 
 ``--fabric RATE`` puts this process and every server in its own network namespace with one NIC
-capped at RATE (tcp only). Best of ``--repeat`` per figure.
+capped at RATE; mode ``tcp`` then writes over those NICs, mode ``shm`` through shared memory
+(the hosts share this machine's memory; only control messages cross the NICs), so one set of
+servers measures both. Best of ``--repeat`` per figure.
 """
 
 from __future__ import annotations
@@ -93,17 +95,18 @@ def _vllm_path(urls: list[str], tensors: dict[str, Any], folder: Path, tmp: Path
     return t1 - t0, time.perf_counter() - t1
 
 
-def run_case(n: int, servers: list[VllmServer], tensors: dict[str, Any], args: argparse.Namespace,
-             tmp: Path) -> dict[str, Any]:
+def run_case(mode: str, n: int, servers: list[VllmServer], tensors: dict[str, Any],
+             args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     fab = args.fab
-    eng_kw: dict[str, Any] = {"transports": ("tcp",)} if fab else {}
+    transports = ("tcp",) if mode == "tcp" else ("shm", "tcp")
+    eng_kw: dict[str, Any] = {"transports": transports}
     if fab:
         eng_kw["host"] = fab.addr(0)
     plan = vllm_plan(tensors, chunk_bytes=int(args.chunk_mb * 2**20))
     names = [f"v{i}" for i in range(n)]
     with tf.Engine(secret=SECRET, **eng_kw) as eng:
         fleet = VllmWeights(eng, plan, {nm: s.url for nm, s in zip(names, servers)}, secret=SECRET,
-                            transports=("tcp",) if fab else ("shm", "tcp"), fanout=args.fanout,
+                            transports=transports, fanout=args.fanout,
                             timeout=120)
         for i, nm in enumerate(names):
             if fab:
@@ -127,7 +130,10 @@ def run_case(n: int, servers: list[VllmServer], tensors: dict[str, Any], args: a
             fleet.sync(timeout=120)  # the servers now hold the vLLM path's load: back to ours
         finally:
             fleet.close()
-    mode = f"tcp {args.fabric}/host (netns)" if fab else "shm, one host"
+    if fab:
+        mode = f"tcp, {args.fabric} NIC per host" if mode == "tcp" else "shm (servers in netns)"
+    else:
+        mode = "shm, one host" if mode == "shm" else "tcp loopback, one host"
     return {"mode": mode, "replicas": n, "mb": plan.nbytes / 1e6, **best,
             "transfer_vs_raw": best["raw"] / best["transfer"], "total_vs_raw": best["raw"] / best["total"],
             "vllm_vs_tf": best["vllm"] / best["total"]}
@@ -151,6 +157,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", default="1,2,4")
+    p.add_argument("--modes", default="shm,tcp", help="shm and/or tcp")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--fanout", default="chain", help="direct, chain or tree")
     p.add_argument("--chunk-mb", type=float, default=8.0)
@@ -168,7 +175,7 @@ def main() -> None:
     rows = []
     args.fab = None
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir="/dev/shm")))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         logs = Path(args.log_dir) if args.log_dir else tmp
         if args.fabric:
             from tensorfabric.testing.netns import NetnsHosts
@@ -187,10 +194,11 @@ def main() -> None:
             stack.enter_context(args.fab.inside(0))
         for s in servers:
             s.wait_ready(1200)
-        for n in counts:
-            row = run_case(n, servers, tensors, args, tmp)
-            rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        for mode in args.modes.split(","):
+            for n in counts:
+                row = run_case(mode, n, servers, tensors, args, tmp)
+                rows.append(row)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     load = os.getloadavg()
     print()
     print(f"# vLLM weight updates, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "

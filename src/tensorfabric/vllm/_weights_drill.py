@@ -72,6 +72,7 @@ def publish_drill(replicas: int, steps: int, *, folder: str | Path, scale: float
                             secret=secret)
         try:
             fleet.join_all()
+            fleet.watch()  # a server that restarts is caught up and switched
             say(f"{replicas} replica(s) joined; plan: {plan.nbytes / 1e6:.0f} MB in "
                 f"{len(plan.chunks)} chunks, {len(plan.layout.specs)} vLLM tensors")
             for step in range(1, steps + 1):

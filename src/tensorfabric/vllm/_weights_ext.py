@@ -153,11 +153,23 @@ class WeightsExtension:
 
     @staticmethod
     def _tf_close(st: _State) -> None:
-        if st.sub is not None:
-            st.sub.close()
-        if st.engine is not None:
-            st.engine.close()
+        """Detach the Subscriber and Engine and close them in the background: this runs in
+        the worker's own thread, which must get back to serving at once even if closing links
+        to a dead publisher takes a while."""
+        sub, engine = st.sub, st.engine
         st.sub, st.engine, st.publisher = None, None, ""
+        if sub is None and engine is None:
+            return
+
+        def close() -> None:
+            try:
+                if sub is not None:
+                    sub.close()
+            finally:
+                if engine is not None:
+                    engine.close()
+
+        threading.Thread(target=close, name="tf-weights-close", daemon=True).start()
 
 
 def _repack_tied(model: Any) -> None:

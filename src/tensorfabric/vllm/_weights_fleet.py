@@ -89,6 +89,7 @@ class VllmWeights:
                                    **publisher_kw)
         self.address = engine.address
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     # -- control requests ----------------------------------------------------------------------
     def call(self, name: str, op: str, body: Mapping[str, Any] | None = None,
@@ -128,7 +129,7 @@ class VllmWeights:
         self.publisher.wait_replicas(len(self.urls), timeout or self.timeout)
 
     def state(self, name: str) -> dict[str, Any]:
-        return self.call(name, "state")
+        return self.call(name, "state", timeout=min(self.timeout, 30.0))
 
     def switch(self, name: str, version: int) -> dict[str, Any]:
         return self.call(name, "switch", {"version": version, "drain_s": self.drain_s})
@@ -165,27 +166,14 @@ class VllmWeights:
 
     def sync(self, timeout: float = 120.0) -> dict[str, int]:
         """Bring every replica to the publisher's current version: (re)join those that follow
-        another publisher or none (restarted), wait for their catch-up, switch. Returns the
-        version each serves; raises TransferTimeout if some are still behind after ``timeout``."""
+        another publisher or none (restarted), catch up those that missed it, switch. Returns
+        the version each serves; raises TransferTimeout if some are still behind after
+        ``timeout``."""
         deadline = time.monotonic() + timeout
         want = self.publisher.version
-        serving: dict[str, int] = {}
         asked: set[str] = set()
         while True:
-            for name in self.urls:
-                try:
-                    st = self.state(name)
-                    if st.get("publisher") != self.address.hex():
-                        st = self.join(name)
-                    elif int(st["staged"]) == want and int(st["version"]) != want:
-                        st = self.switch(name, want)
-                    elif int(st["version"]) != want and name not in asked:
-                        asked.add(name)  # it missed the version (say it failed there)
-                        self.publisher.catch_up([name])
-                    serving[name] = int(st["version"])
-                except ReplicaError as exc:
-                    log.info("sync: %s", exc)
-                    serving[name] = -1
+            serving = self._pass(want, asked)
             if all(v == want for v in serving.values()):
                 return serving
             if time.monotonic() > deadline:
@@ -195,7 +183,41 @@ class VllmWeights:
                                       f"{serving}")
             time.sleep(0.5)
 
+    def _pass(self, want: int, asked: set[str]) -> dict[str, int]:
+        serving: dict[str, int] = {}
+        for name in list(self.urls):
+            try:
+                st = self.state(name)
+                if st.get("publisher") != self.address.hex():
+                    st = self.join(name)
+                elif int(st["staged"]) == want and int(st["version"]) != want:
+                    st = self.switch(name, want)
+                elif int(st["version"]) != want and name not in asked:
+                    asked.add(name)  # it missed the version (say it failed there)
+                    self.publisher.catch_up([name])
+                serving[name] = int(st["version"])
+            except (ReplicaError, TensorFabricError) as exc:
+                log.info("sync: %s", exc)
+                serving[name] = -1
+        return serving
+
+    def watch(self, every: float = 2.0) -> None:
+        """Keep syncing in the background (until ``close``): a replica that restarts or joins
+        late is caught up and switched without a call to ``sync``."""
+        def loop() -> None:
+            asked: set[str] = set()
+            seen = -1
+            while not self._closed.wait(every):
+                want = self.publisher.version
+                if want != seen:
+                    asked, seen = set(), want
+                if want:
+                    self._pass(want, asked)
+
+        threading.Thread(target=loop, name="vllm-weights-watch", daemon=True).start()
+
     def close(self) -> None:
+        self._closed.set()
         self.publisher.close()
 
     def __enter__(self) -> VllmWeights:
