@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,6 +46,33 @@ from tensorfabric.vllm._model import hf_folder
 from tensorfabric.vllm._proxy import DisaggProxy
 
 MAX_LEN = 2304  # room for a 2048-token prompt and its answer
+STORE_PREFIX = "tf-bench-kv-"   # ExampleConnector stores: /dev/shm/tf-bench-kv-<pid>-*
+_stores: list[Path] = []
+
+
+def example_store() -> Path:
+    """A fresh ExampleConnector store under /dev/shm, removed when this program exits (normal
+    exit, exception, SIGTERM, SIGINT); stores left by earlier runs that were SIGKILLed (their
+    pid is gone) are removed first."""
+    for old in Path("/dev/shm").glob(STORE_PREFIX + "*"):
+        pid = old.name[len(STORE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    store = Path(tempfile.mkdtemp(prefix=f"{STORE_PREFIX}{os.getpid()}-", dir="/dev/shm"))
+    _stores.append(store)
+    return store
+
+
+def remove_stores() -> None:
+    while _stores:
+        shutil.rmtree(_stores.pop(), ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)   # unwinds: servers stopped, stores removed
+
+
+atexit.register(remove_stores)
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -94,7 +123,7 @@ def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[Vl
         env = {"TENSORFABRIC_SECRET": os.urandom(16).hex()}
         cfgs = {r: kv_transfer_config(r, stats_file=str(stats)) for r in ("prefill", "decode")}
     elif mode == "example":
-        store = Path(tempfile.mkdtemp(prefix="tf-bench-kv-", dir="/dev/shm"))
+        store = example_store()
         env = {}
         cfgs = {r: {"kv_connector": "ExampleConnector",
                     "kv_role": "kv_producer" if r == "prefill" else "kv_consumer",
@@ -153,6 +182,7 @@ def interleaved(args: Any, folder: str, work: Path, conc: list[int], lengths: li
             proxy.close()
             for s in servers:
                 s.stop()
+        remove_stores()
 
 
 def transfer_stats(path: Path, since: float) -> dict[str, Any]:
@@ -181,6 +211,7 @@ def main() -> None:
                          "then the tensorfabric pair's decode server answering on its own")
     ap.add_argument("--reps", type=int, default=1, help="rounds per point with --interleave")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     conc = [int(x) for x in args.concurrency.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
     folder = str(hf_folder())
@@ -216,6 +247,7 @@ def main() -> None:
                 proxy.close()
             for s in servers:
                 s.stop()
+            remove_stores()   # the servers are gone: nothing reads the store any more
     table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
