@@ -9,6 +9,10 @@ Consumer (decode instance): asks the prefill instance for a request's blocks (a 
 message with its region's descriptor and its block ids), waits for the immediate, and reports
 the request as received, or as failed (its blocks then go to ``get_block_ids_with_load_errors``
 and vLLM recomputes them) on a timeout, a refusal, or a prefill instance that stops answering.
+
+Push mode (``tf_push`` in the params, see ``_push.py``): the decode instance sends an
+``offer`` instead as soon as it has blocks, and the prefill instance writes layers into them
+while it computes the prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .._region import Access
 from .._transfer import Transfer
 from . import _tokens
 from ._layout import KVLayout, LayoutMismatchError, layout_of, shm_allocation
+from ._push import Pusher
 from ._settings import ConnectorSettings
 
 log = logging.getLogger("tensorfabric.vllm")
@@ -46,6 +51,8 @@ class _Load:
     expect: Transfer | None = None
     started: float = field(default_factory=time.monotonic)
     reason: str = ""
+    push: str = ""          # push mode: the push id
+    draining: bool = False  # push mode: withdrawn after a timeout, waiting for the answer
 
 
 class WorkerSide:
@@ -68,6 +75,8 @@ class WorkerSide:
         self._spent: dict[str, float] = {}        # sent, released or expired (until expiry)
         self._to_report: set[str] = set()
         self._finished_seen: set[str] = set()
+        self._spent_push: dict[str, float] = {}  # push ids pushed, failed or withdrawn
+        self.pusher = Pusher(self)
         # consumer
         self._loads: dict[str, _Load] = {}
         self._by_imm: dict[int, str] = {}
@@ -75,7 +84,8 @@ class WorkerSide:
         self._recv_failed: set[str] = set()
         self._bad_blocks: set[int] = set()
         self._pinging: set[bytes] = set()
-        self.stats = {"pulls": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0, "expired": 0}
+        self.stats = {"pulls": 0, "pushes": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0,
+                      "expired": 0}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._serve, name="tf-vllm-serve", daemon=True),
                          threading.Thread(target=self._watch, name="tf-vllm-watch", daemon=True)]
@@ -152,8 +162,11 @@ class WorkerSide:
                 if t is not None:
                     t.cancel()
                 return
-            if req in self._spent or req in self._inflight or now > float(msg["expiry"]):
-                why = "already sent" if req in self._spent or req in self._inflight else "expired"
+            pushing = op == "pull" and self.pusher.busy(req)
+            if (req in self._spent or req in self._inflight or pushing
+                    or now > float(msg["expiry"])):
+                why = ("already sent" if req in self._spent or req in self._inflight or pushing
+                       else "expired")
                 refuse = f"request {req}: blocks {why}"
             elif op == "release":
                 self._free(req, now)
@@ -213,6 +226,36 @@ class WorkerSide:
     def _free(self, req: str, now: float) -> None:   # holding self._lock
         self._spent[req] = self._held.pop(req, now + self.s.hold_s)
         self._to_report.add(req)
+        self.pusher.forget(req)
+
+    # -- push mode, prefill side (called by the Pusher) -------------------------------------
+
+    def begin_step(self, push: dict[str, Any], abort: list[str]) -> None:
+        for req in abort:
+            self.pusher.abort(req, "the prefill request was aborted")
+        self.pusher.begin_step(push)
+
+    def spent_push(self, pid: str) -> bool:
+        return pid in self._spent_push
+
+    def note_spent_push(self, pid: str) -> None:
+        self._spent_push[pid] = time.time() + self.s.push_wait_s
+
+    def tell_failed(self, peer: bytes, imm: int, reason: str) -> None:
+        self._refuse(peer, imm, reason)
+
+    def pushed(self, req: str, pid: str, *, nbytes: int, writes: int, early: int,
+               seconds: float, error: str, offered: bool) -> None:
+        with self._lock:
+            if error and not offered:
+                self.pusher.forget(req)   # nobody offered: the blocks wait for a pull or expire
+            else:
+                self._free(req, time.time())
+                if not error:
+                    self.stats["pushes"] += 1
+                    self.stats["bytes"] += nbytes
+        self._record("pushed" if not error else "push_failed", req, bytes=nbytes,
+                     writes=writes, early_writes=early, seconds=seconds, error=error or None)
 
     def _refuse(self, peer: bytes, imm: Any, reason: str) -> None:
         log.warning("tensorfabric: refused a KV pull: %s", reason)
@@ -225,12 +268,14 @@ class WorkerSide:
             pass
 
     def finished_sending(self, finished: set[str]) -> set[str]:
+        for req in finished:
+            self.pusher.finished(req)
         now = time.time()
         expired: list[str] = []
         with self._lock:
             self._finished_seen |= finished
             for req, expiry in list(self._held.items()):
-                if now > expiry and req not in self._inflight:
+                if now > expiry and req not in self._inflight and not self.pusher.busy(req):
                     log.warning("tensorfabric: no decode instance asked for %s within %.0f s; "
                                 "its blocks are freed", req, self.s.hold_s)
                     self.stats["expired"] += 1
@@ -243,6 +288,9 @@ class WorkerSide:
             for req, expiry in list(self._spent.items()):
                 if now > expiry + 60:
                     del self._spent[req]
+            for pid, expiry in list(self._spent_push.items()):
+                if now > expiry:
+                    del self._spent_push[pid]
         for req in expired:
             self._record("expired", req)
         return out
@@ -256,8 +304,11 @@ class WorkerSide:
         ``local_blocks``."""
         assert self.layout is not None
         peer = bytes.fromhex(params["tf_engine"])
-        g = params["tf_grant"]
         imm = secrets.randbits(62) | 1
+        if params.get("tf_push"):
+            self._offer(req_id, peer, imm, list(local_blocks), first, str(params["tf_push"]))
+            return
+        g = params["tf_grant"]
         ld = _Load(req_id, peer, imm, list(local_blocks), g)
         src = list(map(int, g["blocks"]))[first:first + len(local_blocks)]
         if not local_blocks or len(src) != len(local_blocks):
@@ -276,8 +327,40 @@ class WorkerSide:
         ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
         self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
 
+    def _offer(self, req_id: str, peer: bytes, imm: int, local_blocks: list[int], first: int,
+               pid: str) -> None:
+        ld = _Load(req_id, peer, imm, local_blocks, {}, push=pid)
+        if not local_blocks:
+            self.release({"tf_engine": peer.hex(), "tf_push": pid})
+            with self._lock:
+                self._recv_failed.add(req_id)
+            return
+        msg = {"op": "offer", "push": pid, "imm": imm, "first": first, "dst_blocks": local_blocks,
+               "dst": self.region.descriptor().to_bytes().hex(), "layout": self.layout.to_json()}
+        ld.expect = self.engine.expect(imm, 1, timeout=self.s.push_wait_s)
+        with self._lock:
+            self._loads[req_id] = ld
+            self._by_imm[imm] = req_id
+        ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
+        self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
+
+    def cancel_load(self, req_id: str) -> None:
+        """vLLM aborted a push-mode request that waits for its KV: withdraw the offer; the
+        load ends (failed) when the prefill instance answers, dies, or after ``timeout``."""
+        with self._lock:
+            ld = self._loads.get(req_id)
+            if ld is None or not ld.push or ld.draining:
+                return
+            ld.reason = "the request was aborted"
+        if ld.expect is not None:
+            ld.expect.cancel()   # -> _loaded: drains like a timeout
+
     def release(self, params: dict[str, Any]) -> None:
-        self._send(bytes.fromhex(params["tf_engine"]), {"op": "release", **params["tf_grant"]})
+        peer = bytes.fromhex(params["tf_engine"])
+        if params.get("tf_push"):
+            self._send(peer, {"op": "withdraw", "push": params["tf_push"]})
+        else:
+            self._send(peer, {"op": "release", **params["tf_grant"]})
 
     def _send(self, peer: bytes, msg: dict[str, Any], on_fail: Any = None) -> None:
         try:
@@ -300,9 +383,26 @@ class WorkerSide:
     def _loaded(self, req_id: str, t: Transfer) -> None:
         err = t.exception()
         with self._lock:
-            ld = self._loads.pop(req_id, None)
+            ld = self._loads.get(req_id)
             if ld is None:
                 return
+            drain = (err is not None and ld.push and not ld.draining
+                     and (isinstance(err, TransferTimeout) or ld.reason == "the request was aborted"))
+            if drain:
+                # the prefill instance is alive but late (or the request was aborted): withdraw,
+                # and free our blocks only once it answers (its writes in flight have landed),
+                # dies, or its writes have timed out
+                ld.draining = True
+                ld.reason = ld.reason or f"no KV within push_wait_s={self.s.push_wait_s:.0f} s"
+                ld.expect = self.engine.expect(ld.imm, 1, timeout=self.s.timeout + 1)
+            else:
+                del self._loads[req_id]
+        if drain:
+            assert ld.expect is not None
+            self._send(ld.peer, {"op": "withdraw", "push": ld.push, "imm": ld.imm})
+            ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
+            return
+        with self._lock:
             self._by_imm.pop(ld.imm, None)
             if err is None:
                 self._recv_done.add(req_id)
@@ -316,13 +416,17 @@ class WorkerSide:
         seconds = time.monotonic() - ld.started
         if err is None:
             self._record("loaded", req_id, bytes=nbytes, seconds=seconds,
-                         shm=self.region.descriptor().shm)
+                         shm=self.region.descriptor().shm, mode="push" if ld.push else "pull")
             return
         why = ld.reason or (f"no KV within {self.s.timeout} s" if isinstance(err, TransferTimeout)
                             else str(err))
         log.warning("tensorfabric: loading KV of %s failed (%s); vLLM recomputes it", req_id, why)
         self._record("load_failed", req_id, bytes=nbytes, seconds=seconds, error=why)
-        self._send(ld.peer, {"op": "cancel", **ld.grant})
+        if ld.push:
+            if not ld.draining:
+                self._send(ld.peer, {"op": "withdraw", "push": ld.push})
+        else:
+            self._send(ld.peer, {"op": "cancel", **ld.grant})
 
     def finished_recving(self) -> tuple[set[str], set[str], set[int]]:
         with self._lock:
@@ -347,6 +451,11 @@ class WorkerSide:
                 op = msg.get("op")
                 if op in ("pull", "release", "cancel"):
                     self._on_pull(m.peer, msg)
+                elif op == "offer":
+                    self._on_offer(m.peer, msg)
+                elif op == "withdraw":
+                    self.pusher.withdraw(str(msg.get("push", "")),
+                                         "withdrawn by the decode instance", m.peer, msg.get("imm"))
                 elif op == "failed":
                     with self._lock:
                         req = self._by_imm.get(int(msg["imm"]))
@@ -354,6 +463,14 @@ class WorkerSide:
                         self._fail(req, str(msg.get("reason")))
             except Exception:  # noqa: BLE001 - a bad message must not stop the server
                 log.exception("tensorfabric: bad control message from a peer")
+
+    def _on_offer(self, peer: bytes, msg: dict[str, Any]) -> None:
+        try:
+            why = self.pusher.offer(peer, msg)
+        except (TensorFabricError, ValueError, KeyError, TypeError) as exc:
+            why = f"bad offer: {exc}"
+        if why:
+            self._refuse(peer, msg.get("imm"), why)
 
     def _watch(self) -> None:
         """Ping the prefill instances that pending loads wait on: a dead one fails them now."""
