@@ -68,6 +68,7 @@ class Job:
     state: str = "open"       # open -> finishing (final immediate) or failing -> reported
     reason: str = ""
     started: float = field(default_factory=time.monotonic)
+    computed_at: float = 0.0
 
 
 class Pusher:
@@ -152,6 +153,7 @@ class Pusher:
                 job.group = []
                 if job.step[1] >= job.prompt_len and min(job.upto) >= job.prompt_len:
                     job.computed = True
+                    job.computed_at = time.monotonic()
                     finish.append(job)
                 log.debug("push %s: step to token %d of %d, computed=%s, offer=%s, writes=%d",
                           job.push_id[:8], job.step[1], job.prompt_len, job.computed,
@@ -365,6 +367,8 @@ class Pusher:
     def _closed(self, job: Job, err: str) -> None:
         with self._lock:
             job.state = "reported"
+        now = time.monotonic()
         self.w.pushed(job.req, job.push_id, nbytes=job.nbytes, writes=job.writes,
-                      early=job.early, seconds=time.monotonic() - job.started, error=err,
-                      offered=job.offer is not None)
+                      early=job.early, seconds=now - job.started, error=err,
+                      offered=job.offer is not None,
+                      after_prefill=now - job.computed_at if job.computed_at else None)

@@ -245,7 +245,8 @@ class WorkerSide:
         self._refuse(peer, imm, reason)
 
     def pushed(self, req: str, pid: str, *, nbytes: int, writes: int, early: int,
-               seconds: float, error: str, offered: bool) -> None:
+               seconds: float, error: str, offered: bool,
+               after_prefill: float | None = None) -> None:
         with self._lock:
             if error and not offered:
                 self.pusher.forget(req)   # nobody offered: the blocks wait for a pull or expire
@@ -254,8 +255,10 @@ class WorkerSide:
                 if not error:
                     self.stats["pushes"] += 1
                     self.stats["bytes"] += nbytes
+        # after_prefill_s: from the prompt's last layer computed to the decode instance told
         self._record("pushed" if not error else "push_failed", req, bytes=nbytes,
-                     writes=writes, early_writes=early, seconds=seconds, error=error or None)
+                     writes=writes, early_writes=early, seconds=seconds,
+                     after_prefill_s=after_prefill, error=error or None)
 
     def _refuse(self, peer: bytes, imm: Any, reason: str) -> None:
         log.warning("tensorfabric: refused a KV pull: %s", reason)
