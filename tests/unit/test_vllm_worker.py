@@ -287,11 +287,14 @@ def _push_layer_by_layer(p: WorkerSide, pc: dict[str, Any], d: WorkerSide,
 def test_a_late_offer_catches_up_then_follows_the_layers(pd: Any) -> None:
     p, pc, d, dc = pd
     # layers 0-1 of the only chunk are computed before the offer arrives
-    compute(p, pc, "pre-2", [1, 4], 0, 2 * BS, 2 * BS, fill=5.0,
+    compute(p, pc, "pre-2", [1, 4], 0, 2 * BS - 3, 2 * BS - 3, fill=5.0,
             between=lambda: (d.load("dec-2", [6], 1, push_params(p)), time.sleep(0.3)))
     done, failed, _ = wait_recv(d)
     assert done == {"dec-2"} and not failed
     assert all(torch.equal(pc[n][4], dc[n][6]) for n in pc)   # block 1 only (local prefix)
+    # every page written once: the layers of the catch-up write are not written again
+    assert wait_for_true(lambda: p.stats["pushes"] == 1)
+    assert p.stats["bytes"] == LAYERS * d.layout.block_bytes
     # a second offer for the same push id is refused: no page reaches it
     d.load("dec-2b", [8], 0, push_params(p))
     done, failed, bad = wait_recv(d)

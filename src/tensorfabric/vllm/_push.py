@@ -291,6 +291,7 @@ class Pusher:
         return job, src, dst
 
     def _catch_up(self, job: Job) -> list[tuple[Job, list[int], list[int]]]:
+        job.group = []   # layers saved so far in this step are in this write
         w = self._pages(job, list(range(len(job.upto))))
         return [w] if w[1] else []
 
