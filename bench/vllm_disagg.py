@@ -17,6 +17,9 @@ Modes:
   after the prefill and takes the blocks with one write_pages.
 * ``example``: the same pair with vLLM's in-tree ``ExampleConnector`` (KV saved per layer to
   safetensors files under /dev/shm, read back by the decode server), behind the same proxy.
+* ``nixl``: the same pair with vLLM's ``NixlConnector`` (pull mode, ``kv_buffer_device:
+  cpu``, UCX), behind the same proxy in pull mode. vLLM imports ``nixl``; the installed wheel
+  is ``nixl_cu13``, so the servers get a two-line ``nixl`` package that re-exports it.
 
 Without ``--interleave`` each mode is started, measured over the whole grid and stopped
 before the next one. With it, the servers the modes need are all started first (push, pull
@@ -52,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from tensorfabric.vllm import kv_transfer_config
-from tensorfabric.vllm._launch import VllmServer
+from tensorfabric.vllm._launch import VllmServer, free_port
 from tensorfabric.vllm._model import hf_folder
 from tensorfabric.vllm._proxy import DisaggProxy
 
@@ -135,6 +138,18 @@ def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[Vl
         stats = work / "events.jsonl"
         env = {"TENSORFABRIC_SECRET": os.urandom(16).hex()}
         cfgs = {r: kv_transfer_config(r, stats_file=str(stats)) for r in ("prefill", "decode")}
+    elif mode == "nixl":
+        pull = True
+        shim = work / "nixl-shim" / "nixl"
+        shim.mkdir(parents=True, exist_ok=True)
+        (shim / "__init__.py").write_text(
+            "import sys\nimport nixl_cu13, nixl_cu13._api, nixl_cu13._bindings\n"
+            "sys.modules['nixl._api'] = nixl_cu13._api\n"
+            "sys.modules['nixl._bindings'] = nixl_cu13._bindings\n")
+        path = os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])
+        env = {"PYTHONPATH": path}
+        cfgs = {r: {"kv_connector": "NixlConnector", "kv_role": "kv_both",
+                    "kv_buffer_device": "cpu"} for r in ("prefill", "decode")}
     elif mode == "example":
         store = example_store()
         env = {}
@@ -144,9 +159,13 @@ def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[Vl
                 for r in ("prefill", "decode")}
     else:
         raise SystemExit(f"unknown mode {mode}")
-    p = VllmServer(folder, cpus="0", kv_transfer_config=cfgs["prefill"], env=env,
+    side = {"prefill": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+            "decode": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}} if mode == "nixl" else {}
+    p = VllmServer(folder, cpus="0", kv_transfer_config=cfgs["prefill"],
+                   env={**env, **side.get("prefill", {})},
                    log_path=work / f"{mode}-prefill.log", **common)
-    d = VllmServer(folder, cpus="1", kv_transfer_config=cfgs["decode"], env=env,
+    d = VllmServer(folder, cpus="1", kv_transfer_config=cfgs["decode"],
+                   env={**env, **side.get("decode", {})},
                    log_path=work / f"{mode}-decode.log", **common)
     p.start()
     d.start()
@@ -157,7 +176,7 @@ def start_mode(mode: str, folder: str, work: Path, kv_gib: int) -> tuple[list[Vl
 
 
 PAIR = {"push": "tensorfabric", "tensorfabric": "tensorfabric", "pull": "tensorfabric",
-        "single": "tensorfabric", "example": "example"}
+        "single": "tensorfabric", "example": "example", "nixl": "nixl"}
 
 
 def interleaved(args: Any, folder: str, work: Path, modes: list[str], conc: list[int],
@@ -171,8 +190,9 @@ def interleaved(args: Any, folder: str, work: Path, modes: list[str], conc: list
         pull = DisaggProxy([servers[0].url], [servers[1].url], mode="pull").start()
         extra.append(pull)
         urls.update(push=url, tensorfabric=url, pull=pull.url, single=servers[1].url)
-    if "example" in started:
-        urls["example"] = started["example"][1]
+    for m in ("example", "nixl"):
+        if m in started:
+            urls[m] = started[m][1]
     print(f"# {len(started)} pair(s) ready in {time.perf_counter() - t0:.0f} s", flush=True)
     try:
         for m in modes:
@@ -312,13 +332,13 @@ def table(results: list[dict[str, Any]]) -> None:
     def ratio(x: dict[str, Any], base: dict[str, Any], key: str) -> str:
         return f"{x[key] / base[key]:.2f}" if x.get(key) and base.get(key) else "-"
 
-    print("\n| prompt | conc | single TTFT | push TTFT | pull TTFT | example TTFT | "
-          "push/pull TTFT | push/example TTFT | push/single tok/s | KV/request | "
+    print("\n| prompt | conc | single TTFT | push TTFT | pull TTFT | example TTFT | nixl TTFT | "
+          "push/pull TTFT | push/example TTFT | push/nixl TTFT | push/single tok/s | KV/request | "
           "pull transfer / TTFT | push after prefill / TTFT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for length, c in points:
-        single, push, pull, ex = (by.get((m, length, c), {})
-                                  for m in ("single", "push", "pull", "example"))
+        single, push, pull, ex, nx = (by.get((m, length, c), {})
+                                      for m in ("single", "push", "pull", "example", "nixl"))
         kvb = push.get("kv_bytes") or pull.get("kv_bytes")
         kv = f"{kvb / 2**20:.1f} MiB" if kvb else "-"
         share = (f"{100 * pull['xfer_s'] / pull['ttft_mean']:.1f}%"
@@ -326,7 +346,8 @@ def table(results: list[dict[str, Any]]) -> None:
         tail = (f"{100 * push['tail_s'] / push['ttft_mean']:.1f}%"
                 if push.get("tail_s") is not None and push.get("ttft_mean") else "-")
         print(f"| {length} | {c} | {ttft(single)} | {ttft(push)} | {ttft(pull)} | {ttft(ex)} | "
-              f"{ratio(push, pull, 'ttft_p50')} | {ratio(push, ex, 'ttft_p50')} | "
+              f"{ttft(nx)} | {ratio(push, pull, 'ttft_p50')} | {ratio(push, ex, 'ttft_p50')} | "
+              f"{ratio(push, nx, 'ttft_p50')} | "
               f"{ratio(push, single, 'tok_s')} | {kv} | {share} | {tail} |")
 
 

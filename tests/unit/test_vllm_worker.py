@@ -326,3 +326,15 @@ def test_an_offer_nobody_prefills_is_withdrawn_and_answered(pd: Any) -> None:
     # the prefill request that comes later pushes nothing
     compute(p, pc, "pre-4", [5], 0, BS, BS, fill=2.0)
     assert not any(t[2].any() for t in dc.values())
+
+
+def test_a_prefill_prefix_cache_hit_is_pushed_too(pd: Any) -> None:
+    p, pc, d, dc = pd
+    for n in pc:
+        pc[n][6].fill_(9.0)   # block 0 of the prompt: computed by an earlier request
+    d.load("dec-5", [1, 2], 0, push_params(p))
+    time.sleep(0.2)
+    compute(p, pc, "pre-5", [6, 7], BS, 2 * BS - 1, 2 * BS - 1, fill=3.0)
+    done, failed, _ = wait_recv(d)
+    assert done == {"dec-5"} and not failed
+    assert all(torch.equal(pc[n][6], dc[n][1]) and torch.equal(pc[n][7], dc[n][2]) for n in pc)

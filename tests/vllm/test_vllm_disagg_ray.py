@@ -18,6 +18,13 @@ pytestmark = [pytest.mark.timeout(1200)]
 pytest.importorskip("ray")
 
 HERE = Path(__file__).resolve().parent
+LIST_ACTORS = """
+import json, sys, ray
+from tensorfabric.vllm._ray import NAMESPACE
+ray.init(address=sys.argv[1], log_to_driver=False)
+print(json.dumps([a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE]))
+"""
 
 
 def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
@@ -47,18 +54,12 @@ def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
             status, alone = complete(health["prefill"][0], p, 12)
             assert status == 200, alone
             assert body["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
-        # the instances are Ray actors of that cluster
-        import ray
-
-        ray.init(address=address, log_to_driver=False)
-        try:
-            from ray.util.state import list_actors
-
-            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                      if a.class_name == "_VllmActor"]
-            assert len(actors) == 2, actors
-        finally:
-            ray.shutdown()
+        # the instances are (named) Ray actors of that cluster (asked from another process:
+        # this one may be connected to another Ray cluster already)
+        names = json.loads(subprocess.run(
+            [sys.executable, "-c", LIST_ACTORS, address], env=env, capture_output=True,
+            text=True, timeout=120, check=True).stdout.strip().splitlines()[-1])
+        assert sorted(n.split("-")[0] for n in names) == ["decode", "prefill"], names
     finally:
         if cli is not None:
             cli.terminate()   # SIGTERM: the command stops its instances (actors) and exits

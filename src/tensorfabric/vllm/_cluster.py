@@ -82,7 +82,8 @@ class DisaggCluster:
             from ._ray import RayVllmServer
 
             return RayVllmServer(None if self.model is None else str(self.model),
-                                 num_cpus=self.ray_cpus, cpus=self.cpus[n % len(self.cpus)],
+                                 num_cpus=self.ray_cpus,
+                                 name=f"{role}-{i}-{secrets.token_hex(4)}", cpus=self.cpus[n % len(self.cpus)],
                                  kv_transfer_config=cfg,
                                  env={"TENSORFABRIC_SECRET": self.secret}, **self.kw)
         log = self.log_dir / f"{role}-{i}.log" if self.log_dir else None

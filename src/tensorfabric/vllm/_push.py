@@ -101,18 +101,21 @@ class Pusher:
                 if job is not None and resumed:
                     fails.append((job, "the prefill request was preempted"))
                     continue
+                new = job is None
                 if job is None:
+                    # tokens before ``start`` are computed already (the prefix cache)
                     log.debug("push %s: request %s starts at token %d", pid[:8], req, start)
                     job = Job(req, pid, upto=[start] * nl, full=[0] * nl)
                     self._jobs[req] = job
                     self._by_push[pid] = req
+                if job.closing:
+                    continue
+                job.blocks, job.prompt_len = list(blocks), plen
+                if new:
                     offer = self._offers.pop(pid, None)
                     if offer is not None:
                         job.offer = offer
                         writes += self._catch_up(job)
-                if job.closing:
-                    continue
-                job.blocks, job.prompt_len = list(blocks), plen
                 job.step = (start, end)
                 job.group = []
                 self._stepping.append(job)
@@ -277,7 +280,7 @@ class Pusher:
         bs = self.w.block_size
         lo = max(o.first, job.full[layer])
         hi = min(-(-job.upto[layer] // bs), len(job.blocks), o.first + len(o.dst_blocks))
-        job.full[layer] = max(job.full[layer], job.upto[layer] // bs)
+        job.full[layer] = max(job.full[layer], min(job.upto[layer] // bs, hi))
         return [(job.blocks[i], o.dst_blocks[i - o.first]) for i in range(lo, hi)]
 
     def _pages(self, job: Job, layers: list[int]) -> tuple[Job, list[int], list[int]]:

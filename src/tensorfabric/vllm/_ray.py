@@ -15,6 +15,9 @@ from .._errors import ConfigError
 from ._launch import VllmServer, VllmStartError, free_port
 
 
+NAMESPACE = "tensorfabric-vllm"   # where the instances' actors are named
+
+
 class _VllmActor:
     """Lives on a Ray node: one vLLM server process (its own process group) and its log."""
 
@@ -54,8 +57,9 @@ class RayVllmServer:
     that :class:`DisaggCluster` uses (``start``, ``wait_ready``, ``url``, ``alive``,
     ``stop``)."""
 
-    def __init__(self, model: str | None, *, num_cpus: float = 1.0, **kw: Any) -> None:
-        self.model, self.kw, self.num_cpus = model, kw, num_cpus
+    def __init__(self, model: str | None, *, num_cpus: float = 1.0, name: str | None = None,
+                 **kw: Any) -> None:
+        self.model, self.kw, self.num_cpus, self.name = model, kw, num_cpus, name
         self.actor: Any = None
         self.url = ""
 
@@ -63,7 +67,8 @@ class RayVllmServer:
         import ray
 
         cls = ray.remote(_VllmActor).options(num_cpus=self.num_cpus, scheduling_strategy="SPREAD",
-                                             max_restarts=0)
+                                             max_restarts=0, name=self.name,
+                                             namespace=NAMESPACE if self.name else None)
         self.actor = cls.remote(self.model, self.kw)
         return self
 
