@@ -6,7 +6,8 @@ import sys
 
 import ray
 
-ctx = ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False)
+ctx = ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False,
+               log_to_driver=False)   # a new cluster, whatever else runs here
 print(ctx.address_info["gcs_address"], flush=True)
 sys.stdin.read()
 ray.shutdown()
