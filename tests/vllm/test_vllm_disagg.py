@@ -26,6 +26,9 @@ SHORT = ["The capital of France is", "Write a haiku about the sea:", "def fibona
          "List three primary colours:", "Water boils at", "The opposite of hot is",
          "Once upon a time, a robot", "2 + 2 ="]
 LONG = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(100))
+# the kill tests: ~370 tokens (3 KV blocks) keep several transfers in flight at a quarter of
+# LONG's prefill time
+MID = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(25))
 HOLD_S = 8.0        # how long the prefill server keeps blocks nobody asked for
 TIMEOUT_S = 20.0    # how long the decode server waits for a transfer
 USAGE = "vllm:kv_cache_usage_perc"
@@ -186,7 +189,7 @@ def _fire(url: str, prompts: list[str], n: int) -> tuple[list[threading.Thread],
 
 
 def _variants(k: int) -> list[str]:
-    return [f"Request {i}. " + LONG for i in range(k)]
+    return [f"Request {i}. " + MID for i in range(k)]
 
 
 def test_decode_killed_mid_transfer_prefill_frees_its_blocks(pair: Pair) -> None:
