@@ -28,7 +28,8 @@ print(json.dumps([a["name"] for a in ray.util.list_named_actors(all_namespaces=T
 
 
 def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
-    env = subprocess_env()
+    # Ray 2.60's local clusters take a token (~/.ray/auth_token); clients must ask for it
+    env = subprocess_env(RAY_AUTH_MODE="token")
     head = subprocess.Popen([sys.executable, str(HERE / "_ray_head.py"), "2"], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     cli = None
