@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from tensorfabric import ConfigError  # noqa: E402
 from tensorfabric.vllm import KVLayout, LayoutMismatchError, kv_transfer_config  # noqa: E402
 from tensorfabric.vllm._cluster import DisaggCluster  # noqa: E402
+from tensorfabric.vllm._proxy import DisaggProxy  # noqa: E402
 from tensorfabric.vllm._layout import shm_allocation  # noqa: E402
 from tensorfabric.vllm._settings import ConnectorSettings  # noqa: E402
 from tensorfabric.vllm._tokens import grant  # noqa: E402
@@ -181,6 +182,10 @@ def test_settings_and_config_are_checked() -> None:
         kv_transfer_config("decode", secret="x", timeout=0)
     with pytest.raises(ConfigError, match="role must be one of"):
         kv_transfer_config("producer")
+    with pytest.raises(ConfigError, match="push_layers must be a whole number >= 1"):
+        kv_transfer_config("prefill", secret="x", push_layers=0)
+    with pytest.raises(ConfigError, match="mode must be 'push' or 'pull'"):
+        DisaggProxy(["http://a"], ["http://b"], mode="fast")
     cfg = kv_transfer_config("prefill", host="10.0.0.1")
     assert cfg["kv_role"] == "kv_producer" and "secret" not in cfg["kv_connector_extra_config"]
 
