@@ -17,6 +17,7 @@ and that decode instance know) is written to, once per push id.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -319,7 +320,7 @@ class Pusher:
                     job.pending -= 1
                 self.fail(job, f"write failed: {exc}")
                 continue
-            t.add_done_callback(lambda t, job=job: self._written(job, t))
+            t.add_done_callback(functools.partial(self._written, job))
 
     def _written(self, job: Job, t: Transfer) -> None:
         err = t.exception()

@@ -332,6 +332,7 @@ class WorkerSide:
 
     def _offer(self, req_id: str, peer: bytes, imm: int, local_blocks: list[int], first: int,
                pid: str) -> None:
+        assert self.layout is not None
         ld = _Load(req_id, peer, imm, local_blocks, {}, push=pid)
         if not local_blocks:
             self.release({"tf_engine": peer.hex(), "tf_push": pid})
