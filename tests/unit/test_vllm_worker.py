@@ -102,7 +102,11 @@ def test_a_local_prefix_hit_pulls_only_the_rest(pd: Any) -> None:
     p, pc, d, dc = pd
     for t in pc.values():
         t.normal_()
+    d.wait_progress(0)
+    t0 = time.monotonic()
     d.load("r2", [4], 2, params_for(p, "r2", [1, 2, 3], 3 * BS))
+    d.wait_progress(8)   # an idle vLLM step waits here: the load's end wakes it
+    assert time.monotonic() - t0 < 5
     assert wait_recv(d)[0] == {"r2"}
     assert all(torch.equal(pc[n][3], dc[n][4]) for n in pc)
 

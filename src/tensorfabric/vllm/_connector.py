@@ -61,9 +61,13 @@ class TFConnectorMetadata(KVConnectorMetadata):
     abort: list[str] = field(default_factory=list)
     # decode, push mode: requests aborted while they wait for their KV
     cancel: list[str] = field(default_factory=list)
+    # nothing scheduled: vLLM steps only to poll transfers (requests waiting for KV, blocks
+    # held for a decode instance); the worker then waits for progress instead of spinning
+    idle: bool = False
 
 
 _FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
+_IDLE_WAIT_S = 0.02   # longest an idle step waits; any transfer's end wakes it at once
 
 
 class TensorFabricConnector(KVConnectorBase_V1):
@@ -159,6 +163,13 @@ class TensorFabricConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self.worker is not None
+        meta = self._connector_metadata
+        if isinstance(meta, TFConnectorMetadata) and meta.idle and not (
+                meta.recv or meta.release or meta.hold or meta.push or meta.abort
+                or meta.cancel or finished_req_ids):
+            # an idle step: wait (briefly) for a transfer to finish rather than let vLLM's
+            # engine loop spin across its processes and take the CPU the prefill needs
+            self.worker.wait_progress(_IDLE_WAIT_S)
         sending = self.worker.finished_sending(set(finished_req_ids))
         recving, failed, bad = self.worker.finished_recving()
         self._bad |= bad
@@ -228,7 +239,8 @@ class TensorFabricConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = TFConnectorMetadata(recv=self._recv, release=self._release, hold=self._hold,
                                    push=self._push_step(scheduler_output), abort=self._abort,
-                                   cancel=self._cancel)
+                                   cancel=self._cancel,
+                                   idle=not scheduler_output.total_num_scheduled_tokens)
         self._recv, self._release, self._hold, self._abort, self._cancel = {}, [], {}, [], []
         return meta
 

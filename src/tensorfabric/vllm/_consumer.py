@@ -56,7 +56,14 @@ class ConsumerSide:
     _recv_failed: set[str]
     _bad_blocks: set[int]
     _pinging: set[bytes]
+    _progress: threading.Event
     stats: dict[str, int]
+
+    def wait_progress(self, timeout: float) -> None:
+        """Wait until a transfer ends (load done or failed, blocks sent, pushed or freed) or
+        ``timeout`` passes."""
+        if self._progress.wait(timeout):
+            self._progress.clear()
 
     def _record(self, event: str, req: str, **fields: Any) -> None:
         if not self.s.stats_file:
@@ -175,6 +182,7 @@ class ConsumerSide:
             self._send(ld.peer, {"op": "withdraw", "push": ld.push, "imm": ld.imm})
             ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
             return
+        self._progress.set()
         with self._lock:
             self._by_imm.pop(ld.imm, None)
             if err is None:

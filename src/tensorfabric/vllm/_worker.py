@@ -69,6 +69,7 @@ class WorkerSide(ConsumerSide):
         self.stats = {"pulls": 0, "pushes": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0,
                       "expired": 0}
         self._stop = threading.Event()
+        self._progress = threading.Event()   # a transfer ended (see wait_progress)
         self._threads = [threading.Thread(target=self._serve, name="tf-vllm-serve", daemon=True),
                          threading.Thread(target=self._watch, name="tf-vllm-watch", daemon=True)]
         for t in self._threads:
@@ -197,6 +198,7 @@ class WorkerSide(ConsumerSide):
     def _free(self, req: str, now: float) -> None:   # holding self._lock
         self._spent[req] = self._held.pop(req, now + self.s.hold_s)
         self._to_report.add(req)
+        self._progress.set()
         self.pusher.forget(req)
 
     # -- push mode, prefill side (called by the Pusher) -------------------------------------
