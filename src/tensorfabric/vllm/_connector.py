@@ -105,6 +105,7 @@ class TensorFabricConnector(KVConnectorBase_V1):
         self._push_blocks: dict[str, list[int]] = {}
         self._abort: list[str] = []
         self._push_loads: set[str] = set()   # decode: push-mode requests waiting for KV
+        self._hit: dict[str, int] = {}        # decode: request -> tokens found in the local cache
         self._cancel: list[str] = []
 
     # -- worker side ----------------------------------------------------------------------
@@ -215,6 +216,10 @@ class TensorFabricConnector(KVConnectorBase_V1):
         if "tf_grant" in params:
             count = min(int(params.get("remote_num_tokens", 0)), count)
         count -= num_computed_tokens
+        if count > 0:
+            # the local prefix-cache hit: request.num_computed_tokens is still 0 when vLLM
+            # calls update_state_after_alloc for a new request
+            self._hit[request.request_id] = num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -228,7 +233,7 @@ class TensorFabricConnector(KVConnectorBase_V1):
         if num_external_tokens <= 0:
             self._release.append(params)
             return
-        nc = request.num_computed_tokens
+        nc = self._hit.pop(request.request_id, request.num_computed_tokens)
         first = nc // self.block_size
         n = -(-(nc + num_external_tokens) // self.block_size) - first
         local = list(blocks.get_unhashed_block_ids())[:n]
@@ -274,6 +279,7 @@ class TensorFabricConnector(KVConnectorBase_V1):
                          min(start + count, prompt), prompt, resumed)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._hit.pop(request.request_id, None)
         params = request.kv_transfer_params
         if not params:
             return False, None
