@@ -26,7 +26,8 @@ from ._errors import ConfigError
 
 _ENGINE_KEYS = {
     "host", "port", "listen", "links", "transports", "timeout", "name", "chunk_bytes",
-    "connect_timeout", "link_timeout", "reconnect_grace", "inbox_bytes", "nixl",
+    "connect_timeout", "link_timeout", "reconnect_grace", "inbox_bytes", "inbox_peer_bytes",
+    "nixl",
 }
 _ALL_KEYS = _ENGINE_KEYS | {"secret_file", "tls"}
 

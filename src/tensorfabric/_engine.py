@@ -11,24 +11,17 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-from . import _auth, _wire as w
+from . import _auth
 from ._address import EngineAddress
 from ._buffers import Buffer, as_bytes_view
-from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg, _parse_endpoint
-from ._errors import (
-    AccessError,
-    ClosedError,
-    ConfigError,
-    TensorFabricError,
-    TransferTimeout,
-)
+from ._checks import _parse_endpoint
+from ._errors import ClosedError, ConfigError, TransferTimeout
+from ._engine_ops import EngineOps, ScatterDest
 from ._inbound import CONTROL_TAG_BASE, Inbound, Message
 from ._timers import Timers
-from ._ops import DEFAULT_CHUNK, WireOp, coalesce, simple_chunk
+from ._ops import DEFAULT_CHUNK
 from ._region import KEY_BYTES, Access, MemoryRegion, RegionDescriptor, ShmBacking
 from ._transfer import Transfer
 from .transports._base import Transport
@@ -40,16 +33,7 @@ log = logging.getLogger("tensorfabric")
 __all__ = ["CONTROL_TAG_BASE", "Engine", "Message", "ScatterDest"]
 
 
-class ScatterDest(NamedTuple):
-    """One destination of :meth:`Engine.scatter`."""
-
-    dst: RegionDescriptor
-    src_offset: int
-    dst_offset: int
-    nbytes: int
-
-
-class Engine(Inbound, Timers):
+class Engine(EngineOps, Inbound, Timers):
     """Moves bytes between registered memory regions of this and other engines.
 
     ``secret`` (or ``$TENSORFABRIC_SECRET``) authenticates peers; every engine of a cluster
@@ -60,7 +44,9 @@ class Engine(Inbound, Timers):
     transports this engine may use, in order of preference (``"shm"`` is used for same-host
     peers' shared-memory regions, ``"tcp"`` for everything else; ``"nixl"`` adds NVIDIA NIXL
     for peers that have it too, configured by the ``nixl`` options, see ``docs/nixl.md``).
-    ``timeout`` is the default deadline (seconds) of every operation.
+    ``timeout`` is the default deadline (seconds) of every operation. Unread messages take at
+    most ``inbox_bytes`` in all and ``inbox_peer_bytes`` (default: half of it) from one sender,
+    so a peer whose messages nobody reads cannot shut the others out.
 
     Every tcp frame carries a MAC under a key of its link (``integrity``, on by default): a
     relay without the secret cannot change, replay, reorder or splice frames. Turn it off
@@ -85,6 +71,7 @@ class Engine(Inbound, Timers):
         link_timeout: float = 3.0,
         reconnect_grace: float = 2.0,
         inbox_bytes: int = 256 << 20,
+        inbox_peer_bytes: int | None = None,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
         integrity: bool = True,
@@ -123,6 +110,8 @@ class Engine(Inbound, Timers):
         self._inbox_waiters: dict[int, collections.deque[Transfer]] = {}
         self._inbox_bytes = 0
         self._inbox_limit = inbox_bytes
+        self._inbox_share = inbox_bytes // 2 if inbox_peer_bytes is None else inbox_peer_bytes
+        self._inbox_peer: collections.Counter[bytes] = collections.Counter()
         # deadlines of pending transfers; weak, so finished ones (and a recv's message) are
         # freed as soon as the caller drops them, not when their deadline passes
         self._timers: list[tuple[float, int, weakref.ref[Transfer]]] = []
@@ -249,123 +238,6 @@ class Engine(Inbound, Timers):
                             len(slow), region.id)
         region._release()
 
-    # -- ops ------------------------------------------------------------------------------
-
-    def write(self, src: MemoryRegion | Buffer, dst: RegionDescriptor | bytes, *,
-              src_offset: int = 0, dst_offset: int = 0, nbytes: int | None = None,
-              imm: int | None = None, timeout: float | None = None) -> Transfer:
-        """Write ``nbytes`` of ``src`` (default: the rest of it) into the peer's region.
-
-        With ``imm``, the peer's ``expect(imm)`` counts this write once it has fully landed.
-        """
-        view = self._src_view(src)
-        desc = self._descriptor(dst, Access.REMOTE_WRITE)
-        if nbytes is None:
-            nbytes = view.nbytes - _nonneg("src_offset", src_offset)
-        _check_range("source", src_offset, nbytes, view.nbytes)
-        _check_dst_range(desc, dst_offset, nbytes)
-        return self._write(desc, view, np.array([src_offset], np.uint64),
-                           np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
-                           _imm(imm), timeout, "write")
-
-    def write_pages(self, src: MemoryRegion | Buffer, dst: RegionDescriptor | bytes, *,
-                    src_pages: Sequence[int] | np.ndarray, dst_pages: Sequence[int] | np.ndarray,
-                    page_size: int, src_stride: int | None = None, dst_stride: int | None = None,
-                    src_offset: int = 0, dst_offset: int = 0, imm: int | None = None,
-                    timeout: float | None = None) -> Transfer:
-        """Copy pages: page ``i`` is ``page_size`` bytes from ``src_offset + src_pages[i] *
-        src_stride`` to ``dst_offset + dst_pages[i] * dst_stride`` (strides default to
-        ``page_size``). Adjacent pages are merged and pages are batched into few frames."""
-        view = self._src_view(src)
-        desc = self._descriptor(dst, Access.REMOTE_WRITE)
-        sp = _index_array("src_pages", src_pages)
-        dp = _index_array("dst_pages", dst_pages)
-        if len(sp) != len(dp):
-            raise ConfigError(f"src_pages has {len(sp)} entries but dst_pages has {len(dp)}")
-        if not isinstance(page_size, (int, np.integer)) or page_size <= 0:
-            raise ConfigError(f"page_size must be a positive int, got {page_size!r}")
-        page_size = int(page_size)
-        ss = page_size if src_stride is None else _nonneg("src_stride", src_stride)
-        ds = page_size if dst_stride is None else _nonneg("dst_stride", dst_stride)
-        src_base, dst_base = _nonneg("src_offset", src_offset), _nonneg("dst_offset", dst_offset)
-        if len(sp):
-            # the furthest page, in Python integers: no uint64 wraparound can sneak past
-            _check_range("source pages", src_base + int(sp.max()) * ss, page_size, view.nbytes)
-            _check_dst_range(desc, dst_base + int(dp.max()) * ds, page_size)
-        so = np.uint64(src_base) + sp * np.uint64(ss)
-        do = np.uint64(dst_base) + dp * np.uint64(ds)
-        so, do, lens = coalesce(so, do, page_size)
-        return self._write(desc, view, so, do, lens, _imm(imm), timeout, "write_pages")
-
-    def scatter(self, src: MemoryRegion | Buffer, dests: Iterable[ScatterDest | tuple[Any, ...]],
-                *, imm: int | None = None, timeout: float | None = None) -> Transfer:
-        """Write pieces of one source to many destinations; ``imm`` is counted once per entry."""
-        view = self._src_view(src)
-        items = [ScatterDest(*d) for d in dests]
-        plans = []
-        for d in items:
-            desc = self._descriptor(d.dst, Access.REMOTE_WRITE)
-            _check_range("source", d.src_offset, d.nbytes, view.nbytes)
-            _check_dst_range(desc, d.dst_offset, d.nbytes)
-            plans.append(desc)
-        total = sum(d.nbytes for d in items)
-        t = self._new_transfer("scatter", total, len(items), timeout, None)
-        for d, desc in zip(items, plans):
-            self._start_write(t, desc, view, np.array([d.src_offset], np.uint64),
-                              np.array([d.dst_offset], np.uint64), np.array([d.nbytes], np.uint64),
-                              _imm(imm))
-        return t
-
-    def barrier(self, peers: Iterable[bytes | RegionDescriptor], imm: int, *,
-                timeout: float | None = None) -> Transfer:
-        """Send the immediate ``imm`` (no data) to each peer; done when all have counted it."""
-        addrs = [self._peer(p.owner if isinstance(p, RegionDescriptor) else p) for p in peers]
-        value = _imm(imm)
-        if value is None:
-            raise ConfigError("barrier needs an immediate value")
-        t = self._new_transfer("barrier", 0, len(addrs), timeout, None)
-        for addr in addrs:
-            wop = WireOp(next(self._tcp.op_ids), t, str(addr))
-            self._submit_control(t, addr, simple_chunk(wop, w.Op.IMM, imm=value))
-        return t
-
-    def read(self, src: RegionDescriptor | bytes, dst: MemoryRegion | Buffer, *,
-             src_offset: int = 0, dst_offset: int = 0, nbytes: int | None = None,
-             timeout: float | None = None) -> Transfer:
-        """One-sided get: copy ``nbytes`` of the peer's region into local memory ``dst``."""
-        desc = self._descriptor(src, Access.REMOTE_READ)
-        out = dst.view if isinstance(dst, MemoryRegion) else as_bytes_view(dst, writable=True)
-        if nbytes is None:
-            nbytes = out.nbytes - _nonneg("dst_offset", dst_offset)
-        _check_range("destination", dst_offset, nbytes, out.nbytes)
-        if _nonneg("src_offset", src_offset) + nbytes > desc.nbytes:
-            raise AccessError(f"read of {nbytes} bytes at {src_offset} is outside the peer's "
-                              f"{desc.nbytes}-byte region", region=desc.region_id,
-                              offset=src_offset, nbytes=nbytes)
-        peer = self._peer(desc.owner)
-        t = self._new_transfer("read", nbytes, 1, timeout, str(peer))
-        wop = WireOp(next(self._tcp.op_ids), t, str(peer))
-        target = out[dst_offset:dst_offset + nbytes]
-        try:
-            self._transport_for(peer, desc).read(peer, desc, wop, src_offset, target)
-        except TensorFabricError as exc:
-            t._fail(exc)
-        return t
-
-    def send(self, peer: bytes | RegionDescriptor, data: Buffer, *, tag: int = 0,
-             timeout: float | None = None) -> Transfer:
-        """Send a small message (at most 64 MiB) that the peer takes with ``recv(tag=...)``."""
-        addr = self._peer(peer.owner if isinstance(peer, RegionDescriptor) else peer)
-        payload = as_bytes_view(data, writable=False) if not isinstance(data, bytes) else data
-        if len(payload) > w.MAX_MESSAGE:
-            raise ConfigError(f"message of {len(payload)} bytes exceeds {w.MAX_MESSAGE}; "
-                              "register a region and use write() for bulk data")
-        tagv = _imm(tag)
-        t = self._new_transfer("send", len(payload), 1, timeout, str(addr))
-        wop = WireOp(next(self._tcp.op_ids), t, str(addr))
-        self._submit_control(t, addr, simple_chunk(wop, w.Op.SEND, imm=tagv or 0, payload=payload))
-        return t
-
     def connect(self, peer: bytes, *, timeout: float | None = None) -> None:
         """Open every link to ``peer`` now and wait until they are up (ops also connect
         lazily, with the first link at once and the others in the background).
@@ -418,6 +290,7 @@ class Engine(Inbound, Timers):
             waiters += [t for q in self._inbox_waiters.values() for t in q]
             self._inbox_waiters.clear()
             self._inbox.clear()
+            self._inbox_peer.clear()
         with self._timer_cv:
             waiters += [t for _, _, ref in self._timers if (t := ref()) is not None]
             self._timers.clear()
@@ -455,21 +328,6 @@ class Engine(Inbound, Timers):
         if self._closed:
             raise ClosedError("engine is closed")
 
-    def _src_view(self, src: MemoryRegion | Buffer) -> memoryview:
-        self._check_open()
-        if isinstance(src, MemoryRegion):
-            return src.view
-        return as_bytes_view(src, writable=False)
-
-    def _descriptor(self, dst: RegionDescriptor | bytes, need: Access) -> RegionDescriptor:
-        self._check_open()
-        desc = dst if isinstance(dst, RegionDescriptor) else RegionDescriptor.from_bytes(dst)
-        if not desc.access & need:
-            what = "write to" if need == Access.REMOTE_WRITE else "read from"
-            raise AccessError(f"region {desc.region_id} does not allow peers to {what} it",
-                              region=desc.region_id)
-        return desc
-
     def _peer(self, address: bytes) -> EngineAddress:
         addr = self._addresses.get(address)
         if addr is None:
@@ -486,25 +344,3 @@ class Engine(Inbound, Timers):
             if name == "nixl" and self._nixl is not None and self._nixl.reaches(peer, desc):
                 return self._nixl
         return self._tcp
-
-    def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
-               lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
-        peer = self._peer(desc.owner)
-        t = self._new_transfer(kind, int(lens.sum()) if len(lens) else 0, 1, timeout, str(peer))
-        self._start_write(t, desc, view, so, do, lens, imm)
-        return t
-
-    def _start_write(self, t: Transfer, desc: RegionDescriptor, view: memoryview,
-                     so: np.ndarray, do: np.ndarray, lens: np.ndarray, imm: int | None) -> None:
-        peer = self._peer(desc.owner)
-        wop = WireOp(next(self._tcp.op_ids), t, str(peer))
-        try:
-            self._transport_for(peer, desc).write(peer, desc, wop, view, so, do, lens, imm)
-        except TensorFabricError as exc:
-            t._fail(exc)
-
-    def _submit_control(self, t: Transfer, addr: EngineAddress, chunk: Any) -> None:
-        try:
-            self._tcp.submit(addr, [chunk])
-        except TensorFabricError as exc:
-            t._fail(exc)

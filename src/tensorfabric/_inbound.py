@@ -63,6 +63,8 @@ class Inbound:
     _inbox_waiters: dict[int, collections.deque[Transfer]]
     _inbox_bytes: int
     _inbox_limit: int
+    _inbox_share: int  # what one peer's unread messages may take of the inbox
+    _inbox_peer: collections.Counter[bytes]  # unread bytes per sender (address bytes)
     _nixl: NixlTransport | None
     _shm: ShmTransport | None
     _lock: threading.Lock
@@ -80,7 +82,7 @@ class Inbound:
             box = self._inbox.get(tag)
             if box:
                 msg = box.popleft()
-                self._inbox_bytes -= charge(len(msg.data))
+                self._uncharge(msg.peer, charge(len(msg.data)))
             else:
                 msg = None
                 self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
@@ -131,7 +133,7 @@ class Inbound:
 
     # -- InboundHandler (called by transports) --------------------------------------------
 
-    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray,
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray | tuple[int, int],
                 end: int = 0) -> tuple[int, str, memoryview | None]:
         r = self._regions.get(region)
         if r is None or r.closed:
@@ -147,7 +149,12 @@ class Inbound:
         if end > view.nbytes:  # the whole op, not only this chunk: refused before it lands
             return (w.Status.OUT_OF_BOUNDS, f"op reaches byte {end}, outside region {region} "
                     f"({view.nbytes} bytes)", None)
-        if len(table):
+        if isinstance(table, tuple):  # one segment (offset, length), as Python ints
+            off1, n1 = table
+            if off1 + n1 > view.nbytes:
+                return (w.Status.OUT_OF_BOUNDS,
+                        f"access outside region {region} ({view.nbytes} bytes)", None)
+        elif len(table):
             size = np.uint64(view.nbytes)
             off, n = table["offset"], table["length"]
             if not bool(np.all((off <= size) & (n <= size - np.minimum(off, size)))):
@@ -258,39 +265,58 @@ class Inbound:
                 self._imm_counts[imm] += give_back
             self._drain_imm(imm)
 
-    def reserve_inbox(self, nbytes: int) -> bool:
+    def reserve_inbox(self, nbytes: int, peer: bytes = b"") -> bool:
         with self._inbox_lock:
-            if self._inbox_bytes + nbytes > self._inbox_limit:
+            if not self._room(nbytes, peer):
                 return False
             self._inbox_bytes += nbytes
+            self._inbox_peer[peer] += nbytes
             return True
 
-    def release_inbox(self, nbytes: int) -> None:
+    def release_inbox(self, nbytes: int, peer: bytes = b"") -> None:
         if nbytes:
             with self._inbox_lock:
-                self._inbox_bytes -= nbytes
+                self._uncharge(peer, nbytes)
+
+    def _room(self, nbytes: int, peer: bytes) -> bool:
+        """Whether ``nbytes`` more fit, in all and in this peer's share (inbox lock held):
+        one peer whose messages nobody reads cannot take the whole inbox from the others."""
+        return (self._inbox_bytes + nbytes <= self._inbox_limit
+                and self._inbox_peer.get(peer, 0) + nbytes <= self._inbox_share)
+
+    def _uncharge(self, peer: bytes, nbytes: int) -> None:
+        self._inbox_bytes -= nbytes
+        left = self._inbox_peer.get(peer, 0) - nbytes
+        if left > 0:
+            self._inbox_peer[peer] = left
+        else:
+            self._inbox_peer.pop(peer, None)
 
     def deliver(self, peer: EngineAddress, tag: int, data: bytes,
                 reserved: int = 0) -> tuple[int, str]:
+        key = peer.to_bytes()
         if tag >= CONTROL_TAG_BASE and self._nixl is not None:
-            self.release_inbox(reserved)
+            self.release_inbox(reserved, key)
             return self._nixl.on_control(peer, tag, data)
-        msg = Message(peer.to_bytes(), tag, data)
+        msg = Message(key, tag, data)
         while True:
             with self._inbox_lock:
                 waiters = self._inbox_waiters.get(tag)
                 t = waiters.popleft() if waiters else None
                 if t is None:
                     cost = charge(len(data))
-                    if not reserved and self._inbox_bytes + cost > self._inbox_limit:
+                    if not self._room(cost - reserved, key):
+                        if reserved:
+                            self._uncharge(key, reserved)
                         return w.Status.INBOX_FULL, (
-                            f"receiver's inbox is full ({self._inbox_limit} bytes unread); "
-                            "it is not calling recv()")
+                            f"receiver's inbox is full ({self._inbox_limit} bytes in all, "
+                            f"{self._inbox_share} per sender, unread); it is not calling recv()")
                     self._inbox.setdefault(tag, collections.deque()).append(msg)
                     self._inbox_bytes += cost - reserved
+                    self._inbox_peer[key] += cost - reserved
                     return _OK
             if t._complete(msg):
-                self.release_inbox(reserved)
+                self.release_inbox(reserved, key)
                 return _OK
             # that waiter had timed out: offer the message to the next one
 

@@ -157,7 +157,7 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
     """Cut segments ``src[src_off:+len] -> dst_off`` into frames of at most ``chunk_bytes``
     (smaller towards the end when ``links`` > 1, see :func:`frame_starts`)."""
     if len(lengths) == 1 and int(lengths[0]) <= chunk_bytes:
-        return [_one_frame(wop, op, region, key, imm, src, int(src_off[0]), int(dst_off[0]),
+        return [one_frame(wop, op, region, key, imm, src, int(src_off[0]), int(dst_off[0]),
                            int(lengths[0]))]
     p_src, p_dst, p_len, bounds = plan_pieces(src_off, dst_off, lengths, chunk_bytes, links)
     opkey = w.OP_HEAD.pack(key, int((p_dst + p_len).max()) if len(p_len) else 0)
@@ -182,7 +182,7 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
 _ONE_SEG = struct.Struct("<QQ")  # one SEG_DTYPE entry: offset, length
 
 
-def _one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
+def one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                src: memoryview, s: int, d: int, n: int) -> Chunk:
     """The common small write: one segment in one frame, without numpy (latency path)."""
     ext = w.OP_HEAD.pack(key, d + n) + (_ONE_SEG.pack(d, n) if n else b"")

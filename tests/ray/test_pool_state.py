@@ -85,3 +85,20 @@ def test_a_rejoined_node_keeps_its_record_only_with_the_same_claims():
     (liar,) = book.annotate([node("j1", "third-id", mem=80)])
     assert not liar.verified and "different claims" in liar.verify_reason
     assert json.dumps(book.dump())  # what the journal stores is JSON
+
+
+def test_link_tier_bar_allows_for_a_busy_node_but_not_a_false_claim():
+    """Under load a node moves bytes slower than its link allows: an honest 'low' node at
+    75 MB/s on a machine with 4 runnable tasks per CPU passes; idle it fails; a claim of
+    'ultra' (1600 MB/s) fails at any load (the relief is capped)."""
+    from tensorfabric.pool._verify import judge
+
+    def claims(tier: str) -> NodeClaims:
+        return NodeClaims("eu", "eu-a", "DE", "datacenter", "A100", 16, tier, True)
+
+    slow = {**GOOD, "transfer_mb_s": 75.0}
+    assert judge(claims("low"), {**slow, "load_per_cpu": 4.0}, "x") == (True, "ok")
+    ok, why = judge(claims("low"), {**slow, "load_per_cpu": 0.5}, "x")
+    assert not ok and "measured 75 MB/s" in why
+    ok, why = judge(claims("ultra"), {**slow, "load_per_cpu": 40.0}, "x")
+    assert not ok and "lowered 8.0x" in why

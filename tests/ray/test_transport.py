@@ -267,6 +267,60 @@ def test_actor_puts_through_the_transport_right_after_it_starts(pool_cluster):
         ray.kill(p)
 
 
+@pytest.mark.slow
+def test_256_mib_tensor_and_producer_killed_mid_transfer(pool_cluster):
+    """Ray's large-tensor and killed-actor cases: a 256 MiB tensor crosses intact; a producer
+    killed while its 256 MiB result is being fetched gives the consumer a Ray error in time,
+    never a hang or wrong values, and the consumer then receives from a new producer."""
+    from tensorfabric.pool import register_transport
+
+    register_transport()
+    n = 64 * 2**20  # int32 elements (exact values): 256 MiB
+
+    @ray.remote(num_cpus=0, enable_tensor_transport=True)
+    class Big:
+        @ray.method(tensor_transport="TENSORFABRIC")
+        def make(self, n: int, offset: int):
+            return torch.arange(n, dtype=torch.int32) + offset
+
+    @ray.remote(num_cpus=0, enable_tensor_transport=True)
+    class Check:
+        def check(self, t) -> tuple:
+            idx = torch.tensor([0, 1, 12345, t.numel() // 2, t.numel() - 1])
+            return t.numel(), str(t.dtype), t[idx].tolist()
+
+    ids = pool_cluster["ids"]
+    on = lambda name: {"ray.io/node-id": ids[name]}  # noqa: E731
+    check = Check.options(label_selector=on("eu-b")).remote()
+
+    def want(off: int, m: int = n) -> tuple:
+        return m, "torch.int32", [off + i for i in (0, 1, 12345, m // 2, m - 1)]
+
+    big = Big.options(label_selector=on("us")).remote()
+    try:
+        assert ray.get(check.check.remote(big.make.remote(n, 5)), timeout=240) == want(5)
+        ref = big.make.remote(n, 7)
+        ray.wait([ref], fetch_local=False, timeout=120)  # made and registered on the producer
+        pending = check.check.remote(ref)
+        ray.kill(big)  # while the consumer fetches the 256 MiB (or just before it starts)
+        try:
+            got = ray.get(pending, timeout=240)
+        except ray.exceptions.GetTimeoutError:
+            raise AssertionError("the consumer hung after its producer was killed") from None
+        except ray.exceptions.RayError as exc:  # the expected outcome: a Ray error naming the loss
+            assert "Timeout" not in type(exc).__name__, exc
+            print(f"the consumer got {type(exc).__name__}")
+        else:
+            assert got == want(7)  # the fetch had finished before the kill landed
+            print("the fetch finished before the kill")
+        del ref
+        big = Big.options(label_selector=on("us")).remote()  # the consumer is still usable
+        assert ray.get(check.check.remote(big.make.remote(2**16, 2)), timeout=120) == want(2, 2**16)
+    finally:
+        ray.kill(big)
+        ray.kill(check)
+
+
 def wait_for(fn, timeout: float, what: str) -> None:
     import time
 

@@ -1,4 +1,5 @@
-"""Races the engine must win: concurrent first contact, replies at close, finished transfers."""
+"""Races the engine must win: concurrent first contact, replies at close, finished transfers,
+callers reading their own replies beside the receive thread."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import weakref
 
 import numpy as np
+import pytest
 
 import tensorfabric as tf
 
@@ -68,3 +70,62 @@ def test_immediate_counters_do_not_grow_per_value() -> None:
             a.write(b"x", region.descriptor(), imm=imm).wait(10)
             b.expect(imm).wait(10)
         assert b.stats()["imm"] == {}
+
+
+def test_callers_reading_their_replies_share_the_link_with_the_receive_thread() -> None:
+    """Waiters read their own acknowledgements (the small-op path) while other ops on the same
+    link complete only through callbacks (the receive thread): every op completes once, with
+    its bytes in place, however the two kinds interleave."""
+    with tf.Engine("s", transports=("tcp",)) as a, tf.Engine("s", transports=("tcp",)) as b:
+        dst = b.register(np.zeros(64 * 4096, np.uint8))
+        desc = dst.descriptor()
+        src = np.arange(64 * 4096, dtype=np.uint64).astype(np.uint8)
+        done = threading.Semaphore(0)
+
+        def waiter(i: int) -> None:
+            for k in range(20):
+                off = ((i * 20 + k) % 64) * 4096
+                a.write(src, desc, src_offset=off, dst_offset=off, nbytes=4096).wait(20)
+
+        def unwatched() -> None:
+            for k in range(40):
+                off = (k % 64) * 4096
+                t = a.write(src, desc, src_offset=off, dst_offset=off, nbytes=4096)
+                t.add_done_callback(lambda t: done.release() if t.exception() is None else None)
+
+        threads = [threading.Thread(target=waiter, args=(i,)) for i in range(4)]
+        threads.append(threading.Thread(target=unwatched))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(done.acquire(timeout=20) for _ in range(40))
+        assert bytes(dst.array) == src.tobytes()
+        assert a._tcp.peer_links(a._peer(b.address)).failures == 0
+
+
+def test_a_caller_reading_its_reply_keeps_its_timeout_and_cancel() -> None:
+    """A waiter reading the link itself still times out and can be cancelled while the peer
+    holds its acknowledgement; the late acknowledgement then completes the next wait."""
+    with tf.Engine("s", transports=("tcp",)) as a, tf.Engine("s", transports=("tcp",)) as b:
+        desc = b.register(np.zeros(4096, np.uint8)).descriptor()
+        a.write(b"warm", desc).wait(10)  # the link is up and idle
+        hold = threading.Event()
+        landed = b.landed
+
+        def slow_landed(*args):  # fault injector: the owner sits on its acknowledgements
+            hold.wait(30)
+            return landed(*args)
+
+        b.landed = slow_landed
+        try:
+            t = a.write(b"late", desc)
+            assert t._reader is not None  # sent inline: its waiter reads the link itself
+            with pytest.raises(tf.TransferTimeout):
+                t.wait(0.3)
+            cancelled = a.write(b"gone", desc, dst_offset=8)
+            assert cancelled.cancel() and cancelled.cancelled()
+        finally:
+            hold.set()
+        t.wait(10)  # the acknowledgement that came late completes it
+        a.write(b"next", desc, dst_offset=16).wait(10)

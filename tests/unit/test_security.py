@@ -51,6 +51,15 @@ def RawPeer(target: tf.Engine, secret: str = SECRET) -> _RawPeer:
 
 
 BASELINE: dict[str, int] = {}
+#: how much this process's resident memory may grow over the frame fuzz (the fuzzer's own
+#: bookkeeping included); an engine that kept each hostile frame's claimed payload would not fit
+FUZZ_RSS_GROWTH = 48 << 20
+_FUZZ_BATCH = 10  # examples between resident-memory checks
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +69,7 @@ def victim():
         friend.write(b"warm", region.descriptor()).wait(10)  # the friend's link is up
         BASELINE["threads"] = threading.active_count()
         BASELINE["fds"] = len(os.listdir("/proc/self/fd"))
+        BASELINE["rss"] = _rss()
         yield eng, friend, region
 
 
@@ -143,6 +153,9 @@ def test_garbage_frames_never_hurt_the_engine(victim, case) -> None:
     assert raw.closed_by_peer()
     raw.sock.close()
     _still_works(victim)
+    BASELINE["fuzzed"] = BASELINE.get("fuzzed", 0) + 1
+    if BASELINE["fuzzed"] % _FUZZ_BATCH == 0:  # after each batch: memory stays bounded
+        assert _rss() - BASELINE["rss"] < FUZZ_RSS_GROWTH
 
 
 def test_fuzzing_left_nothing_behind(victim) -> None:
@@ -159,4 +172,5 @@ def test_fuzzing_left_nothing_behind(victim) -> None:
     assert threading.active_count() <= BASELINE["threads"]
     assert len(os.listdir("/proc/self/fd")) <= BASELINE["fds"]
     assert eng._inbox_bytes == sum(len(m.data) + 256 for q in eng._inbox.values() for m in q)
+    assert _rss() - BASELINE["rss"] < FUZZ_RSS_GROWTH
     _still_works(victim)

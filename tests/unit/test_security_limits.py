@@ -21,6 +21,9 @@ from tensorfabric.transports._handshake import _HELLO, _MAGIC
 from tensorfabric.transports._gate import PER_SOURCE
 
 FAST = dict(connect_timeout=1.0, link_timeout=0.5, reconnect_grace=0.3)
+#: the victim's stats before the handshake fuzz, and how much its memory may grow over it
+_FUZZ: dict = {}
+FUZZ_RSS_GROWTH = 16 << 20
 
 
 def settle(victim: Attacker, ok, timeout: float = 20.0) -> dict:
@@ -149,6 +152,8 @@ def test_unauthenticated_client_gets_no_mac(victim) -> None:
        flags=st.integers(0, 2 ** 32 - 1), alen=st.integers(0, 1 << 16),
        body=st.binary(max_size=256), proof=st.binary(max_size=40))
 def test_handshake_fuzz(victim, magic, link, flags, alen, body, proof) -> None:
+    if not _FUZZ:
+        _FUZZ.update(victim("stats"), runs=0)
     s = socket.create_connection(victim.ep, timeout=5)
     try:
         s.sendall(_HELLO.pack(magic, b"F" * 16, EngineAddress.from_bytes(victim.addr).engine_id,
@@ -158,11 +163,16 @@ def test_handshake_fuzz(victim, magic, link, flags, alen, body, proof) -> None:
         pass
     assert closed(s)
     s.close()
+    _FUZZ["runs"] += 1
+    if _FUZZ["runs"] % 10 == 0:  # after each batch of examples: the victim's memory is bounded
+        assert victim("stats")["rss"] - _FUZZ["rss"] < FUZZ_RSS_GROWTH
 
 
 def test_handshake_fuzz_left_nothing_behind(victim) -> None:
     after = settle(victim, lambda s: s["pending"] == 0 and s["accepted"] == 0)
     assert after["pending"] == 0 and after["accepted"] == 0
+    if _FUZZ:
+        assert after["rss"] - _FUZZ["rss"] < FUZZ_RSS_GROWTH
     _works(victim)
 
 
@@ -244,3 +254,28 @@ def test_thousand_peers_connect_and_die(victim) -> None:
     assert after["threads"] <= base["threads"] and after["fds"] <= base["fds"]
     assert after["rss"] - base["rss"] < 32 << 20
     _works(victim)
+
+
+def test_one_sender_cannot_take_the_whole_inbox() -> None:
+    """A peer whose messages nobody reads fills only its share of the inbox: another peer's
+    messages still get in, and the greedy one gets room back as its messages are read."""
+    with tf.Engine(SECRET, transports=("tcp",), inbox_bytes=1 << 20) as owner, \
+            tf.Engine(SECRET, transports=("tcp",)) as greedy, \
+            tf.Engine(SECRET, transports=("tcp",)) as other:
+        piece = bytes(100 << 10)
+        sent = 0
+        with pytest.raises(tf.TransportError, match="inbox"):
+            for _ in range(20):  # the share is half of 1 MiB: refused within 6 messages
+                greedy.send(owner.address, piece, tag=1).wait(10)
+                sent += 1
+        assert 3 <= sent <= 5
+        for _ in range(4):  # the rest of the inbox is still open to everyone else
+            other.send(owner.address, piece, tag=2).wait(10)
+        assert owner.recv(tag=2, timeout=5).peer == other.address
+        assert owner.recv(tag=1, timeout=5).peer == greedy.address
+        greedy.send(owner.address, piece, tag=1).wait(10)  # reading gave it room back
+        while sent:
+            owner.recv(tag=1, timeout=5)
+            sent -= 1
+        assert owner._inbox_bytes == sum(len(m.data) + w.MESSAGE_OVERHEAD
+                                         for q in owner._inbox.values() for m in q)

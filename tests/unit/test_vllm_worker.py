@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from tensorfabric import ConfigError  # noqa: E402
 from tensorfabric.vllm import KVLayout, LayoutMismatchError, kv_transfer_config  # noqa: E402
 from tensorfabric.vllm._cluster import DisaggCluster  # noqa: E402
+from tensorfabric.vllm._proxy import DisaggProxy  # noqa: E402
 from tensorfabric.vllm._layout import shm_allocation  # noqa: E402
 from tensorfabric.vllm._settings import ConnectorSettings  # noqa: E402
 from tensorfabric.vllm._tokens import grant  # noqa: E402
@@ -101,7 +102,11 @@ def test_a_local_prefix_hit_pulls_only_the_rest(pd: Any) -> None:
     p, pc, d, dc = pd
     for t in pc.values():
         t.normal_()
+    d.wait_progress(0)
+    t0 = time.monotonic()
     d.load("r2", [4], 2, params_for(p, "r2", [1, 2, 3], 3 * BS))
+    d.wait_progress(8)   # an idle vLLM step waits here: the load's end wakes it
+    assert time.monotonic() - t0 < 5
     assert wait_recv(d)[0] == {"r2"}
     assert all(torch.equal(pc[n][3], dc[n][4]) for n in pc)
 
@@ -181,6 +186,10 @@ def test_settings_and_config_are_checked() -> None:
         kv_transfer_config("decode", secret="x", timeout=0)
     with pytest.raises(ConfigError, match="role must be one of"):
         kv_transfer_config("producer")
+    with pytest.raises(ConfigError, match="push_layers must be a whole number >= 1"):
+        kv_transfer_config("prefill", secret="x", push_layers=0)
+    with pytest.raises(ConfigError, match="mode must be 'push' or 'pull'"):
+        DisaggProxy(["http://a"], ["http://b"], mode="fast")
     cfg = kv_transfer_config("prefill", host="10.0.0.1")
     assert cfg["kv_role"] == "kv_producer" and "secret" not in cfg["kv_connector_extra_config"]
 
@@ -209,3 +218,132 @@ def test_cli_refuses_bad_arguments_before_starting_anything() -> None:
     assert r.exit_code == 2 and "at least one prefill" in r.output
     r = runner.invoke(build_app(), ["vllm-disagg", "--timeout", "-1"])
     assert r.exit_code == 2 and "timeout must be > 0" in r.output
+
+
+# -- push mode: the prefill side writes layers while it computes them ----------------------
+
+PID = "ab" * 16
+
+
+def push_params(p: WorkerSide, pid: str = PID) -> dict[str, Any]:
+    return {"do_remote_prefill": True, "tf_push": pid, "tf_engine": p.handshake()["address"]}
+
+
+def wait_for_true(pred: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def compute(p: WorkerSide, pc: dict[str, Any], req: str, blocks: list[int], start: int,
+            end: int, prompt: int, *, fill: float, between: Any = None) -> None:
+    """One vLLM step of the prefill instance: begin, every layer 'computed' (its blocks
+    written) then saved, end."""
+    p.begin_step({req: (PID, blocks, start, end, prompt, False)}, [])
+    for i, name in enumerate(pc):
+        for b in blocks[start // BS:-(-end // BS)]:
+            pc[name][b].fill_(fill + i)
+        p.pusher.save_layer(name)
+        if between is not None and i == 1:
+            between()
+    p.pusher.end_step()
+
+
+def test_push_writes_layers_during_the_prefill_and_completes_the_load() -> None:
+    p, pc = side("kv_producer", push_layers=2)
+    d, dc = side("kv_consumer", blocks=BLOCKS + 4)
+    try:
+        _push_layer_by_layer(p, pc, d, dc)
+    finally:
+        p.close()
+        d.close()
+
+
+def _push_layer_by_layer(p: WorkerSide, pc: dict[str, Any], d: WorkerSide,
+                         dc: dict[str, Any]) -> None:
+    names = list(pc)
+    events: list[Any] = []
+    p.pushed = lambda *a, **kw: (events.append(kw), WorkerSide.pushed(p, *a, **kw))  # type: ignore[method-assign]
+    # the decode instance offers first (it had room), then the prefill computes in two chunks
+    d.load("dec-1", [9, 3, 11], 0, push_params(p))
+    time.sleep(0.2)   # let the offer land
+    seen: list[bool] = []
+
+    def layers_0_1_landed_before_2_is_computed() -> None:
+        landed = wait_for_true(lambda: all(torch.equal(pc[n][2], dc[n][9]) for n in names[:2]))
+        seen.append(landed and not dc[names[2]][9].any())
+
+    compute(p, pc, "pre-1", [2, 5, 7], 0, 2 * BS, 3 * BS - 2, fill=1.0,
+            between=layers_0_1_landed_before_2_is_computed)
+    assert seen == [True]
+    assert d.finished_recving()[0] == set()   # not complete before the last chunk
+    compute(p, pc, "pre-1", [2, 5, 7], 2 * BS, 3 * BS - 2, 3 * BS - 2, fill=1.0)
+    done, failed, bad = wait_recv(d)
+    assert done == {"dec-1"} and not failed and not bad
+    for name in pc:
+        for src, dst in ((2, 9), (5, 3), (7, 11)):
+            assert torch.equal(pc[name][src], dc[name][dst])
+        assert not dc[name][0].any()
+    # written layer group by layer group while computing, not after
+    assert events and events[0]["writes"] >= 2 and events[0]["early"] >= 2
+    assert not events[0]["error"]
+    assert p.finished_sending({"pre-1"}) == {"pre-1"}
+
+
+def test_a_late_offer_catches_up_then_follows_the_layers(pd: Any) -> None:
+    p, pc, d, dc = pd
+    # layers 0-1 of the only chunk are computed before the offer arrives
+    compute(p, pc, "pre-2", [1, 4], 0, 2 * BS - 3, 2 * BS - 3, fill=5.0,
+            between=lambda: (d.load("dec-2", [6], 1, push_params(p)), time.sleep(0.3)))
+    done, failed, _ = wait_recv(d)
+    assert done == {"dec-2"} and not failed
+    assert all(torch.equal(pc[n][4], dc[n][6]) for n in pc)   # block 1 only (local prefix)
+    # every page written once: the layers of the catch-up write are not written again
+    assert wait_for_true(lambda: p.stats["pushes"] == 1)
+    assert p.stats["bytes"] == LAYERS * d.layout.block_bytes
+    # a second offer for the same push id is refused: no page reaches it
+    d.load("dec-2b", [8], 0, push_params(p))
+    done, failed, bad = wait_recv(d)
+    assert failed == {"dec-2b"} and not any(t[8].any() for t in dc.values())
+
+
+def test_a_push_for_an_aborted_prefill_fails_the_load_and_frees_both_sides(pd: Any) -> None:
+    p, pc, d, dc = pd
+    d.load("dec-3", [2], 0, push_params(p))
+    time.sleep(0.2)
+    p.begin_step({"pre-3": (PID, [3], 0, BS // 2, BS, False)}, [])
+    p.pusher.save_layer(next(iter(pc)))
+    p.pusher.end_step()
+    p.begin_step({}, ["pre-3"])   # vLLM aborted the prefill request
+    done, failed, bad = wait_recv(d)
+    assert failed == {"dec-3"} and bad == {2}
+    p.hold({"pre-3": time.time()})
+    assert p.finished_sending({"pre-3"}) == {"pre-3"}
+
+
+def test_an_offer_nobody_prefills_is_withdrawn_and_answered(pd: Any) -> None:
+    p, pc, d, dc = pd
+    d.load("dec-4", [2], 0, push_params(p))
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    d.cancel_load("dec-4")   # vLLM aborted the decode request while it waited
+    done, failed, bad = wait_recv(d)
+    assert failed == {"dec-4"} and time.monotonic() - t0 < 4
+    # the prefill request that comes later pushes nothing
+    compute(p, pc, "pre-4", [5], 0, BS, BS, fill=2.0)
+    assert not any(t[2].any() for t in dc.values())
+
+
+def test_a_prefill_prefix_cache_hit_is_pushed_too(pd: Any) -> None:
+    p, pc, d, dc = pd
+    for n in pc:
+        pc[n][6].fill_(9.0)   # block 0 of the prompt: computed by an earlier request
+    d.load("dec-5", [1, 2], 0, push_params(p))
+    time.sleep(0.2)
+    compute(p, pc, "pre-5", [6, 7], BS, 2 * BS - 1, 2 * BS - 1, fill=3.0)
+    done, failed, _ = wait_recv(d)
+    assert done == {"dec-5"} and not failed
+    assert all(torch.equal(pc[n][6], dc[n][1]) and torch.equal(pc[n][7], dc[n][2]) for n in pc)

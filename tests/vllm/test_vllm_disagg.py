@@ -4,6 +4,9 @@ One prefill and one decode server (each on its own CPU and its own emulated host
 proxy are shared by the module; the last two tests kill one of them mid-transfer (the decode
 server is restarted in between, tcp-only). Outputs are compared with the prefill server
 answering on its own (a plain vLLM instance: no ``kv_transfer_params``), token for token.
+The proxy's first request to a prefill server is sequential (pull: the decode server takes
+the blocks after the prefill); the later ones push (both servers get the request at once and
+the prefill server writes layers into the decode server's blocks while it computes them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ SHORT = ["The capital of France is", "Write a haiku about the sea:", "def fibona
          "List three primary colours:", "Water boils at", "The opposite of hot is",
          "Once upon a time, a robot", "2 + 2 ="]
 LONG = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(100))
+# the kill tests: ~370 tokens (3 KV blocks) keep several transfers in flight at a quarter of
+# LONG's prefill time
+MID = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(25))
 HOLD_S = 8.0        # how long the prefill server keeps blocks nobody asked for
 TIMEOUT_S = 20.0    # how long the decode server waits for a transfer
 USAGE = "vllm:kv_cache_usage_perc"
@@ -77,9 +83,18 @@ class Pair:
             self.proxy.close()
         self.proxy = DisaggProxy([self.prefill.url], [self.decode.url], host=self.host(2)).start()
 
-    def restart_decode_tcp(self) -> None:
-        self.decode = self._server("decode", 1, name="decode-tcp", transports=["tcp"])
-        self.restart_proxy()
+    def restart_decode_tcp(self, wait: bool = True) -> None:
+        self.decode = self._server("decode", 1, name="decode-tcp", transports=["tcp"],
+                                   wait=False)
+        self._decode_ready = False
+        if wait:
+            self.decode_ready()
+
+    def decode_ready(self) -> None:
+        if not getattr(self, "_decode_ready", True):
+            self.decode.wait_ready(900)
+            self._decode_ready = True
+            self.restart_proxy()
 
     def expected(self, prompt: str, max_tokens: int) -> list[int]:
         key = f"{max_tokens}:{prompt}"
@@ -112,13 +127,21 @@ def loaded(stats: Path) -> list[dict[str, Any]]:
 
 
 def test_greedy_output_equals_single_instance_short_and_long(pair: Pair) -> None:
-    for prompt, n in ((SHORT[0], 24), (LONG, 16)):
+    for (prompt, n), mode in zip(((SHORT[0], 24), (LONG, 16), (SHORT[3], 8)),
+                                 ("pull", "push", "push")):
         before = len(loaded(pair.stats))
+        since = len(read_events(pair.stats))
         status, body = complete(pair.proxy.url, prompt, n)
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == pair.expected(prompt, n)
         new = loaded(pair.stats)[before:]
         assert len(new) == 1, "the decode server did not load the prompt's KV blocks"
+        assert new[0]["mode"] == mode
+        if mode == "push":
+            pushed = [e for e in read_events(pair.stats)[since:] if e["event"] == "pushed"]
+            assert len(pushed) == 1 and pushed[0]["bytes"] == new[0]["bytes"], pushed
+            # written from save_kv_layer, during the prefill's forward pass
+            assert pushed[0]["early_writes"] >= 1, pushed
         prompt_tokens = body["usage"]["prompt_tokens"]
         if prompt is LONG:
             assert 1400 <= prompt_tokens <= 1700
@@ -166,17 +189,18 @@ def _fire(url: str, prompts: list[str], n: int) -> tuple[list[threading.Thread],
 
 
 def _variants(k: int) -> list[str]:
-    return [f"Request {i}. " + LONG for i in range(k)]
+    return [f"Request {i}. " + MID for i in range(k)]
 
 
 def test_decode_killed_mid_transfer_prefill_frees_its_blocks(pair: Pair) -> None:
     before = len(read_events(pair.stats))
-    threads, out = _fire(pair.proxy.url, _variants(6), 8)
+    threads, out = _fire(pair.proxy.url, _variants(4), 8)
     # kill the decode server as soon as the first transfer has landed: the rest are queued
     # on the prefill server, granted and not yet pulled, or moving
-    assert wait_for(lambda: any(e["event"] in ("sent", "loaded")
+    assert wait_for(lambda: any(e["event"] in ("sent", "loaded", "pushed")
                                 for e in read_events(pair.stats)[before:]), 300)
     pair.decode.kill()
+    pair.restart_decode_tcp(wait=False)   # starts while the rest of this test runs
     t0 = time.monotonic()
     for t in threads:
         t.join(300)
@@ -190,16 +214,16 @@ def test_decode_killed_mid_transfer_prefill_frees_its_blocks(pair: Pair) -> None
     assert wait_for(lambda: metric(pair.prefill.url, USAGE) == 0.0, HOLD_S + 30), \
         metric(pair.prefill.url, USAGE)
     events = read_events(pair.stats)[before:]
-    sent = {e["req"] for e in events if e["event"] in ("sent", "send_failed", "expired")}
+    sent = {e["req"] for e in events if e["event"] in ("sent", "send_failed", "expired", "pushed", "push_failed")}
     assert sent, events
     # and keeps serving
     status, body = complete(pair.prefill.url, SHORT[1], 8)
     assert status == 200, body
-    pair.restart_decode_tcp()
 
 
 def test_prefill_killed_mid_transfer_decode_recomputes_or_fails_cleanly(pair: Pair) -> None:
-    prompts = _variants(6)
+    pair.decode_ready()
+    prompts = _variants(4)
     expected = {i: pair.expected(p, 8) for i, p in enumerate(prompts)}
     # the restarted decode server is tcp-only: the same tokens, KV moved over the fabric
     before = len(loaded(pair.stats))
@@ -214,7 +238,7 @@ def test_prefill_killed_mid_transfer_decode_recomputes_or_fails_cleanly(pair: Pa
                                kv_transfer_params={"do_remote_decode": True})
     assert status == 200 and granted["kv_transfer_params"]["tf_grant"], granted
     threads, out = _fire(pair.proxy.url, prompts, 8)
-    assert wait_for(lambda: any(e["event"] in ("sent", "loaded")
+    assert wait_for(lambda: any(e["event"] in ("sent", "loaded", "pushed")
                                 for e in read_events(pair.stats)[before:]), 300)
     pair.prefill.kill()
     for t in threads:

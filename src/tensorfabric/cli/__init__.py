@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "_pool",  # tensorfabric pool ...
     "_models",  # tensorfabric models (the model cache)
     "_vllm",  # tensorfabric vllm-disagg ...
+    "_weights_vllm",  # tensorfabric weights publish (into vLLM servers)
 )
 
 

@@ -94,30 +94,42 @@ def up(
     num_cpus: Optional[float] = typer.Option(None, help="CPUs the head offers to Ray."),
     state_dir: Optional[str] = typer.Option(None, help="Where the head keeps the pool's checkpoint (default ~/.tensorfabric/pool)."),
     verify_every: float = typer.Option(3600.0, help="Seconds a verification holds; nodes are re-checked before it expires."),
+    temp_dir: Optional[str] = typer.Option(None, help="Ray's session folder for this head (default /tmp/ray)."),
+    redis_address: Optional[str] = typer.Option(
+        None, envvar="TENSORFABRIC_REDIS_ADDRESS",
+        help="Keep Ray's cluster state in this Redis (HOST:PORT; GCS fault tolerance): a head "
+        "restarted with the same port and Redis re-adopts running nodes and replicas."),
+    redis_password: Optional[str] = typer.Option(None, envvar="TENSORFABRIC_REDIS_PASSWORD", show_default=False,
+                                                 help="Password of that Redis (env var preferred)."),
 ) -> None:
     """Start a pool head (Ray head + pool controller), or connect to one with --address.
 
-    A restarted head reloads its checkpoint: verification records, deployments (placed again
-    as their nodes rejoin)."""
+    A restarted head reloads its checkpoint: verification records and deployments. With
+    --redis-address (Ray's GCS fault tolerance) nodes stay joined and running replicas are
+    re-adopted; without it nodes rejoin and replicas are placed again as they do."""
     from tensorfabric.pool import PoolError
-    from tensorfabric.pool._cluster import resolve_secret, start_head
+    from tensorfabric.pool._cluster import resolve_secret, start_head, use_secret
     from tensorfabric.pool._state import default_state_file
 
-    child = None
+    child, started = None, address is None
     try:
         sec = resolve_secret(secret)
+        use_secret(sec)  # before Ray is imported: Ray reads its auth settings on import
         if address is None:
             typer.echo(f"starting a Ray head on port {port} (token auth on) ...")
-            proc = start_head(port, sec, block=block, num_cpus=num_cpus)
+            proc = start_head(port, sec, block=block, num_cpus=num_cpus, temp_dir=temp_dir,
+                              redis_address=redis_address, redis_password=redis_password)  # fmt: skip
             child = _Child(proc) if proc is not None else None
             address = f"127.0.0.1:{port}"
         state_file = default_state_file(int(address.rsplit(":", 1)[1]), state_dir)
-        pool = _connect_retry(address, sec, child, state_file=state_file, verify_ttl_s=verify_every)
-        st = pool.status()
-    except PoolError as exc:
+        pool, st = _connect_retry(address, sec, child, state_file=state_file, verify_ttl_s=verify_every)
+        _mark_fault_tolerance(bool(redis_address) if started else None)
+    except BaseException as exc:  # never leave a started head behind (Ctrl-C, a bug)
         if child is not None:
             child.stop()
-        _fail(exc)
+        if isinstance(exc, PoolError):
+            _fail(exc)
+        raise
     assert address is not None
     restored = st.get("restored") or {}
     typer.echo(f"pool controller ready on {address} ({len(st['nodes'])} node(s)); state in {state_file}.")
@@ -135,9 +147,39 @@ def up(
         _block_on(child)
 
 
-def _connect_retry(address: str, secret: str, child: Any = None, timeout: float = 90.0,
-                   **create: Any) -> Any:  # fmt: skip
-    """Connect (creating the controller) while the head comes up; fail at once if it died."""
+def _mark_fault_tolerance(on: Optional[bool]) -> None:
+    """Tell joining nodes whether this head keeps Ray's state across restarts (None: the
+    head was not started here, leave the mark as it is)."""
+    if on is None:
+        return
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    from tensorfabric.pool._client import NAMESPACE
+    from tensorfabric.pool._cluster import GCS_FT_KEY
+
+    _internal_kv_put(GCS_FT_KEY, b"redis" if on else b"", overwrite=True, namespace=NAMESPACE)
+
+
+def head_keeps_state() -> bool:
+    """Whether the connected pool's head keeps Ray's state across restarts."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from tensorfabric.pool._client import NAMESPACE
+    from tensorfabric.pool._cluster import GCS_FT_KEY
+
+    try:
+        return bool(_internal_kv_get(GCS_FT_KEY, namespace=NAMESPACE))
+    except Exception:
+        return False
+
+
+def _connect_retry(address: str, secret: str, child: Any = None, timeout: float = 120.0,
+                   **create: Any) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """Connect (creating the controller) while the head comes up, until the controller
+    answers (after a head restart with GCS fault tolerance, Ray first restarts the old
+    controller on the new head); fail at once if the head died. The pool and its status."""
+    from ray.exceptions import GetTimeoutError
+
     from tensorfabric.pool import PoolError
 
     deadline = time.monotonic() + timeout
@@ -145,10 +187,11 @@ def _connect_retry(address: str, secret: str, child: Any = None, timeout: float 
         if child is not None and child.proc.poll() is not None:
             raise PoolError(f"the Ray head did not start: {child.why()}")
         try:
-            return _connect(address, secret, create=True, **create)
-        except PoolError:
+            pool = _connect(address, secret, create=True, **create)
+            return pool, pool.status(timeout=15.0)
+        except (PoolError, GetTimeoutError) as exc:
             if time.monotonic() > deadline:
-                raise
+                raise PoolError(f"the pool controller did not answer within {timeout:g} s: {exc}") from None
             time.sleep(1.0)
 
 
@@ -198,8 +241,9 @@ def join(
 
 
 def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
-               verify: bool, block: bool) -> Any:  # fmt: skip
-    """``ray start`` this node, wait for it in the cluster, verify; the child if ``block``."""
+               verify: bool, block: bool) -> tuple[Any, bool]:  # fmt: skip
+    """``ray start`` this node, wait for it in the cluster, verify. The child if ``block``,
+    and whether the head keeps Ray's state across restarts (GCS fault tolerance)."""
     from tensorfabric.pool import PoolError
     from tensorfabric.pool._cluster import join as ray_join
     from tensorfabric.pool._cluster import wait_for_node
@@ -211,7 +255,9 @@ def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str
 
         connect(address)  # the node needs the cluster, not the controller (it may start later)
         node = wait_for_node(join_id)
-        typer.echo(f"joined as node {node['NodeID'][:12]} with {claims.to_label_string()}")
+        keeps = head_keeps_state()
+        typer.echo(f"joined as node {node['NodeID'][:12]} with {claims.to_label_string()}"
+                   + (" (the head keeps Ray's state across restarts)" if keeps else ""))  # fmt: skip
         if verify:
             from rich.console import Console
 
@@ -228,7 +274,7 @@ def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str
         import ray
 
         ray.shutdown()
-    return child
+    return child, keeps
 
 
 def _controller_within(address: str, sec: str, timeout: float) -> Any:
@@ -264,10 +310,10 @@ def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[
                 try:
                     # After the first join the head re-checks the node itself (its record
                     # carries over under the same join id, marked for a re-check).
-                    child = _join_once(address, claims, sec, join_id, opts, verify and not joined,
-                                       block=True)  # fmt: skip
+                    child, keeps = _join_once(address, claims, sec, join_id, opts,
+                                              verify and not joined, block=True)  # fmt: skip
                     attempt, joined = 0, True
-                    why = _watch(child, address)
+                    why = _watch(child, address, keeps)
                 except PoolError as exc:
                     why = str(exc)
                 if child is not None:
@@ -283,19 +329,30 @@ def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[
             child.stop()
 
 
-def _watch(child: Any, address: str) -> str:
-    """Block while the node is in the pool; return why it no longer is."""
-    from tensorfabric.pool._cluster import reachable
+def _watch(child: Any, address: str, keeps_state: bool = False) -> str:
+    """Block while the node is in the pool; return why it no longer is.
+
+    A head that keeps Ray's state (GCS fault tolerance) is waited for: the node's raylet
+    reconnects when it is back (its replicas keep running meanwhile), or exits after Ray's
+    reconnect timeout. Otherwise a head gone for HEAD_LOST_S is lost with its state."""
+    from tensorfabric.pool._cluster import RECONNECT_S, reachable
 
     down_since = None
     while child.proc.poll() is None:
         time.sleep(1.0)
         why = reachable(address)
         if why is None:
+            if down_since is not None and keeps_state:
+                typer.echo(f"the pool head at {address} is back after "
+                           f"{time.monotonic() - down_since:.0f} s; still joined")  # fmt: skip
             down_since = None
         elif down_since is None:
             down_since = time.monotonic()
-        elif time.monotonic() - down_since > HEAD_LOST_S:
+            if keeps_state:
+                typer.secho(f"lost the pool head at {address} ({why}); waiting up to {RECONNECT_S} s "
+                            "for it to come back (it keeps Ray's state)", fg=typer.colors.YELLOW,
+                            err=True)  # fmt: skip
+        elif time.monotonic() - down_since > HEAD_LOST_S and not keeps_state:
             return f"head unreachable for {HEAD_LOST_S:g} s: {why}"
     return child.why()
 

@@ -19,6 +19,8 @@ def register(app: Any) -> None:
         block_size: int = typer.Option(None, "--block-size", help="vLLM --block-size for every instance."),
         timeout: float = typer.Option(30.0, "--timeout", help="Seconds a KV transfer may take before decode recomputes."),
         log_dir: str = typer.Option(None, "--log-dir", help="Write each instance's log here."),
+        ray_address: str = typer.Option(None, "--ray-address", help="Start the instances as Ray actors on this Ray cluster ('auto' or host:port)."),
+        proxy_mode: str = typer.Option("push", "--proxy-mode", help="push: prefill writes each layer's KV during the prefill; pull: decode takes it after."),
     ) -> None:
         """Start N prefill and M decode vLLM instances on this machine, joined by the
         tensorfabric KV connector, and a proxy; print the URL and serve until Ctrl-C."""
@@ -34,8 +36,10 @@ def register(app: Any) -> None:
         try:
             cluster = DisaggCluster(model, prefill=prefill, decode=decode, host=host, port=port,
                                     kv_space_gib=kv_space, block_size=block_size,
-                                    connector={"timeout": timeout}, log_dir=log_dir)
-            console.print(f"starting {prefill} prefill + {decode} decode vLLM instances "
+                                    connector={"timeout": timeout}, log_dir=log_dir,
+                                    ray_address=ray_address, proxy_mode=proxy_mode)
+            where = f" on the Ray cluster at {ray_address}" if ray_address else ""
+            console.print(f"starting {prefill} prefill + {decode} decode vLLM instances{where} "
                           "(about a minute each on a small CPU)...")
             cluster.start()
         except (TensorFabricError, ImportError) as exc:

@@ -13,7 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from ._compile import NodeView, Placement, compile_spec, match
-from ._errors import PlacementError, PoolError, ReplicaUnavailable, SpecError, VerificationError
+from ._errors import (
+    ControllerUnavailable,
+    PlacementError,
+    PoolError,
+    ReplicaUnavailable,
+    SpecError,
+    VerificationError,
+)
 from ._labels import LINK_TIERS, PROVIDER_KINDS, NodeClaims
 from ._spec import DeploymentSpec, RunSpec
 
@@ -42,6 +49,7 @@ __all__ = [
     "PlacementError",
     "VerificationError",
     "ReplicaUnavailable",
+    "ControllerUnavailable",
 ]
 
 _LAZY = {

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._errors import PoolError, ReplicaUnavailable
+from ._errors import ControllerUnavailable, PoolError, ReplicaUnavailable
 from ._spec import DeploymentSpec
 
 NAMESPACE = "tensorfabric-pool"
@@ -21,6 +21,10 @@ def _ray() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("the GPU pool needs Ray: pip install 'tensorfabric[ray]'") from exc
     return ray
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def connect(address: str | None = None) -> None:
@@ -75,13 +79,20 @@ class Pool:
         self.controller = controller(create, state_file, verify_ttl_s)
 
     def _get(self, ref: Any, timeout: float) -> Any:
+        exc_ = self._ray.exceptions
         try:
             return self._ray.get(ref, timeout=timeout)
-        except self._ray.exceptions.RayTaskError as exc:
+        except exc_.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, PoolError):
                 raise cause from None  # the controller's own message, without Ray's wrapping
             raise
+        except (exc_.ActorUnavailableError, exc_.ActorDiedError) as exc:
+            # After a head restart with GCS fault tolerance the controller's old node is dead
+            # but not yet declared so; Ray restarts the controller on the new head shortly.
+            raise ControllerUnavailable(
+                f"the pool controller is not reachable (restarting with its head?): {_first(exc)}"
+            ) from None
 
     def verify_pending(self, wait: float = 900.0) -> dict[str, dict[str, Any]]:
         """Verify the nodes that are due (never checked, expiring, or rejoined)."""

@@ -87,9 +87,15 @@ def reachable(address: str, timeout: float = 2.0) -> str | None:
 
 
 def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = None,
-               temp_dir: str | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
+               temp_dir: str | None = None, redis_address: str | None = None,
+               redis_password: str | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
     """``ray start --head`` with token auth and no GPUs (replicas never land on the head).
-    Fails at once, in one line, when the port is taken (another head on this host)."""
+    Fails at once, in one line, when the port is taken (another head on this host).
+
+    With ``redis_address`` the head keeps Ray's cluster state (GCS) in that Redis (Ray's GCS
+    fault tolerance): a head restarted on the same port and Redis finds its nodes, actors and
+    placement groups again, and running replicas keep serving. The Redis key namespace is
+    ``tensorfabric-<port>``, so several pools can share one Redis."""
     why = port_taken(port)
     if why:
         raise PoolError(
@@ -104,13 +110,24 @@ def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = 
         cmd.append(f"--num-cpus={num_cpus:g}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
-    return _run(cmd, secret, block)
+    extra = {}
+    if redis_address:
+        why = reachable(redis_address)
+        if why is not None:
+            raise PoolError(f"cannot reach the Redis for the head's state at {redis_address}: {why}")
+        extra = {"RAY_REDIS_ADDRESS": redis_address,
+                 "RAY_external_storage_namespace": f"tensorfabric-{port}"}  # fmt: skip
+        if redis_password:
+            cmd.append("--redis-password=" + redis_password)
+    return _run(cmd, secret, block, extra)
 
 
-# A worker whose head vanished gives up reconnecting after this many seconds (Ray's default is
-# 60), so that ``pool join --block`` rejoins a restarted head sooner.
+# A node whose head vanished waits this long for it before its raylet gives up (Ray's default).
+# A head with GCS fault tolerance that is back within it finds the node, and its replicas,
+# as they were; without it ``pool join --block`` stops the node after HEAD_LOST_S and rejoins.
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
-RECONNECT_S = "15"
+RECONNECT_S = "60"
+GCS_FT_KEY = "head/gcs-fault-tolerance"  # in the pool's internal-KV namespace, set by 'pool up'
 
 
 def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: bool,
@@ -126,15 +143,18 @@ def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: 
     return _run(cmd, secret, block)
 
 
-def _run(cmd: list[str], secret: str, block: bool) -> subprocess.Popen[str] | None:
+def _run(cmd: list[str], secret: str, block: bool,
+         extra: dict[str, str] | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
     env = cluster_env(secret)
     env.setdefault(RECONNECT_ENV, RECONNECT_S)
+    env.update(extra or {})
     if block:
         return subprocess.Popen(cmd + ["--block"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise PoolError(f"'{' '.join(cmd[:3])} ...' failed: {' | '.join(tail)}")
+        shown = [c for c in cmd if not c.startswith("--redis-password")]
+        raise PoolError(f"'{' '.join(shown[:3])} ...' failed: {' | '.join(tail)}")
     return None
 
 

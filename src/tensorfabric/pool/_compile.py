@@ -258,3 +258,28 @@ def _candidates(spec: DeploymentSpec, base: dict[str, str], nodes: list[NodeView
             cands.append({**base, L.GPU_MODEL: gpu})
             descs.append(f"gpu={gpu}")
     return Placement(cands, descs, nodes)
+
+
+MAX_SELECTOR_IDS = 64  # a node-id list in a placement group's selector names at most this many
+
+
+def narrow_ids(sel: dict[str, str], fits: list[NodeView], gpus: float) -> dict[str, str]:
+    """Bound a node-id list (``verified_only`` lists every eligible node) to the first
+    MAX_SELECTOR_IDS matching nodes with free GPUs: Ray keeps each placement group's selector,
+    and at 10,000 nodes the full list is ~0.5 MB per replica."""
+    expr = sel.get(L.NODE_ID, "")
+    if not expr.startswith("in(") or expr.count(",") < MAX_SELECTOR_IDS:
+        return sel
+    free = [n.node_id for n in fits if n.available_gpus >= gpus] or [n.node_id for n in fits]
+    return {**sel, L.NODE_ID: f"in({','.join(free[:MAX_SELECTOR_IDS])})"}
+
+
+def no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:
+    if lost:
+        return (f"deployment {spec.name!r}: replica {index} lost its node"
+                f"{'s' if len(lost) > 1 else ''} {', '.join(n[:12] for n in lost)} while it "
+                f"started, and no other node matching [{', '.join(placement.descriptions)}] was "
+                f"free within {spec.placement_timeout_s:g} s")  # fmt: skip
+    return (f"deployment {spec.name!r}: replica {index} found no free node within "
+            f"{spec.placement_timeout_s:g} s; nodes matching [{', '.join(placement.descriptions)}] "
+            "are busy (their GPUs are taken by other work)")  # fmt: skip

@@ -22,9 +22,9 @@ from typing import Any
 
 from . import _labels as L
 from ._backend import NodeLost
-from ._compile import NodeView, Placement, compile_spec, match
+from ._compile import NodeView, Placement, compile_spec, match, narrow_ids, no_node_message
 from ._errors import PlacementError, PoolError
-from ._records import VERIFY_TTL_S, VerificationBook, node_key
+from ._records import VERIFY_TTL_S, VerificationBook, load_factor, node_key
 from ._spec import DeploymentSpec
 from ._state import StateStore
 
@@ -32,7 +32,6 @@ MONITOR_PERIOD_S = 0.25
 PING_TIMEOUT_S = 2.0
 VERIFY_SCAN_S = 10.0  # how often the controller looks for nodes due a (re-)check
 MAX_NODE_LOSSES = 3  # node deaths one replica start may survive before the deploy gives up
-MAX_SELECTOR_IDS = 64  # a node-id list in a placement group's selector names at most this many
 EVENTS_KEPT = 50
 
 
@@ -58,6 +57,9 @@ class Deployment:
     events: list[dict[str, Any]] = field(default_factory=list)
     pending: set[int] = field(default_factory=set)  # replica indexes waiting for a node
     lost_at: dict[int, tuple[float, str, str]] = field(default_factory=dict)
+    # replica index -> actor name while it starts: a restarted controller (after a head
+    # restart that kept Ray's state) removes what such a start left behind, then places again
+    starting: dict[int, str] = field(default_factory=dict)
 
 
 class PoolController:
@@ -182,7 +184,7 @@ class PoolController:
                 zones = [r.zone for r in dep.replicas.values()]
                 rep, lost = self._place(dep, i, placement.preferring_other_zones(zones))
                 if rep is None:
-                    raise PlacementError(_no_node_message(spec, i, placement, lost),
+                    raise PlacementError(no_node_message(spec, i, placement, lost),
                                          requirement="capacity", deployment=spec.name)  # fmt: skip
                 with self._lock:
                     dep.replicas[i] = rep
@@ -213,37 +215,56 @@ class PoolController:
                 if key in tried or not fits:
                     continue
                 tried.add(key)
-                # Ray's free-resource view can lag by a second: where it says "busy", still
-                # ask Ray, but briefly, so a truly busy candidate does not cost the timeout.
+                # Ray's free-resource view can lag by a second (more on a loaded head): where
+                # it says "busy", still ask Ray, briefly, so a truly busy one costs little.
                 free = any(n.available_gpus >= spec.num_gpus for n in fits)
-                wait_s = spec.placement_timeout_s if free else min(1.5, spec.placement_timeout_s)
+                wait_s = spec.placement_timeout_s if free else min(1.5 * load_factor(), spec.placement_timeout_s)
                 name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
-                sel = _narrow(sel, fits, spec.num_gpus)
-                pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
-                if pg is None:
-                    continue
-                node_id = self._backend.pg_node(pg)
-                actor = self._backend.start(pg, spec, index, name)
+                sel = narrow_ids(sel, fits, spec.num_gpus)
+                with self._lock:
+                    dep.starting[index] = name
+                self._save(dep)
                 try:
-                    where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
-                except NodeLost as exc:
-                    self._backend.discard(actor, pg)
-                    lost.append(exc.node_id)
-                    zone = next((n.labels.get(L.ZONE, "?") for n in nodes if n.node_id == exc.node_id), "?")
-                    self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
-                                zone=zone, why=str(exc))  # fmt: skip
+                    out = self._start_one(dep, index, name, bundle, sel, wait_s, nodes, lost)
+                finally:
+                    with self._lock:
+                        dep.starting.pop(index, None)
+                if isinstance(out, Replica):
+                    return out, lost
+                if out == "lost":
                     break  # look at the nodes again, without the dead one
-                except Exception as exc:
-                    self._backend.discard(actor, pg)
-                    raise PoolError(
-                        f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
-                        f"{spec.run.target}): {_first_line(exc)}"
-                    ) from None
-                zone = where["labels"].get(L.ZONE, "?")
-                return Replica(index, actor, pg, where["node_id"], zone, sel, name), lost
             else:
                 return None, lost  # no candidate had a free node
         return None, lost
+
+    def _start_one(self, dep: Deployment, index: int, name: str, bundle: dict[str, float],
+                   sel: dict[str, str], wait_s: float, nodes: list[NodeView],
+                   lost: list[str]) -> Replica | str | None:  # fmt: skip
+        """One try on nodes matching ``sel``: the replica, None (no room) or "lost" (its node
+        died while it started; the node is added to ``lost``)."""
+        spec = dep.spec
+        pg = self._backend.reserve(bundle, sel, wait_s, name + "-pg")
+        if pg is None:
+            return None
+        node_id = self._backend.pg_node(pg)
+        actor = self._backend.start(pg, spec, index, name)
+        try:
+            where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
+        except NodeLost as exc:
+            self._backend.discard(actor, pg)
+            lost.append(exc.node_id)
+            zone = next((n.labels.get(L.ZONE, "?") for n in nodes if n.node_id == exc.node_id), "?")
+            self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
+                        zone=zone, why=str(exc))  # fmt: skip
+            return "lost"
+        except Exception as exc:
+            self._backend.discard(actor, pg)
+            raise PoolError(
+                f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
+                f"{spec.run.target}): {_first_line(exc)}"
+            ) from None
+        zone = where["labels"].get(L.ZONE, "?")
+        return Replica(index, actor, pg, where["node_id"], zone, sel, name)
 
     def remove(self, name: str | None = None) -> list[str]:
         """Remove one deployment (or all with ``name=None``); return the names removed."""
@@ -355,6 +376,7 @@ class PoolController:
             item = {
                 "spec": _spec_dict(dep.spec), "state": dep.state, "ready_s": dep.ready_s,
                 "events": list(dep.events), "pending": sorted(dep.pending),
+                "starting": {str(i): n for i, n in dep.starting.items()},
                 "replicas": [{"index": r.index, "name": r.name, "node_id": r.node_id,
                               "zone": r.zone, "selector": r.selector}
                              for r in dep.replicas.values()],
@@ -370,9 +392,16 @@ class PoolController:
         for d in state["dep"].values():
             dep = Deployment(DeploymentSpec.from_dict(d["spec"]), ready_s=d.get("ready_s", 0.0),
                              events=list(d.get("events", [])))  # fmt: skip
+            for index, name in d.get("starting", {}).items():
+                # A start the old controller did not finish: remove what is left of it (its
+                # actor and placement group survive a head restart with GCS fault tolerance).
+                left = self._backend.find(name, name + "-pg")
+                if left is not None:
+                    self._backend.discard(*left)
+                self._event(dep, "start_abandoned", replica=int(index), name=name)
             for r in d.get("replicas", []):
                 found = self._backend.find(r["name"], r["name"] + "-pg")
-                if found is not None:
+                if found is not None and found[0] is not None:
                     dep.replicas[r["index"]] = Replica(r["index"], found[0], found[1], r["node_id"],
                                                        r["zone"], r["selector"], r["name"])  # fmt: skip
                     adopted += 1
@@ -429,28 +458,6 @@ class PoolController:
         if close:
             close()
         self._store.close()
-
-
-def _narrow(sel: dict[str, str], fits: list[NodeView], gpus: float) -> dict[str, str]:
-    """Bound a node-id list (``verified_only`` lists every eligible node) to the first
-    MAX_SELECTOR_IDS matching nodes with free GPUs: Ray keeps each placement group's selector,
-    and at 10,000 nodes the full list is ~0.5 MB per replica."""
-    expr = sel.get(L.NODE_ID, "")
-    if not expr.startswith("in(") or expr.count(",") < MAX_SELECTOR_IDS:
-        return sel
-    free = [n.node_id for n in fits if n.available_gpus >= gpus] or [n.node_id for n in fits]
-    return {**sel, L.NODE_ID: f"in({','.join(free[:MAX_SELECTOR_IDS])})"}
-
-
-def _no_node_message(spec: DeploymentSpec, index: int, placement: Placement, lost: list[str]) -> str:
-    if lost:
-        return (f"deployment {spec.name!r}: replica {index} lost its node"
-                f"{'s' if len(lost) > 1 else ''} {', '.join(n[:12] for n in lost)} while it "
-                f"started, and no other node matching [{', '.join(placement.descriptions)}] was "
-                f"free within {spec.placement_timeout_s:g} s")  # fmt: skip
-    return (f"deployment {spec.name!r}: replica {index} found no free node within "
-            f"{spec.placement_timeout_s:g} s; nodes matching [{', '.join(placement.descriptions)}] "
-            "are busy (their GPUs are taken by other work)")  # fmt: skip
 
 
 def _failover_order(placement: Placement, dead_zone: str, dep: Deployment) -> list[dict[str, str]]:

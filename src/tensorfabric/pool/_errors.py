@@ -35,3 +35,7 @@ class VerificationError(PoolError):
 
 class ReplicaUnavailable(PoolError):
     """No replica of a deployment answered within the retry budget."""
+
+
+class ControllerUnavailable(PoolError):
+    """The pool controller does not answer right now (e.g. Ray is restarting it)."""

@@ -18,11 +18,12 @@ class InboundHandler(Protocol):
     Every method is called from a transport thread and must not block on the network.
     """
 
-    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray,
+    def resolve(self, region: int, key: bytes, need: int, table: np.ndarray | tuple[int, int],
                 end: int = 0) -> tuple[int, str, memoryview | None]:
         """Check a remote access before any byte lands: returns ``(Status, reason, region view)``.
 
-        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``); every segment, and the
+        ``table`` is the frame's segment table (``_wire.SEG_DTYPE``), or its one segment as an
+        ``(offset, length)`` tuple of Python ints (the small-op path); every segment, and the
         whole op (up to ``end``), must lie inside the region and ``need`` (an ``Access`` flag)
         must be granted, and ``key`` must be the region's key, else a non-OK status and nothing
         is touched.
@@ -34,16 +35,18 @@ class InboundHandler(Protocol):
         chunks (and links) carried it, and never twice for a resent chunk. Returns a status:
         a peer that leaves too many immediates unclaimed or unfinished is refused."""
 
-    def reserve_inbox(self, nbytes: int) -> bool:
-        """Count ``nbytes`` of a message about to arrive against the inbox bound (False: full)."""
+    def reserve_inbox(self, nbytes: int, peer: bytes = b"") -> bool:
+        """Count ``nbytes`` of a message about to arrive from ``peer`` (its address bytes)
+        against the inbox bound and that peer's share of it (False: full)."""
 
-    def release_inbox(self, nbytes: int) -> None:
+    def release_inbox(self, nbytes: int, peer: bytes = b"") -> None:
         """Give back a reservation whose message was not queued."""
 
     def deliver(self, peer: EngineAddress, tag: int, data: bytes,
                 reserved: int = 0) -> tuple[int, str]:
         """A two-sided message arrived (``reserved``: its bytes are already counted by
-        :meth:`reserve_inbox`; the reservation is used or given back). Returns a status."""
+        :meth:`reserve_inbox` for this peer; the reservation is used or given back). Returns a
+        status."""
 
     def shm_open(self, peer_id: bytes, region: int, key: bytes,
                  need: int) -> tuple[int, str, bytes]:

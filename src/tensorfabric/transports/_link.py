@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import collections
+import select
 import socket
 import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import _wire as w
 from .._errors import ProtocolError
 from .._ops import Chunk
 from ._handshake import IOV_MAX, Session
-from ._rx import Receiver
+from ._rx import RBUF, Receiver
 
 if TYPE_CHECKING:
     from ._peers import PeerLinks
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
 
 
 MAX_REPLIES = 1024  # replies queued for a peer that is not reading them
+_ARM = (select.EPOLLIN | select.EPOLLONESHOT) if hasattr(select, "epoll") else 0
+SMALL = 64 << 10  #: chunks up to this size are sent inline or batched
+SMALL_WINDOW = 64  #: small chunks in flight per link (large ones: the transport's window)
 
 
 class Conn(Receiver):
@@ -32,11 +37,15 @@ class Conn(Receiver):
         self.dialer = dialer
         self.peer = session.peer
         self.peer_name = str(session.peer)
+        self.peer_key = session.peer.to_bytes()
         self.index = session.link
         self.tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
         self._pmac: Any = None  # the MAC of the payload being received
         self._pfut: Any = None  # its last update running on a helper thread
+        self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
+        self._rs = self._re = 0
+        self._deferred: list[bytes] = []  # acknowledgements waiting to go out together
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.cond = peer_links.cond if peer_links is not None else threading.Condition()
@@ -48,10 +57,23 @@ class Conn(Receiver):
         self.last_rx = self.last_tx = time.monotonic()
         self.bytes_sent = 0
         self._threads: list[threading.Thread] = []
+        self._header = bytearray(w.HEADER_SIZE)
+        self._hview = memoryview(self._header)
+        self._handlers = self._dialer_handlers() if dialer else self._acceptor_handlers()
+        # A dialled plain link's replies may be read by the caller waiting for them (see
+        # read_for): whoever holds rlock reads frames; an epoll in one-shot mode tells exactly
+        # one waiter (the latest: a waiting caller before the receive thread) that data is in.
+        self.rlock = threading.Lock()
+        self._ep: select.epoll | None = None
+        self._fd = sock.fileno()
+        if dialer and not self.tls and hasattr(select, "epoll"):
+            self._ep = select.epoll(1)
+            self._ep.register(self._fd, _ARM)
 
     def start(self) -> None:
         role = "dial" if self.dialer else "accept"
-        for target, what in ((self._recv_loop, "rx"), (self._write_loop, "tx")):
+        rx = self._poll_loop if self._ep is not None else self._recv_loop
+        for target, what in ((rx, "rx"), (self._write_loop, "tx")):
             th = threading.Thread(target=target, name=f"tf-{role}{self.index}-{what}", daemon=True)
             th.start()
             self._threads.append(th)
@@ -94,8 +116,8 @@ class Conn(Receiver):
             if sent:
                 bufs[0] = memoryview(bufs[0])[sent:]
 
-    def _try_send_nowait(self, data: bytes) -> bool:
-        """Send a small frame without ever blocking (receive threads use this)."""
+    def _try_send_nowait(self, frames: list[bytes]) -> bool:
+        """Send small frames (in one send) without ever blocking (receive threads use this)."""
         if self.tls or not self.send_lock.acquire(blocking=False):
             return False
         try:
@@ -108,13 +130,17 @@ class Conn(Receiver):
                 if self.tail:
                     return False
             if self.tx is not None:
-                data = b"".join(self.tx.seal([data]))
+                tx = self.tx
+                data = b"".join([b for f in frames for b in tx.seal([f])])
+            else:
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
             try:
                 n = self.sock.send(data, socket.MSG_DONTWAIT)
             except OSError:
                 if self.tx is not None:
-                    self.tx.seq -= 1  # not sent: the writer sends it with this number
+                    self.tx.seq -= len(frames)  # not sent: the writer sends them with these
                 return False
+            self.last_tx = time.monotonic()
             if n < len(data):
                 self.tail = data[n:]  # the writer finishes it before anything else
                 with self.cond:
@@ -127,8 +153,20 @@ class Conn(Receiver):
 
     def reply(self, frame: list[Any]) -> None:
         """Send a reply from the receive thread: now if the socket takes it, else via the writer."""
-        if len(frame) == 1 and self._try_send_nowait(frame[0]):
+        if len(frame) == 1 and self._try_send_nowait(frame):
             return
+        self._queue_replies([frame])
+
+    def reply_many(self, frames: list[bytes]) -> None:
+        """Send whole small frames (header + ext each), in one send when the socket takes them."""
+        if frames and not self._try_send_nowait(frames):
+            self._queue_replies([[f] for f in frames])
+
+    def _queue_replies(self, frames: list[list[Any]]) -> None:
+        for frame in frames:
+            self._queue_reply(frame)
+
+    def _queue_reply(self, frame: list[Any]) -> None:
         with self.cond:
             # an honest peer has a few chunks in flight per link, so a few replies queue at
             # most; a peer that sends and never reads is stopped here, then cut off
@@ -140,8 +178,9 @@ class Conn(Receiver):
             self.cond.notify_all()
 
     def send_chunk_inline(self, chunk: Chunk) -> bool:
-        """Caller-thread fast path for a small chunk on an idle link."""
-        if not self.alive or not self.send_lock.acquire(blocking=False):
+        """Caller-thread fast path for a small chunk on an idle link (nothing in flight: else
+        the chunk queues, and the writer sends queued small chunks together)."""
+        if not self.alive or self.inflight or not self.send_lock.acquire(blocking=False):
             return False
         try:
             if not self._track(chunk):
@@ -150,6 +189,10 @@ class Conn(Receiver):
                 self._send_all([chunk.head, *chunk.payload])
             except OSError as exc:
                 self.t._spawn(self.fail, exc)  # requeues the chunk with the rest of inflight
+                return True
+            t = chunk.wop.transfer
+            if self._ep is not None and chunk.wop.remaining == 1 and t._pending == 1:
+                t._reader = self  # its only reply comes on this link: its waiter may read it
             return True
         finally:
             self.send_lock.release()
@@ -169,14 +212,26 @@ class Conn(Receiver):
                 if not self.alive:
                     return None
                 if self.replies:
-                    frame = self.replies.popleft()
-                    if len(self.replies) == MAX_REPLIES - 1:
+                    full = len(self.replies) >= MAX_REPLIES
+                    frames = [self.replies.popleft()]
+                    while (len(frames[0]) == 1 and self.replies and len(frames) < 64
+                           and len(self.replies[0]) == 1):
+                        frames.append(self.replies.popleft())  # small replies: one send
+                    if full:
                         self.cond.notify_all()  # a receive thread may wait for room
-                    return ("frame", frame)
-                if links is not None and links.queue and len(self.inflight) < self.t.window:
+                    return ("frames", frames)
+                queue = links.queue if links is not None else None
+                if queue and queue[0].nbytes <= SMALL and len(self.inflight) < SMALL_WINDOW:
+                    # small frames queued behind each other go out together, in one send
+                    batch = [queue.popleft()]
+                    room = SMALL_WINDOW - len(self.inflight)
+                    while queue and len(batch) < room and queue[0].nbytes <= SMALL:
+                        batch.append(queue.popleft())
+                    return ("batch", batch)
+                if queue and len(self.inflight) < self.t.window:
                     # a bounded window per link: a slow link holds few chunks, so it never
                     # keeps the tail of a transfer waiting long after the fast links are done
-                    return ("chunk", links.queue.popleft())
+                    return ("chunk", queue.popleft())
                 if self.tail:
                     return ("frame", [])
                 self.cond.wait(1.0)
@@ -198,10 +253,120 @@ class Conn(Receiver):
                                 self.links.requeue(chunk)
                             return
                         self._send_all([chunk.head, *chunk.payload])
+                    elif kind == "batch":
+                        if not self._send_batch(obj):
+                            return
+                    elif kind == "frames" and len(obj) > 1:
+                        self._send_frames(obj)
+                    elif kind == "frames":
+                        self._send_all(obj[0])
                     else:
                         self._send_all(obj)
         except (OSError, ValueError) as exc:
             self.fail(exc)
+
+    def _send_batch(self, chunks: list[Chunk]) -> bool:
+        """Send small chunks (each its own frame, MACed in order) with one ``sendmsg``; the send
+        lock is held. False if the link failed before they were recorded (they are requeued)."""
+        bufs: list[Any] = []
+        tx = self.tx
+        for i, chunk in enumerate(chunks):
+            if chunk.wop.dead:
+                continue
+            if not self._track(chunk):
+                if self.links is not None:
+                    for c in reversed(chunks[i:]):
+                        self.links.requeue(c)
+                return False
+            frame = [chunk.head, *chunk.payload]
+            bufs += tx.seal(frame) if tx is not None else frame
+        if self.tail:
+            tail, self.tail = self.tail, b""
+            self.sock.sendall(tail)
+        if bufs:
+            self._send_bufs(bufs)
+        return True
+
+    def _send_frames(self, frames: list[list[Any]]) -> None:
+        """Send queued small replies (header + ext each) with one ``sendmsg``."""
+        tx = self.tx
+        bufs: list[Any] = []
+        for frame in frames:
+            bufs += tx.seal(frame) if tx is not None else frame
+        if self.tail:
+            tail, self.tail = self.tail, b""
+            self.sock.sendall(tail)
+        self._send_bufs(bufs)
+
+    # -- reading: the receive thread, or the caller waiting for its reply ------------------
+
+    def _poll_loop(self) -> None:
+        """The receive thread of a dialled plain link: reads whatever no caller is reading."""
+        ep = self._ep
+        assert ep is not None
+        try:
+            while self.alive:
+                try:
+                    if not ep.poll(1.0):
+                        continue
+                except (OSError, ValueError):
+                    return
+                if not self.rlock.acquire(blocking=False):
+                    # a caller reads this link now: hand the event back to it, then wait
+                    # until it is done before polling again
+                    self._rearm()
+                    if self.rlock.acquire(timeout=1.0):
+                        self.rlock.release()
+                    continue
+                try:
+                    self._pump()
+                finally:
+                    self.rlock.release()
+        finally:
+            ep.close()
+
+    def read_for(self, transfer: Any, timeout: float) -> None:
+        """Read this link's frames in the calling thread until ``transfer`` is done, the link
+        fails or ``timeout`` passes; returns at once if another thread is reading it. Saves
+        the hand-off from the receive thread to the waiting caller (a thread wake-up)."""
+        ep = self._ep
+        if ep is None or not self.alive or not self.rlock.acquire(blocking=False):
+            return
+        try:
+            deadline = time.monotonic() + timeout
+            while not transfer._done and self.alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    # short slices: a cancel or a timer from another thread is seen soon
+                    events = ep.poll(min(left, 0.05))
+                except (OSError, ValueError):
+                    return
+                if events:
+                    self._pump()
+        finally:
+            self.rlock.release()
+
+    def _pump(self) -> None:
+        """Read frames (rlock held, epoll said the socket has data) until the read-ahead
+        buffer is empty at a frame boundary; then re-arm the epoll for the next reader."""
+        ok = self._guarded(self._frames_buffered)
+        if ok and self._deferred:
+            self._guarded(self._flush_deferred)
+        self._rearm()
+
+    def _frames_buffered(self) -> None:
+        self._frame()
+        while self._rs < self._re:
+            self._frame()
+
+    def _rearm(self) -> None:
+        if self._ep is not None and self.alive:
+            try:
+                self._ep.modify(self._fd, _ARM)
+            except (OSError, ValueError):
+                pass
 
     # -- failure --------------------------------------------------------------------------
 

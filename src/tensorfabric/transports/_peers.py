@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorfabric.tcp")
 
-_INLINE_MAX = 64 << 10  # chunks up to this size may be sent from the caller's thread
+_INLINE_MAX = 1 << 20  # one-chunk ops up to this size may be sent from the caller's thread
 
 
 class PeerLinks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorfabric.tcp")
 
+RBUF = 64 << 10  #: a link's read-ahead buffer
+_DIRECT = 16 << 10  #: pieces from this size are received straight into place, not via RBUF
+_MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out together
+_SMALL_WINDOW = 64  # = _link.SMALL_WINDOW (small chunks in flight per link)
+_ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
+_ONE_SEG_EXT = _ONE_SEG.size
+
 
 class Receiver:
     """The receive half of :class:`~._link.Conn` (a mixin: it uses the link's state)."""
@@ -37,6 +45,7 @@ class Receiver:
     dialer: bool
     peer: EngineAddress
     peer_name: str
+    peer_key: bytes  # the peer's address bytes (what its messages' ``peer`` field holds)
     index: int
     tls: bool
     cond: threading.Condition
@@ -46,10 +55,18 @@ class Receiver:
     rx: FrameMac | None
     _pmac: Any
     _pfut: Any
+    _rbv: memoryview  # the read-ahead buffer; bytes [_rs, _re) are received, not yet parsed
+    _rs: int
+    _re: int
+    _deferred: list[bytes]
+    _header: bytearray  # the frame header being received, and a view of it
+    _hview: memoryview
+    _handlers: dict[int, Callable[..., None]]
 
     if TYPE_CHECKING:  # provided by Conn
         def fail(self, exc: BaseException | None = None) -> None: ...
         def reply(self, frame: list[Any]) -> None: ...
+        def reply_many(self, frames: list[bytes]) -> None: ...
 
 
     def _recv_into(self, view: memoryview) -> None:
@@ -61,13 +78,47 @@ class Receiver:
             self._mac_update(view)
 
     def _recv_plain(self, view: memoryview) -> None:
+        """Fill ``view``: first from what the read-ahead buffer holds, then straight from the
+        socket (large pieces) or through the buffer (small ones: one recv takes the headers
+        and payloads of many small frames, instead of three or four recvs per frame)."""
+        rs, re_ = self._rs, self._re
+        if rs < re_:
+            k = min(re_ - rs, view.nbytes)
+            view[:k] = self._rbv[rs:rs + k]
+            self._rs = rs + k
+            if k == view.nbytes:
+                return
+            view = view[k:]
+        if self._deferred:
+            self._flush_deferred()  # about to block: acknowledge what has landed first
         sock = self.sock
-        while view:
+        while view.nbytes >= _DIRECT:
             n = sock.recv_into(view)
             if n == 0:
                 raise _PeerGone("peer closed the connection")
             self.last_rx = time.monotonic()
             view = view[n:]
+        while view:
+            n = sock.recv_into(self._rbv)
+            if n == 0:
+                raise _PeerGone("peer closed the connection")
+            self.last_rx = time.monotonic()
+            k = min(n, view.nbytes)
+            view[:k] = self._rbv[:k]
+            self._rs, self._re = k, n
+            view = view[k:]
+
+    def _defer(self, frame: bytes) -> None:
+        """Queue a small reply (an acknowledgement) from the receive thread; it goes out with
+        the others in one send when the read-ahead buffer runs dry (before this thread would
+        block), so a burst of small frames costs one acknowledging send, not one each."""
+        self._deferred.append(frame)
+        if len(self._deferred) >= _MAX_DEFERRED:
+            self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        frames, self._deferred = self._deferred, []
+        self.reply_many(frames)
 
     def _recv_hashing(self, view: memoryview) -> None:
         """Receive a large payload piece by piece, MACing each piece on a helper thread while
@@ -92,8 +143,24 @@ class Receiver:
                 self._recv_into(v)
             return
         whole = list(views) if self._pmac is not None else None
-        sock = self.sock
+        views = list(views)
         i = 0
+        while i < len(views) and self._rs < self._re:  # what the read-ahead already holds
+            v = views[i]
+            k = min(self._re - self._rs, v.nbytes)
+            v[:k] = self._rbv[self._rs:self._rs + k]
+            self._rs += k
+            if k == v.nbytes:
+                i += 1
+            else:
+                views[i] = v[k:]
+        if i < len(views) and sum(v.nbytes for v in views[i:]) < _DIRECT:
+            for v in views[i:]:  # small: through the read-ahead buffer
+                self._recv_plain(v)
+            i = len(views)
+        if i < len(views) and self._deferred:
+            self._flush_deferred()
+        sock = self.sock
         while i < len(views):
             n = sock.recvmsg_into(views[i:i + IOV_MAX])[0]
             if n == 0:
@@ -133,43 +200,19 @@ class Receiver:
                                 "way, or a relay without the secret)")
 
     def _recv_loop(self) -> None:
-        header = bytearray(w.HEADER_SIZE)
-        hview = memoryview(header)
-        handlers = self._dialer_handlers() if self.dialer else self._acceptor_handlers()
-        rx = self.rx
+        """The link's receive thread: frames as they come (see ``Conn._poll_loop`` for the
+        dialled links whose callers may read their own replies)."""
+        self._guarded(self._frames_forever)
+
+    def _frames_forever(self) -> None:
+        while True:
+            self._frame()
+
+    def _guarded(self, fn: Callable[[], Any]) -> bool:
+        """Run ``fn`` (which reads frames); a failure closes the link. False if it failed."""
         try:
-            while True:
-                self._recv_into(hview)
-                magic, op, flags, ext_len, op_id, region, plen, imm, chunk, nchunks = \
-                    w.HEADER.unpack(header)
-                if magic != w.MAGIC:
-                    raise ProtocolError(f"bad frame magic {magic:#x}")
-                if ext_len > w.MAX_EXT or plen > w.MAX_PAYLOAD:
-                    raise ProtocolError(f"oversized frame (ext {ext_len}, payload {plen})")
-                if nchunks == 0 or chunk >= nchunks:
-                    raise ProtocolError(f"bad chunk numbering {chunk}/{nchunks}")
-                handler = handlers.get(op)
-                if handler is None:
-                    raise ProtocolError(f"unexpected frame type {op} on a "
-                                        f"{'dialled' if self.dialer else 'accepted'} link")
-                ext = b""
-                if rx is not None:  # ext and tag in one read; checked before anything acts
-                    buf = bytearray(ext_len + TAG)
-                    self._recv_into(memoryview(buf))
-                    ext = bytes(buf[:ext_len])
-                    d = rx.head(header + ext)
-                    if not FrameMac.same(d[:TAG], buf[ext_len:]):
-                        raise ProtocolError("a frame failed its integrity check (changed, "
-                                            "replayed, reordered or spliced on the way)")
-                    if plen:
-                        self._pmac = rx.payload(d, plen)
-                elif ext_len:
-                    ext_buf = bytearray(ext_len)
-                    self._recv_into(memoryview(ext_buf))
-                    ext = bytes(ext_buf)
-                handler(flags, ext, op_id, region, plen, imm, chunk, nchunks)
-                if self._pmac is not None:
-                    raise ProtocolError(f"frame type {op}: payload not checked")  # a bug
+            fn()
+            return True
         except ProtocolError as exc:
             log.warning("closing link %d with %s: %s", self.index, self.peer_name, exc)
             self.fail(exc)
@@ -180,6 +223,43 @@ class Receiver:
         except Exception as exc:  # a bug must not leave a half-dead link behind
             log.exception("link %d with %s: unexpected error", self.index, self.peer_name)
             self.fail(exc)
+        return False
+
+    def _frame(self) -> None:
+        """Receive one frame and act on it (its MAC checked first)."""
+        header = self._header
+        self._recv_into(self._hview)
+        magic, op, flags, ext_len, op_id, region, plen, imm, chunk, nchunks = \
+            w.HEADER.unpack(header)
+        if magic != w.MAGIC:
+            raise ProtocolError(f"bad frame magic {magic:#x}")
+        if ext_len > w.MAX_EXT or plen > w.MAX_PAYLOAD:
+            raise ProtocolError(f"oversized frame (ext {ext_len}, payload {plen})")
+        if nchunks == 0 or chunk >= nchunks:
+            raise ProtocolError(f"bad chunk numbering {chunk}/{nchunks}")
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise ProtocolError(f"unexpected frame type {op} on a "
+                                f"{'dialled' if self.dialer else 'accepted'} link")
+        ext = b""
+        rx = self.rx
+        if rx is not None:  # ext and tag in one read; checked before anything acts
+            buf = bytearray(ext_len + TAG)
+            self._recv_into(memoryview(buf))
+            ext = bytes(buf[:ext_len])
+            d = rx.head(header + ext)
+            if not FrameMac.same(d[:TAG], buf[ext_len:]):
+                raise ProtocolError("a frame failed its integrity check (changed, "
+                                    "replayed, reordered or spliced on the way)")
+            if plen:
+                self._pmac = rx.payload(d, plen)
+        elif ext_len:
+            ext_buf = bytearray(ext_len)
+            self._recv_into(memoryview(ext_buf))
+            ext = bytes(ext_buf)
+        handler(flags, ext, op_id, region, plen, imm, chunk, nchunks)
+        if self._pmac is not None:
+            raise ProtocolError(f"frame type {op}: payload not checked")  # a bug
 
     # acceptor side: a peer's operations on our memory
 
@@ -197,8 +277,8 @@ class Receiver:
 
     def _ack(self, op_id: int, chunk: int, status: int = 0, text: str = "",
              op: int = w.Op.ACK) -> None:
-        ext = text.encode()[:4000]
-        self.reply([w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext])
+        ext = text.encode()[:4000] if text else b""
+        self._defer(w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext)
 
     @staticmethod
     def _table(ext: bytes) -> tuple[bytes, int, np.ndarray]:
@@ -211,6 +291,9 @@ class Receiver:
 
     def _on_write(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
+        if len(ext) == _ONE_SEG_EXT:
+            self._on_write_one(flags, ext, op_id, region, plen, imm, chunk, nchunks)
+            return
         key, end, table = self._table(ext)
         is_shm = plen == 0 and len(table) and int(table["length"].sum()) > 0
         total = int(table["length"].sum()) if len(table) else 0
@@ -231,6 +314,26 @@ class Receiver:
                                              imm if flags & w.FLAG_IMM else None)
         self._ack(op_id, chunk, status, text)
 
+    def _on_write_one(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                      imm: int, chunk: int, nchunks: int) -> None:
+        """:meth:`_on_write` for a frame of one segment (every small write), without numpy."""
+        key, end, off, n = _ONE_SEG.unpack(ext)
+        if plen and n != plen:
+            raise ProtocolError(f"segment table says {n} bytes, frame carries {plen}")
+        handler = self.t.handler
+        status, text, view = handler.resolve(region, key, Access.REMOTE_WRITE, (off, n), end)
+        if status != w.Status.OK or view is None:
+            self._drain(plen)
+            self._end_payload()
+            self._ack(op_id, chunk, status, text)
+            return
+        if plen:
+            self._recv_into(view[off:off + n])
+            self._end_payload()
+        status, text = handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
+                                      imm if flags & w.FLAG_IMM else None)
+        self._ack(op_id, chunk, status, text)
+
     def _on_imm(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                 chunk: int, nchunks: int) -> None:
         self._drain(plen)
@@ -245,22 +348,23 @@ class Receiver:
         handler = self.t.handler
         # counted against the inbox before a byte is allocated, and allocated as it arrives
         cost = w.charge(plen)
-        if not handler.reserve_inbox(cost):
+        sender = self.peer_key
+        if not handler.reserve_inbox(cost, sender):
             self._drain(plen)
             self._end_payload()
-            self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox is full: it is "
-                      "not calling recv()")
+            self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox (or this sender's "
+                      "share of it) is full: it is not calling recv()")
             return
         try:
             data = self._recv_growing(plen)
             self._end_payload()
         except BaseException:
-            handler.release_inbox(cost)
+            handler.release_inbox(cost, sender)
             raise
         key = (self.peer.engine_id, op_id)
         if not self.t.first_delivery(key):
             # resent after a link failure that lost only the acknowledgement: delivered once
-            handler.release_inbox(cost)
+            handler.release_inbox(cost, sender)
             self._ack(op_id, chunk)
             return
         status, text = handler.deliver(self.peer, imm, data, reserved=cost)
@@ -303,14 +407,14 @@ class Receiver:
             raise ProtocolError("malformed shared-memory open request")
         status, text, grant = self.t.handler.shm_open(self.peer.engine_id, region, ext, imm)
         body = grant if status == w.Status.OK else text.encode()[:4000]
-        self.reply([w.pack_header(w.Op.SHM_OPEN_RESP, status, len(body), op_id, 0, 0, 0, chunk,
-                                  chunk + 1) + body])
+        self._defer(w.pack_header(w.Op.SHM_OPEN_RESP, status, len(body), op_id, 0, 0, 0, chunk,
+                                  chunk + 1) + body)
 
     def _on_shm_revoked(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
         self.t.on_shm_revoked(op_id)
 
     def _on_ping(self, flags: int, ext: bytes, op_id: int, *_: int) -> None:
-        self.reply([w.pack_header(w.Op.PONG, 0, 0, op_id)])
+        self._defer(w.pack_header(w.Op.PONG, 0, 0, op_id))
 
     # dialer side: replies to our operations
 
@@ -326,7 +430,7 @@ class Receiver:
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
         with self.cond:
             c = self.inflight.pop((op_id, chunk), None)
-            if c is not None and len(self.inflight) == self.t.window - 1:
+            if c is not None and len(self.inflight) in (self.t.window - 1, _SMALL_WINDOW - 1):
                 self.cond.notify_all()  # this link's writer may take the next chunk
             return c
 
@@ -357,7 +461,7 @@ class Receiver:
             raise ProtocolError("malformed shared-memory revocation")
         if self.t.on_shm_revoke is not None:
             self.t.on_shm_revoke(self.peer.engine_id, region)
-        self.reply([w.pack_header(w.Op.SHM_REVOKED, 0, 0, op_id, region)])
+        self._defer(w.pack_header(w.Op.SHM_REVOKED, 0, 0, op_id, region))
 
     def _on_read_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                       chunk: int, nchunks: int) -> None:

@@ -27,6 +27,10 @@ class DisaggCluster:
     ``prefill_block_size``/``decode_block_size``: vLLM's ``--block-size``; different sizes
     are refused (the connector copies blocks byte for byte). ``connector``: more
     ``kv_connector_extra_config`` options (``timeout``, ``hold_s``, ``transports``, ...).
+    ``ray_address``: start every instance as a Ray actor on the Ray cluster there (``"auto"``
+    or the head's ``host:port``), ``ray_cpus`` CPUs each, spread over the nodes; each serves
+    and runs its engine on its node's IP address, and the proxy stays here. ``proxy_mode``:
+    ``"push"`` (layer-by-layer, the default) or ``"pull"`` (see :class:`DisaggProxy`).
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, prefill: int = 1,
@@ -36,7 +40,8 @@ class DisaggCluster:
                  decode_block_size: int | None = None, max_model_len: int = 2048,
                  connector: Mapping[str, Any] | None = None, cpus: list[str] | None = None,
                  log_dir: str | os.PathLike[str] | None = None,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, ray_address: str | None = None,
+                 ray_cpus: float = 1.0, proxy_mode: str = "push") -> None:
         if prefill < 1 or decode < 1:
             raise ConfigError("need at least one prefill and one decode instance")
         pb = prefill_block_size or block_size
@@ -55,8 +60,12 @@ class DisaggCluster:
         self.cpus = cpus or [str(c) for c in avail]
         self.log_dir = Path(log_dir) if log_dir else None
         self.start_timeout = start_timeout
-        self.prefill: list[VllmServer] = []
-        self.decode: list[VllmServer] = []
+        self.ray_address, self.ray_cpus = ray_address, ray_cpus
+        if proxy_mode not in ("push", "pull"):
+            raise ConfigError(f"proxy_mode must be 'push' or 'pull', got {proxy_mode!r}")
+        self.proxy_mode = proxy_mode
+        self.prefill: list[Any] = []   # VllmServer, or RayVllmServer with ray_address
+        self.decode: list[Any] = []
         self.proxy: DisaggProxy | None = None
 
     @property
@@ -65,10 +74,18 @@ class DisaggCluster:
             raise ConfigError("the cluster is not started")
         return self.proxy.url
 
-    def _server(self, role: str, i: int, n: int) -> VllmServer:
+    def _server(self, role: str, i: int, n: int) -> Any:
         from ._model import hf_folder
 
         cfg = kv_transfer_config(role, secret=None, host=self.host, **self.connector)
+        if self.ray_address is not None:
+            from ._ray import RayVllmServer
+
+            return RayVllmServer(None if self.model is None else str(self.model),
+                                 num_cpus=self.ray_cpus,
+                                 name=f"{role}-{i}-{secrets.token_hex(4)}", cpus=self.cpus[n % len(self.cpus)],
+                                 kv_transfer_config=cfg,
+                                 env={"TENSORFABRIC_SECRET": self.secret}, **self.kw)
         log = self.log_dir / f"{role}-{i}.log" if self.log_dir else None
         return VllmServer(hf_folder(None if self.model is None else str(self.model)), host=self.host, cpus=self.cpus[n % len(self.cpus)],
                           kv_transfer_config=cfg, log_path=log,
@@ -78,6 +95,10 @@ class DisaggCluster:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         np_, nd = self.counts
+        if self.ray_address is not None:
+            from ._ray import connect
+
+            connect(self.ray_address)
         try:
             self.prefill = [self._server("prefill", i, i) for i in range(np_)]
             self.decode = [self._server("decode", i, np_ + i) for i in range(nd)]
@@ -86,7 +107,8 @@ class DisaggCluster:
             for s in self.prefill + self.decode:
                 s.wait_ready(self.start_timeout)
             self.proxy = DisaggProxy([s.url for s in self.prefill], [s.url for s in self.decode],
-                                     host=self.host, port=self.port).start()
+                                     host=self.host, port=self.port,
+                                     mode=self.proxy_mode).start()
         except BaseException:
             self.close()
             raise

@@ -9,6 +9,7 @@ through vLLM's handshake metadata, and the scheduler's decisions reach the worke
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 log = logging.getLogger("tensorfabric.vllm")
+if not log.handlers:
+    # vLLM configures only its own loggers: show ours in the server's log too
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [tensorfabric] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(os.environ.get("TENSORFABRIC_VLLM_LOG", "INFO").upper())
+    log.propagate = False
 
 
 @dataclass
@@ -46,9 +54,20 @@ class TFConnectorMetadata(KVConnectorMetadata):
     release: list[dict[str, Any]] = field(default_factory=list)
     # prefill: request -> time.time() after which its blocks are freed if nobody pulled
     hold: dict[str, float] = field(default_factory=dict)
+    # prefill, push mode: request -> (push id, block ids, first token computed in this step,
+    # tokens computed after it, prompt length, resumed after preemption)
+    push: dict[str, tuple[str, list[int], int, int, int, bool]] = field(default_factory=dict)
+    # prefill, push mode: requests that ended before their prompt was pushed
+    abort: list[str] = field(default_factory=list)
+    # decode, push mode: requests aborted while they wait for their KV
+    cancel: list[str] = field(default_factory=list)
+    # nothing scheduled: vLLM steps only to poll transfers (requests waiting for KV, blocks
+    # held for a decode instance); the worker then waits for progress instead of spinning
+    idle: bool = False
 
 
 _FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
+_IDLE_WAIT_S = 0.02   # longest an idle step waits; any transfer's end wakes it at once
 
 
 class TensorFabricConnector(KVConnectorBase_V1):
@@ -82,6 +101,12 @@ class TensorFabricConnector(KVConnectorBase_V1):
         self._hold: dict[str, float] = {}
         self._warned: set[str] = set()
         self._bad: set[int] = set()
+        self._push: dict[str, tuple[str, int]] = {}     # prefill: request -> (push id, prompt)
+        self._push_blocks: dict[str, list[int]] = {}
+        self._abort: list[str] = []
+        self._push_loads: set[str] = set()   # decode: push-mode requests waiting for KV
+        self._hit: dict[str, int] = {}        # decode: request -> tokens found in the local cache
+        self._cancel: list[str] = []
 
     # -- worker side ----------------------------------------------------------------------
 
@@ -95,6 +120,13 @@ class TensorFabricConnector(KVConnectorBase_V1):
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return TFHandshake(self.worker.handshake()) if self.worker else None
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # before the forward pass (vLLM calls start_load_kv after it when no load is
+        # synchronous): which blocks of which push requests this step computes
+        if self.worker is not None and isinstance(connector_metadata, TFConnectorMetadata):
+            self.worker.begin_step(connector_metadata.push, connector_metadata.abort)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self.worker is not None
         if not self.has_connector_metadata():
@@ -103,6 +135,8 @@ class TensorFabricConnector(KVConnectorBase_V1):
         assert isinstance(meta, TFConnectorMetadata)
         if meta.hold:
             self.worker.hold(meta.hold)
+        for req_id in meta.cancel:
+            self.worker.cancel_load(req_id)
         for params in meta.release:
             self.worker.release(params)
         for req_id, (blocks, first, params) in meta.recv.items():
@@ -113,10 +147,16 @@ class TensorFabricConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        return  # blocks stay in place; the decode instance asks for them when it has room
+        # push mode: write this layer's new blocks to the decode instance (every push_layers
+        # layers); pull mode: blocks stay in place until the decode instance asks
+        if self.worker is not None:
+            self.worker.pusher.save_layer(layer_name)
 
     def wait_for_save(self) -> None:
-        return
+        # the step's last layers go out now; nothing waits for the writes (vLLM keeps the
+        # blocks until get_finished reports the request)
+        if self.worker is not None:
+            self.worker.pusher.end_step()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)
@@ -124,6 +164,13 @@ class TensorFabricConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self.worker is not None
+        meta = self._connector_metadata
+        if isinstance(meta, TFConnectorMetadata) and meta.idle and not (
+                meta.recv or meta.release or meta.hold or meta.push or meta.abort
+                or meta.cancel or finished_req_ids):
+            # an idle step: wait (briefly) for a transfer to finish rather than let vLLM's
+            # engine loop spin across its processes and take the CPU the prefill needs
+            self.worker.wait_progress(_IDLE_WAIT_S)
         sending = self.worker.finished_sending(set(finished_req_ids))
         recving, failed, bad = self.worker.finished_recving()
         self._bad |= bad
@@ -154,40 +201,92 @@ class TensorFabricConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill") or "tf_engine" not in params:
             return 0, False
+        if "tf_push" not in params and "tf_grant" not in params:
+            return 0, False
         try:
-            KVLayout.from_json(self._local()["layout"]).check_compatible(
-                KVLayout.from_json(params.get("tf_layout") or {}))
+            if "tf_layout" in params or "tf_grant" in params:   # push mode: the prefill checks
+                KVLayout.from_json(self._local()["layout"]).check_compatible(
+                    KVLayout.from_json(params.get("tf_layout") or {}))
         except (LayoutMismatchError, ConfigError) as exc:
             if request.request_id not in self._warned:
                 self._warned.add(request.request_id)
                 log.error("tensorfabric: %s: recomputing request %s here", exc, request.request_id)
             return 0, False
-        count = min(int(params.get("remote_num_tokens", 0)), request.num_prompt_tokens)
+        count = request.num_prompt_tokens   # push mode: the prefill computes the whole prompt
+        if "tf_grant" in params:
+            count = min(int(params.get("remote_num_tokens", 0)), count)
         count -= num_computed_tokens
+        if count > 0:
+            # the local prefix-cache hit: request.num_computed_tokens is still 0 when vLLM
+            # calls update_state_after_alloc for a new request
+            self._hit[request.request_id] = num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
+        if params and params.get("do_remote_decode") and params.get("tf_push"):
+            self._push[request.request_id] = (str(params["tf_push"]), request.num_prompt_tokens)
+            return
         if not params or not params.get("do_remote_prefill") or "tf_engine" not in params:
             return
         params["do_remote_prefill"] = False   # one transfer per request
         if num_external_tokens <= 0:
             self._release.append(params)
             return
-        nc = request.num_computed_tokens
+        nc = self._hit.pop(request.request_id, request.num_computed_tokens)
         first = nc // self.block_size
         n = -(-(nc + num_external_tokens) // self.block_size) - first
         local = list(blocks.get_unhashed_block_ids())[:n]
         self._recv[request.request_id] = (local, first, params)
+        if params.get("tf_push"):
+            self._push_loads.add(request.request_id)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        meta = TFConnectorMetadata(recv=self._recv, release=self._release, hold=self._hold)
-        self._recv, self._release, self._hold = {}, [], {}
+        meta = TFConnectorMetadata(recv=self._recv, release=self._release, hold=self._hold,
+                                   push=self._push_step(scheduler_output), abort=self._abort,
+                                   cancel=self._cancel,
+                                   idle=not scheduler_output.total_num_scheduled_tokens)
+        self._recv, self._release, self._hold, self._abort, self._cancel = {}, [], {}, [], []
         return meta
 
+    def _push_step(self, out: Any) -> dict[str, tuple[str, list[int], int, int, int, bool]]:
+        """Push-mode requests in this step: their blocks and the prompt tokens computed."""
+        if not self._push:
+            return {}
+        step: dict[str, tuple[str, list[int], int, int, int, bool]] = {}
+        n = out.num_scheduled_tokens
+        for new in out.scheduled_new_reqs:
+            if new.req_id in self._push:
+                self._push_blocks[new.req_id] = list(new.block_ids[0])
+                self._add(step, new.req_id, new.num_computed_tokens, n.get(new.req_id, 0), False)
+        cached = out.scheduled_cached_reqs
+        for i, req in enumerate(cached.req_ids):
+            if req not in self._push:
+                continue
+            resumed = req in cached.resumed_req_ids
+            added = cached.new_block_ids[i]
+            if resumed:
+                self._push_blocks[req] = list(added[0]) if added else []
+            elif added:
+                self._push_blocks.setdefault(req, []).extend(added[0])
+            self._add(step, req, cached.num_computed_tokens[i], n.get(req, 0), resumed)
+        return step
+
+    def _add(self, step: dict[str, Any], req: str, start: int, count: int, resumed: bool) -> None:
+        pid, prompt = self._push[req]
+        if start < prompt and count > 0:
+            step[req] = (pid, list(self._push_blocks.get(req, [])), start,
+                         min(start + count, prompt), prompt, resumed)
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._hit.pop(request.request_id, None)
         params = request.kv_transfer_params
         if not params:
+            return False, None
+        if request.request_id in self._push_loads:
+            self._push_loads.discard(request.request_id)
+            if request.status.name not in _FINISHED_OK:   # aborted while waiting for its KV
+                self._cancel.append(request.request_id)
             return False, None
         if params.get("do_remote_prefill") and "tf_engine" in params:
             self._release.append(params)   # finished (aborted) before it was scheduled
@@ -195,6 +294,13 @@ class TensorFabricConnector(KVConnectorBase_V1):
             return False, None
         if not params.get("do_remote_decode"):
             return False, None
+        pushed = self._push.pop(request.request_id, None) is not None
+        self._push_blocks.pop(request.request_id, None)
+        if pushed and block_ids and request.status.name not in _FINISHED_OK:
+            # writes of its layers may be in flight: free the blocks once they are over
+            self._abort.append(request.request_id)
+            self._hold[request.request_id] = round(time.time(), 3)
+            return True, None
         if request.status.name not in _FINISHED_OK or not block_ids:
             return False, None
         local = self._local()

@@ -5,12 +5,19 @@ instance first (``max_tokens=1``, ``kv_transfer_params={"do_remote_decode": true
 ``kv_transfer_params`` it answers with (where its KV blocks are, and a grant to take them) go
 with the original request to a decode instance, whose answer (streamed or not) is the reply.
 Instances are picked round robin.
+
+Push mode (the default, ``mode="push"``): once a prefill instance has answered once, the proxy
+knows its engine's address, and sends later requests to the prefill and the decode instance
+at the same time, both with one fresh random push id; the decode instance offers its blocks
+at once and the prefill instance writes each layer's KV into them while it computes (see
+``_push.py``). ``mode="pull"`` keeps the sequential protocol above for every request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import threading
 import time
 from typing import Any, Sequence
@@ -35,9 +42,14 @@ class DisaggProxy:
     """Runs the proxy on its own thread and event loop: ``start()``, ``url``, ``close()``."""
 
     def __init__(self, prefill: Sequence[str], decode: Sequence[str], *,
-                 host: str = "127.0.0.1", port: int = 0, timeout: float = 600.0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, timeout: float = 600.0,
+                 mode: str = "push") -> None:
         if not prefill or not decode:
             raise ConfigError("the proxy needs at least one prefill and one decode URL")
+        if mode not in ("push", "pull"):
+            raise ConfigError(f"mode must be 'push' or 'pull', got {mode!r}")
+        self.mode = mode
+        self._engines: dict[str, dict[str, Any]] = {}   # prefill URL -> its engine and layout
         self.prefill, self.decode = list(prefill), list(decode)
         self.host, self.port, self.timeout = host, port, timeout
         self._pi = itertools.cycle(range(len(self.prefill)))
@@ -46,7 +58,7 @@ class DisaggProxy:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.stats = {"requests": 0, "prefill_s": 0.0, "failed": 0}
+        self.stats = {"requests": 0, "prefill_s": 0.0, "failed": 0, "pushed": 0}
 
     @property
     def url(self) -> str:
@@ -107,6 +119,9 @@ class DisaggProxy:
         pre_url = self.prefill[next(self._pi)] + path
         dec_url = self.decode[next(self._di)] + path
         self.stats["requests"] += 1
+        info = self._engines.get(pre_url) if self.mode == "push" else None
+        if info is not None:
+            return await self._push(request, pre_url, dec_url, body, info)
         t0 = time.perf_counter()
         try:
             async with self._session.post(pre_url, json=_prefill_body(body)) as r:
@@ -119,6 +134,7 @@ class DisaggProxy:
             return web.json_response(
                 {"error": {"message": f"prefill instance {pre_url} failed: {exc!r}"}}, status=502)
         self.stats["prefill_s"] += time.perf_counter() - t0
+        self._learn(pre_url, pre)
         dec = dict(body)
         if pre.get("kv_transfer_params"):
             dec["kv_transfer_params"] = pre["kv_transfer_params"]
@@ -129,19 +145,83 @@ class DisaggProxy:
             return web.json_response(
                 {"error": {"message": f"decode instance {dec_url} failed: {exc!r}"}}, status=502)
 
-    async def _forward(self, request: Any, url: str, body: dict[str, Any]) -> Any:
+    def _learn(self, pre_url: str, pre: Any) -> None:
+        params = pre.get("kv_transfer_params") if isinstance(pre, dict) else None
+        if isinstance(params, dict) and params.get("tf_engine") and params.get("tf_layout"):
+            self._engines[pre_url] = {"tf_engine": params["tf_engine"],
+                                      "tf_layout": params["tf_layout"]}
+
+    async def _push(self, request: Any, pre_url: str, dec_url: str, body: dict[str, Any],
+                    info: dict[str, Any]) -> Any:
+        """Both requests at once. The decode answer is the reply; a prefill that fails drops
+        the decode request (vLLM aborts it) and its error is the reply; a decode instance that
+        fails first drops the prefill request and the reply is a 502 at once."""
         from aiohttp import web
 
+        pid = secrets.token_hex(16)
+        pre = _prefill_body(body)
+        pre["kv_transfer_params"] = {"do_remote_decode": True, "tf_push": pid}
+        dec = dict(body)
+        dec["kv_transfer_params"] = {"do_remote_prefill": True, "tf_push": pid, **info}
+        self.stats["pushed"] += 1
+        t0 = time.perf_counter()
+        pre_task = asyncio.ensure_future(self._prefill_call(pre_url, pre))
+        dec_task = asyncio.ensure_future(self._session.post(dec_url, json=dec))
+        await asyncio.wait({pre_task, dec_task}, return_when=asyncio.FIRST_COMPLETED)
+        if dec_task.done() and dec_task.exception() is not None:
+            pre_task.cancel()
+            self.stats["failed"] += 1
+            return web.json_response({"error": {"message": f"decode instance {dec_url} failed: "
+                                                           f"{dec_task.exception()!r}"}}, status=502)
+        status, answer = await pre_task
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        if status != 200:
+            self._engines.pop(pre_url, None)   # learn the address again (a restart?)
+            self.stats["failed"] += 1
+            await self._drop(dec_task)
+            return web.json_response(answer, status=status)
+        self._learn(pre_url, answer)
+        try:
+            r = await dec_task
+        except Exception as exc:  # noqa: BLE001
+            self.stats["failed"] += 1
+            return web.json_response(
+                {"error": {"message": f"decode instance {dec_url} failed: {exc!r}"}}, status=502)
+        async with r:
+            return await self._relay(request, r, body)
+
+    async def _prefill_call(self, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            async with self._session.post(url, json=body) as r:
+                return r.status, await r.json(content_type=None)
+        except Exception as exc:  # noqa: BLE001 - the client gets a clean 502
+            return 502, {"error": {"message": f"prefill instance {url} failed: {exc!r}"}}
+
+    @staticmethod
+    async def _drop(task: Any) -> None:
+        task.cancel()
+        try:
+            r = await task
+        except BaseException:  # noqa: BLE001 - cancelled or failed: nothing to release
+            return
+        r.close()
+
+    async def _forward(self, request: Any, url: str, body: dict[str, Any]) -> Any:
         async with self._session.post(url, json=body) as r:
-            if not body.get("stream"):
-                return web.json_response(await r.json(content_type=None), status=r.status)
-            resp = web.StreamResponse(status=r.status, headers={
-                "Content-Type": r.headers.get("Content-Type", "text/event-stream")})
-            await resp.prepare(request)
-            async for chunk in r.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+            return await self._relay(request, r, body)
+
+    async def _relay(self, request: Any, r: Any, body: dict[str, Any]) -> Any:
+        from aiohttp import web
+
+        if not body.get("stream"):
+            return web.json_response(await r.json(content_type=None), status=r.status)
+        resp = web.StreamResponse(status=r.status, headers={
+            "Content-Type": r.headers.get("Content-Type", "text/event-stream")})
+        await resp.prepare(request)
+        async for chunk in r.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def _models(self, request: Any) -> Any:
         from aiohttp import web
@@ -161,7 +241,9 @@ class DisaggProxy:
                         bad.append(url)
             except Exception:  # noqa: BLE001
                 bad.append(url)
-        return web.json_response({"ok": not bad, "unhealthy": bad}, status=503 if bad else 200)
+        return web.json_response({"ok": not bad, "unhealthy": bad, "prefill": self.prefill,
+                                  "decode": self.decode, "mode": self.mode},
+                                 status=503 if bad else 200)
 
     def close(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():

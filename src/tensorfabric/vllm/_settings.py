@@ -13,7 +13,7 @@ CONNECTOR_MODULE = "tensorfabric.vllm"
 CONNECTOR_NAME = "TensorFabricConnector"
 
 _KNOWN = {"secret", "host", "transports", "shm_kv", "timeout", "hold_s", "heartbeat_s", "name",
-          "stats_file"}
+          "stats_file", "push_layers", "push_wait_s"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,11 @@ class ConnectorSettings:
     decode instance gives up and recomputes. ``hold_s``: seconds a prefill instance keeps a
     finished request's blocks for its decode instance. ``heartbeat_s``: how often a decode
     instance checks that the prefill instance it waits on is alive. ``stats_file``: append one
-    JSON line per transfer (event, request, bytes, seconds) to this file.
+    JSON line per transfer (event, request, bytes, seconds) to this file. ``push_layers``: in
+    push mode (the proxy sends both requests at once), how many layers a prefill instance
+    computes between two writes to the decode instance (1: every layer on its own).
+    ``push_wait_s``: how long a decode instance waits, in push mode, for a prefill instance
+    that is alive but has not finished the prompt (its queue and the prefill itself).
     """
 
     secret: str
@@ -42,6 +46,8 @@ class ConnectorSettings:
     heartbeat_s: float = 0.5
     name: str | None = None
     stats_file: str | None = None
+    push_layers: int = 4
+    push_wait_s: float = 600.0
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:
@@ -65,6 +71,8 @@ class ConnectorSettings:
             heartbeat_s=_positive("heartbeat_s", extra.get("heartbeat_s", 0.5)),
             name=extra.get("name"),
             stats_file=extra.get("stats_file"),
+            push_layers=_count("push_layers", extra.get("push_layers", 4)),
+            push_wait_s=_positive("push_wait_s", extra.get("push_wait_s", 600.0)),
         )
 
 
@@ -76,6 +84,12 @@ def _positive(name: str, value: Any) -> float:
     if not v > 0:
         raise ConfigError(f"{name} must be > 0, got {value!r}")
     return v
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def kv_transfer_config(role: str, *, secret: str | None = None, host: str = "127.0.0.1",

@@ -9,6 +9,10 @@ Consumer (decode instance): asks the prefill instance for a request's blocks (a 
 message with its region's descriptor and its block ids), waits for the immediate, and reports
 the request as received, or as failed (its blocks then go to ``get_block_ids_with_load_errors``
 and vLLM recomputes them) on a timeout, a refusal, or a prefill instance that stops answering.
+
+Push mode (``tf_push`` in the params, see ``_push.py``): the decode instance sends an
+``offer`` instead as soon as it has blocks, and the prefill instance writes layers into them
+while it computes the prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._engine import Engine
@@ -27,28 +30,14 @@ from .._errors import ClosedError, TensorFabricError, TransferTimeout
 from .._region import Access
 from .._transfer import Transfer
 from . import _tokens
-from ._layout import KVLayout, LayoutMismatchError, layout_of, shm_allocation
+from ._layout import KVLayout, layout_of, shm_allocation
+from ._consumer import _MAX_MSG, TAG, ConsumerSide, _Load
+from ._push import Pusher
 from ._settings import ConnectorSettings
 
 log = logging.getLogger("tensorfabric.vllm")
 
-TAG = 0x74667676  # control messages between connectors
-_MAX_MSG = 1 << 20
-
-
-@dataclass
-class _Load:
-    req_id: str
-    peer: bytes
-    imm: int
-    local_blocks: list[int]
-    grant: dict[str, Any]
-    expect: Transfer | None = None
-    started: float = field(default_factory=time.monotonic)
-    reason: str = ""
-
-
-class WorkerSide:
+class WorkerSide(ConsumerSide):
     def __init__(self, settings: ConnectorSettings, block_size: int, role: str) -> None:
         self.s = settings
         self.block_size = block_size
@@ -68,6 +57,8 @@ class WorkerSide:
         self._spent: dict[str, float] = {}        # sent, released or expired (until expiry)
         self._to_report: set[str] = set()
         self._finished_seen: set[str] = set()
+        self._spent_push: dict[str, float] = {}  # push ids pushed, failed or withdrawn
+        self.pusher = Pusher(self)
         # consumer
         self._loads: dict[str, _Load] = {}
         self._by_imm: dict[int, str] = {}
@@ -75,8 +66,10 @@ class WorkerSide:
         self._recv_failed: set[str] = set()
         self._bad_blocks: set[int] = set()
         self._pinging: set[bytes] = set()
-        self.stats = {"pulls": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0, "expired": 0}
+        self.stats = {"pulls": 0, "pushes": 0, "bytes": 0, "loads_ok": 0, "loads_failed": 0,
+                      "expired": 0}
         self._stop = threading.Event()
+        self._progress = threading.Event()   # a transfer ended (see wait_progress)
         self._threads = [threading.Thread(target=self._serve, name="tf-vllm-serve", daemon=True),
                          threading.Thread(target=self._watch, name="tf-vllm-watch", daemon=True)]
         for t in self._threads:
@@ -152,8 +145,11 @@ class WorkerSide:
                 if t is not None:
                     t.cancel()
                 return
-            if req in self._spent or req in self._inflight or now > float(msg["expiry"]):
-                why = "already sent" if req in self._spent or req in self._inflight else "expired"
+            pushing = op == "pull" and self.pusher.busy(req)
+            if (req in self._spent or req in self._inflight or pushing
+                    or now > float(msg["expiry"])):
+                why = ("already sent" if req in self._spent or req in self._inflight or pushing
+                       else "expired")
                 refuse = f"request {req}: blocks {why}"
             elif op == "release":
                 self._free(req, now)
@@ -199,20 +195,43 @@ class WorkerSide:
             log.warning("tensorfabric: sending KV of %s failed (%s); its blocks are freed", req, err)
             self._refuse(peer, imm, f"request {req}: write failed: {err}")
 
-    def _record(self, event: str, req: str, **fields: Any) -> None:
-        if not self.s.stats_file:
-            return
-        line = json.dumps({"event": event, "req": req, "pid": os.getpid(), "time": time.time(),
-                           **fields})
-        try:
-            with self._lock_stats, open(self.s.stats_file, "a") as f:
-                f.write(line + "\n")
-        except OSError:
-            pass
-
     def _free(self, req: str, now: float) -> None:   # holding self._lock
         self._spent[req] = self._held.pop(req, now + self.s.hold_s)
         self._to_report.add(req)
+        self._progress.set()
+        self.pusher.forget(req)
+
+    # -- push mode, prefill side (called by the Pusher) -------------------------------------
+
+    def begin_step(self, push: dict[str, Any], abort: list[str]) -> None:
+        for req in abort:
+            self.pusher.abort(req, "the prefill request was aborted")
+        self.pusher.begin_step(push)
+
+    def spent_push(self, pid: str) -> bool:
+        return pid in self._spent_push
+
+    def note_spent_push(self, pid: str) -> None:
+        self._spent_push[pid] = time.time() + self.s.push_wait_s
+
+    def tell_failed(self, peer: bytes, imm: int, reason: str) -> None:
+        self._refuse(peer, imm, reason)
+
+    def pushed(self, req: str, pid: str, *, nbytes: int, writes: int, early: int,
+               seconds: float, error: str, offered: bool,
+               after_prefill: float | None = None) -> None:
+        with self._lock:
+            if error and not offered:
+                self.pusher.forget(req)   # nobody offered: the blocks wait for a pull or expire
+            else:
+                self._free(req, time.time())
+                if not error:
+                    self.stats["pushes"] += 1
+                    self.stats["bytes"] += nbytes
+        # after_prefill_s: from the prompt's last layer computed to the decode instance told
+        self._record("pushed" if not error else "push_failed", req, bytes=nbytes,
+                     writes=writes, early_writes=early, seconds=seconds,
+                     after_prefill_s=after_prefill, error=error or None)
 
     def _refuse(self, peer: bytes, imm: Any, reason: str) -> None:
         log.warning("tensorfabric: refused a KV pull: %s", reason)
@@ -225,12 +244,14 @@ class WorkerSide:
             pass
 
     def finished_sending(self, finished: set[str]) -> set[str]:
+        for req in finished:
+            self.pusher.finished(req)
         now = time.time()
         expired: list[str] = []
         with self._lock:
             self._finished_seen |= finished
             for req, expiry in list(self._held.items()):
-                if now > expiry and req not in self._inflight:
+                if now > expiry and req not in self._inflight and not self.pusher.busy(req):
                     log.warning("tensorfabric: no decode instance asked for %s within %.0f s; "
                                 "its blocks are freed", req, self.s.hold_s)
                     self.stats["expired"] += 1
@@ -243,92 +264,12 @@ class WorkerSide:
             for req, expiry in list(self._spent.items()):
                 if now > expiry + 60:
                     del self._spent[req]
+            for pid, expiry in list(self._spent_push.items()):
+                if now > expiry:
+                    del self._spent_push[pid]
         for req in expired:
             self._record("expired", req)
         return out
-
-    # -- consumer -----------------------------------------------------------------------------
-
-    def load(self, req_id: str, local_blocks: list[int], first: int,
-             params: dict[str, Any]) -> None:
-        """Ask the prefill instance named in ``params`` for the request's blocks ``first``,
-        ``first + 1``, ... (the ones before are a local prefix-cache hit) into
-        ``local_blocks``."""
-        assert self.layout is not None
-        peer = bytes.fromhex(params["tf_engine"])
-        g = params["tf_grant"]
-        imm = secrets.randbits(62) | 1
-        ld = _Load(req_id, peer, imm, list(local_blocks), g)
-        src = list(map(int, g["blocks"]))[first:first + len(local_blocks)]
-        if not local_blocks or len(src) != len(local_blocks):
-            # the grant does not cover what vLLM allocated: free the remote blocks, recompute
-            self.release(params)
-            with self._lock:
-                self._recv_failed.add(req_id)
-                self._bad_blocks.update(local_blocks)
-            return
-        msg = {"op": "pull", **g, "imm": imm, "src_blocks": src, "dst_blocks": ld.local_blocks,
-               "dst": self.region.descriptor().to_bytes().hex(), "layout": self.layout.to_json()}
-        ld.expect = self.engine.expect(imm, 1, timeout=self.s.timeout)
-        with self._lock:
-            self._loads[req_id] = ld
-            self._by_imm[imm] = req_id
-        ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
-        self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
-
-    def release(self, params: dict[str, Any]) -> None:
-        self._send(bytes.fromhex(params["tf_engine"]), {"op": "release", **params["tf_grant"]})
-
-    def _send(self, peer: bytes, msg: dict[str, Any], on_fail: Any = None) -> None:
-        try:
-            t = self.engine.send(peer, json.dumps(msg).encode(), tag=TAG,
-                                 timeout=max(self.s.heartbeat_s * 4, 2.0))
-        except TensorFabricError as exc:
-            if on_fail:
-                on_fail(exc)
-            return
-        if on_fail:
-            t.add_done_callback(lambda t: t.exception() and on_fail(t.exception()))
-
-    def _fail(self, req_id: str, reason: str) -> None:
-        with self._lock:
-            ld = self._loads.get(req_id)
-        if ld is not None and ld.expect is not None:
-            ld.reason = ld.reason or reason
-            ld.expect.cancel()
-
-    def _loaded(self, req_id: str, t: Transfer) -> None:
-        err = t.exception()
-        with self._lock:
-            ld = self._loads.pop(req_id, None)
-            if ld is None:
-                return
-            self._by_imm.pop(ld.imm, None)
-            if err is None:
-                self._recv_done.add(req_id)
-                self.stats["loads_ok"] += 1
-            else:
-                self._recv_failed.add(req_id)
-                self._bad_blocks.update(ld.local_blocks)
-                self.stats["loads_failed"] += 1
-        assert self.layout is not None
-        nbytes = len(ld.local_blocks) * len(self.layout.layers) * self.layout.block_bytes
-        seconds = time.monotonic() - ld.started
-        if err is None:
-            self._record("loaded", req_id, bytes=nbytes, seconds=seconds,
-                         shm=self.region.descriptor().shm)
-            return
-        why = ld.reason or (f"no KV within {self.s.timeout} s" if isinstance(err, TransferTimeout)
-                            else str(err))
-        log.warning("tensorfabric: loading KV of %s failed (%s); vLLM recomputes it", req_id, why)
-        self._record("load_failed", req_id, bytes=nbytes, seconds=seconds, error=why)
-        self._send(ld.peer, {"op": "cancel", **ld.grant})
-
-    def finished_recving(self) -> tuple[set[str], set[str], set[int]]:
-        with self._lock:
-            done, failed, bad = self._recv_done, self._recv_failed, self._bad_blocks
-            self._recv_done, self._recv_failed, self._bad_blocks = set(), set(), set()
-        return done | failed, failed, bad
 
     # -- threads ------------------------------------------------------------------------------
 
@@ -347,6 +288,11 @@ class WorkerSide:
                 op = msg.get("op")
                 if op in ("pull", "release", "cancel"):
                     self._on_pull(m.peer, msg)
+                elif op == "offer":
+                    self._on_offer(m.peer, msg)
+                elif op == "withdraw":
+                    self.pusher.withdraw(str(msg.get("push", "")),
+                                         "withdrawn by the decode instance", m.peer, msg.get("imm"))
                 elif op == "failed":
                     with self._lock:
                         req = self._by_imm.get(int(msg["imm"]))
@@ -355,37 +301,13 @@ class WorkerSide:
             except Exception:  # noqa: BLE001 - a bad message must not stop the server
                 log.exception("tensorfabric: bad control message from a peer")
 
-    def _watch(self) -> None:
-        """Ping the prefill instances that pending loads wait on: a dead one fails them now."""
-        while not self._stop.wait(self.s.heartbeat_s):
-            with self._lock:
-                peers = {ld.peer for ld in self._loads.values()} - self._pinging
-                self._pinging |= peers
-            for peer in peers:
-                self._ping(peer)
-
-    def _ping(self, peer: bytes) -> None:
-        def done(t: Transfer) -> None:
-            err = t.exception()
-            if err is None:
-                with self._lock:
-                    self._pinging.discard(peer)
-            else:
-                self._peer_gone(peer, err)
+    def _on_offer(self, peer: bytes, msg: dict[str, Any]) -> None:
         try:
-            t = self.engine.send(peer, b'{"op":"ping"}', tag=TAG,
-                                 timeout=max(self.s.heartbeat_s * 4, 2.0))
-        except TensorFabricError as exc:
-            self._peer_gone(peer, exc)
-            return
-        t.add_done_callback(done)
-
-    def _peer_gone(self, peer: bytes, err: BaseException) -> None:
-        with self._lock:
-            self._pinging.discard(peer)
-            dead = [r for r, ld in self._loads.items() if ld.peer == peer]
-        for req in dead:
-            self._fail(req, f"prefill instance unreachable: {err}")
+            why = self.pusher.offer(peer, msg)
+        except (TensorFabricError, ValueError, KeyError, TypeError) as exc:
+            why = f"bad offer: {exc}"
+        if why:
+            self._refuse(peer, msg.get("imm"), why)
 
     def close(self) -> None:
         self._stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -14,7 +15,8 @@ import numpy as np
 import tensorfabric as tf
 from tensorfabric.weights import _protocol as proto
 from tensorfabric.weights._errors import WeightsError
-from tensorfabric.weights._plan import DEFAULT_CHECKSUM, WeightPlan, checksum, checksum_available, fanout
+from tensorfabric.weights._plan import (DEFAULT_CHECKSUM, KEYED_CHECKSUMS, WeightPlan, checksum,
+                                       checksum_available, chunk_key, fanout)
 
 log = logging.getLogger("tensorfabric.weights")
 _GRACE = 1.0  # extra seconds to wait for a replica's own verdict after the round's deadline
@@ -66,21 +68,29 @@ class Publisher:
     publish staging lacks the zero-copy chunks, so a catch-up first re-stages them from the
     tensors last published and checks them against that version's checksums: if the trainer
     has changed them since, the catch-up is skipped and the replica gets the next ``publish``.
+
+    ``key`` (``weights_key(secret)``) makes the checksums keyed (``poly1305`` by default then):
+    a relay without the secret can neither change a chunk nor recompute its checksum.
     """
 
     def __init__(self, engine: Any, plan: WeightPlan, *, fanout: str = "tree", degree: int = 2,
                  roots: int = 1, window: int = 4, timeout: float = 30.0,
-                 checksum: str = DEFAULT_CHECKSUM, faults: Faults | None = None,
-                 zero_copy: bool = True) -> None:
+                 checksum: str | None = None, faults: Faults | None = None,
+                 zero_copy: bool = True, key: bytes | None = None) -> None:
         if len(plan.chunks) >= proto.MAX_CHUNKS:
             raise WeightsError(f"plan has {len(plan.chunks)} chunks; raise chunk_bytes")
         self.engine, self.plan, self.timeout = engine, plan, timeout
         self.fanout, self.degree, self.roots, self.window = fanout, degree, roots, window
         self.faults = faults or Faults()
+        if checksum is None:
+            checksum = "poly1305" if key is not None else DEFAULT_CHECKSUM
         why = checksum_available(checksum)
         if why is not None:
             raise WeightsError(why)
-        self.checksum = checksum
+        if checksum in KEYED_CHECKSUMS and not key:
+            raise WeightsError(f"checksum {checksum!r} is keyed: pass key=weights_key(secret)")
+        self.checksum, self.key = checksum, key
+        self.session = secrets.token_bytes(16)  # one-time MAC keys differ across publishers
         self.zero_copy = zero_copy
         self._staged = True  # staging holds every chunk of ``version``
         self._last: Mapping[str, Any] | None = None  # sources of the last zero-copy publish
@@ -116,6 +126,13 @@ class Publisher:
                     raise tf.TransferTimeout(f"{len(self._replicas)} of {n} replicas joined in time")
                 self._cond.wait(left)
             return list(self._replicas)
+
+    def catch_up(self, names: list[str]) -> None:
+        """Send the current version again to ``names`` (replicas that missed it), in the
+        background, as for late joiners."""
+        with self._cond:
+            self._joiners.extend(n for n in names if n in self._replicas)
+            self._cond.notify_all()
 
     def replica_versions(self) -> dict[str, int]:
         with self._cond:
@@ -176,7 +193,9 @@ class Publisher:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._joiners) or self._closed.is_set(), timeout=0.5)
                 names, self._joiners = self._joiners, []
-            if names and self.version > 0 and not self._closed.is_set():
+            # only a version this publisher has published (a new one may start its numbering
+            # after what replicas serve, with nothing to send yet)
+            if names and self.version > 0 and self.crcs and not self._closed.is_set():
                 with self._round:
                     behind = [n for n in names if n in self._replicas
                               and self._replicas[n].version < self.version]
@@ -195,7 +214,7 @@ class Publisher:
             if c.source is None:
                 continue
             self.plan.prepare(c.index, self._last, self._arr)
-            if checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum) != self.crcs[c.index]:
+            if self._sum(self._arr[c.offset : c.offset + c.nbytes], c.index) != self.crcs[c.index]:
                 log.info("publisher: version %d changed in the trainer's memory since it was "
                          "published; late joiners get the next publish", self.version)
                 return False
@@ -235,7 +254,12 @@ class Publisher:
         self.crcs = []
         for c in self.plan.chunks:
             self.plan.prepare(c.index, sources, self._arr)
-            self.crcs.append(checksum(self._arr[c.offset : c.offset + c.nbytes], self.checksum))
+            self.crcs.append(self._sum(self._arr[c.offset : c.offset + c.nbytes], c.index))
+
+    def _sum(self, buf: np.ndarray, index: int) -> int:
+        key = (chunk_key(self.key, self.session, self.version, index)
+               if self.checksum in KEYED_CHECKSUMS and self.key else None)
+        return checksum(buf, self.checksum, key=key)
 
     def _await(self, kind: str, names: list[str], rnd: int, deadline: float) -> dict[str, dict[str, Any]]:
         got: dict[str, dict[str, Any]] = {}
@@ -267,7 +291,7 @@ class Publisher:
         log.debug("publisher: round %d of version %d to %s", rnd, version, names)
         told = [n for n, r in reps.items()
                 if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout,
-                                                  checksum=self.checksum))
+                                                  checksum=self.checksum, session=self.session.hex()))
                 or self._fail(result, n, "dead: unreachable", drop=True)]
         t_ready = time.perf_counter()
         ready = self._await("ready", told, rnd, deadline)
@@ -335,7 +359,7 @@ class Publisher:
                     self._staged = False  # staging lacks this chunk of this version
                 t1 = clock()
                 body = self._arr[c.offset : c.offset + c.nbytes] if direct is None else direct
-                self.crcs.append(checksum(body, self.checksum))
+                self.crcs.append(self._sum(body, c.index))
                 spent["prepare"] += t1 - t0
                 spent["checksum"] += clock() - t1
             if c.index in self.faults.corrupt:  # after the checksum: the replica must notice

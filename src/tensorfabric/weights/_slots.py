@@ -4,6 +4,11 @@ A replica owns two slots, each a flat buffer in the replica layout. Readers take
 active slot (``acquire()``) and keep it for a whole forward pass or generation; an update is
 written into the other slot, which is handed out only when no reader holds it, and becomes active
 with one pointer swap after it has been verified. So a reader sees one version, never a mix.
+
+With a single buffer (a consumer that copies each verified version elsewhere, as vLLM does),
+readers and the writer exclude each other: ``reserve`` waits until no reader holds the buffer,
+and from then until the next ``commit`` no version can be leased (the buffer is being
+overwritten; an aborted update leaves none).
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ class Snapshot:
 
 
 class SlotSet:
-    """Two slots over ``buffers`` (flat uint8 arrays of at least ``layout.nbytes``)."""
+    """Two slots over ``buffers`` (flat uint8 arrays of at least ``layout.nbytes``), or one
+    slot over a single buffer (see the module's docstring)."""
 
     def __init__(self, layout: Layout, buffers: Sequence[np.ndarray]) -> None:
-        if len(buffers) != 2:
-            raise ValueError("a SlotSet needs exactly two buffers")
+        if len(buffers) not in (1, 2):
+            raise ValueError("a SlotSet needs one or two buffers")
+        self.single = len(buffers) == 1
         self.layout = layout
-        self.buffers = list(buffers)
+        self.buffers = list(buffers) * (2 if self.single else 1)
         self.views = [layout.views(b) for b in self.buffers]
         self.extras: list[Any] = [None, None]
         self._cond = threading.Condition()
@@ -77,16 +84,18 @@ class SlotSet:
         """
         deadline = time.monotonic() + timeout
         with self._cond:
-            slot = 1 - self._active if self._active >= 0 else 0
-            while self._readers[slot]:
+            slot = 0 if self.single or self._active < 0 else 1 - self._active
+            while self._readers[slot] or (self.single and self._readers[1]):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TransferTimeout(
-                        f"slot {slot} still has {self._readers[slot]} reader(s) of version "
+                        f"slot {slot} still has {sum(self._readers)} reader(s) of version "
                         f"{self._versions[slot]} after {timeout:.1f} s; release leases sooner"
                     )
                 self._cond.wait(left)
             self._writing = slot
+            if self.single:  # the buffer's version is being overwritten
+                self._active = -1
             return slot
 
     def commit(self, slot: int, version: int) -> None:

@@ -14,7 +14,8 @@ import tensorfabric as tf
 from tensorfabric.weights import _protocol as proto
 from tensorfabric.weights._errors import UpdateRejected
 from tensorfabric.weights._layout import Layout
-from tensorfabric.weights._plan import DEFAULT_CHECKSUM, checksum, checksum_available
+from tensorfabric.weights._plan import (DEFAULT_CHECKSUM, KEYED_CHECKSUMS, checksum, checksum_available,
+                                       chunk_key)
 from tensorfabric.weights._slots import SlotSet, Snapshot
 
 log = logging.getLogger("tensorfabric.weights")
@@ -34,6 +35,7 @@ class _Update:
         self.crcs: list[int] = []
         self.aborted = threading.Event()
         self.checksum = DEFAULT_CHECKSUM
+        self.session = b""
         self.thread: threading.Thread | None = None
 
 
@@ -44,16 +46,23 @@ class Subscriber:
     (optional) is called once per slot with the slot's numpy views and may return an object
     built over them (a torch model, see ``tensorfabric.weights.bind_torch``); a lease's
     ``Snapshot.extra`` is that object. ``timeout`` bounds every wait of an update.
+
+    ``key`` (``weights_key(secret)``): require keyed checksums (an update with an unkeyed one
+    is refused, so a relay cannot downgrade it). ``single_slot``: one buffer instead of two,
+    for a consumer that copies each verified version elsewhere (vLLM): while an update is
+    written no version can be leased (see ``SlotSet``).
     """
 
     def __init__(self, engine: Any, publisher: bytes, layout: Layout, *, name: str = "replica",
-                 timeout: float = 30.0, bind: Binder | None = None) -> None:
+                 timeout: float = 30.0, bind: Binder | None = None, key: bytes | None = None,
+                 single_slot: bool = False) -> None:
         self.engine, self.publisher, self.layout = engine, bytes(publisher), layout
-        self.name, self.timeout = name, timeout
-        self.regions = [engine.alloc(max(layout.nbytes, 1), access=tf.Access.READ_WRITE) for _ in range(2)]
+        self.name, self.timeout, self.key = name, timeout, key
+        n = 1 if single_slot else 2
+        self.regions = [engine.alloc(max(layout.nbytes, 1), access=tf.Access.READ_WRITE) for _ in range(n)]
         self.slots = SlotSet(layout, [r.array for r in self.regions])
         if bind is not None:
-            for i in range(2):
+            for i in range(n):
                 self.slots.extras[i] = bind(i, self.slots.views[i])
         self.rejected: list[tuple[int, str]] = []  # (version, reason) of refused updates
         self._update: _Update | None = None
@@ -63,7 +72,7 @@ class Subscriber:
         self._welcome = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"weights-sub-{name}", daemon=True)
         self._hello = proto.encode("hello", name=name, fingerprint=layout.fingerprint(),
-                                   slots=[r.descriptor().to_bytes().hex() for r in self.regions])
+                                   slots=[self.regions[i % n].descriptor().to_bytes().hex() for i in range(2)])
         self._thread.start()
 
     # -- reading -----------------------------------------------------------------------------
@@ -131,7 +140,7 @@ class Subscriber:
                 return  # a duplicate delivery of a prepare we already acted on
             self._seen.append(rnd)
             self._prepare(version, rnd, msg["chunks"], float(msg.get("timeout", self.timeout)),
-                          str(msg.get("checksum", "crc32")))
+                          str(msg.get("checksum", "crc32")), bytes.fromhex(str(msg.get("session", ""))))
         elif kind in ("go", "commit", "abort"):
             up = self._update
             if up is None or up.round != rnd:
@@ -147,7 +156,7 @@ class Subscriber:
                 up.aborted.set()
 
     def _prepare(self, version: int, rnd: int, chunks: list[list[int]], timeout: float,
-                 kind: str) -> None:
+                 kind: str, session: bytes = b"") -> None:
         log.debug("%s: prepare version %d round %d", self.name, version, rnd)
         old = self._update
         if old is not None:
@@ -155,6 +164,10 @@ class Subscriber:
             if old.thread is not None:  # its slot first, so the two never share a reservation
                 old.thread.join(timeout=self.timeout)
         why = checksum_available(kind)
+        if why is None and self.key is not None and kind not in KEYED_CHECKSUMS:
+            why = f"this replica requires a keyed checksum ({KEYED_CHECKSUMS}), not {kind!r}"
+        elif why is None and kind in KEYED_CHECKSUMS and not (self.key and len(session) == 16):
+            why = f"checksum {kind!r} is keyed: give the replica key=weights_key(secret)"
         if why is not None:  # refuse before taking a slot: nothing to undo
             why = f"unsupported: {why}"
             self.rejected.append((version, why))
@@ -167,7 +180,7 @@ class Subscriber:
             self._send(proto.encode("done", name=self.name, v=version, r=rnd, ok=False, reason=str(exc)))
             return
         up = _Update(version, rnd, slot, chunks, deadline)
-        up.checksum = kind
+        up.checksum, up.session = kind, session
         self._update = up
         up.thread = threading.Thread(target=self._receive, args=(up,), name=f"weights-rx-{version}",
                                      daemon=True)
@@ -229,7 +242,9 @@ class Subscriber:
                 for addr, desc in up.children:
                     forwards.append(self.engine.write(region, desc, src_offset=off, dst_offset=off,
                                                       nbytes=n, imm=proto.imm(up.round, i)))
-                crcs.append(checksum(arr[off : off + n], up.checksum))
+                key = (chunk_key(self.key, up.session, up.version, i)
+                       if up.checksum in KEYED_CHECKSUMS and self.key else None)
+                crcs.append(checksum(arr[off : off + n], up.checksum, key=key))
             while not up.commit.wait(self._left(up, "the commit")):
                 pass
         finally:

@@ -1,0 +1,76 @@
+"""``tensorfabric vllm-disagg --ray-address``: the prefill and decode vLLM instances start as
+Ray actors on a (local, throwaway) Ray cluster, and the proxy in front of them gives the
+same greedy tokens as the prefill instance answering on its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers.vllm import complete, subprocess_env
+
+pytestmark = [pytest.mark.timeout(1200)]
+pytest.importorskip("ray")
+
+HERE = Path(__file__).resolve().parent
+LIST_ACTORS = """
+import json, sys, ray
+from tensorfabric.vllm._ray import NAMESPACE
+ray.init(address=sys.argv[1], log_to_driver=False)
+print(json.dumps([a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE]))
+"""
+
+
+def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
+    # Ray 2.60's local clusters take a token (~/.ray/auth_token); clients must ask for it
+    env = subprocess_env(RAY_AUTH_MODE="token")
+    head = subprocess.Popen([sys.executable, str(HERE / "_ray_head.py"), "2"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cli = None
+    try:
+        assert head.stdout is not None
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        log = open(tmp_path / "cli.log", "w")
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "tensorfabric", "vllm-disagg", "--ray-address", address,
+             "--port", "0", "--kv-space", "1"],
+            env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        assert cli.stdout is not None
+        url = cli.stdout.readline().strip()
+        assert url.startswith("http://"), (tmp_path / "cli.log").read_text()[-3000:]
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            health = json.loads(r.read())
+        assert health["ok"] and len(health["prefill"]) == len(health["decode"]) == 1
+        prompt = "Item 1: the quick brown fox jumps over the lazy dog. " * 12
+        for p in (prompt, prompt + " Again:"):   # the first request pulls, the second pushes
+            status, body = complete(url, p, 12)
+            assert status == 200, body
+            status, alone = complete(health["prefill"][0], p, 12)
+            assert status == 200, alone
+            assert body["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
+        # the instances are (named) Ray actors of that cluster (asked from another process:
+        # this one may be connected to another Ray cluster already)
+        names = json.loads(subprocess.run(
+            [sys.executable, "-c", LIST_ACTORS, address], env=env, capture_output=True,
+            text=True, timeout=120, check=True).stdout.strip().splitlines()[-1])
+        assert sorted(n.split("-")[0] for n in names) == ["decode", "prefill"], names
+    finally:
+        if cli is not None:
+            cli.terminate()   # SIGTERM: the command stops its instances (actors) and exits
+            try:
+                cli.wait(120)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+        if head.stdin is not None:
+            head.stdin.close()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
