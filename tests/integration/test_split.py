@@ -115,25 +115,30 @@ def test_stalled_cloud_edge_takes_over_then_cloud_returns(cloud, full) -> None: 
         # Freeze the cloud after it streamed a few tokens: the edge must finish the answer.
         stopped = []
 
+        taken_over = []
+
         def freeze(n: int) -> None:
             if n == 3 and not stopped:
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(time.monotonic())
+            elif n == 4:
+                taken_over.append(time.monotonic())   # the first token after the freeze
 
-        t0 = time.monotonic()
         out, _, done = run(edge, text, max_tokens=24, on_text=freeze)
         assert stopped, "the cloud never streamed"
         assert done.tier == "cloud+edge" and done.degraded and "went silent" in done.cloud_error
         assert done.completion_tokens == 24 or done.finish_reason == "stop"
         assert out[:5] == healthy[:5]  # the cloud's first tokens were kept
-        assert time.monotonic() - stopped[0] < 30  # noticed after cloud.dead_after, not hung
+        # the stall was noticed after cloud.timeout (3 s), not waited out: the edge's first token
+        # came well inside request_timeout (60 s); what the edge then generates is not timed
+        assert taken_over and taken_over[0] - stopped[0] < 45
         assert not edge.cloud_available
 
         # While the breaker is open, cloud requests are answered at once by the edge.
-        t1 = time.monotonic()
         out2, route2, done2 = run(edge, "Hello!", max_tokens=4)
+        # routed as cloud_down: no cloud attempt was made (the reason says so, no clock needed)
         assert (route2.decision.reason, done2.tier, done2.degraded) == ("cloud_down", "edge", True)
-        assert out2 and time.monotonic() - t1 < 30  # no cloud attempt (generous: busy CI hosts)
+        assert out2
 
         os.kill(pid, signal.SIGCONT)
         assert edge.health.wait_available(30), edge.health.last_error
