@@ -33,6 +33,20 @@ def _torch() -> Any:
     return torch
 
 
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], prefix: str = "") -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template with the generation
+    prompt, plus an optional answer ``prefix`` to continue from."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # BatchEncoding in transformers 5
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    if prefix:
+        ids += tokenizer.encode(prefix, add_special_tokens=False)
+    return [int(i) for i in ids]
+
+
 @dataclass(frozen=True)
 class TokenStep:
     token_id: int
@@ -66,17 +80,7 @@ class ChatModel:
     def encode_chat(self, messages: Sequence[dict[str, str]], prefix: str = "") -> list[int]:
         """Token ids of the chat prompt (with the generation prompt), plus an optional answer
         prefix to continue from (used when the edge takes over a half-finished cloud answer)."""
-        ids = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # BatchEncoding in transformers 5
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        if prefix:
-            ids += self.tokenizer.encode(prefix, add_special_tokens=False)
-        return [int(i) for i in ids]
+        return encode_chat(self.tokenizer, messages, prefix)
 
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         return len(self.encode_chat(messages))

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._lm import encode_chat
+
 __all__ = ["VllmChat", "VllmHttpChat", "VllmStep", "have_vllm"]
 
 _HINT = "the cloud tier on vLLM needs the vllm extra: pip install 'tensorfabric[vllm]'"
@@ -103,15 +105,7 @@ class _Template:
     def encode_chat(self, messages: Sequence[dict[str, str]], prefix: str = "") -> list[int]:
         """Token ids of the chat prompt with the generation prompt, plus an optional answer
         prefix to continue from."""
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        if prefix:
-            ids += self.tokenizer.encode(prefix, add_special_tokens=False)
-        return [int(i) for i in ids]
+        return encode_chat(self.tokenizer, messages, prefix)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
