@@ -301,9 +301,7 @@ class Receiver:
             raise ProtocolError(f"segment table says {total} bytes, frame carries {plen}")
         status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_WRITE, table, end)
         if status != w.Status.OK or view is None:
-            self._drain(plen)
-            self._end_payload()
-            self._ack(op_id, chunk, status, text)
+            self._refuse(plen, op_id, chunk, status, text)
             return
         if plen:
             offs = table["offset"].tolist()
@@ -323,15 +321,19 @@ class Receiver:
         handler = self.t.handler
         status, text, view = handler.resolve(region, key, Access.REMOTE_WRITE, (off, n), end)
         if status != w.Status.OK or view is None:
-            self._drain(plen)
-            self._end_payload()
-            self._ack(op_id, chunk, status, text)
+            self._refuse(plen, op_id, chunk, status, text)
             return
         if plen:
             self._recv_into(view[off:off + n])
             self._end_payload()
         status, text = handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
                                       imm if flags & w.FLAG_IMM else None)
+        self._ack(op_id, chunk, status, text)
+
+    def _refuse(self, plen: int, op_id: int, chunk: int, status: int, text: str) -> None:
+        """Skip a refused frame's payload (it still counts for the MAC) and answer ``status``."""
+        self._drain(plen)
+        self._end_payload()
         self._ack(op_id, chunk, status, text)
 
     def _on_imm(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
@@ -350,10 +352,8 @@ class Receiver:
         cost = w.charge(plen)
         sender = self.peer_key
         if not handler.reserve_inbox(cost, sender):
-            self._drain(plen)
-            self._end_payload()
-            self._ack(op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox (or this sender's "
-                      "share of it) is full: it is not calling recv()")
+            self._refuse(plen, op_id, chunk, w.Status.INBOX_FULL, "receiver's inbox (or this "
+                         "sender's share of it) is full: it is not calling recv()")
             return
         try:
             data = self._recv_growing(plen)
