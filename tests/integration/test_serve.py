@@ -232,8 +232,10 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
             with c.stream("POST", f"{server.url}/chat/completions", json={
                     "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 96, "stream": True}) as resp:  # fmt: skip
                 for line in resp.iter_lines():
-                    if '"content": "' in line and "started" not in box:
-                        box["started"] = time.monotonic()
+                    if '"content": "' in line:
+                        box.setdefault("started", time.monotonic())
+                        if "killed" in box:   # tokens after the kill (the edge's, mostly)
+                            box.setdefault("after", []).append(time.monotonic())
                     if line.startswith("data: {") and '"tensorfabric"' in line:
                         box["final"] = json.loads(line[6:])
         box["ended"] = time.monotonic()
@@ -243,16 +245,22 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
     th.start()
     while "started" not in box and th.is_alive():
         time.sleep(0.01)
-    killed = time.monotonic()
+    killed = box["killed"] = time.monotonic()
     os.kill(pid, getattr(signal, sig))
+    seen = set()   # /health while the edge finishes the answer (the cloud may be back by its end)
+    while th.is_alive() and time.monotonic() - killed < 300:
+        seen.add(httpx.get(f"{base}/health").json()["status"])
+        time.sleep(0.2)
     th.join(300)
     info = box["final"]["tensorfabric"]
     assert info["degraded"] is True and info["tier"] in ("cloud+edge", "edge"), info
     took = box["ended"] - killed
     print(f"\n  {sig}: in-flight request finished {took:.1f} s after the kill (edge alone: {edge_time:.1f} s)")
-    assert took <= 2.0 + edge_time + 3.0, (took, edge_time)  # 2 s to notice + its own generation
-    h = httpx.get(f"{base}/health").json()
-    assert h["status"] == "degraded"
+    # the edge took over after noticing the death (cloud.dead_after 1.5 s, or the closed link),
+    # not after waiting out cloud.timeout (60 s); how long it then generates is not timed here
+    ticks = [killed, *box.get("after", [])]
+    assert len(ticks) > 1 and max(b - a for a, b in zip(ticks, ticks[1:])) < 45, ticks
+    assert "degraded" in seen, seen   # the outage was reported while it lasted
     while httpx.get(f"{base}/health").json()["status"] != "ok":
         assert time.monotonic() - killed < 180, "the supervisor did not bring the cloud back"
         time.sleep(0.5)
