@@ -22,7 +22,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +165,7 @@ class VllmChat(_Template):
 
     def stream(self, prompt_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, logprobs: bool = False,
-               timeout: float = 300.0) -> Iterator[VllmStep]:  # fmt: skip
+               timeout: float = 300.0) -> Generator[VllmStep, None, None]:  # fmt: skip
         """Generate for one request inside the shared batch; closing the iterator (or
         ``timeout`` seconds without a step) aborts the request in vLLM."""
         from vllm import SamplingParams
@@ -262,7 +262,7 @@ class VllmHttpChat(_Template):
 
     def stream(self, prompt_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, logprobs: bool = False,
-               timeout: float = 300.0) -> Iterator[VllmStep]:  # fmt: skip
+               timeout: float = 300.0) -> Generator[VllmStep, None, None]:  # fmt: skip
         import httpx
 
         if len(prompt_ids) + max_tokens > self.max_model_len:
