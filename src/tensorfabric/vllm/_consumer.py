@@ -99,12 +99,7 @@ class ConsumerSide:
             return
         msg = {"op": "pull", **g, "imm": imm, "src_blocks": src, "dst_blocks": ld.local_blocks,
                "dst": self.region.descriptor().to_bytes().hex(), "layout": self.layout.to_json()}
-        ld.expect = self.engine.expect(imm, 1, timeout=self.s.timeout)
-        with self._lock:
-            self._loads[req_id] = ld
-            self._by_imm[imm] = req_id
-        ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
-        self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
+        self._track(ld, peer, msg, self.s.timeout)
 
     def _offer(self, req_id: str, peer: bytes, imm: int, local_blocks: list[int], first: int,
                pid: str) -> None:
@@ -117,7 +112,13 @@ class ConsumerSide:
             return
         msg = {"op": "offer", "push": pid, "imm": imm, "first": first, "dst_blocks": local_blocks,
                "dst": self.region.descriptor().to_bytes().hex(), "layout": self.layout.to_json()}
-        ld.expect = self.engine.expect(imm, 1, timeout=self.s.push_wait_s)
+        self._track(ld, peer, msg, self.s.push_wait_s)
+
+    def _track(self, ld: _Load, peer: bytes, msg: dict[str, Any], timeout: float) -> None:
+        """Expect ``ld``'s immediate (its KV landed), record the load, and send ``msg`` (a pull
+        or an offer) to the prefill engine ``peer``."""
+        req_id, imm = ld.req_id, ld.imm
+        ld.expect = self.engine.expect(imm, 1, timeout=timeout)
         with self._lock:
             self._loads[req_id] = ld
             self._by_imm[imm] = req_id
