@@ -27,3 +27,34 @@ def child_env() -> dict[str, str]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml).
+# Every test gets an ``xdist_group``: its module, so module-scoped fixtures (served stacks,
+# clusters, loaded models) start once, on one worker; the whole vLLM tier and the whole Ray
+# tier are one group each, so their session-wide fixtures (the reference vLLM server, the Ray
+# cluster) start once. Groups are queued heaviest first (vLLM, Ray, slow integration modules,
+# the rest) so the two workers finish together; xdist keeps this order with
+# ``--no-loadscope-reorder``. Without xdist (``-p no:xdist``) the same order still holds.
+_SHARED_GROUPS = {"vllm": 0, "ray": 1}
+
+
+def _group(item: pytest.Item) -> tuple[int, str]:
+    path = Path(str(item.fspath)).resolve().relative_to(Path(__file__).resolve().parent)
+    tier = path.parts[0] if len(path.parts) > 1 else ""
+    if tier in _SHARED_GROUPS:
+        return _SHARED_GROUPS[tier], tier
+    slow = item.get_closest_marker("slow") is not None
+    rank = {"integration": 2, "transports": 4, "unit": 5}.get(tier, 6)
+    return (rank if not slow else min(rank, 3)), path.as_posix()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = [_group(item) for item in items]
+    rank: dict[str, int] = {}
+    for (r, name), item in zip(groups, items):
+        item.add_marker(pytest.mark.xdist_group(name))
+        rank[name] = min(r, rank.get(name, r))  # a module's tests stay together
+    order = sorted(range(len(items)), key=lambda i: (rank[groups[i][1]], i))
+    items[:] = [items[i] for i in order]
