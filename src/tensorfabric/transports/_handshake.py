@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .. import _auth
 from .._address import EngineAddress
 from .._errors import AuthenticationError, BrokenError, ProtocolError
-from ._integrity import FrameMac, have_poly1305
+from ._integrity import FrameMac, have_gmac, have_poly1305
 
 if TYPE_CHECKING:
     from ._tcp import TcpTransport
@@ -39,6 +39,7 @@ _VERDICT = struct.Struct("<4s32s")  # b"OK\0\0" + the acceptor's proof, or b"NO\
 MAX_ADDRESS = 16 << 10  # an engine address in a hello (one endpoint per NIC: a few hundred bytes)
 F_INTEGRITY = 1  # hello: this side wants frame MACs; reply: they are on
 F_POLY1305 = 2  # hello: this side has Poly1305; reply: payload MACs use it
+F_GMAC = 4  # hello: this side has AES-GCM; reply: payload MACs use GMAC (before Poly1305)
 
 class _PeerGone(Exception):
     """Internal: the connection ended (EOF, reset, or closed by us)."""
@@ -102,12 +103,13 @@ def _macs(mode: int, tls_bound: bool, send_key: bytes, recv_key: bytes
           ) -> tuple[FrameMac | None, FrameMac | None]:
     if not mode & F_INTEGRITY or tls_bound:
         return None, None
-    poly = bool(mode & F_POLY1305)
-    return FrameMac(send_key, poly), FrameMac(recv_key, poly)
+    poly, gmac = bool(mode & F_POLY1305), bool(mode & F_GMAC)
+    return FrameMac(send_key, poly, gmac), FrameMac(recv_key, poly, gmac)
 
 
 def _my_flags(t: TcpTransport) -> int:
-    return (F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
+    return ((F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
+            | (F_GMAC if have_gmac() else 0))
 
 
 def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> Session:
@@ -129,7 +131,7 @@ def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> S
         sock.sendall(b"tfNO" + b"\0" * (_REPLY.size - 4))
         raise ProtocolError("peer dialled a different engine at this address")
     mode = (F_INTEGRITY if (flags | _my_flags(t)) & F_INTEGRITY else 0) | \
-        (F_POLY1305 if flags & _my_flags(t) & F_POLY1305 else 0)
+        (flags & _my_flags(t) & (F_POLY1305 | F_GMAC))
     reply = _REPLY.pack(_MAGIC, t.engine_id, _auth.new_nonce(), mode)
     sock.sendall(reply)
     binding = _binding(sock)

@@ -42,7 +42,6 @@ class Conn(Receiver):
         self.tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
         self._pmac: Any = None  # the MAC of the payload being received
-        self._pfut: Any = None  # its last update running on a helper thread
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
         self._rs = self._re = 0
         self._deferred: list[bytes] = []  # acknowledgements waiting to go out together
@@ -86,16 +85,9 @@ class Conn(Receiver):
         if self.tail:
             tail, self.tail = self.tail, b""
             sock.sendall(tail)
-        last: Any = None
         if self.tx is not None and bufs:
-            bufs, last = self.tx.seal_async(bufs)
-            if isinstance(last, bytes):
-                if last:
-                    bufs.append(last)  # small: computed already, one send
-                last = None
+            bufs = self.tx.seal(bufs)
         self._send_bufs(bufs)
-        if last is not None:  # the payload's tag, hashed while the payload went out
-            self._send_bufs([last.result()])
 
     def _send_bufs(self, bufs: list[Any]) -> None:
         sock = self.sock

@@ -25,21 +25,20 @@ id. No NIXL metadata is published: a peer gets it only through our authenticated
 What NIXL checks itself (initiator side only): descriptors must lie inside memory the remote
 metadata names and inside locally registered memory. The owner's NIC (RDMA) refuses accesses
 with invalid keys; UCX's shm/cma/tcp paths check nothing at the target. See docs/nixl.md.
+
+The code: this module (the initiator, the progress loop, life cycle), ``_nixl_owner`` (the
+owner's side: opens and notification checks), ``_nixl_base`` (wire formats, the agent's
+making, records).
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import itertools
-import logging
 import os
 import queue
-import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -51,89 +50,16 @@ from .._ops import WireOp, simple_chunk, status_error
 from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
 from ._base import InboundHandler, Transport
+from ._nixl_base import (  # noqa: F401 (_SEG1: the notification format, for tests)
+                         _ACK_SHARE, _F_IMM, _F_NO_ACK, _HOT_S, _IDLE_S, _NOTE, _OPEN, _PREP_IDLE,
+                         _PREP_MAX, _SEG1, EXTRA_HINT, TAG_OPEN, TLS_PRESETS, _address,
+                         _check_bounds, _Op, _Prepared, _Remote, agent_name, load_nixl, log,
+                         make_agent)
+from ._nixl_owner import NixlOwner
 from ._tcp import TcpTransport
 
-log = logging.getLogger("tensorfabric.nixl")
 
-EXTRA_HINT = ("install the nixl extra: pip install 'tensorfabric[nixl]' "
-              "(CPU-only machines: pip install --no-deps nixl-cu13==1.5.1)")
-#: UCX_TLS presets. tcp stays in "shm" because NIXL asks UCX for peer-failure detection,
-#: which UCX's shared-memory transports lack for its control messages.
-TLS_PRESETS = {"shm": "sm,tcp,self", "tcp": "tcp,self"}
-
-TAG_OPEN = 0xFFFF_FFFF_4E49_0001  # control tags (>= engine CONTROL_TAG_BASE)
-TAG_OPEN_REPLY = 0xFFFF_FFFF_4E49_0002
-_OPEN = struct.Struct("<4sQQB16sI")  # magic, request id, region, need, key, metadata length
-_REPLY = struct.Struct("<4sQBQQII")  # magic, request id, status, address, nbytes, text len, md len
-_NOTE = struct.Struct("<4sQQBBQ16s")  # magic, op id, region, need, flags, imm, key (+ table)
-_F_IMM, _F_NO_ACK = 1, 2
-_ACK = struct.Struct("<4sQB")  # magic, op id, status (+ text)
-_SEG1 = struct.Struct("<QQ")  # one entry of a segment table (w.SEG_DTYPE): offset, length
-_NO_SEGS = np.zeros(0, dtype=w.SEG_DTYPE)
-_env_lock = threading.Lock()
-_HOT_S = 0.5  # keep polling without sleeping this long after the last sign of traffic
-_IDLE_S = 0.0005  # then sleep this long between polls
-_PREP_MAX = 64  # op shapes whose transfer requests are kept for reposting
-_ACK_SHARE = 0.05  # an op done while posting waits for its acknowledgement this share longer
-_PREP_IDLE = 2  # idle requests kept per shape (more are made while ops overlap)
-
-
-def load_nixl(module: str | None = None) -> Any:
-    """NIXL's Python API module. Tries the CUDA-specific wheels first (importing the ``nixl``
-    meta package may import torch to pick one)."""
-    names = [module] if module else ["nixl_cu13", "nixl_cu12", "nixl"]
-    err: Exception | None = None
-    for name in names:
-        try:
-            api = importlib.import_module(f"{name}._api")
-        except ImportError as exc:
-            err = exc
-            continue
-        for logger in (name, f"{name}._api", "nixl"):  # NIXL logs every agent start at INFO
-            logging.getLogger(logger).setLevel(logging.WARNING)
-        return api
-    raise ImportError(f"the nixl transport needs NVIDIA NIXL: {EXTRA_HINT}") from err
-
-
-def agent_name(engine_id: bytes) -> str:
-    return "tf-" + engine_id.hex()
-
-
-@dataclass
-class _Remote:
-    agent: str
-    base: int
-    nbytes: int
-
-
-@dataclass(eq=False)
-class _Prepared:
-    """One op shape: its descriptor lists and the idle NIXL transfer requests made from them.
-    ``local_rid`` is the region of this engine whose registration the local side lies in;
-    None (a per-op registration) is never kept."""
-    remote: _Remote
-    local_rid: int | None
-    kind: str
-    local: np.ndarray
-    far: np.ndarray
-    tail: bytes  # the segment table every op's notification carries
-    idle: list[Any] = field(default_factory=list)
-    live: bool = True  # False once dropped: requests then are released, not kept
-
-
-@dataclass
-class _Op:
-    wop: WireOp
-    peer: EngineAddress
-    region: int
-    handle: Any = None  # None: notification-only op (no bytes)
-    prep: _Prepared | None = None  # where the handle came from (and goes back to)
-    xfer_done: bool = False
-    ack: tuple[int, str] | None = None
-    keep: list[Any] = field(default_factory=list)  # views and per-op registrations
-
-
-class NixlTransport(Transport):
+class NixlTransport(NixlOwner, Transport):
     """Ops over a NIXL agent. Options (``Engine(nixl={...})``):
 
     ``backend``: ``"UCX"`` (default) or ``"LIBFABRIC"`` (EFA). ``tls``: UCX_TLS value or a
@@ -169,8 +95,8 @@ class NixlTransport(Transport):
         self._flags = 0 if self.confirm else _F_NO_ACK
         self.agent_name = agent_name(engine_id)
         self._lock = threading.RLock()  # every agent call; NIXL's agent is not thread-safe
-        self._agent = self._make_agent(tls, net_devices, dict(backend_params or {}),
-                                       progress_thread, ucx_modules)
+        self._agent = make_agent(self._api, self.agent_name, backend, tls, net_devices,
+                                 dict(backend_params or {}), progress_thread, ucx_modules)
         self._remotes: dict[tuple[bytes, int, int, bytes], _Remote] = {}
         self._remote_agents: dict[bytes, str] = {}  # peer engine id -> its agent (we loaded)
         self._peer_of_agent: dict[str, bytes] = {}  # agent -> authenticated peer engine id
@@ -180,10 +106,16 @@ class NixlTransport(Transport):
         self._prepared: OrderedDict[tuple[Any, ...], _Prepared] = OrderedDict()
         self._retired: list[tuple[Any, memoryview]] = []  # unregistered regions peers opened
         self._opens: dict[int, list[Any]] = {}  # request id -> [event, reply]
+        self._openers: dict[int, dict[bytes, EngineAddress]] = {}  # our region -> its openers
+        self._revoking: dict[int, tuple[bytes, threading.Event]] = {}
+        self._revoked: OrderedDict[tuple[bytes, int], None] = OrderedDict()  # peers' regions
+        self.revoke_timeout = tcp.connect_timeout
+        self._tainted: set[int] = set()  # our regions opened by a peer since forgotten
         self._req_ids = itertools.count(1)
         self._work: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._closed = False
+        tcp.on_peer_forgotten.append(self.forget_peer)
         self._threads = [threading.Thread(target=self._progress, name="tf-nixl-progress",
                                            daemon=True),
                          threading.Thread(target=self._serve, name="tf-nixl-control",
@@ -191,52 +123,13 @@ class NixlTransport(Transport):
         for th in self._threads:
             th.start()
 
-    def _make_agent(self, tls: str | None, net_devices: str | None, params: dict[str, str],
-                    progress_thread: bool, ucx_modules: str | None) -> Any:
-        api = self._api
-        env = {}
-        if tls:
-            env["UCX_TLS"] = TLS_PRESETS.get(tls, tls)
-        if net_devices:
-            env["UCX_NET_DEVICES"] = net_devices
-        if ucx_modules is None and tls in TLS_PRESETS and "UCX_MODULES" not in os.environ:
-            # no InfiniBand needed: skip UCX's ib module, whose bundled libnl-route crashes
-            # the process at exit (nixl-cu13 1.5.1, seen on machines without RDMA NICs)
-            ucx_modules = "^ib,rdmacm"
-        if ucx_modules:
-            env["UCX_MODULES"] = ucx_modules
-        # NIXL's own locking too: UCX may report a failed peer from its async thread
-        cfg = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=[],
-                                    sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
-        with _env_lock:  # UCX reads its settings from the environment when the backend starts
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                agent = api.nixl_agent(self.agent_name, cfg)
-                if self.backend not in agent.get_plugin_list():
-                    raise ConfigError(f"NIXL has no {self.backend} plugin here (available: "
-                                      f"{agent.get_plugin_list()})")
-                agent.create_backend(self.backend, params)
-            except TensorFabricError:
-                raise
-            except Exception as exc:
-                hint = ("its plugin needs libfabric.so.1 (EFA installer), libhwloc.so.15 and "
-                        "libcuda.so.1 on the library path" if self.backend == "LIBFABRIC" else
-                        "check the tls and net_devices options")
-                raise ConfigError(f"NIXL could not start its {self.backend} backend ({exc}): "
-                                  f"{hint}; see docs/troubleshooting/nixl.md") from exc
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-        return agent
-
     # -- routing ------------------------------------------------------------------------
 
     def reaches(self, peer: EngineAddress, desc: RegionDescriptor | None) -> bool:
-        return "nixl" in peer.transports and not self._closed
+        # a read-only region is not served over NIXL (its memory keys would allow writes):
+        # reads of it go over tcp or shm
+        return ("nixl" in peer.transports and not self._closed
+                and (desc is None or bool(desc.access & Access.REMOTE_WRITE)))
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -276,20 +169,6 @@ class NixlTransport(Transport):
         keep.append(("reg", self._register(view)))
         return None
 
-    def forget_region(self, region: int) -> None:
-        """The engine unregistered ``region``. Peers that opened it keep its metadata, and
-        deregistering memory under them crashed NIXL 1.5.1's initiator (a segfault in
-        createXferReq), so the registration and the buffer are retired, not freed, until
-        the engine closes. The owner refuses every later op on the region."""
-        with self._lock:
-            self._unprepare(lambda p: p.local_rid == region)  # before the memory goes
-            owned = self._owned.pop(region, None)
-            local = self._local.pop(region, None)
-            if owned is not None:
-                self._retired.append(owned)
-        if local is not None:
-            self._deregister(local[0])  # our own sources: no peer holds their metadata
-
     # -- opening a peer's region (initiator) ----------------------------------------------
 
     def _open(self, peer: EngineAddress, desc: RegionDescriptor, need: Access) -> _Remote:
@@ -326,73 +205,18 @@ class NixlTransport(Transport):
                                   peer=str(peer))
             self._remote_agents[peer.engine_id] = name
             self._peer_of_agent[name] = peer.engine_id
+            if (peer.engine_id, desc.region_id) in self._revoked:  # revoked while answering
+                raise AccessError(f"region {desc.region_id} of peer {peer} was unregistered",
+                                  peer=str(peer), region=desc.region_id)
             # threads that opened the region at once share the first answer (and so the
             # transfer requests prepared against it)
             return self._remotes.setdefault(key, _Remote(name, base, nbytes))
 
-    def _control(self, peer: EngineAddress, tag: int, body: bytes) -> None:
+    def _control(self, peer: EngineAddress, tag: int, body: bytes) -> Transfer:
         t = Transfer("nixl-control", len(body), peer=str(peer))
         wop = WireOp(next(self.tcp.op_ids), t, str(peer))
         self.tcp.submit(peer, [simple_chunk(wop, w.Op.SEND, imm=tag, payload=body)])
-
-    def on_control(self, peer: EngineAddress, tag: int, data: bytes) -> tuple[int, str]:
-        """A control message from an authenticated peer (called from a tcp thread)."""
-        if tag == TAG_OPEN:
-            self._work.put(lambda: self._answer_open(peer, data))
-        elif tag == TAG_OPEN_REPLY and len(data) >= _REPLY.size:
-            magic, rid, status, base, nbytes, tlen, mlen = _REPLY.unpack_from(data)
-            slot = self._opens.get(rid)
-            if slot is not None and magic == b"tfNR":
-                text = data[_REPLY.size:_REPLY.size + tlen].decode(errors="replace")
-                slot[1] = (status, text, base, nbytes, data[_REPLY.size + tlen:])
-                slot[0].set()
-        else:
-            return w.Status.ERROR, "malformed nixl control message"
-        return w.Status.OK, ""
-
-    # -- answering an open (owner) --------------------------------------------------------
-
-    def _answer_open(self, peer: EngineAddress, data: bytes) -> None:
-        try:
-            magic, rid, region, need, key, mlen = _OPEN.unpack_from(data)
-        except struct.error:
-            log.warning("nixl: malformed open request from %s", peer)
-            return
-        status, text, base, nbytes, md = self._check_open(peer, data, region, need, key, mlen)
-        tb = text.encode()[:2000]
-        reply = _REPLY.pack(b"tfNR", rid, status, base, nbytes, len(tb), len(md)) + tb + md
-        try:
-            self._control(peer, TAG_OPEN_REPLY, reply)
-        except TensorFabricError as exc:
-            log.warning("nixl: cannot answer %s: %s", peer, exc)
-
-    def _check_open(self, peer: EngineAddress, data: bytes, region: int, need: int,
-                    key: bytes, mlen: int) -> tuple[int, str, int, int, bytes]:
-        status, text, view = self.handler.resolve(region, key, need, _NO_SEGS)
-        if status != w.Status.OK or view is None:
-            return status, text, 0, 0, b""
-        want = agent_name(peer.engine_id)
-        try:
-            with self._lock:
-                if self._remote_agents.get(peer.engine_id) != want:
-                    name = self._agent.add_remote_agent(data[_OPEN.size:_OPEN.size + mlen])
-                    name = name.decode() if isinstance(name, bytes) else name
-                    if name != want:  # metadata must belong to the engine that authenticated
-                        self._agent.remove_remote_agent(name)
-                        return w.Status.NOT_PERMITTED, "NIXL agent does not match the peer", 0, 0, b""
-                    self._remote_agents[peer.engine_id] = name
-                    self._peer_of_agent[name] = peer.engine_id
-                owned = self._owned.get(region)
-                if owned is None or owned[1] is not view:
-                    owned = self._owned[region] = (self._register(view), view)
-                md = self._agent.get_partial_agent_metadata(owned[0], True, [self.backend])
-        except Exception as exc:
-            log.warning("nixl: open of region %d for %s failed: %s", region, peer, exc)
-            return w.Status.ERROR, f"NIXL failed to register the region: {exc}", 0, 0, b""
-        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
-        return w.Status.OK, "", addr, view.nbytes, md
-
-    # -- ops (initiator) ------------------------------------------------------------------
+        return t
 
     def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
@@ -483,6 +307,9 @@ class NixlTransport(Transport):
         self._ops[op.wop.op_id] = op
         try:
             with self._lock:
+                if remote.revoked:  # the owner unregistered it (see _on_revoke)
+                    raise AccessError(f"region {op.region} of peer {op.peer} was unregistered",
+                                      peer=str(op.peer), region=op.region)
                 if prep is None:
                     self._agent.send_notif(remote.agent, note)
                     op.xfer_done = True
@@ -591,48 +418,6 @@ class NixlTransport(Transport):
                                                                   op.region)
             self._finish(op_id, err)
 
-    def _on_note(self, agent: str, msg: bytes) -> None:
-        if msg[:4] == b"tfNA" and len(msg) >= _ACK.size:
-            _, op_id, status = _ACK.unpack_from(msg)
-            op = self._ops.get(op_id)
-            if op is not None and self._remote_agents.get(op.peer.engine_id) == agent:
-                op.ack = (status, msg[_ACK.size:].decode(errors="replace"))
-            return
-        peer_id = self._peer_of_agent.get(agent)
-        if msg[:4] != b"tfNN" or len(msg) < _NOTE.size or peer_id is None:
-            log.warning("nixl: dropped a notification from unknown agent %r", agent)
-            return
-        _, op_id, region, need, flags, imm, key = _NOTE.unpack_from(msg)
-        status, text = self._check_note(region, key, need, msg[_NOTE.size:])
-        if status == w.Status.OK and need == Access.REMOTE_WRITE:
-            self.handler.landed(peer_id, op_id, 0, 1, imm if flags & _F_IMM else None)
-        elif status != w.Status.OK:
-            log.warning("nixl: refused op %d from %s: %s", op_id, agent, text)
-        if flags & _F_NO_ACK:
-            return
-        ack = _ACK.pack(b"tfNA", op_id, status) + text.encode()[:2000]
-        try:
-            with self._lock:
-                self._agent.send_notif(agent, ack)
-        except Exception as exc:
-            log.warning("nixl: cannot acknowledge op %d to %s: %s", op_id, agent, exc)
-
-    def _check_note(self, region: int, key: bytes, need: int, body: bytes) -> tuple[int, str]:
-        """The owner's check of one op: region registered, key, permission (the engine's
-        ``resolve``) and every segment inside the region."""
-        if len(body) == _SEG1.size:  # one segment: bounds in plain ints, cheaper than numpy
-            status, text, view = self.handler.resolve(region, key, need, _NO_SEGS)
-            off, n = _SEG1.unpack(body)
-            size = view.nbytes if view is not None else 0
-            if status == w.Status.OK and not (off <= size and n <= size - off):
-                status, text = (w.Status.OUT_OF_BOUNDS,
-                                f"access outside region {region} ({size} bytes)")
-            return status, text
-        if len(body) % w.SEG_DTYPE.itemsize:
-            return w.Status.ERROR, "malformed segment table"
-        table = np.frombuffer(body, dtype=w.SEG_DTYPE)
-        return self.handler.resolve(region, key, need, table)[:2]
-
     def _finish(self, op_id: int, err: BaseException | None) -> None:
         op = self._ops.pop(op_id, None)
         if op is None:
@@ -659,21 +444,6 @@ class NixlTransport(Transport):
             if isinstance(item, tuple) and item[0] == "reg":
                 self._deregister(item[1])
         op.keep.clear()
-
-    def _drop_peer(self, peer_id: bytes) -> None:
-        """A transfer to this peer failed: forget its metadata so later ops open afresh
-        (and fail promptly over tcp if it is gone)."""
-        for key in [k for k in self._remotes if k[0] == peer_id]:
-            self._remotes.pop(key, None)
-        name = self._remote_agents.pop(peer_id, None)
-        self._unprepare(lambda p: p.remote.agent == agent_name(peer_id))
-        if name is not None:
-            self._peer_of_agent.pop(name, None)
-            try:
-                with self._lock:
-                    self._agent.remove_remote_agent(name)
-            except Exception:
-                pass
 
     def _serve(self) -> None:
         while True:
@@ -716,21 +486,6 @@ class NixlTransport(Transport):
             self._local.clear()
             self._remote_agents.clear()
             self._agent = None
-
-
-def _address(view: memoryview) -> int:
-    try:  # ctypes is cheaper than numpy here, but needs a writable buffer of >= 1 byte
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except (TypeError, ValueError):
-        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
-def _check_bounds(remote: _Remote, desc: RegionDescriptor, off: np.ndarray, n: np.ndarray,
-                  peer: EngineAddress) -> None:
-    """Against the size the owner reported, not the (forgeable) descriptor's."""
-    if len(n) and bool(np.any(off + n > np.uint64(remote.nbytes))):
-        raise AccessError(f"access outside peer {peer}'s {remote.nbytes}-byte region "
-                          f"{desc.region_id}", peer=str(peer), region=desc.region_id)
 
 
 __all__ = ["NixlTransport", "load_nixl", "EXTRA_HINT", "TLS_PRESETS"]

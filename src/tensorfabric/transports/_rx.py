@@ -22,7 +22,7 @@ from .._errors import ProtocolError
 from .._ops import Chunk
 from .._region import Access
 from ._handshake import IOV_MAX, _PeerGone
-from ._integrity import OVERLAP_MIN, TAG, FrameMac, background
+from ._integrity import TAG, FrameMac
 
 if TYPE_CHECKING:
     from ._tcp import TcpTransport
@@ -54,7 +54,6 @@ class Receiver:
     last_rx: float
     rx: FrameMac | None
     _pmac: Any
-    _pfut: Any
     _rbv: memoryview  # the read-ahead buffer; bytes [_rs, _re) are received, not yet parsed
     _rs: int
     _re: int
@@ -70,12 +69,9 @@ class Receiver:
 
 
     def _recv_into(self, view: memoryview) -> None:
-        if self._pmac is not None and view.nbytes >= OVERLAP_MIN:
-            self._recv_hashing(view)
-            return
         self._recv_plain(view)
         if self._pmac is not None:
-            self._mac_update(view)
+            self._pmac.update(view)
 
     def _recv_plain(self, view: memoryview) -> None:
         """Fill ``view``: first from what the read-ahead buffer holds, then straight from the
@@ -120,21 +116,7 @@ class Receiver:
         frames, self._deferred = self._deferred, []
         self.reply_many(frames)
 
-    def _recv_hashing(self, view: memoryview) -> None:
-        """Receive a large payload piece by piece, MACing each piece on a helper thread while
-        the next one arrives (updates stay in order: each waits for the one before)."""
-        mac = self._pmac
-        for off in range(0, view.nbytes, OVERLAP_MIN):
-            piece = view[off:off + OVERLAP_MIN]
-            self._recv_plain(piece)
-            if self._pfut is not None:
-                self._pfut.result()
-            self._pfut = background(mac.update, piece)
-
     def _mac_update(self, view: memoryview) -> None:
-        if self._pfut is not None:
-            self._pfut.result()
-            self._pfut = None
         self._pmac.update(view)
 
     def _recv_many(self, views: list[memoryview]) -> None:
@@ -189,9 +171,6 @@ class Receiver:
         mac = self._pmac
         if mac is None:
             return
-        if self._pfut is not None:
-            self._pfut.result()
-            self._pfut = None
         self._pmac = None
         tag = bytearray(TAG)
         self._recv_into(memoryview(tag))
