@@ -49,7 +49,10 @@ def pool_cluster() -> Iterator[dict]:
             # Notice a killed node in ~3 s, yet tolerate a loaded 2-core CI machine.
             "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                                "health_check_failure_threshold": 3,
-                               "health_check_initial_delay_ms": 0},
+                               "health_check_initial_delay_ms": 0,
+                               # Ray kills workers when the host is 95 % full: on a machine
+                               # shared with other jobs that would be their memory, not ours.
+                               "memory_monitor_refresh_ms": 0},
         },
     )  # fmt: skip
     nodes = {

@@ -101,29 +101,39 @@ def up(
         "restarted with the same port and Redis re-adopts running nodes and replicas."),
     redis_password: Optional[str] = typer.Option(None, envvar="TENSORFABRIC_REDIS_PASSWORD", show_default=False,
                                                  help="Password of that Redis (env var preferred)."),
+    ray_state: str = typer.Option(
+        "disk", help="Without --redis-address, where Ray keeps its cluster state: 'disk' (Ray's "
+        "embedded RocksDB store under --state-dir: a restarted head re-adopts nodes and "
+        "replicas) or 'memory' (a restarted head starts an empty cluster; nodes rejoin)."),
 ) -> None:
     """Start a pool head (Ray head + pool controller), or connect to one with --address.
 
-    A restarted head reloads its checkpoint: verification records and deployments. With
-    --redis-address (Ray's GCS fault tolerance) nodes stay joined and running replicas are
-    re-adopted; without it nodes rejoin and replicas are placed again as they do."""
+    A restarted head reloads its checkpoint: verification records and deployments. Ray's own
+    state is kept too (GCS fault tolerance: on disk by default, or in --redis-address), so
+    nodes stay joined and running replicas are re-adopted; with --ray-state memory nodes
+    rejoin and replicas are placed again as they do."""
     from tensorfabric.pool import PoolError
-    from tensorfabric.pool._cluster import resolve_secret, start_head, use_secret
-    from tensorfabric.pool._state import default_state_file
+    from tensorfabric.pool._cluster import resolve_secret, use_secret
+    from tensorfabric.pool._state import default_gcs_dir, default_state_file
 
     child, started = None, address is None
     try:
+        if ray_state not in ("disk", "memory"):
+            raise PoolError(f"--ray-state is 'disk' or 'memory', not {ray_state!r}")
         sec = resolve_secret(secret)
         use_secret(sec)  # before Ray is imported: Ray reads its auth settings on import
+        state_file = default_state_file(int((address or f":{port}").rsplit(":", 1)[1]), state_dir)
+        create: dict[str, Any] = {"state_file": state_file, "verify_ttl_s": verify_every}
         if address is None:
-            typer.echo(f"starting a Ray head on port {port} (token auth on) ...")
-            proc = start_head(port, sec, block=block, num_cpus=num_cpus, temp_dir=temp_dir,
-                              redis_address=redis_address, redis_password=redis_password)  # fmt: skip
-            child = _Child(proc) if proc is not None else None
+            gcs_dir = default_gcs_dir(port, state_dir) if ray_state == "disk" and not redis_address else None
+            start = {"block": block, "num_cpus": num_cpus, "temp_dir": temp_dir, "gcs_dir": gcs_dir,
+                     "redis_address": redis_address, "redis_password": redis_password}  # fmt: skip
+            child, pool, st = _start_head(port, sec, start, create)
             address = f"127.0.0.1:{port}"
-        state_file = default_state_file(int(address.rsplit(":", 1)[1]), state_dir)
-        pool, st = _connect_retry(address, sec, child, state_file=state_file, verify_ttl_s=verify_every)
-        _mark_fault_tolerance(bool(redis_address) if started else None)
+        else:
+            pool, st = _connect_retry(address, sec, None, **create)
+        store = "redis" if redis_address else ("rocksdb" if ray_state == "disk" else "")
+        _mark_fault_tolerance(store if started else None)
     except BaseException as exc:  # never leave a started head behind (Ctrl-C, a bug)
         if child is not None:
             child.stop()
@@ -147,30 +157,59 @@ def up(
         _block_on(child)
 
 
-def _mark_fault_tolerance(on: Optional[bool]) -> None:
-    """Tell joining nodes whether this head keeps Ray's state across restarts (None: the
-    head was not started here, leave the mark as it is)."""
-    if on is None:
+HEAD_ATTEMPTS = 5  # 'ray start --head' runs this often before 'pool up' gives up
+
+
+def _start_head(port: int, sec: str, start: dict[str, Any],
+                create: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
+    """Start the Ray head and connect to its controller: (child or None, pool, status).
+
+    A head whose ``ray start`` exits while starting is started again, up to HEAD_ATTEMPTS
+    times: Ray gives its raylet a fixed ~15 s to see its agents' ports and aborts the whole
+    head past that, which a loaded host misses now and then. The cluster state is kept
+    (on disk or in Redis), so a second start resumes it as a restart would."""
+    from tensorfabric.pool._cluster import HeadStartFailed, port_taken, start_head
+
+    for attempt in range(1, HEAD_ATTEMPTS + 1):
+        typer.echo(f"starting a Ray head on port {port} (token auth on) ...")
+        child = None
+        try:
+            proc = start_head(port, sec, **start)
+            child = _Child(proc) if proc is not None else None
+            pool, st = _connect_retry(f"127.0.0.1:{port}", sec, child, **create)
+            return child, pool, st
+        except HeadStartFailed as exc:
+            if child is not None:
+                child.stop()
+            if attempt == HEAD_ATTEMPTS:
+                raise
+            typer.secho(f"{exc}; starting it again (attempt {attempt + 1} of {HEAD_ATTEMPTS}) ...",
+                        fg=typer.colors.YELLOW, err=True)  # fmt: skip
+            import ray
+
+            ray.shutdown()  # a driver connected to the GCS that went down with the head
+            time.sleep(5.0 * attempt)  # let a burst of load on the host pass
+            deadline = time.monotonic() + 30
+            while port_taken(port) and time.monotonic() < deadline:
+                time.sleep(0.5)  # the failed head's GCS is still exiting
+        except BaseException:  # never leave a started head behind (Ctrl-C, no controller)
+            if child is not None:
+                child.stop()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _mark_fault_tolerance(store: Optional[str]) -> None:
+    """Tell joining nodes where this head keeps Ray's state across restarts ("": nowhere;
+    None: the head was not started here, leave the mark as it is)."""
+    if store is None:
         return
     from ray.experimental.internal_kv import _internal_kv_put
 
     from tensorfabric.pool._client import NAMESPACE
     from tensorfabric.pool._cluster import GCS_FT_KEY
 
-    _internal_kv_put(GCS_FT_KEY, b"redis" if on else b"", overwrite=True, namespace=NAMESPACE)
-
-
-def head_keeps_state() -> bool:
-    """Whether the connected pool's head keeps Ray's state across restarts."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    from tensorfabric.pool._client import NAMESPACE
-    from tensorfabric.pool._cluster import GCS_FT_KEY
-
-    try:
-        return bool(_internal_kv_get(GCS_FT_KEY, namespace=NAMESPACE))
-    except Exception:
-        return False
+    _internal_kv_put(GCS_FT_KEY, store.encode(), overwrite=True, namespace=NAMESPACE)
 
 
 def _connect_retry(address: str, secret: str, child: Any = None, timeout: float = 120.0,
@@ -181,11 +220,12 @@ def _connect_retry(address: str, secret: str, child: Any = None, timeout: float 
     from ray.exceptions import GetTimeoutError
 
     from tensorfabric.pool import PoolError
+    from tensorfabric.pool._cluster import HeadStartFailed
 
     deadline = time.monotonic() + timeout
     while True:
         if child is not None and child.proc.poll() is not None:
-            raise PoolError(f"the Ray head did not start: {child.why()}")
+            raise HeadStartFailed(f"the Ray head did not start: {child.why()}")
         try:
             pool = _connect(address, secret, create=True, **create)
             return pool, pool.status(timeout=15.0)
@@ -222,6 +262,8 @@ def join(
     from tensorfabric.pool import NodeClaims, PoolError
     from tensorfabric.pool._cluster import resolve_secret, use_secret
 
+    from ._pool_join import _join_forever, _join_once
+
     try:
         sec = resolve_secret(secret)
         use_secret(sec)  # before Ray is imported: Ray reads its auth settings on import
@@ -238,123 +280,6 @@ def join(
             _fail(exc)
         return
     _join_forever(address, claims, sec, join_id, opts, verify)
-
-
-def _join_once(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
-               verify: bool, block: bool) -> tuple[Any, bool]:  # fmt: skip
-    """``ray start`` this node, wait for it in the cluster, verify. The child if ``block``,
-    and whether the head keeps Ray's state across restarts (GCS fault tolerance)."""
-    from tensorfabric.pool import PoolError
-    from tensorfabric.pool._cluster import join as ray_join
-    from tensorfabric.pool._cluster import wait_for_node
-
-    proc = ray_join(address, claims, sec, join_id, block=block, **opts)
-    child = _Child(proc) if proc is not None else None
-    try:
-        from tensorfabric.pool._client import connect
-
-        connect(address)  # the node needs the cluster, not the controller (it may start later)
-        node = wait_for_node(join_id)
-        keeps = head_keeps_state()
-        typer.echo(f"joined as node {node['NodeID'][:12]} with {claims.to_label_string()}"
-                   + (" (the head keeps Ray's state across restarts)" if keeps else ""))  # fmt: skip
-        if verify:
-            from rich.console import Console
-
-            pool = _controller_within(address, sec, 60.0)
-            with Console(stderr=True).status("verifying claims (memory, compute, transfer) ..."):
-                rec = pool.verify(node["NodeID"])
-            word = "verified" if rec["verified"] else "NOT verified"
-            typer.echo(f"{word}: {rec['reason']} (score {rec['score']:.1f} GFLOP/s)")
-    except (PoolError, ConnectionError) as exc:
-        if child is not None:
-            child.stop()
-        raise PoolError(str(exc)) from None
-    finally:
-        import ray
-
-        ray.shutdown()
-    return child, keeps
-
-
-def _controller_within(address: str, sec: str, timeout: float) -> Any:
-    """The pool once its controller runs (a restarted head creates it a little later)."""
-    from tensorfabric.pool import PoolError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return _connect(address, sec)
-        except PoolError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-HEAD_LOST_S = 10.0  # the head's port refusing connections this long means the head is gone
-BACKOFF_MAX_S = 10.0  # retries while the head is down cost one TCP connect each
-
-
-def _join_forever(address: str, claims: Any, sec: str, join_id: str, opts: dict[str, Any],
-                  verify: bool) -> None:  # fmt: skip
-    """Stay joined: rejoin with backoff whenever the node drops out of the pool."""
-    from tensorfabric.pool import PoolError
-    from tensorfabric.pool._cluster import reachable
-
-    _on_sigterm()
-    attempt, child, joined = 0, None, False
-    try:
-        while True:
-            why = reachable(address)
-            if why is None:
-                try:
-                    # After the first join the head re-checks the node itself (its record
-                    # carries over under the same join id, marked for a re-check).
-                    child, keeps = _join_once(address, claims, sec, join_id, opts,
-                                              verify and not joined, block=True)  # fmt: skip
-                    attempt, joined = 0, True
-                    why = _watch(child, address, keeps)
-                except PoolError as exc:
-                    why = str(exc)
-                if child is not None:
-                    child.stop()
-                    child = None
-            attempt += 1
-            delay = min(2.0 ** min(attempt, 4), BACKOFF_MAX_S)
-            typer.secho(f"lost the pool head at {address} ({why}); rejoining in {delay:.0f} s "
-                        f"(attempt {attempt}) ...", fg=typer.colors.YELLOW, err=True)  # fmt: skip
-            time.sleep(delay)
-    except KeyboardInterrupt:
-        if child is not None:
-            child.stop()
-
-
-def _watch(child: Any, address: str, keeps_state: bool = False) -> str:
-    """Block while the node is in the pool; return why it no longer is.
-
-    A head that keeps Ray's state (GCS fault tolerance) is waited for: the node's raylet
-    reconnects when it is back (its replicas keep running meanwhile), or exits after Ray's
-    reconnect timeout. Otherwise a head gone for HEAD_LOST_S is lost with its state."""
-    from tensorfabric.pool._cluster import RECONNECT_S, reachable
-
-    down_since = None
-    while child.proc.poll() is None:
-        time.sleep(1.0)
-        why = reachable(address)
-        if why is None:
-            if down_since is not None and keeps_state:
-                typer.echo(f"the pool head at {address} is back after "
-                           f"{time.monotonic() - down_since:.0f} s; still joined")  # fmt: skip
-            down_since = None
-        elif down_since is None:
-            down_since = time.monotonic()
-            if keeps_state:
-                typer.secho(f"lost the pool head at {address} ({why}); waiting up to {RECONNECT_S} s "
-                            "for it to come back (it keeps Ray's state)", fg=typer.colors.YELLOW,
-                            err=True)  # fmt: skip
-        elif time.monotonic() - down_since > HEAD_LOST_S and not keeps_state:
-            return f"head unreachable for {HEAD_LOST_S:g} s: {why}"
-    return child.why()
 
 
 @pool_app.command()

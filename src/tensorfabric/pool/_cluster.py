@@ -88,14 +88,21 @@ def reachable(address: str, timeout: float = 2.0) -> str | None:
 
 def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = None,
                temp_dir: str | None = None, redis_address: str | None = None,
-               redis_password: str | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
+               redis_password: str | None = None, gcs_dir: str | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
     """``ray start --head`` with token auth and no GPUs (replicas never land on the head).
     Fails at once, in one line, when the port is taken (another head on this host).
 
-    With ``redis_address`` the head keeps Ray's cluster state (GCS) in that Redis (Ray's GCS
-    fault tolerance): a head restarted on the same port and Redis finds its nodes, actors and
-    placement groups again, and running replicas keep serving. The Redis key namespace is
-    ``tensorfabric-<port>``, so several pools can share one Redis."""
+    Ray's cluster state (the GCS: nodes, actors, placement groups, internal KV) is kept
+    across head restarts (Ray's GCS fault tolerance) in one of two stores:
+
+    - ``redis_address``: an external Redis, as Ray documents it; the key namespace is
+      ``tensorfabric-<port>``, so several pools can share one Redis;
+    - ``gcs_dir``: Ray's embedded RocksDB store in that folder on the head's disk (Ray's
+      alpha backend, ``RAY_gcs_storage=rocksdb``): nothing else to run.
+
+    A head restarted on the same port with the same store finds its nodes, actors and
+    placement groups again, and running replicas keep serving. With neither, the GCS is in
+    memory and a restarted head starts an empty cluster."""
     why = port_taken(port)
     if why:
         raise PoolError(
@@ -110,24 +117,47 @@ def start_head(port: int, secret: str, *, block: bool, num_cpus: float | None = 
         cmd.append(f"--num-cpus={num_cpus:g}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
-    extra = {}
+    # A restarted GCS reloads its tables before it answers; under load that outlasts the 20 s
+    # Ray's 'ray start' gives its own GCS by default, after which it stops the new head.
+    extra = {"RAY_gcs_server_port_wait_time_s": GCS_START_WAIT_S}
     if redis_address:
         why = reachable(redis_address)
         if why is not None:
             raise PoolError(f"cannot reach the Redis for the head's state at {redis_address}: {why}")
-        extra = {"RAY_REDIS_ADDRESS": redis_address,
-                 "RAY_external_storage_namespace": f"tensorfabric-{port}"}  # fmt: skip
+        extra.update({"RAY_REDIS_ADDRESS": redis_address,
+                      "RAY_external_storage_namespace": f"tensorfabric-{port}"})  # fmt: skip
         if redis_password:
             cmd.append("--redis-password=" + redis_password)
-    return _run(cmd, secret, block, extra)
+    elif gcs_dir:
+        try:
+            os.makedirs(gcs_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise PoolError(f"cannot keep the head's Ray state in {gcs_dir}: {exc.strerror or exc}") from None
+        extra.update({"RAY_gcs_storage": "rocksdb", "RAY_gcs_storage_path": gcs_dir})
+    try:
+        return _run(cmd, secret, block, extra)
+    except PoolError as exc:
+        raise HeadStartFailed(str(exc)) from None
 
 
-# A node whose head vanished waits this long for it before its raylet gives up (Ray's default).
+class HeadStartFailed(PoolError):
+    """``ray start --head`` exited while the head was starting (worth another try: Ray's own
+    start-up waits are fixed, and a loaded host can miss them)."""
+
+
+# A node whose head vanished waits this long for it before its raylet gives up (Ray's default
+# is 60 s): long enough for 'pool up' to start a head again a few times on a loaded host.
 # A head with GCS fault tolerance that is back within it finds the node, and its replicas,
 # as they were; without it ``pool join --block`` stops the node after HEAD_LOST_S and rejoins.
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
-RECONNECT_S = "60"
+RECONNECT_S = "180"
 GCS_FT_KEY = "head/gcs-fault-tolerance"  # in the pool's internal-KV namespace, set by 'pool up'
+GCS_START_WAIT_S = "120"  # seconds 'ray start --head' waits for its GCS to answer
+# A raylet stops (and 'ray start --block' with it: the whole head or node) when its dashboard
+# agent has not registered within Ray's default 30 s; on a loaded host a Python agent takes
+# longer to import and start. Three minutes still catches an agent that never starts.
+AGENT_ENV = "RAY_agent_register_timeout_ms"
+AGENT_MS = "180000"
 
 
 def join(address: str, claims: NodeClaims, secret: str, join_id: str, *, block: bool,
@@ -147,6 +177,7 @@ def _run(cmd: list[str], secret: str, block: bool,
          extra: dict[str, str] | None = None) -> subprocess.Popen[str] | None:  # fmt: skip
     env = cluster_env(secret)
     env.setdefault(RECONNECT_ENV, RECONNECT_S)
+    env.setdefault(AGENT_ENV, AGENT_MS)
     env.update(extra or {})
     if block:
         return subprocess.Popen(cmd + ["--block"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -41,6 +41,12 @@ def default_state_file(port: int, state_dir: str | None = None) -> str:
     return str(base / f"state-{port}.jsonl")
 
 
+def default_gcs_dir(port: int, state_dir: str | None = None) -> str:
+    """Where ``pool up`` has Ray keep its own cluster state (RocksDB) for the head on ``port``."""
+    base = Path(state_dir) if state_dir else Path.home() / ".tensorfabric" / "pool"
+    return str(base / f"ray-gcs-{port}")
+
+
 class StateStore:
     """Items by (kind, id) in Ray's internal KV and, if ``path`` is given, a journal file.
 
