@@ -1,6 +1,8 @@
-"""``tensorfabric vllm-disagg --ray-address``: the prefill and decode vLLM instances start as
-Ray actors on a (local, throwaway) Ray cluster, and the proxy in front of them gives the
-same greedy tokens as the prefill instance answering on its own."""
+"""vLLM servers as Ray actors on one (local, throwaway) Ray cluster shared by the module:
+``tensorfabric vllm-disagg --ray-address`` (the prefill and decode instances start as actors,
+and the proxy in front of them gives the same greedy tokens as the prefill instance answering
+on its own) and ``tensorfabric weights publish --ray-address`` (a replica started as an actor
+takes an update and answers with the new version)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,16 +30,32 @@ print(json.dumps([a["name"] for a in ray.util.list_named_actors(all_namespaces=T
 """
 
 
-def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    """(GCS address, the environment its clients need) of a local 2-CPU Ray cluster."""
     # Ray 2.60's local clusters take a token (~/.ray/auth_token); clients must ask for it
     env = subprocess_env(RAY_AUTH_MODE="token")
     head = subprocess.Popen([sys.executable, str(HERE / "_ray_head.py"), "2"], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    cli = None
     try:
         assert head.stdout is not None
         address = head.stdout.readline().strip()
         assert address, "the Ray head did not start"
+        yield address, env
+    finally:
+        if head.stdin is not None:
+            head.stdin.close()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path,
+                                                    ray_head: tuple[str, dict[str, str]]) -> None:
+    address, env = ray_head
+    cli = None
+    try:
         log = open(tmp_path / "cli.log", "w")
         cli = subprocess.Popen(
             [sys.executable, "-m", "tensorfabric", "vllm-disagg", "--ray-address", address,
@@ -68,9 +87,20 @@ def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path) -> None:
                 cli.wait(120)
             except subprocess.TimeoutExpired:
                 cli.kill()
-        if head.stdin is not None:
-            head.stdin.close()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+
+
+def test_weights_publish_starts_replicas_as_ray_actors(tmp_path: Path,
+                                                      ray_head: tuple[str, dict[str, str]]) -> None:
+    """One replica, one fake training step: the actor's server joins the publisher at its
+    node address, switches to version 1 and says so in its answer's version header."""
+    address, env = ray_head
+    log = tmp_path / "publish.log"
+    with open(log, "w") as err:
+        out = subprocess.run(
+            [sys.executable, "-m", "tensorfabric", "weights", "publish", "--ray-address", address,
+             "--replicas", "1", "--steps", "1"],
+            env={**env, "TENSORFABRIC_SECRET": "ray-weights-test"}, stdout=subprocess.PIPE,
+            stderr=err, text=True, timeout=1100, start_new_session=True)
+    assert out.returncode == 0, out.stdout + log.read_text()[-3000:]
+    assert "version 1: serving on ['vllm-0']" in out.stdout, out.stdout
+    assert "  vllm-0 [version 1]:" in out.stdout, out.stdout

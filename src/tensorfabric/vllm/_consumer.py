@@ -36,7 +36,8 @@ class _Load:
     started: float = field(default_factory=time.monotonic)
     reason: str = ""
     push: str = ""          # push mode: the push id
-    draining: bool = False  # push mode: withdrawn after a timeout, waiting for the answer
+    draining: bool = False  # given up, waiting for the prefill's word that no write is left
+    final: bool = False     # the prefill instance answered (or is gone): nothing more lands
 
 
 
@@ -123,11 +124,13 @@ class ConsumerSide:
             self._loads[req_id] = ld
             self._by_imm[imm] = req_id
         ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
-        self._send(peer, msg, on_fail=lambda e: self._fail(req_id, f"cannot reach prefill: {e}"))
+        self._send(peer, msg, on_fail=lambda e: self._fail(
+            req_id, f"cannot reach prefill: {e}", final=not isinstance(e, TransferTimeout)))
 
     def cancel_load(self, req_id: str) -> None:
         """vLLM aborted a push-mode request that waits for its KV: withdraw the offer; the
-        load ends (failed) when the prefill instance answers, dies, or after ``timeout``."""
+        load ends (failed) when the prefill instance answers, dies, or after ``timeout``
+        (see :meth:`_loaded`)."""
         with self._lock:
             ld = self._loads.get(req_id)
             if ld is None or not ld.push or ld.draining:
@@ -154,12 +157,17 @@ class ConsumerSide:
         if on_fail:
             t.add_done_callback(lambda t: t.exception() and on_fail(t.exception()))
 
-    def _fail(self, req_id: str, reason: str) -> None:
+    def _fail(self, req_id: str, reason: str, *, final: bool) -> None:
+        """End the load of ``req_id``. ``final``: the prefill instance said so, or its engine
+        is gone (nothing of its can land any more): the blocks go back at once. Otherwise (a
+        timeout: it may be alive and writing) the load drains first (see :meth:`_loaded`)."""
         with self._lock:
             ld = self._loads.get(req_id)
-        if ld is not None and ld.expect is not None:
+            if ld is None or ld.expect is None or (ld.draining and not final):
+                return
             ld.reason = ld.reason or reason
-            ld.expect.cancel()
+            ld.final = ld.final or final
+        ld.expect.cancel()
 
     def _loaded(self, req_id: str, t: Transfer) -> None:
         err = t.exception()
@@ -167,20 +175,25 @@ class ConsumerSide:
             ld = self._loads.get(req_id)
             if ld is None:
                 return
-            drain = (err is not None and ld.push and not ld.draining
-                     and (isinstance(err, TransferTimeout) or ld.reason == "the request was aborted"))
+            drain = err is not None and not ld.draining and not ld.final
             if drain:
-                # the prefill instance is alive but late (or the request was aborted): withdraw,
-                # and free our blocks only once it answers (its writes in flight have landed),
-                # dies, or its writes have timed out
+                # we gave up (a timeout, an abort) but the prefill instance may be alive and
+                # writing: vLLM must not get the blocks back (and reuse them) while a write
+                # can still land in them. Ask it to stop and free them only once it answers
+                # (after its write in flight has ended), dies, or can no longer write.
                 ld.draining = True
-                ld.reason = ld.reason or f"no KV within push_wait_s={self.s.push_wait_s:.0f} s"
-                ld.expect = self.engine.expect(ld.imm, 1, timeout=self.s.timeout + 1)
+                ld.reason = ld.reason or (
+                    f"no KV within push_wait_s={self.s.push_wait_s:.0f} s" if ld.push
+                    else f"no KV within timeout={self.s.timeout:g} s")
+                ld.expect = self.engine.expect(ld.imm, 1, timeout=self._drain_s(ld))
             else:
                 del self._loads[req_id]
         if drain:
             assert ld.expect is not None
-            self._send(ld.peer, {"op": "withdraw", "push": ld.push, "imm": ld.imm})
+            if ld.push:
+                self._send(ld.peer, {"op": "withdraw", "push": ld.push, "imm": ld.imm})
+            else:
+                self._send(ld.peer, {"op": "cancel", **ld.grant, "imm": ld.imm})
             ld.expect.add_done_callback(lambda t: self._loaded(req_id, t))
             return
         self._progress.set()
@@ -204,11 +217,19 @@ class ConsumerSide:
                             else str(err))
         log.warning("tensorfabric: loading KV of %s failed (%s); vLLM recomputes it", req_id, why)
         self._record("load_failed", req_id, bytes=nbytes, seconds=seconds, error=why)
-        if ld.push:
-            if not ld.draining:
+        if not ld.draining:   # (a drained load has told the prefill instance already)
+            if ld.push:
                 self._send(ld.peer, {"op": "withdraw", "push": ld.push})
-        else:
-            self._send(ld.peer, {"op": "cancel", **ld.grant})
+            else:
+                self._send(ld.peer, {"op": "cancel", **ld.grant})
+
+    def _drain_s(self, ld: _Load) -> float:
+        """How long a load that gave up waits for the prefill instance's answer: past it, no
+        write of its can be in flight. Push: its writes time out after ``timeout``. Pull: it
+        starts no write after the grant's expiry, and that write times out after
+        ``timeout``."""
+        left = 0.0 if ld.push else max(float(ld.grant.get("expiry", 0)) - time.time(), 0.0)
+        return left + self.s.timeout + 1.0
 
     def finished_recving(self) -> tuple[set[str], set[str], set[int]]:
         with self._lock:
@@ -245,6 +266,9 @@ class ConsumerSide:
         with self._lock:
             self._pinging.discard(peer)
             dead = [r for r, ld in self._loads.items() if ld.peer == peer]
+        # a refused or broken connection: its process (and engine) is gone. A ping that timed
+        # out: it may be stalled, not dead (its writes could still land): drain
+        final = not isinstance(err, TransferTimeout)
         for req in dead:
-            self._fail(req, f"prefill instance unreachable: {err}")
+            self._fail(req, f"prefill instance unreachable: {err}", final=final)
 

@@ -8,7 +8,10 @@ failed, or nobody asked within ``hold_s``.
 Consumer (decode instance): asks the prefill instance for a request's blocks (a ``pull``
 message with its region's descriptor and its block ids), waits for the immediate, and reports
 the request as received, or as failed (its blocks then go to ``get_block_ids_with_load_errors``
-and vLLM recomputes them) on a timeout, a refusal, or a prefill instance that stops answering.
+and vLLM recomputes them) on a refusal, a prefill instance that is gone, or a timeout; after a
+timeout only once the prefill instance has answered that no write of that request is left (or
+the grant's expiry plus ``timeout`` has passed): vLLM reuses failed blocks at once, and a late
+write must not land in them.
 
 Push mode (``tf_push`` in the params, see ``_push.py``): the decode instance sends an
 ``offer`` instead as soon as it has blocks, and the prefill instance writes layers into them
@@ -139,23 +142,29 @@ class WorkerSide(ConsumerSide):
             self._refuse(peer, reply_imm, f"request {req}: bad or forged grant")
             return
         now = time.time()
+        answer = refuse = ""
         with self._lock:
             if op == "cancel":
-                t = self._inflight.get(req)
-                if t is not None:
-                    t.cancel()
-                return
-            pushing = op == "pull" and self.pusher.busy(req)
-            if (req in self._spent or req in self._inflight or pushing
-                    or now > float(msg["expiry"])):
-                why = ("already sent" if req in self._spent or req in self._inflight or pushing
-                       else "expired")
-                refuse = f"request {req}: blocks {why}"
+                # the decode instance gave up on this request. A write in flight is not
+                # cancelled (bytes on their way would still land): its end answers, with the
+                # immediate after the KV or with "failed". Else no write comes any more
+                # (later pulls are refused): say so now, and it frees its blocks.
+                if req in self._inflight:
+                    return
+                if req not in self._spent:
+                    self._free(req, now)
+                answer = f"request {req}: cancelled, no write in flight"
+            elif (req in self._spent or req in self._inflight
+                  or (op == "pull" and self.pusher.busy(req))):
+                refuse = f"request {req}: blocks already sent"
+            elif now > float(msg["expiry"]):
+                refuse = f"request {req}: blocks expired"
             elif op == "release":
                 self._free(req, now)
                 return
-            else:
-                refuse = ""
+        if answer:
+            self._refuse(peer, reply_imm, answer, warn=False)
+            return
         if refuse:
             self._refuse(peer, reply_imm, refuse)
             return
@@ -233,8 +242,9 @@ class WorkerSide(ConsumerSide):
                      writes=writes, early_writes=early, seconds=seconds,
                      after_prefill_s=after_prefill, error=error or None)
 
-    def _refuse(self, peer: bytes, imm: Any, reason: str) -> None:
-        log.warning("tensorfabric: refused a KV pull: %s", reason)
+    def _refuse(self, peer: bytes, imm: Any, reason: str, warn: bool = True) -> None:
+        if warn:
+            log.warning("tensorfabric: refused a KV pull: %s", reason)
         if imm is None:
             return
         body = json.dumps({"op": "failed", "imm": imm, "reason": reason}).encode()
@@ -297,7 +307,7 @@ class WorkerSide(ConsumerSide):
                     with self._lock:
                         req = self._by_imm.get(int(msg["imm"]))
                     if req is not None:
-                        self._fail(req, str(msg.get("reason")))
+                        self._fail(req, str(msg.get("reason")), final=True)
             except Exception:  # noqa: BLE001 - a bad message must not stop the server
                 log.exception("tensorfabric: bad control message from a peer")
 
