@@ -10,6 +10,7 @@ and p50 TTFT; each ratio is to plain vLLM at the same client count. Degraded ans
 errors are counted. The edge and cloud answers are compared prompt by prompt (routing quality).
 
     PYTHONPATH=src /work/vllm-slot python bench/serve_split.py [--max-tokens 16] [--clients 1,8,50]
+        [--repeat 2]   # every point twice, modes interleaved (plain, cloud, ..., plain, cloud, ...)
 
 Two vLLM instances run at once (the plain one and the cloud tier's); the edge runs on the edge
 runtime the config names (``--edge-config`` adds YAML keys under ``edge:``).
@@ -119,6 +120,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=0, help="requests per point (default: max(8, 2*clients))")
     ap.add_argument("--edge-config", default="{}", help="JSON merged into the config's edge section")
     ap.add_argument("--routing", default="{}", help="JSON for the config's routing section")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every point, modes interleaved round by round (one table row each)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
@@ -140,7 +143,7 @@ def main() -> int:
     if routing:
         cfg["routing"] = routing
     (d / "serve.yaml").write_text(json.dumps(cfg))
-    results: dict[tuple[str, int], dict[str, Any]] = {}
+    results: dict[tuple[str, int, int], dict[str, Any]] = {}
     srv = None
     try:
         if set(modes) - {"plain"}:
@@ -154,9 +157,10 @@ def main() -> int:
             one(urls[m], names[m], "Hi", 2)
         for c in clients:
             n = args.requests or max(8, 2 * c)
-            for m in modes:
-                print(f"{m} x{c} ({n} requests) ...", file=sys.stderr)
-                results[(m, c)] = run(urls[m], names[m], c, n, args.max_tokens)
+            for k in range(args.repeat):
+                for m in modes:
+                    print(f"{m} x{c} ({n} requests, round {k + 1}) ...", file=sys.stderr)
+                    results[(m, c, k)] = run(urls[m], names[m], c, n, args.max_tokens)
     finally:
         if srv is not None:
             srv.stop()
@@ -167,20 +171,23 @@ def main() -> int:
     print(f"\n# serve_split: max_tokens={args.max_tokens}, greedy, streamed; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{len(cpus)} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after\n")  # fmt: skip
-    print("| mode | clients | req/s | tok/s | p50 s | p99 s | TTFT p50 s | req/s vs plain | tok/s vs plain "
+    rounds = " | round" if args.repeat > 1 else ""
+    print(f"| mode | clients{rounds} | req/s | tok/s | p50 s | p99 s | TTFT p50 s | req/s vs plain | tok/s vs plain "
           "| p99 vs plain | at edge | degraded | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""))
     for c in clients:
-        base = results.get(("plain", c))
-        for m in modes:
-            r = results[(m, c)]
-            rel = (lambda k: f"{r[k] / base[k]:.2f}") if base else (lambda k: "-")
-            print(f"| {m} | {c} | {r['rps']:.2f} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                  f"{r['ttft']:.2f} | {rel('rps')} | {rel('tps')} | {rel('p99')} | "
-                  f"{r['edge']}/{r['n']} | {r['degraded']} | {r['errors']} |")  # fmt: skip
+        for k in range(args.repeat):
+            base = results.get(("plain", c, k))  # the plain point of the same round
+            for m in modes:
+                r = results[(m, c, k)]
+                rel = (lambda key: f"{r[key] / base[key]:.2f}") if base else (lambda key: "-")
+                col = f" | {k + 1}" if rounds else ""
+                print(f"| {m} | {c}{col} | {r['rps']:.2f} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                      f"{r['ttft']:.2f} | {rel('rps')} | {rel('tps')} | {rel('p99')} | "
+                      f"{r['edge']}/{r['n']} | {r['degraded']} | {r['errors']} |")  # fmt: skip
     if "edge" in modes and "cloud" in modes:
         c = clients[0]
-        e, cl = results[("edge", c)]["texts"], results[("cloud", c)]["texts"]
+        e, cl = results[("edge", c, 0)]["texts"], results[("cloud", c, 0)]["texts"]
         same = sum(a is not None and a.strip() == b.strip() for a, b in zip(e, cl))
         print(f"\nedge answer == cloud answer (greedy, {args.max_tokens} tokens): {same}/{len(e)}")
     return 0

@@ -1,8 +1,10 @@
-"""``tensorfabric serve`` with its cloud tier on vLLM: the openai client (plain, streaming, 50
-concurrent clients), and the cloud tier's greedy answers against plain ``vllm serve``'s.
+"""``tensorfabric serve`` with both tiers on vLLM: the openai client (plain, streaming, 50
+concurrent clients), each tier's greedy answers against plain ``vllm serve``'s, and
+``routing.spill`` (auto requests go to the cloud while the edge's slots are taken).
 
-One served stack for the module (cloud tier on vLLM; the edge on the int8 transformers
-model, so the module runs two vLLM instances with the session's plain reference)."""
+One served stack for the module: the cloud tier on vLLM (a child process) and the edge on the
+``vllm`` runtime (in the server process, 2 slots so that its batching shows); with the
+session's plain reference the module runs three vLLM instances."""
 
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cfg = {
         "server": {"port": 0, "request_timeout": 600},
         "cloud": {"engine": "vllm", "kv_space_gib": 1, "max_num_seqs": 64},
-        "routing": {"policy": "confidence"},
+        "edge": {"runtime": "vllm", "kv_space_gib": 1, "max_num_seqs": 2},
+        "routing": {"policy": "confidence"},  # spill: on (the default)
     }
     path = Path(d) / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -91,6 +94,72 @@ def test_greedy_equals_plain_vllm(served: Any, plain_vllm: Any) -> None:
 def _gauge(text: str, name: str, tier: str) -> float:
     m = re.search(rf'^{name}{{tier="{tier}"}} ([0-9.eE+-]+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def test_edge_on_vllm_batches_and_answers_like_plain_vllm(served: Any, plain_vllm: Any) -> None:
+    """The vLLM edge runtime: the float32 model, so its greedy answers equal plain vLLM's; two
+    requests at once run in one batch (its 2 slots)."""
+    import httpx
+
+    health = httpx.get(served.url.removesuffix("/v1") + "/health", timeout=30).json()
+    assert health["edge"]["model"].endswith("-vllm"), health
+    c = client(served.url)
+
+    def edge(prompt: str) -> Any:
+        return c.chat.completions.create(model="tensorfabric-edge", max_tokens=16, temperature=0,
+                                         messages=[{"role": "user", "content": prompt}])
+
+    with ThreadPoolExecutor(2) as pool:
+        ours = list(pool.map(edge, PROMPTS[:2]))
+    for prompt, r in zip(PROMPTS[:2], ours):
+        tf = r.model_extra["tensorfabric"]
+        assert tf["tier"] == "edge" and tf["reason"] == "user_choice", tf
+        status, ref = post(plain_vllm.url, "/v1/chat/completions",
+                           {"model": "default", "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": 16, "temperature": 0})  # fmt: skip
+        assert status == 200, ref
+        assert r.choices[0].message.content == ref["choices"][0]["message"]["content"], prompt
+
+
+def _metrics(served: Any) -> str:
+    import httpx
+
+    return httpx.get(served.url.removesuffix("/v1") + "/metrics", timeout=30).text
+
+
+def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: Any) -> None:
+    """``routing.spill`` (on by default): with both edge slots taken and more edge requests
+    queued, an auto-routed request goes straight to the cloud (reason ``edge_busy``) instead of
+    queueing for a probe; the edge requests are all answered at the edge."""
+    c = client(served.url)
+
+    def edge(i: int) -> Any:
+        return c.chat.completions.create(
+            model="tensorfabric-edge", max_tokens=24, temperature=0,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}])
+
+    with ThreadPoolExecutor(8) as pool:
+        busy = [pool.submit(edge, i) for i in range(8)]
+        # 2 running and 4+ queued at the edge (its expected wait is then several times one
+        # request's, the cloud's about one request's): wait until /metrics shows it
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            text = _metrics(served)
+            if _gauge(text, "tensorfabric_tier_batch_size", "edge") >= 2 and \
+                    _gauge(text, "tensorfabric_tier_queue_depth", "edge") >= 4:
+                break
+            assert not any(f.done() for f in busy), "an edge request finished before the edge filled up"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the edge never had 2 requests running and 4 queued")
+        auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
+                                         messages=[{"role": "user", "content": "What is 2+2?"}])
+        held = [f.result() for f in busy]
+    tf = auto.model_extra["tensorfabric"]
+    assert tf["tier"] == "cloud" and tf["reason"] == "edge_busy" and not tf["degraded"], tf
+    assert auto.choices[0].message.content
+    for r in held:
+        assert r.model_extra["tensorfabric"]["tier"] == "edge" and r.choices[0].message.content
 
 
 def test_fifty_concurrent_clients_all_answered_in_one_batch(served: Any) -> None:

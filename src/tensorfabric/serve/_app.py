@@ -160,7 +160,9 @@ def create_app(
             "status": "ok" if up else "degraded",
             "edge": {"model": edge.model.name},
             "cloud": {"available": up, "last_error": edge.health.last_error if edge.health else "no cloud tier",
-                      "tls": getattr(edge, "tls", False)},
+                      "tls": getattr(edge, "tls", False),
+                      # the cloud's model as its last pong named it (e.g. "...-vllm-disagg")
+                      "model": (edge.cloud.last_pong.get("model") if edge.cloud is not None else None)},
             "mode": edge.cfg.mode,
             "in_flight": inflight[0],
         }  # fmt: skip

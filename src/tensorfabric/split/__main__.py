@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._config import load_config, parse_config
 
     cfg = parse_config(json.loads(args.config_json)) if args.config_json else load_config(args.config)
+    # SIGTERM (tensorfabric serve stopping, or its death) closes the tier like Ctrl-C: the vLLM
+    # servers of a disaggregated cloud run in sessions of their own and would outlive us
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     run_cloud(cfg, announce=lambda s: print(s, flush=True))
     return 0
 
