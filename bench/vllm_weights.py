@@ -3,8 +3,9 @@
 For 1, 2, 4 vLLM servers (the default model, float32, 538 MB of vLLM parameters each) it times:
   - tf: ``VllmWeights.publish`` -- one-sided writes into every server's staging region (chain
     fan-out), keyed checksums verified there, then the switch between engine steps (drain,
-    ``reload_weights`` from staging, prefix-cache reset); "transfer" is the part before the
-    switch, "total" includes it;
+    the in-place load from staging -- or ``reload_weights`` with TENSORFABRIC_VLLM_SWITCH=reload
+    in this process's environment, which the servers inherit -- and the prefix-cache reset);
+    "transfer" is the part before the switch, "total" includes it;
   - raw: the engine's raw ``write`` of the same bytes into every server's staging region at once
     (chunked and windowed like the publisher, no checksums, no switch);
   - vllm: what a user has without tensorfabric on CPU: save the new weights as safetensors
@@ -50,6 +51,7 @@ from tensorfabric.vllm._weights_fleet import VllmWeights, vllm_plan, weights_ser
 from tensorfabric.vllm._weights_trainer import perturb, save_folder, trainer_tensors  # noqa: E402
 
 SECRET = "bench-vllm-weights"
+SWITCH = os.environ.get("TENSORFABRIC_VLLM_SWITCH", "in-place")
 
 
 def _post(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -184,7 +186,8 @@ def main() -> None:
             args.fab = stack.enter_context(NetnsHosts(max(counts) + 1, rate=args.fabric))
         servers = [VllmServer(args.folder, cpus=str(cpus[i % len(cpus)]), kv_space_gib=1,
                               args=weights_server_args(), log_path=logs / f"bench-{i}.log",
-                              env={"TENSORFABRIC_SECRET": SECRET, "VLLM_SERVER_DEV_MODE": "1"},
+                              env={"TENSORFABRIC_SECRET": SECRET, "VLLM_SERVER_DEV_MODE": "1",
+                                   "TENSORFABRIC_VLLM_SWITCH": SWITCH},
                               netns=args.fab.ns[f"h{i + 1}"] if args.fab else None,
                               host=args.fab.addr(i + 1) if args.fab else "127.0.0.1")
                    for i in range(max(counts))]
@@ -204,7 +207,8 @@ def main() -> None:
     print()
     print(f"# vLLM weight updates, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()} ({os.cpu_count()} cores, load {load[0]:.1f}), fan-out {args.fanout}, "
-          f"chunk {args.chunk_mb} MiB, checksum poly1305 (keyed), best of {args.repeat}")
+          f"chunk {args.chunk_mb} MiB, checksum poly1305 (keyed), switch {SWITCH}, "
+          f"best of {args.repeat}")
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -207,3 +207,26 @@ def test_control_request_signatures() -> None:
     assert "stale" in mw._check_auth(scope({AUTH_HEADER: f"{float(ts) - 600}:{nonce}:{mac}"}), body)
     assert "malformed" in mw._check_auth(scope({}), body)
     assert "no TENSORFABRIC_SECRET" in WeightsMiddleware(app=None)._check_auth(scope(h), body)
+
+
+def test_in_place_switch_maps_tensors_one_to_one_or_not_at_all() -> None:
+    """The in-place switch's check on real torch modules: tensors that each have a parameter
+    of the same shape are copied in (and the model keeps no pointer into staging); one missing
+    or misshapen tensor makes the whole switch go to vLLM's reload, with nothing changed."""
+    torch = pytest.importorskip("torch")
+    from tensorfabric.vllm._weights_ext import _apply_in_place, _in_place_steps
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    staged = {k: torch.randn_like(v) for k, v in before.items()}
+    assert _in_place_steps(model, iter({**staged, "0.missing": staged["0.bias"]}.items())) is None
+    assert _in_place_steps(model, iter({**staged, "1.weight": torch.zeros(4)}.items())) is None
+    assert _in_place_steps(model, iter({"2.weight": torch.zeros(3)}.items())) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    steps = _in_place_steps(model, iter(staged.items()))
+    assert steps is not None and len(steps) == 4
+    _apply_in_place(model, steps)
+    assert all(torch.equal(v, staged[k]) for k, v in model.state_dict().items())
+    for t in staged.values():   # the next version overwrites staging: the model must not follow
+        t.zero_()
+    assert not torch.equal(model[0].weight, staged["0.weight"])

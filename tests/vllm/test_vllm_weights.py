@@ -92,6 +92,7 @@ def test_update_reaches_replicas_and_a_late_joiner_catches_up(drill: Drill) -> N
     drill.fleet.publisher.wait_replicas(1, 30)
     res = drill.fleet.publish(drill.step(1))
     assert res.ok and res.serving == ["a"], res
+    assert drill.fleet.state("a")["last_path"] == "in-place"  # not vLLM's reload_weights
     v1 = answers(a)
     assert v1 != drill.v0, "the update changed no answer"
     assert ask(a, PROMPTS[0])[1] == "1"

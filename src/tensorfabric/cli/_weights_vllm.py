@@ -21,12 +21,15 @@ def register(app: Any) -> None:
                                    help="Asked of every replica after each update."),
         kv_space: int = typer.Option(1, "--kv-space", min=1, help="GiB of KV cache per server."),
         log_dir: str = typer.Option(None, "--log-dir", help="Write each server's log here."),
+        ray_address: str = typer.Option(None, "--ray-address",
+                                        help="Start the servers as actors of this Ray cluster "
+                                             "('auto' or the head's host:port)."),
     ) -> None:
         """Load the model as a trainer would, start N vLLM servers with tensorfabric's weight
         extension, and publish a deterministically perturbed copy after each fake step: the
         servers keep answering, switch between engine steps, and report the version in the
         x-tensorfabric-weights-version header. The secret is $TENSORFABRIC_SECRET (a random
-        one if unset)."""
+        one if unset). With --ray-address each server is a Ray actor (one CPU of a node)."""
         from rich.console import Console
 
         from tensorfabric import TensorFabricError
@@ -36,10 +39,12 @@ def register(app: Any) -> None:
         console = Console(stderr=True)
         try:
             folder = hf_folder(model)
-            console.print(f"starting {replicas} vLLM server(s) on {folder} (about a minute each "
-                          "on a small CPU)...")
+            where = f" as actors of the Ray cluster at {ray_address}" if ray_address else ""
+            console.print(f"starting {replicas} vLLM server(s) on {folder}{where} (about a "
+                          "minute each on a small CPU)...")
             results = publish_drill(replicas, steps, folder=folder, scale=scale, prompt=prompt,
                                     kv_space_gib=kv_space, log_dir=log_dir,
+                                    ray_address=ray_address, model=model,
                                     say=lambda s: print(s, flush=True))
         except (TensorFabricError, ImportError) as exc:
             console.print(f"[red]error:[/red] {exc}")

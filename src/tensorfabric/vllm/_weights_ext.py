@@ -5,10 +5,15 @@ vLLM mixes ``WeightsExtension`` into its worker class; the methods below are rea
 ``_weights_http``), which vLLM runs in the worker's own thread *between* engine steps. Each
 worker owns a tensorfabric Engine and a single-slot ``Subscriber``: the publisher's one-sided
 writes land in that staging region while vLLM keeps serving the version it loaded; a verified
-version is switched in by ``tf_weights_switch``, which hands the staged tensors to vLLM's own
-``model_runner.reload_weights`` (on the CPU backend the live ``.weight`` tensors are repacked
-copies, so writing into parameters in place does nothing; the reload re-runs vLLM's weight
-loaders and repacking). Nothing here patches vLLM.
+version is switched in by ``tf_weights_switch``. Where every staged tensor maps 1:1 onto a
+parameter (the plan writes vLLM's own layout: fused qkv/gate_up, served dtype), the switch puts
+it there in place: live parameters (norms, embeddings) are copied into, and the linear layers
+that vLLM's CPU backend packed away (an empty ``.weight`` next to a oneDNN kernel holding its
+own packed copy) get their kernel rebuilt from the staged tensor by the layer's own
+``quant_method.process_weights_after_loading``; then the tied LM head is repacked. Otherwise
+(or with ``TENSORFABRIC_VLLM_SWITCH=reload``) it hands the staged tensors to vLLM's
+``model_runner.reload_weights``, which re-runs the weight loaders and repacking (3-4x slower
+on the CPU backend). Nothing here patches vLLM.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class _State:
         self.serving = 0  # the version vLLM's model holds (0: the one it loaded at start)
         self.switches = 0
         self.last_switch_s = 0.0
+        self.last_path = ""  # "in-place" or "reload": how the last switch loaded the version
 
 
 class WeightsExtension:
@@ -107,7 +113,7 @@ class WeightsExtension:
         return {"publisher": st.publisher, "serving": st.serving,
                 "staged": sub.version if sub is not None else 0,
                 "rejected": [list(r) for r in (sub.rejected if sub else [])[-_MAX_REJECTED:]],
-                "switches": st.switches, "last_switch_s": st.last_switch_s}
+                "switches": st.switches, "last_switch_s": st.last_switch_s, "last_path": st.last_path}
 
     def tf_weights_switch(self, version: str) -> dict[str, Any]:
         """Load the verified staged ``version`` into vLLM's model. Runs between engine steps
@@ -133,16 +139,32 @@ class WeightsExtension:
                     raise LayoutError(f"staging holds version {snap.version}, not {want}; "
                                       f"still serving {st.serving}")
                 t0 = time.perf_counter()
-                self.model_runner.reload_weights(  # type: ignore[attr-defined]
-                    weights_iterator=_torch_tensors(st.sub.layout, snap.tensors))
-                _repack_tied(self._tf_model())
+                st.last_path = self._tf_load(st.sub.layout, snap.tensors)
                 st.last_switch_s = time.perf_counter() - t0
                 st.serving = want
                 st.switches += 1
             finally:
                 lease.__exit__(None, None, None)
-        log.info("switched to weights version %d in %.3f s", want, st.last_switch_s)
+        log.info("switched to weights version %d in %.3f s (%s)", want, st.last_switch_s,
+                 st.last_path)
         return self.tf_weights_state()
+
+    def _tf_load(self, layout: Layout, views: dict[str, Any]) -> str:
+        """Put the staged tensors into the model: in place where every tensor maps 1:1 onto a
+        parameter (``_in_place``), else through vLLM's ``reload_weights``. Returns which."""
+        model = self._tf_model()
+        if os.environ.get("TENSORFABRIC_VLLM_SWITCH", "in-place") != "reload":
+            steps = _in_place_steps(model, _torch_tensors(layout, views))
+            if steps is not None:
+                try:
+                    _apply_in_place(model, steps)
+                    return "in-place"
+                except Exception:  # a kernel refused the new weights: reload them all
+                    log.exception("in-place load failed; reloading the whole version instead")
+        self.model_runner.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=_torch_tensors(layout, views))
+        _repack_tied(model)
+        return "reload"
 
     def tf_weights_leave(self) -> dict[str, Any]:
         """Close the Subscriber and Engine (the model keeps the version it serves)."""
@@ -184,6 +206,54 @@ def _repack_tied(model: Any) -> None:
         if (hasattr(mod, "cpu_linear") and method is not None and weight is not None
                 and weight.numel() > 0 and hasattr(method, "process_weights_after_loading")):
             method.process_weights_after_loading(mod)
+
+
+def _in_place_steps(model: Any, tensors: Iterator[tuple[str, Any]]) -> list[tuple[Any, str, Any]] | None:
+    """What an in-place load would do, checked before anything changes: (module, parameter
+    name, staged tensor) per tensor, or None when some tensor does not map 1:1 onto a
+    parameter (then the caller reloads through vLLM). A parameter is either live (same shape:
+    copied into) or packed away by vLLM's CPU backend (an empty ``weight`` next to a
+    ``cpu_linear`` kernel built by ``quant_method.process_weights_after_loading``: the kernel is
+    rebuilt from the staged tensor)."""
+    mods = dict(model.named_modules())
+    steps = []
+    for name, t in tensors:
+        mod_name, _, pname = name.rpartition(".")
+        mod = mods.get(mod_name)
+        param = getattr(mod, pname, None) if mod is not None else None
+        if param is None or not hasattr(param, "shape"):
+            return None
+        if tuple(param.shape) == tuple(t.shape):
+            steps.append((mod, pname, t))
+        elif (pname == "weight" and param.numel() == 0 and hasattr(mod, "cpu_linear")
+              and hasattr(getattr(mod, "quant_method", None), "process_weights_after_loading")):
+            steps.append((mod, pname, t))
+        else:
+            return None
+    return steps
+
+
+def _apply_in_place(model: Any, steps: list[tuple[Any, str, Any]]) -> None:
+    """Copy the live parameters, then rebuild the packed kernels from the staged tensors (the
+    kernels keep their own packed copy; a module that keeps the weight itself gets a copy, so
+    nothing points into staging, which the next version overwrites), then the tied head."""
+    import torch
+
+    repack = []
+    with torch.no_grad():
+        for mod, pname, t in steps:
+            param = getattr(mod, pname)
+            if param.numel() == 0 and t.numel() != 0:
+                repack.append((mod, pname, t))
+            else:
+                param.data.copy_(t)
+        for mod, pname, t in repack:
+            setattr(mod, pname, torch.nn.Parameter(t, requires_grad=False))
+            mod.quant_method.process_weights_after_loading(mod)
+            kept = getattr(mod, pname)
+            if kept.numel() and kept.data_ptr() == t.data_ptr():
+                setattr(mod, pname, torch.nn.Parameter(t.clone(), requires_grad=False))
+    _repack_tied(model)
 
 
 def _torch_tensors(layout: Layout, views: dict[str, Any]) -> Iterator[tuple[str, Any]]:
