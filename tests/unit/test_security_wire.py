@@ -11,6 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,14 @@ def test_one_side_cannot_turn_integrity_off_alone() -> None:
     with tf.Engine(SECRET, transports=("tcp",), integrity=False) as a, \
             tf.Engine(SECRET, transports=("tcp",)) as b:
         a.connect(b.address)
+        # connect() returns once a's side is up; b files the accepted link a moment later
+        deadline = time.monotonic() + 30
+        while not b._tcp._accepted and time.monotonic() < deadline:
+            time.sleep(0.01)
         conn = next(iter(b._tcp._accepted))
         assert conn.rx is not None and conn.tx is not None  # b wanted it: on for the link
+        dialled = [c for p in a._tcp._peers.values() for c in p.conns if c]
+        assert dialled and all(c.rx is not None and c.tx is not None for c in dialled)
 
 
 def test_rewritten_handshake_address_is_refused(relay_factory) -> None:
