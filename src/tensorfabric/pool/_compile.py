@@ -55,18 +55,19 @@ class Placement:
             opts["fallback_strategy"] = [{"label_selector": c} for c in self.candidates[1:]]
         return opts
 
-    def preferring_other_zones(self, zones: Iterable[str]) -> list[dict[str, str]]:
-        """Candidates that avoid ``zones`` first (where some eligible node allows it), then all."""
+    def preferring_other_zones(self, zones: Iterable[str], *, then_all: bool = True) -> list[dict[str, str]]:
+        """Candidates that avoid ``zones`` first (where some eligible node allows it), then
+        (``then_all``) all of them."""
         zones = sorted(set(zones))
         if not zones:
-            return list(self.candidates)
+            return list(self.candidates) if then_all else []
         avoid = zones[0] if len(zones) == 1 else f"in({','.join(zones)})"
         preferred = []
         for cand in self.candidates:
             sel = {**cand, L.ZONE: "!" + avoid}
             if any(match(n.labels, sel) for n in self.eligible):
                 preferred.append(sel)
-        return preferred + list(self.candidates)
+        return preferred + list(self.candidates) if then_all else preferred
 
 
 def match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:

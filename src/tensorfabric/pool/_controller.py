@@ -215,10 +215,17 @@ class PoolController:
                 if key in tried or not fits:
                     continue
                 tried.add(key)
-                # Ray's free-resource view can lag by a second (more on a loaded head): where
-                # it says "busy", still ask Ray, briefly, so a truly busy one costs little.
-                free = any(n.available_gpus >= spec.num_gpus for n in fits)
-                wait_s = spec.placement_timeout_s if free else min(1.5 * load_factor(), spec.placement_timeout_s)
+                # Ray's free-resource view can lag by seconds on a loaded head; the pool's own
+                # ledger (its replicas' GPUs per node) does not. A node free by either gets the
+                # whole placement timeout, scaled by the head's load (a loaded Ray commits a
+                # placement group slowly); one busy by both is still asked, briefly, so a truly
+                # busy one costs little.
+                used = self._gpus_used()
+                free = any(n.available_gpus >= spec.num_gpus
+                           or n.total_gpus - used.get(n.node_id, 0.0) >= spec.num_gpus
+                           for n in fits)  # fmt: skip
+                wait_s = (spec.placement_timeout_s * load_factor() if free
+                          else min(1.5 * load_factor(), spec.placement_timeout_s))  # fmt: skip
                 name = f"{spec.name}-{index}-{os.urandom(3).hex()}"
                 sel = narrow_ids(sel, fits, spec.num_gpus)
                 with self._lock:
@@ -236,6 +243,15 @@ class PoolController:
             else:
                 return None, lost  # no candidate had a free node
         return None, lost
+
+    def _gpus_used(self) -> dict[str, float]:
+        """GPUs the pool's own live replicas hold, per node id."""
+        used: dict[str, float] = {}
+        with self._lock:
+            for d in self._deployments.values():
+                for r in d.replicas.values():
+                    used[r.node_id] = used.get(r.node_id, 0.0) + d.spec.num_gpus
+        return used
 
     def _start_one(self, dep: Deployment, index: int, name: str, bundle: dict[str, float],
                    sel: dict[str, str], wait_s: float, nodes: list[NodeView],
@@ -466,8 +482,8 @@ def _failover_order(placement: Placement, dead_zone: str, dep: Deployment) -> li
     used = {r.zone for r in dep.replicas.values()} - {"?"}
     dead = {dead_zone} - {"?"}  # "?": never placed (restored while it was starting)
     seen, order = set(), []
-    for sels in (placement.preferring_other_zones(used | dead),
-                 placement.preferring_other_zones(dead), placement.candidates):  # fmt: skip
+    for sels in (placement.preferring_other_zones(used | dead, then_all=False),
+                 placement.preferring_other_zones(dead, then_all=False), placement.candidates):  # fmt: skip
         for sel in sels:
             key = repr(sorted(sel.items()))
             if key not in seen:
