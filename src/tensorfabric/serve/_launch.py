@@ -24,6 +24,7 @@ from typing import Any
 
 from ..split._config import DeployConfig
 from ..split._errors import CloudUnavailable, SplitConfigError
+from ..split._signals import sigterm_interrupts_once
 
 __all__ = [
     "CloudProcess", "build_edge", "launch", "spawn_cloud_process", "start_cloud_process",
@@ -49,7 +50,9 @@ class CloudProcess:
         self.proc = proc
         self.address = address
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 45.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s: long enough for a disaggregated vLLM cloud
+        to stop its prefill/decode servers (20 s grace, then SIGKILL, 10 s)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -168,7 +171,7 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
             f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror}); pick another "
             "server.port (0 = any free port)"
         ) from exc
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sigterm_interrupts_once()
     try:
         cfg.resolve_secret()
         if cfg.cloud.launch == "local":

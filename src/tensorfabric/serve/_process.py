@@ -55,8 +55,9 @@ class ServerProcess:
             if line.startswith("tensorfabric serve: "):
                 self.url = line.split()[2]
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the server's process group (server and cloud tier), then SIGKILL."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the server's process group (server and cloud tier), then SIGKILL after
+        ``timeout`` s (the server waits for its cloud tier, which may stop vLLM servers)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 
 
@@ -23,11 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s cloud %(levelname)s %(message)s")
     from ._cloud import run_cloud
     from ._config import load_config, parse_config
+    from ._signals import sigterm_interrupts_once
 
     cfg = parse_config(json.loads(args.config_json)) if args.config_json else load_config(args.config)
     # SIGTERM (tensorfabric serve stopping, or its death) closes the tier like Ctrl-C: the vLLM
-    # servers of a disaggregated cloud run in sessions of their own and would outlive us
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # servers of a disaggregated cloud run in sessions of their own and would outlive us.
+    sigterm_interrupts_once()
     run_cloud(cfg, announce=lambda s: print(s, flush=True))
     return 0
 

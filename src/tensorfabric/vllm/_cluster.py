@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .._errors import ConfigError
-from ._launch import VllmServer
+from ._launch import VllmServer, stop_all
 from ._layout import LayoutMismatchError
 from ._proxy import DisaggProxy
 from ._settings import kv_transfer_config
@@ -117,8 +117,13 @@ class DisaggCluster:
     def close(self) -> None:
         if self.proxy is not None:
             self.proxy.close()
-        for s in self.prefill + self.decode:
-            s.stop()
+        servers = self.prefill + self.decode
+        # local servers at once (a loaded machine stops each one slowly); Ray-placed ones
+        # (RayVllmServer) through their actors
+        stop_all([s for s in servers if isinstance(s, VllmServer)])
+        for s in servers:
+            if not isinstance(s, VllmServer):
+                s.stop()
 
     def __enter__(self) -> DisaggCluster:
         return self.start()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,37 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .._errors import ConfigError, TensorFabricError
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def stop_all(servers: Sequence[VllmServer], grace: float = 20.0) -> None:
+    """Stop several servers at once: SIGTERM them all, wait up to ``grace`` seconds for all,
+    then SIGKILL each one's process group (stray engine-core or worker processes)."""
+    running = [s for s in servers if s.proc is not None]
+    for s in running:
+        s._signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for s in running:
+        try:
+            s.proc.wait(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            pass
+    for s in running:
+        s._signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    for s in running:
+        try:
+            s.proc.wait(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class VllmStartError(TensorFabricError):
@@ -77,11 +109,17 @@ class VllmServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> VllmServer:
+        """Start the server in a session of its own. Started from the main thread, it is also
+        sent SIGTERM when this process dies (PR_SET_PDEATHSIG; vLLM then stops its engine core
+        and worker): a SIGKILLed launcher leaves no server behind. (The signal follows the
+        thread that started the child, so a short-lived thread must not arm it.)"""
         log = open(self.log_path, "ab")
+        main = threading.current_thread() is threading.main_thread()
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent if main else None)
         finally:
             log.close()
         return self
@@ -127,18 +165,7 @@ class VllmServer:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM, then SIGKILL whatever is left after ``grace`` seconds."""
-        if self.proc is None:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(signal.SIGKILL)   # the group: stray engine-core or worker processes
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_all([self], grace)
 
     def _signal(self, sig: int) -> None:
         if self.proc is None:
