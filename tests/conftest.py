@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +61,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rank[name] = min(r, rank.get(name, r))  # a module's tests stay together
     order = sorted(range(len(items)), key=lambda i: (rank[groups[i][1]], i))
     items[:] = [items[i] for i in order]
+
+
+# ``TF_TEST_TIMELINE=FILE``: one JSON line per test (worker, test id, start and end, wall
+# seconds since the epoch, setup and teardown included), to see where a run's time went and how
+# the two workers overlapped (docs/benchmarks.md, the suite sections).
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    start = time.time()
+    yield
+    path = os.environ.get("TF_TEST_TIMELINE")
+    if path:
+        line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
+                "start": round(start, 3), "end": round(time.time(), 3)}  # fmt: skip
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
