@@ -5,6 +5,7 @@ One cluster for the module (conftest.pool_cluster); the node-killing test runs l
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -121,6 +122,23 @@ def test_impossible_spec_names_the_requirement(pool, fields, requirement, words)
 def test_replica_that_cannot_start_reports_why(pool):
     with pytest.raises(PoolError, match="model weights not found"):
         pool.deploy(spec("broken", run={"actor": "pool_apps:Broken"}, gpus=["A100"]))
+    assert pool.status()["deployments"] == []
+
+
+def test_replica_whose_start_outlasts_start_timeout_is_named_so(pool, tmp_path):
+    """A constructor still running at ``start_timeout_s`` (times the head's load) is reported
+    as a slow start, not as the replica's code failing; the replica is removed. (Before
+    ``start_timeout_s``, the wait was a fixed 30 s: a model-loading replica at load 22 failed
+    with a bare GetTimeoutError.)"""
+    started = tmp_path / "started"
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    slow = spec("slow-start", run={"actor": "pool_apps:SlowStart",
+                                   "kwargs": {"path": str(started), "delay_s": 60 + 2 * load}},
+                start_timeout_s=1, gpus=["A100"])  # fmt: skip
+    with pytest.raises(PoolError, match="did not finish starting .* raise start_timeout_s") as err:
+        pool.deploy(slow)
+    assert "failed to start" not in str(err.value)
+    assert started.read_text().strip()  # it did start; it was only slow
     assert pool.status()["deployments"] == []
 
 

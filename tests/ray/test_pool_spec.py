@@ -78,7 +78,9 @@ def test_unmet_requirement_is_named(fields, requirement):
      ({"name": "t", "run": {"actor": "m:C"}, "replicas": 0}, "replicas=0"),
      ({"name": "t", "run": {"actor": "m:C"}, "min_link_tier": "fast"}, "min_link_tier"),
      ({"name": "t", "run": {"actor": "m:C"}, "gpu": ["A100"]}, "unknown field(s) gpu"),
-     ({"name": "t", "run": {"serve": "edge"}}, "edges run on the edge devices")],
+     ({"name": "t", "run": {"serve": "edge"}}, "edges run on the edge devices"),
+     ({"name": "t", "run": {"actor": "m:C"}, "start_timeout_s": 0}, "start_timeout_s=0.0"),
+     ({"name": "t", "run": {"actor": "m:C"}, "start_timeout_s": "soon"}, "start_timeout_s='soon'")],
 )  # fmt: skip
 def test_bad_specs_name_the_field(data, words):
     with pytest.raises(SpecError, match=None) as info:

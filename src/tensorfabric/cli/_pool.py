@@ -287,7 +287,9 @@ def deploy(
     spec: str = typer.Argument(..., help="Deployment spec (YAML)."),
     address: Optional[str] = ADDRESS,
     secret: Optional[str] = SECRET,
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every replica."),
+    timeout: Optional[float] = typer.Option(
+        None, min=1.0, help="Seconds to wait for every replica [default: from the spec's "
+        "placement and start timeouts, scaled by load]."),
 ) -> None:
     """Place a deployment by its spec; fails naming the requirement nothing meets."""
     from rich.console import Console

@@ -42,6 +42,15 @@ class NodeLost(Exception):
         self.node_id = node_id
 
 
+class StartTimeout(Exception):
+    """A replica's constructor was still running (on a live node) when its start timeout ran out."""
+
+    def __init__(self, node_id: str, timeout: float) -> None:
+        super().__init__(f"its constructor was still running on node {node_id[:12]} after "
+                         f"{timeout:.0f} s")
+        self.node_id, self.timeout = node_id, timeout
+
+
 class RayBackend:
     """The live Ray cluster this process is connected to."""
 
@@ -106,7 +115,7 @@ class RayBackend:
         except ray.exceptions.GetTimeoutError:
             if node_id not in self.alive_ids():
                 raise NodeLost(node_id, "it died while the replica started") from None
-            raise
+            raise StartTimeout(node_id, timeout) from None
 
     def wait_node_dead(self, node_id: str, grace_s: float) -> bool:
         deadline = time.monotonic() + grace_s

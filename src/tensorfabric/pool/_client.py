@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ControllerUnavailable, PoolError, ReplicaUnavailable
+from ._records import load_factor
 from ._spec import DeploymentSpec
 
 NAMESPACE = "tensorfabric-pool"
@@ -87,6 +88,11 @@ class Pool:
             if isinstance(cause, PoolError):
                 raise cause from None  # the controller's own message, without Ray's wrapping
             raise
+        except exc_.GetTimeoutError:
+            raise PoolError(
+                f"the pool controller did not answer within {timeout:g} s (it may still be "
+                "working: 'tensorfabric pool status' shows deployments and their events)"
+            ) from None
         except (exc_.ActorUnavailableError, exc_.ActorDiedError) as exc:
             # After a head restart with GCS fault tolerance the controller's old node is dead
             # but not yet declared so; Ray restarts the controller on the new head shortly.
@@ -110,12 +116,16 @@ class Pool:
         return self._get(self.controller.verify_many.remote(node_ids, timeout, attempts), wait)
 
     def deploy(self, spec: DeploymentSpec | dict[str, Any] | str | Path,
-               timeout: float = 300.0) -> DeploymentHandle:  # fmt: skip
-        """Place ``spec`` (a spec, a dict, or a YAML path) and wait until every replica answers."""
+               timeout: float | None = None) -> DeploymentHandle:  # fmt: skip
+        """Place ``spec`` (a spec, a dict, or a YAML path) and wait until every replica answers;
+        ``timeout`` defaults to what its replicas may take to be placed and started, one after
+        the other, scaled by this machine's load (the controller's own waits are bounded)."""
         if isinstance(spec, (str, Path)):
             spec = DeploymentSpec.from_yaml(spec)
         elif isinstance(spec, dict):
             spec = DeploymentSpec.from_dict(spec)
+        if timeout is None:
+            timeout = 60.0 + spec.replicas * (spec.placement_timeout_s + spec.start_timeout_s) * load_factor()
         self._get(self.controller.deploy.remote(_spec_dict(spec)), timeout)
         return DeploymentHandle(self, spec.name)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _labels as L
-from ._backend import NodeLost
+from ._backend import NodeLost, StartTimeout
 from ._compile import NodeView, Placement, compile_spec, match, narrow_ids, no_node_message
 from ._errors import PlacementError, PoolError
 from ._records import VERIFY_TTL_S, VerificationBook, load_factor, node_key
@@ -265,7 +265,8 @@ class PoolController:
         node_id = self._backend.pg_node(pg)
         actor = self._backend.start(pg, spec, index, name)
         try:
-            where = self._backend.ready(actor, max(30.0, spec.placement_timeout_s), node_id)
+            # the constructor's own time (a model load), scaled by the head's load like placement
+            where = self._backend.ready(actor, spec.start_timeout_s * load_factor(), node_id)
         except NodeLost as exc:
             self._backend.discard(actor, pg)
             lost.append(exc.node_id)
@@ -273,6 +274,12 @@ class PoolController:
             self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
                         zone=zone, why=str(exc))  # fmt: skip
             return "lost"
+        except StartTimeout as exc:
+            self._backend.discard(actor, pg)
+            raise PoolError(
+                f"replica {index} of {spec.name!r} did not finish starting ({spec.run.kind} "
+                f"{spec.run.target}): {exc}; raise start_timeout_s if its start is that slow"
+            ) from None
         except Exception as exc:
             self._backend.discard(actor, pg)
             raise PoolError(

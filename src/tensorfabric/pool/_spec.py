@@ -35,7 +35,7 @@ _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _KNOWN = {
     "name", "replicas", "regions", "countries", "providers", "gpus", "min_gpu_memory_gb",
     "min_link_tier", "verified_only", "min_score", "allow_simulated", "num_gpus", "num_cpus",
-    "placement_timeout_s", "run",
+    "placement_timeout_s", "start_timeout_s", "run",
 }  # fmt: skip
 
 
@@ -101,6 +101,7 @@ class DeploymentSpec:
     num_gpus: float = 1.0
     num_cpus: float = 0.0
     placement_timeout_s: float = 10.0
+    start_timeout_s: float = 300.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeploymentSpec:
@@ -133,6 +134,7 @@ class DeploymentSpec:
             num_gpus=_float(data, "num_gpus", 1.0),
             num_cpus=_float(data, "num_cpus", 0.0),
             placement_timeout_s=_float(data, "placement_timeout_s", 10.0, minimum=0.1),
+            start_timeout_s=_float(data, "start_timeout_s", 300.0, minimum=0.1),
         )
         if spec.min_link_tier not in LINK_TIERS:
             raise SpecError(
