@@ -3,9 +3,9 @@
 Shared by the vLLM test tier (tests/vllm) and any later test that needs vLLM: the fixtures
 ``vllm_model`` (the Hugging Face folder of the default model), ``vllm_logs`` (a folder for
 server logs, printed on failure) and the factory ``start_vllm`` (returns a started and ready
-``VllmServer``; every server it started is killed at the end of the session, whatever the
-test did to it) and ``plain_vllm`` (one plain server for the whole session, the reference
-to compare against). Keep servers module- or session-scoped: each costs ~45-140 s to start on a
+``VllmServer``; every server it started is stopped when its module ends, whatever the test
+did to it) and :func:`memory_share` (the suite's memory gate: vLLM modules run two at a time
+at most, as memory allows). Keep servers module-scoped: each costs ~45-140 s to start on a
 2-core machine.
 """
 
@@ -19,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,53 @@ def metric(url: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def openai_client(url: str) -> Any:
+    """The openai client on a tensorfabric or vLLM ``/v1`` URL (no retries: a failure shows)."""
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+
+
+def tier_gauge(text: str, name: str, tier: str) -> float:
+    """A per-tier gauge of ``tensorfabric serve``'s /metrics text (0 when absent)."""
+    m = re.search(rf'^{name}{{tier="{tier}"}} ([0-9.eE+-]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def serve_metrics(url: str) -> str:
+    """``tensorfabric serve``'s /metrics text, from its ``/v1`` URL."""
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+@contextmanager
+def edge_filled(url: str, *, requests: int, running: int, queued: int, max_tokens: int = 16,
+                timeout: float = 300.0) -> Iterator[list[Future[Any]]]:
+    """Send ``requests`` long edge requests at once and wait until the served stack's /metrics
+    shows ``running`` of them in the edge's batch and ``queued`` more in its queue; yields their
+    futures while the edge is that full (fails if one finishes first or the edge never fills)."""
+    c = openai_client(url)
+
+    def edge(i: int) -> Any:
+        return c.chat.completions.create(
+            model="tensorfabric-edge", max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}])
+
+    with ThreadPoolExecutor(requests) as pool:
+        busy = [pool.submit(edge, i) for i in range(requests)]
+        deadline = time.monotonic() + timeout
+        while True:
+            text = serve_metrics(url)
+            if tier_gauge(text, "tensorfabric_tier_batch_size", "edge") >= running and \
+                    tier_gauge(text, "tensorfabric_tier_queue_depth", "edge") >= queued:
+                break
+            assert not any(f.done() for f in busy), "an edge request finished before the edge filled up"
+            if time.monotonic() > deadline:
+                pytest.fail(f"the edge never had {running} request(s) running and {queued} queued")
+            time.sleep(0.1)
+        yield busy
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
     """Poll ``pred`` until it returns something truthy; returns it, or the last falsy value."""
     deadline = time.monotonic() + timeout
@@ -109,10 +158,11 @@ def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm-logs")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]:
     """``start_vllm(name, cpus="0", kv_transfer_config=None, env=None, **VllmServer kwargs)``:
-    a ready server on the default model (float32, max_model_len 2048, 1 GiB KV)."""
+    a ready server on the default model (float32, max_model_len 2048, 1 GiB KV). Every server
+    it started is stopped when the module ends (before the module's memory share is released)."""
     from tensorfabric.vllm._launch import VllmServer
 
     started: list[Any] = []
@@ -130,12 +180,108 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
         s.stop(grace=10)
 
 
-@pytest.fixture(scope="session")
-def plain_vllm(start_vllm: Callable[..., Any]) -> Any:
-    """One plain vLLM server on the default model (no connector, no extension), shared by the
-    whole session as the reference that tensorfabric's vLLM paths are compared against. Tests
-    must not change its state (no weight loads, no sleep mode)."""
-    return start_vllm("plain", cpus=pick_cpus(1)[0])
+# -- the suite's memory gate for vLLM modules -----------------------------------------------
+# The suite runs on two xdist workers, and each vLLM module is a group of its own so that two
+# can run at once. A vLLM server takes ~3.5 GiB here (its worker 2.6 GiB with the 1 GiB KV
+# cache, API server and engine core ~0.8 GiB each): two modules fit in 24 GiB, three do not. A
+# module holds its share of the machine (``VLLM_GIB``, its peak) in a ledger that every worker
+# reads under a file lock, and waits while the others' shares leave no room. One holder always
+# runs, so a small machine runs the tier one module at a time instead of failing.
+GATE_RESERVE_GIB = 6.0  # the other worker's tests, the pytest processes, the page cache
+
+
+def _ledger() -> Path:
+    return Path(os.environ.get("TF_TEST_GATE_DIR", "/tmp")) / "tensorfabric-test-memory-gate.json"
+
+
+def _total_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MemoryShare:
+    """This process's share of the machine for one module (see :func:`memory_share`)."""
+
+    def __init__(self, name: str, gib: float, budget: float) -> None:
+        self.name, self.gib, self.budget, self.waited_s = name, gib, budget, 0.0
+
+    def _update(self, fn: Callable[[list[dict[str, Any]]], bool]) -> bool:
+        import fcntl
+
+        ledger = _ledger()
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with open(ledger.with_suffix(".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                holders = json.loads(ledger.read_text())
+            except (FileNotFoundError, ValueError):
+                holders = []
+            holders = [h for h in holders if _alive(h["pid"])]  # a killed worker's share is freed
+            done = fn(holders)
+            tmp = ledger.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(holders))
+            os.replace(tmp, ledger)
+            return done
+
+    def _mine(self, h: dict[str, Any]) -> bool:
+        return bool(h["pid"] == os.getpid() and h["name"] == self.name)
+
+    def acquire(self, timeout: float) -> MemoryShare:
+        def take(holders: list[dict[str, Any]]) -> bool:
+            if holders and sum(h["gib"] for h in holders) + self.gib > self.budget:
+                return False
+            holders.append({"pid": os.getpid(), "name": self.name, "gib": self.gib})
+            return True
+
+        t0 = time.monotonic()
+        while not self._update(take):
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"{self.name}: {self.gib:g} GiB for vLLM servers not free within "
+                            f"{timeout:g} s (ledger {_ledger()}: {_ledger().read_text()})")
+            time.sleep(1.0)
+        self.waited_s = time.monotonic() - t0
+        return self
+
+    def resize(self, gib: float) -> None:
+        """Keep only ``gib`` (after the module stopped a server it needed only at first)."""
+        def shrink(holders: list[dict[str, Any]]) -> bool:
+            for h in holders:
+                if self._mine(h):
+                    h["gib"] = gib
+            return True
+
+        self.gib = gib
+        self._update(shrink)
+
+    def release(self) -> None:
+        def drop(holders: list[dict[str, Any]]) -> bool:
+            holders[:] = [h for h in holders if not self._mine(h)]
+            return True
+
+        self._update(drop)
+
+
+@contextmanager
+def memory_share(name: str, gib: float, timeout: float = 3600.0,
+                 budget: float | None = None) -> Iterator[MemoryShare]:
+    """Hold ``gib`` GiB of this machine (``budget``: its memory less :data:`GATE_RESERVE_GIB`)
+    for ``name``'s vLLM servers, across the suite's workers, until the block ends."""
+    if budget is None:
+        budget = _total_gib() - GATE_RESERVE_GIB
+    share = MemoryShare(name, min(gib, budget), budget).acquire(timeout)
+    try:
+        yield share
+    finally:
+        share.release()
 
 
 def pick_cpus(n: int) -> list[str]:

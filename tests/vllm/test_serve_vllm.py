@@ -3,13 +3,13 @@ concurrent clients), each tier's greedy answers against plain ``vllm serve``'s, 
 ``routing.spill`` (auto requests go to the cloud while the edge's slots are taken).
 
 One served stack for the module: the cloud tier on vLLM (a child process) and the edge on the
-``vllm`` runtime (in the server process, 2 slots so that its batching shows); with the
-session's plain reference the module runs three vLLM instances."""
+``vllm`` runtime (in the server process, 2 slots so that its batching shows). Before it starts,
+a plain vLLM server answers the reference prompts and stops, so the module never runs more
+than two vLLM instances at once (its memory share, ``VLLM_GIB``)."""
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers.vllm import post, subprocess_env
+from helpers.vllm import edge_filled, openai_client, pick_cpus, post, subprocess_env, tier_gauge
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
@@ -30,8 +30,31 @@ PROMPTS = [
 ]
 
 
+VLLM_GIB = 8.5  # memory gate: two vLLM engines, the PII scrubber, the serve processes
+REF_TOKENS = {"cloud": 32, "edge": 16}
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def plain_refs(start_vllm: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Plain ``vllm serve``'s greedy answers, ``(tier, prompt) -> body``: the cloud's
+    reference at 32 tokens, the edge's at 16. The server stops before the stack starts."""
+    plain = start_vllm("plain", cpus=pick_cpus(1)[0])
+    refs = {}
+    try:
+        for tier, n in REF_TOKENS.items():
+            for prompt in PROMPTS:
+                status, body = post(plain.url, "/v1/chat/completions",
+                                    {"model": "default", "max_tokens": n, "temperature": 0,
+                                     "messages": [{"role": "user", "content": prompt}]})  # fmt: skip
+                assert status == 200, body
+                refs[tier, prompt] = body
+    finally:
+        plain.stop(grace=10)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def served(plain_refs: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tensorfabric.serve import ServerProcess
 
     d = tmp_path_factory.mktemp("serve-vllm")
@@ -49,12 +72,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield s
 
 
-def client(url: str) -> Any:
-    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-
-
 def test_plain_and_streaming(served: Any) -> None:
-    c = client(served.url)
+    c = openai_client(served.url)
     r = c.chat.completions.create(model="tensorfabric-cloud", max_tokens=16, temperature=0,
                                   messages=[{"role": "user", "content": PROMPTS[0]}])
     assert r.choices[0].message.content
@@ -78,35 +97,29 @@ def test_plain_and_streaming(served: Any) -> None:
     assert auto.model_extra["tensorfabric"]["tier"] in ("edge", "cloud")
 
 
-def test_greedy_equals_plain_vllm(served: Any, plain_vllm: Any) -> None:
-    c = client(served.url)
+def test_greedy_equals_plain_vllm(served: Any, plain_refs: Any) -> None:
+    c = openai_client(served.url)
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
-        status, ref = post(plain_vllm.url, "/v1/chat/completions",
-                           {"model": "default", "messages": msgs, "max_tokens": 32, "temperature": 0})
-        assert status == 200, ref
-        ours = c.chat.completions.create(model="tensorfabric-cloud", messages=msgs, max_tokens=32,
-                                         temperature=0)
+        ref = plain_refs["cloud", prompt]
+        ours = c.chat.completions.create(model="tensorfabric-cloud", messages=msgs,
+                                         max_tokens=REF_TOKENS["cloud"], temperature=0)
         assert ours.choices[0].message.content == ref["choices"][0]["message"]["content"], prompt
         assert ours.usage.completion_tokens == ref["usage"]["completion_tokens"]
 
 
-def _gauge(text: str, name: str, tier: str) -> float:
-    m = re.search(rf'^{name}{{tier="{tier}"}} ([0-9.eE+-]+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def test_edge_on_vllm_batches_and_answers_like_plain_vllm(served: Any, plain_vllm: Any) -> None:
+def test_edge_on_vllm_batches_and_answers_like_plain_vllm(served: Any, plain_refs: Any) -> None:
     """The vLLM edge runtime: the float32 model, so its greedy answers equal plain vLLM's; two
     requests at once run in one batch (its 2 slots)."""
     import httpx
 
     health = httpx.get(served.url.removesuffix("/v1") + "/health", timeout=30).json()
     assert health["edge"]["model"].endswith("-vllm"), health
-    c = client(served.url)
+    c = openai_client(served.url)
 
     def edge(prompt: str) -> Any:
-        return c.chat.completions.create(model="tensorfabric-edge", max_tokens=16, temperature=0,
+        return c.chat.completions.create(model="tensorfabric-edge", max_tokens=REF_TOKENS["edge"],
+                                         temperature=0,
                                          messages=[{"role": "user", "content": prompt}])
 
     with ThreadPoolExecutor(2) as pool:
@@ -114,44 +127,19 @@ def test_edge_on_vllm_batches_and_answers_like_plain_vllm(served: Any, plain_vll
     for prompt, r in zip(PROMPTS[:2], ours):
         tf = r.model_extra["tensorfabric"]
         assert tf["tier"] == "edge" and tf["reason"] == "user_choice", tf
-        status, ref = post(plain_vllm.url, "/v1/chat/completions",
-                           {"model": "default", "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": 16, "temperature": 0})  # fmt: skip
-        assert status == 200, ref
+        ref = plain_refs["edge", prompt]
         assert r.choices[0].message.content == ref["choices"][0]["message"]["content"], prompt
-
-
-def _metrics(served: Any) -> str:
-    import httpx
-
-    return httpx.get(served.url.removesuffix("/v1") + "/metrics", timeout=30).text
 
 
 def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: Any) -> None:
     """``routing.spill`` (on by default): with both edge slots taken and more edge requests
     queued, an auto-routed request goes straight to the cloud (reason ``edge_busy``) instead of
     queueing for a probe; the edge requests are all answered at the edge."""
-    c = client(served.url)
+    c = openai_client(served.url)
 
-    def edge(i: int) -> Any:
-        return c.chat.completions.create(
-            model="tensorfabric-edge", max_tokens=24, temperature=0,
-            messages=[{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}])
-
-    with ThreadPoolExecutor(8) as pool:
-        busy = [pool.submit(edge, i) for i in range(8)]
-        # 2 running and 4+ queued at the edge (its expected wait is then several times one
-        # request's, the cloud's about one request's): wait until /metrics shows it
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            text = _metrics(served)
-            if _gauge(text, "tensorfabric_tier_batch_size", "edge") >= 2 and \
-                    _gauge(text, "tensorfabric_tier_queue_depth", "edge") >= 4:
-                break
-            assert not any(f.done() for f in busy), "an edge request finished before the edge filled up"
-            time.sleep(0.2)
-        else:
-            pytest.fail("the edge never had 2 requests running and 4 queued")
+    # 2 running and 4+ queued at the edge (its expected wait is then several times one
+    # request's, the cloud's about one request's)
+    with edge_filled(served.url, requests=8, running=2, queued=4, max_tokens=24) as busy:
         auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
                                          messages=[{"role": "user", "content": "What is 2+2?"}])
         held = [f.result() for f in busy]
@@ -165,7 +153,7 @@ def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: A
 def test_fifty_concurrent_clients_all_answered_in_one_batch(served: Any) -> None:
     import httpx
 
-    c = client(served.url)
+    c = openai_client(served.url)
     seen_batch = [0.0]
     stop = threading.Event()
 
@@ -173,7 +161,7 @@ def test_fifty_concurrent_clients_all_answered_in_one_batch(served: Any) -> None
         while not stop.is_set():
             try:
                 text = httpx.get(served.url.removesuffix("/v1") + "/metrics", timeout=10).text
-                seen_batch[0] = max(seen_batch[0], _gauge(text, "tensorfabric_tier_batch_size", "cloud"))
+                seen_batch[0] = max(seen_batch[0], tier_gauge(text, "tensorfabric_tier_batch_size", "cloud"))
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)

@@ -11,20 +11,20 @@ here shares it and keeps max_tokens small.
 from __future__ import annotations
 
 import os
-import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers.vllm import subprocess_env
+from helpers.vllm import edge_filled, openai_client, subprocess_env
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
+
+VLLM_GIB = 8.5  # memory gate: prefill and decode vLLM, the float32 edge, serve
 
 PROMPTS = ["What is the capital of France?", "List three primary colours."]
 
@@ -67,15 +67,6 @@ def _running(p: Any) -> bool:
         return False
 
 
-def client(url: str) -> Any:
-    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-
-
-def _gauge(text: str, name: str, tier: str) -> float:
-    m = re.search(rf'^{name}{{tier="{tier}"}} ([0-9.eE+-]+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_disaggregated_cloud_answers_like_the_model(served: Any) -> None:
     """The cloud tier is the prefill/decode pair, and its greedy answers (plain and streamed)
     equal the float32 edge's, token for token: the decode instance continued from the KV cache
@@ -83,7 +74,7 @@ def test_disaggregated_cloud_answers_like_the_model(served: Any) -> None:
     base = served.url.removesuffix("/v1")
     health = httpx.get(base + "/health", timeout=30).json()
     assert health["cloud"]["available"] and health["cloud"]["model"].endswith("-vllm-disagg"), health
-    c = client(served.url)
+    c = openai_client(served.url)
     for i, prompt in enumerate(PROMPTS):
         msgs = [{"role": "user", "content": prompt}]
         ref = c.chat.completions.create(model="tensorfabric-edge", messages=msgs, max_tokens=16, temperature=0)
@@ -111,26 +102,9 @@ def test_spill_off_keeps_auto_requests_for_the_edge_probe(served: Any) -> None:
     """``routing.spill: false``: with the edge busy and a request queued behind it, an
     auto-routed request still waits for the edge's probe (never reason ``edge_busy``); the
     server's default (spill on) sends it to the cloud instead (test_serve_vllm.py)."""
-    c = client(served.url)
-    base = served.url.removesuffix("/v1")
+    c = openai_client(served.url)
 
-    def edge(i: int) -> Any:
-        return c.chat.completions.create(
-            model="tensorfabric-edge", max_tokens=16, temperature=0,
-            messages=[{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}])
-
-    with ThreadPoolExecutor(3) as pool:
-        busy = [pool.submit(edge, i) for i in range(2)]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            text = httpx.get(base + "/metrics", timeout=30).text
-            if _gauge(text, "tensorfabric_tier_batch_size", "edge") >= 1 and \
-                    _gauge(text, "tensorfabric_tier_queue_depth", "edge") >= 1:
-                break
-            assert not any(f.done() for f in busy), "an edge request finished before the edge filled up"
-            time.sleep(0.1)
-        else:
-            pytest.fail("the edge never had a request running and one queued")
+    with edge_filled(served.url, requests=2, running=1, queued=1) as busy:
         auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
                                          messages=[{"role": "user", "content": "What is 2+2?"}])
         held = [f.result() for f in busy]

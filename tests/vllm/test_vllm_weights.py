@@ -7,7 +7,6 @@ or a child process for the kill test) publishes perturbed copies of the default 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from tensorfabric.weights import Faults
 from helpers.vllm import pick_cpus, subprocess_env
 
 pytestmark = [pytest.mark.timeout(1500)]
+
+VLLM_GIB = 7.5  # memory gate: two vLLM replicas at once (a killed one is replaced)
 
 SECRET = "vllm-weights-test"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a robot"]

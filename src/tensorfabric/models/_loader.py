@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _diskcache
-from ._diskcache import default_cache_dir
+from ._diskcache import default_cache_dir  # noqa: F401 - re-exported by models/__init__
 from ._errors import ModelLoadError
 from ._source import ModelSource, resolve_model
 

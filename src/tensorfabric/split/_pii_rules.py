@@ -147,7 +147,7 @@ def rules() -> list[Rule]:
         Rule("ADDRESS", re.compile(rf"(?i)\b\d{{1,5}}[a-z]?,?\s+(?:[\w'.-]+\s+){{1,4}}?(?:{_STREET_EN})\b\.?(?:,?\s+(?:apt|apartment|suite|unit|flat|#)\.?\s*\w+)?"), 0,
              lambda s: any(c.isalpha() for c in s.split()[1])),
         Rule("ADDRESS", re.compile(rf"(?i)(?<!\w)(?:{_STREET_PREFIX})\s+(?:[^\W\d][\w'’.-]*\s+){{0,5}}?(?:n\.?[ºo°]\s*)?,?\s*\d{{1,5}}[a-z]?\b"), 0),
-        Rule("ADDRESS", re.compile(rf"(?i)\b\d{{1,4}}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|boulevard|chemin|allée|impasse|quai|route|place)\s+(?:(?:de|du|des|la|le|l'|d')\s*)*[^\W\d][\w'’-]*(?:\s+[^\W\d][\w'’-]*){{0,3}}"), 0),
+        Rule("ADDRESS", re.compile(r"(?i)\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|boulevard|chemin|allée|impasse|quai|route|place)\s+(?:(?:de|du|des|la|le|l'|d')\s*)*[^\W\d][\w'’-]*(?:\s+[^\W\d][\w'’-]*){0,3}"), 0),
         Rule("ADDRESS", re.compile(rf"(?i)\b[^\W\d_][\w-]*(?:{_STREET_DE})\s+\d{{1,4}}[a-z]?\b"), 0),
         Rule("PASSPORT", re.compile(rf"(?i)(?:{_PASSPORT})\b[^\n\d]{{0,25}}?\b([a-z]{{0,3}}\d[a-z0-9]{{4,9}})\b"), 1),
         Rule("IBAN", re.compile(r"(?i)(?<![a-z0-9])[a-z]{2}\d{2}(?:[ -]?[a-z0-9]){11,30}(?![a-z0-9])"), 0, iban_valid, 0.9, _iban_fit),
