@@ -45,3 +45,35 @@ def test_full_edge_queue_answers_429_at_once() -> None:
         # free again: admitted (one request ahead of none: 15 s < 20 s)
         assert client.post("/v1/chat/completions", json=body).status_code == 200
     edge.close()
+
+
+def test_server_process_interrupted_while_starting_leaves_no_stack(tmp_path) -> None:
+    """An exception raised into ``ServerProcess`` while it waits for the URL (pytest-timeout's,
+    a Ctrl-C) stops the child's whole process group: a vLLM test that timed out in its setup
+    had left ``tensorfabric serve`` and its cloud tier running for the rest of the suite."""
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    from tensorfabric.serve import ServerProcess
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("server: {port: 0}\npii: {enabled: false}\nrouting: {policy: edge_only}\n")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(2)  # the child is still importing: its URL is far off
+    try:
+        with pytest.raises(Interrupted):
+            ServerProcess(cfg, timeout=600)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    alive = [p for p in new if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]

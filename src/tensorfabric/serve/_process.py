@@ -44,16 +44,19 @@ class ServerProcess:
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         self.url = ""
-        while not self.url:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                raise RuntimeError("tensorfabric serve did not start:\n" + "".join(self.output[-40:]))
-            if line.startswith("tensorfabric serve: "):
-                self.url = line.split()[2]
+        try:
+            while not self.url:
+                try:
+                    line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+                except queue.Empty:
+                    line = None
+                if line is None:
+                    raise RuntimeError("tensorfabric serve did not start:\n" + "".join(self.output[-40:]))
+                if line.startswith("tensorfabric serve: "):
+                    self.url = line.split()[2]
+        except BaseException:  # our timeout, a caller's (pytest-timeout), Ctrl-C: no orphan stack
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM the server's process group (server and cloud tier), then SIGKILL after
