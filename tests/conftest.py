@@ -34,13 +34,13 @@ def python() -> str:
 
 # The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml).
 # Every test gets an ``xdist_group``: its module, so module-scoped fixtures (served stacks,
-# clusters, loaded models) start once, on one worker; the whole Ray tier is one group, so its
-# session-wide cluster starts once. The vLLM modules are queued first, one group each, so the
-# two workers can run two of them at once (their memory gate, tests/vllm/conftest.py, keeps a
-# third out); then Ray, slow integration modules and the rest, heaviest first, so the two
-# workers finish together; xdist keeps this order with ``--no-loadscope-reorder``. Without
-# xdist (``-p no:xdist``) the same order still holds.
-_SHARED_GROUPS = {"ray": 1}
+# clusters, loaded models) start once, on one worker; the whole vLLM tier and the whole Ray
+# tier are one group each (the vLLM modules run one after the other: two at once on two cores
+# were slower, tests/vllm/conftest.py; the Ray cluster is session-wide). Groups are queued
+# heaviest first (vLLM, Ray, slow integration modules, the rest) so the two workers finish
+# together; xdist keeps this order with ``--no-loadscope-reorder``. Without xdist
+# (``-p no:xdist``) the same order still holds.
+_SHARED_GROUPS = {"vllm": 0, "ray": 1}
 
 
 def _group(item: pytest.Item) -> tuple[int, str]:
@@ -49,7 +49,7 @@ def _group(item: pytest.Item) -> tuple[int, str]:
     if tier in _SHARED_GROUPS:
         return _SHARED_GROUPS[tier], tier
     slow = item.get_closest_marker("slow") is not None
-    rank = {"vllm": 0, "integration": 2, "transports": 4, "unit": 5}.get(tier, 6)
+    rank = {"integration": 2, "transports": 4, "unit": 5}.get(tier, 6)
     return (rank if not slow else min(rank, 3)), path.as_posix()
 
 

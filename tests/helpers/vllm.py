@@ -4,9 +4,7 @@ Shared by the vLLM test tier (tests/vllm) and any later test that needs vLLM: th
 ``vllm_model`` (the Hugging Face folder of the default model), ``vllm_logs`` (a folder for
 server logs, printed on failure) and the factory ``start_vllm`` (returns a started and ready
 ``VllmServer``; every server it started is stopped when its module ends, whatever the test
-did to it) and :func:`memory_share` (the suite's memory gate: vLLM modules run two at a time
-at most, as memory allows). Keep servers module-scoped: each costs ~45-140 s to start on a
-2-core machine.
+did to it). Keep servers module-scoped: each costs ~45-140 s to start on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -178,110 +176,6 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
     yield start
     for s in started:
         s.stop(grace=10)
-
-
-# -- the suite's memory gate for vLLM modules -----------------------------------------------
-# The suite runs on two xdist workers, and each vLLM module is a group of its own so that two
-# can run at once. A vLLM server takes ~3.5 GiB here (its worker 2.6 GiB with the 1 GiB KV
-# cache, API server and engine core ~0.8 GiB each): two modules fit in 24 GiB, three do not. A
-# module holds its share of the machine (``VLLM_GIB``, its peak) in a ledger that every worker
-# reads under a file lock, and waits while the others' shares leave no room. One holder always
-# runs, so a small machine runs the tier one module at a time instead of failing.
-GATE_RESERVE_GIB = 6.0  # the other worker's tests, the pytest processes, the page cache
-
-
-def _ledger() -> Path:
-    return Path(os.environ.get("TF_TEST_GATE_DIR", "/tmp")) / "tensorfabric-test-memory-gate.json"
-
-
-def _total_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class MemoryShare:
-    """This process's share of the machine for one module (see :func:`memory_share`)."""
-
-    def __init__(self, name: str, gib: float, budget: float) -> None:
-        self.name, self.gib, self.budget, self.waited_s = name, gib, budget, 0.0
-
-    def _update(self, fn: Callable[[list[dict[str, Any]]], bool]) -> bool:
-        import fcntl
-
-        ledger = _ledger()
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        with open(ledger.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                holders = json.loads(ledger.read_text())
-            except (FileNotFoundError, ValueError):
-                holders = []
-            holders = [h for h in holders if _alive(h["pid"])]  # a killed worker's share is freed
-            done = fn(holders)
-            tmp = ledger.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(holders))
-            os.replace(tmp, ledger)
-            return done
-
-    def _mine(self, h: dict[str, Any]) -> bool:
-        return bool(h["pid"] == os.getpid() and h["name"] == self.name)
-
-    def acquire(self, timeout: float) -> MemoryShare:
-        def take(holders: list[dict[str, Any]]) -> bool:
-            if holders and sum(h["gib"] for h in holders) + self.gib > self.budget:
-                return False
-            holders.append({"pid": os.getpid(), "name": self.name, "gib": self.gib})
-            return True
-
-        t0 = time.monotonic()
-        while not self._update(take):
-            if time.monotonic() - t0 > timeout:
-                pytest.fail(f"{self.name}: {self.gib:g} GiB for vLLM servers not free within "
-                            f"{timeout:g} s (ledger {_ledger()}: {_ledger().read_text()})")
-            time.sleep(1.0)
-        self.waited_s = time.monotonic() - t0
-        return self
-
-    def resize(self, gib: float) -> None:
-        """Keep only ``gib`` (after the module stopped a server it needed only at first)."""
-        def shrink(holders: list[dict[str, Any]]) -> bool:
-            for h in holders:
-                if self._mine(h):
-                    h["gib"] = gib
-            return True
-
-        self.gib = gib
-        self._update(shrink)
-
-    def release(self) -> None:
-        def drop(holders: list[dict[str, Any]]) -> bool:
-            holders[:] = [h for h in holders if not self._mine(h)]
-            return True
-
-        self._update(drop)
-
-
-@contextmanager
-def memory_share(name: str, gib: float, timeout: float = 3600.0,
-                 budget: float | None = None) -> Iterator[MemoryShare]:
-    """Hold ``gib`` GiB of this machine (``budget``: its memory less :data:`GATE_RESERVE_GIB`)
-    for ``name``'s vLLM servers, across the suite's workers, until the block ends."""
-    if budget is None:
-        budget = _total_gib() - GATE_RESERVE_GIB
-    share = MemoryShare(name, min(gib, budget), budget).acquire(timeout)
-    try:
-        yield share
-    finally:
-        share.release()
 
 
 def pick_cpus(n: int) -> list[str]:

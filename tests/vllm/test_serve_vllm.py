@@ -5,7 +5,7 @@ concurrent clients), each tier's greedy answers against plain ``vllm serve``'s, 
 One served stack for the module: the cloud tier on vLLM (a child process) and the edge on the
 ``vllm`` runtime (in the server process, 2 slots so that its batching shows). Before it starts,
 a plain vLLM server answers the reference prompts and stops, so the module never runs more
-than two vLLM instances at once (its memory share, ``VLLM_GIB``)."""
+than two vLLM instances at once."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ PROMPTS = [
 ]
 
 
-VLLM_GIB = 8.5  # memory gate: two vLLM engines, the PII scrubber, the serve processes
 REF_TOKENS = {"cloud": 32, "edge": 16}
 
 

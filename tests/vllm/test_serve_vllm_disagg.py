@@ -24,7 +24,6 @@ yaml = pytest.importorskip("yaml")
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
-VLLM_GIB = 8.5  # memory gate: prefill and decode vLLM, the float32 edge, serve
 
 PROMPTS = ["What is the capital of France?", "List three primary colours."]
 

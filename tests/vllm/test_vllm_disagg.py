@@ -22,7 +22,6 @@ from helpers.vllm import complete, metric, pick_cpus, read_events, wait_for
 
 pytestmark = [pytest.mark.timeout(1500)]
 
-VLLM_GIB = 7.5  # memory gate: two vLLM instances at once (a killed one is replaced)
 
 SHORT = ["The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):",
          "List three primary colours:", "Water boils at", "The opposite of hot is",

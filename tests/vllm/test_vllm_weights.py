@@ -26,7 +26,6 @@ from helpers.vllm import pick_cpus, subprocess_env
 
 pytestmark = [pytest.mark.timeout(1500)]
 
-VLLM_GIB = 7.5  # memory gate: two vLLM replicas at once (a killed one is replaced)
 
 SECRET = "vllm-weights-test"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a robot"]
