@@ -1,0 +1,58 @@
+"""Small ops against the wire (issue 16): 4 KiB writes (64 in flight), an immediate's round
+trip and a 64 B send/recv round trip over tcp, each beside its raw-socket baseline measured in
+alternation in the same run (``tensorfabric bench``'s own points, only these).
+
+    PYTHONPATH=src python bench/small_op_cpu.py --transport tcp,tcp-plain --budget 0.5 --reps 3
+
+Prints one line per point and run: the ratio to raw (>1 = faster than raw for latency rows,
+as ``tensorfabric bench`` reports it) and the engine's p50. ``--json FILE`` keeps the rows.
+Run it once per tree, alternating trees, to compare two versions of the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from tensorfabric.bench._runner import BenchConfig, run_bench
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--transport", default="tcp")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    rows: list[dict] = []
+    for rep in range(a.reps):
+        cfg = BenchConfig(transports=tuple(a.transport.split(",")),
+                          ops=("write", "imm", "sendrecv"), sizes=(4096,), msg_sizes=(64,),
+                          budget_s=a.budget)
+        report = run_bench(cfg)
+        for r in report.rows:
+            if r.op == "imm-echo":
+                continue
+            d = r.to_dict()
+            d["rep"] = rep
+            rows.append(d)
+            x = r.ratio or 0.0
+            shown = f"{x:.2f} of raw" if r.op == "write" else f"{1 / x:.2f}x raw" if x else "-"
+            print(f"rep {rep} {r.transport:10s} {r.op:9s} {r.size:6d} B  {shown:14s} "
+                  f"p50 {r.p50_us:7.1f} us  raw {r.baseline_value or 0:.3g}", flush=True)
+    keys = sorted({(r["transport"], r["op"]) for r in rows})
+    for t, op in keys:
+        xs = [r["ratio"] for r in rows if (r["transport"], r["op"]) == (t, op) and r["ratio"]]
+        if xs:
+            m = statistics.median(xs)
+            shown = f"{m:.2f} of raw" if op == "write" else f"{1 / m:.2f}x raw"
+            print(f"median {t:10s} {op:9s} {shown}  (load {os.getloadavg()[0]:.1f})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
