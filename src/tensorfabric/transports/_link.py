@@ -405,23 +405,34 @@ class Conn(Receiver):
 
     def flush_replies(self, timeout: float) -> None:
         """Send the replies still queued (acknowledgements of ops that landed) before closing,
-        so a peer whose last op arrived does not see it fail."""
-        if not self.alive or not self.send_lock.acquire(timeout=timeout):
+        so a peer whose last op arrived does not see it fail. A polled link's reader may be
+        between delivering a message and acknowledging it: wait for it to finish first."""
+        if not self.alive:
             return
+        reading = self._ep is not None and self.rlock.acquire(timeout=timeout)
         try:
-            with self.cond:
-                frames = list(self.replies)
-                self.replies.clear()
-            if frames or self.tail:
-                self.sock.settimeout(timeout)
-                for frame in frames:
-                    self._send_all(frame)
-                if self.tail:
-                    self._send_all([])
-        except OSError:
-            pass
+            if not self.send_lock.acquire(timeout=timeout):
+                return
+            try:
+                with self.cond:
+                    frames = [[f] for f in self._deferred] if reading else []
+                    frames += list(self.replies)
+                    self.replies.clear()
+                if reading:
+                    self._deferred = []
+                if frames or self.tail:
+                    self.sock.settimeout(timeout)
+                    for frame in frames:
+                        self._send_all(frame)
+                    if self.tail:
+                        self._send_all([])
+            except OSError:
+                pass
+            finally:
+                self.send_lock.release()
         finally:
-            self.send_lock.release()
+            if reading:
+                self.rlock.release()
 
     def stalled(self, now: float, timeout: float) -> bool:
         return bool(self.inflight) and now - max(self.last_rx, self.last_tx) > timeout
