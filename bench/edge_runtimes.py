@@ -12,7 +12,7 @@ Per runtime: load time, tokens/s of one stream (4 prompts one after the other), 
 ``--concurrency`` streams at once (each through the runtime's own admission: a lock, or vLLM's
 batch), and on the shipped 76-prompt routing set how often its answer equals the vLLM answer.
 
-    PYTHONPATH=src /work/vllm-slot python bench/edge_runtimes.py [--runtimes transformers,vllm,llamacpp]
+    PYTHONPATH=src python bench/edge_runtimes.py [--runtimes transformers,vllm,llamacpp]
 
 Needs ``llama-cpp-python`` for the llamacpp runtime (PyPI ships it as source only: it builds
 llama.cpp with CMake on install; see docs/split.md "Edge runtime").

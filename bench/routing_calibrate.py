@@ -15,7 +15,7 @@ model, the weights the vLLM cloud tier serves). Then:
   for the calibrated policy, the old default (-0.5, no kinds), always-edge and always-cloud.
 
     PYTHONPATH=src python bench/routing_calibrate.py --runtime transformers   # int8 edge
-    PYTHONPATH=src /work/vllm-slot python bench/routing_calibrate.py --runtime vllm
+    PYTHONPATH=src python bench/routing_calibrate.py --runtime vllm
 """
 
 from __future__ import annotations

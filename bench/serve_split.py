@@ -9,7 +9,7 @@ Per mode and client count (``--clients 1,8,50``): requests/s, output tokens/s, p
 and p50 TTFT; each ratio is to plain vLLM at the same client count. Degraded answers and HTTP
 errors are counted. The edge and cloud answers are compared prompt by prompt (routing quality).
 
-    PYTHONPATH=src /work/vllm-slot python bench/serve_split.py [--max-tokens 16] [--clients 1,8,50]
+    PYTHONPATH=src python bench/serve_split.py [--max-tokens 16] [--clients 1,8,50]
         [--repeat 2]   # every point twice, modes interleaved (plain, cloud, ..., plain, cloud, ...)
 
 Two vLLM instances run at once (the plain one and the cloud tier's); the edge runs on the edge

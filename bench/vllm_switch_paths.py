@@ -10,7 +10,7 @@ running vLLM (CPU backend) model is, in one process, same run, alternating.
 Both start from the same staged tensors (the default model perturbed once, in vLLM's layout)
 and must give the same greedy answers (checked). One vLLM instance, in this process:
 
-    /work/vllm-slot python bench/vllm_switch_paths.py --repeat 3
+    python bench/vllm_switch_paths.py --repeat 3
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ For 1, 2, 4 vLLM servers (the default model, float32, 538 MB of vLLM parameters 
     Between emulated hosts the file is not shipped over the network (the hosts share a disk
     here), which favours this path.
 
-    /work/vllm-slot --all python bench/vllm_weights.py --replicas 1,2,4 --modes shm
-    /work/vllm-slot --all python bench/vllm_weights.py --replicas 1,2,4 --fabric 2gbit   # root
+    python bench/vllm_weights.py --replicas 1,2,4 --modes shm
+    python bench/vllm_weights.py --replicas 1,2,4 --fabric 2gbit   # root
 
 ``--fabric RATE`` puts this process and every server in its own network namespace with one NIC
 capped at RATE (tcp only: engines in other namespaces are other hosts). Between hosts the vLLM
