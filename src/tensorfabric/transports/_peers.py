@@ -29,8 +29,7 @@ class PeerLinks:
         self.t = transport
         self.peer = peer
         self.name = str(peer)
-        self.lock = threading.RLock()  # the cond's lock, taken bare where nobody waits
-        self.cond = threading.Condition(self.lock)
+        self.cond = threading.Condition()
         self.queue: collections.deque[Chunk] = collections.deque()
         self.conns: list[Conn | None] = [None] * transport.nlinks
         self.rr = 0

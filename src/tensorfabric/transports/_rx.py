@@ -49,7 +49,6 @@ class Receiver:
     index: int
     tls: bool
     cond: threading.Condition
-    lock: threading.RLock  # cond's lock
     replies: collections.deque[list[Any]]
     inflight: dict[tuple[int, int], Chunk]
     last_rx: float
@@ -408,7 +407,7 @@ class Receiver:
         }
 
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
-        with self.lock:
+        with self.cond:
             c = self.inflight.pop((op_id, chunk), None)
             if c is not None and len(self.inflight) in (self.t.window - 1, _SMALL_WINDOW - 1):
                 self.cond.notify_all()  # this link's writer may take the next chunk
