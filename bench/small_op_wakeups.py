@@ -1,0 +1,88 @@
+"""Thread wake-ups and CPU per small op, in both processes (issue 16).
+
+    PYTHONPATH=src python bench/small_op_wakeups.py [--transport tcp] [--imm 3000] [--msgs 2000]
+
+Runs ``--imm`` immediate round trips (``barrier`` to the peer, which counts them) and
+``--msgs`` 64 B send/recv round trips (the peer echoes) against ``tensorfabric bench``'s peer
+process, and prints each point's p50 with the context switches (voluntary and involuntary, all
+threads) and the CPU time (user + system) per op of this process and of the peer, read from
+``getrusage`` and ``/proc``. Run it once per tree, alternating trees, to compare two versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+from tensorfabric.bench._engine import engine_from_options
+from tensorfabric.bench._peer import DATA_TAG
+from tensorfabric.bench._runner import IMM_PING, BenchConfig, PeerProcess, Session
+
+
+def _mine() -> tuple[int, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_nvcsw + r.ru_nivcsw, r.ru_utime + r.ru_stime
+
+
+def _theirs(pid: int) -> tuple[int, float]:
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    with open(f"/proc/{pid}/stat") as f:
+        st = f.read().rsplit(")", 1)[1].split()
+    return switches, (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(name: str, fn: Callable[[], Any], n: int, pid: int) -> None:
+    for _ in range(50):
+        fn()
+    c0, u0 = _mine()
+    p0, q0 = _theirs(pid)
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t0)
+    c1, u1 = _mine()
+    p1, q1 = _theirs(pid)
+    print(f"{name}: p50 {statistics.median(lat) * 1e6:.0f} us; context switches/op "
+          f"me {(c1 - c0) / n:.2f} peer {(p1 - p0) / n:.2f}; CPU/op me {(u1 - u0) / n * 1e6:.0f} "
+          f"peer {(q1 - q0) / n * 1e6:.0f} us (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--transport", default="tcp")
+    ap.add_argument("--imm", type=int, default=3000)
+    ap.add_argument("--msgs", type=int, default=2000)
+    a = ap.parse_args()
+    cfg = BenchConfig(transports=(a.transport,))
+    peer = PeerProcess(a.transport, cfg)
+    eng = engine_from_options(host=cfg.host, transport=a.transport, links=1, link_addrs=[],
+                              name="bench", timeout=60)
+    try:
+        s = Session(eng, peer.address, cfg, a.transport)
+        pid = peer.proc.pid
+        _measure("imm", lambda: eng.barrier([peer.address], IMM_PING + 2).wait(30), a.imm, pid)
+        data = bytes(64)
+        s.ctrl("echo", wait=False, n=a.msgs + 50)
+
+        def echo() -> None:
+            eng.send(peer.address, data, tag=DATA_TAG).wait(30)
+            eng.recv(tag=DATA_TAG, timeout=30)
+
+        _measure("sendrecv 64 B", echo, a.msgs, pid)
+        s.reply()
+        s.ctrl("quit")
+    finally:
+        peer.close()
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()
