@@ -113,6 +113,7 @@ class VllmServer:
         sent SIGTERM when this process dies (PR_SET_PDEATHSIG; vLLM then stops its engine core
         and worker): a SIGKILLed launcher leaves no server behind. (The signal follows the
         thread that started the child, so a short-lived thread must not arm it.)"""
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         main = threading.current_thread() is threading.main_thread()
         try:
