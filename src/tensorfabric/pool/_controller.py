@@ -274,17 +274,14 @@ class PoolController:
             self._event(dep, "node_lost_during_start", replica=index, node=exc.node_id,
                         zone=zone, why=str(exc))  # fmt: skip
             return "lost"
-        except StartTimeout as exc:
-            self._backend.discard(actor, pg)
-            raise PoolError(
-                f"replica {index} of {spec.name!r} did not finish starting ({spec.run.kind} "
-                f"{spec.run.target}): {exc}; raise start_timeout_s if its start is that slow"
-            ) from None
         except Exception as exc:
             self._backend.discard(actor, pg)
+            slow = isinstance(exc, StartTimeout)  # a slow start, not the replica's code failing
             raise PoolError(
-                f"replica {index} of {spec.name!r} failed to start ({spec.run.kind} "
-                f"{spec.run.target}): {_first_line(exc)}"
+                f"replica {index} of {spec.name!r} "
+                f"{'did not finish starting' if slow else 'failed to start'} ({spec.run.kind} "
+                f"{spec.run.target}): {exc if slow else _first_line(exc)}"
+                f"{'; raise start_timeout_s if its start is that slow' if slow else ''}"
             ) from None
         zone = where["labels"].get(L.ZONE, "?")
         return Replica(index, actor, pg, where["node_id"], zone, sel, name)
