@@ -138,7 +138,7 @@ def test_replica_whose_start_outlasts_start_timeout_is_named_so(pool, tmp_path):
     with pytest.raises(PoolError, match="did not finish starting .* raise start_timeout_s") as err:
         pool.deploy(slow)
     assert "failed to start" not in str(err.value)
-    assert started.read_text().strip()  # it did start; it was only slow
+    # (whether its constructor had begun within 1 s is up to the machine's load: not asserted)
     assert pool.status()["deployments"] == []
 
 

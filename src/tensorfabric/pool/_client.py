@@ -125,7 +125,8 @@ class Pool:
         elif isinstance(spec, dict):
             spec = DeploymentSpec.from_dict(spec)
         if timeout is None:
-            timeout = 60.0 + spec.replicas * (spec.placement_timeout_s + spec.start_timeout_s) * load_factor()
+            per_replica = spec.placement_timeout_s + spec.start_timeout_s
+            timeout = 60.0 + spec.replicas * per_replica * load_factor()
         self._get(self.controller.deploy.remote(_spec_dict(spec)), timeout)
         return DeploymentHandle(self, spec.name)
 

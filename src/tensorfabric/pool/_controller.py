@@ -276,12 +276,13 @@ class PoolController:
             return "lost"
         except Exception as exc:
             self._backend.discard(actor, pg)
-            slow = isinstance(exc, StartTimeout)  # a slow start, not the replica's code failing
+            if isinstance(exc, StartTimeout):  # a slow start, not the replica's code failing
+                what = "did not finish starting"
+                why = f"{exc}; raise start_timeout_s if its start is that slow"
+            else:
+                what, why = "failed to start", _first_line(exc)
             raise PoolError(
-                f"replica {index} of {spec.name!r} "
-                f"{'did not finish starting' if slow else 'failed to start'} ({spec.run.kind} "
-                f"{spec.run.target}): {exc if slow else _first_line(exc)}"
-                f"{'; raise start_timeout_s if its start is that slow' if slow else ''}"
+                f"replica {index} of {spec.name!r} {what} ({spec.run.kind} {spec.run.target}): {why}"
             ) from None
         zone = where["labels"].get(L.ZONE, "?")
         return Replica(index, actor, pg, where["node_id"], zone, sel, name)
