@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,6 @@ class MoeConfig:
     baselines: bool = True
     netns: bool = False  # tcp between network-namespace hosts (needs root)
     rate: str = "10gbit"  # each netns host's NIC rate
-    port: int = 29600  # first port inside netns hosts (locally: free ports are picked)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,14 +97,10 @@ def _launch(cfg: MoeConfig, point: MoePoint, transport: str, tmp: str,
             hosts: list[str],
             popen: Callable[[int, list[str]], subprocess.Popen[Any]]) -> list[dict[str, Any]]:
     procs = []
-    # gloo's store, then each rank's raw-socket listener: free ports on one host, a fixed
-    # range inside network namespaces (each host has its own ports)
-    ports = _free_ports(point.world + 1) if len(set(hosts)) == 1 else \
-        [cfg.port + i for i in range(point.world + 1)]
     for r in range(point.world):
         args = dict(rank=r, world=point.world, hosts=hosts, dir=tmp, transport=transport,
                     tokens=point.tokens, hidden=point.hidden, experts=point.experts,
-                    topk=point.topk, iters=cfg.iters, warmup=cfg.warmup, ports=ports,
+                    topk=point.topk, iters=cfg.iters, warmup=cfg.warmup,
                     baselines=cfg.baselines, secret="moe-bench")
         procs.append(popen(r, [sys.executable, "-m", "tensorfabric.bench._moe_worker",
                                json.dumps(args)]))
@@ -125,17 +119,6 @@ def _launch(cfg: MoeConfig, point: MoePoint, transport: str, tmp: str,
     if any(codes):
         raise RuntimeError(f"MoE bench ranks exited with {codes} at point {point} ({transport})")
     return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(point.world)]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _env() -> dict[str, str]:
@@ -163,7 +146,6 @@ def run_moe(cfg: MoeConfig, progress: Callable[[str], None] = lambda _: None,
     env = _env()
     for point, transport in _runs(cfg):
         progress(f"moe {point} {transport}")
-        cfg.port += 2 + point.world  # a fresh port range per run (gloo store, raw mesh)
         try:
             rows.append(_run_point(cfg, point, transport, env))
         except RuntimeError as exc:

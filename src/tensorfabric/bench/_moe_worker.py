@@ -52,11 +52,13 @@ class RawMesh:
     """A full mesh of TCP sockets; ``all_to_all`` moves one buffer to each peer at once with a
     selector loop (no framing: both sides know the sizes, like all_to_all_single's splits)."""
 
-    def __init__(self, rank: int, hosts: list[str], ports: list[int],
+    def __init__(self, rank: int, hosts: list[str], lsock: socket.socket, ports: list[int],
                  timeout: float = 60.0) -> None:
+        """``lsock``: this rank's listener (bound before the ports were exchanged: a port
+        picked, closed and bound again later can be taken in between); ``ports``: every
+        rank's listener port."""
         self.rank, self.world = rank, len(hosts)
         self.socks: dict[int, socket.socket] = {}
-        lsock = socket.create_server((hosts[rank], ports[rank]), backlog=self.world)
         for peer in range(rank):
             deadline = time.monotonic() + timeout
             while True:
@@ -132,10 +134,21 @@ def main(a: dict[str, Any]) -> None:
     ep = ExpertParallel(eng, rank=rank, world=world, num_experts=E, hidden=H, topk=K,
                         max_tokens=T, dtype="bfloat16", timeout=120,
                         exchange=FileExchange(a["dir"], rank, world, key="ep", timeout=120))
-    ports = a.get("ports") or [a["port"] + i for i in range(world + 1)]
-    dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{ports[0]}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    raw = RawMesh(rank, hosts, ports[1:]) if a["baselines"] else None
+    # gloo's store (rank 0) and each rank's raw-mesh listener bind port 0 and the ports go
+    # round through files: no port is picked, released and bound again (another process on
+    # the host took one in between once: EADDRINUSE)
+    wait = datetime.timedelta(seconds=120)
+    store = (dist.TCPStore(hosts[0], 0, world, True, timeout=wait, wait_for_workers=False)
+             if rank == 0 else None)
+    lsock = socket.create_server((hosts[rank], 0), backlog=world) if a["baselines"] else None
+    mine = {"store": store.port if store else None,
+            "mesh": lsock.getsockname()[1] if lsock else None}
+    ports = [json.loads(b) for b in FileExchange(a["dir"], rank, world, key="ports",
+                                                 timeout=120)(json.dumps(mine).encode())]
+    if store is None:
+        store = dist.TCPStore(hosts[0], ports[0]["store"], world, False, timeout=wait)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    raw = RawMesh(rank, hosts, lsock, [p["mesh"] for p in ports]) if lsock else None
     x = torch.randn(T, H).to(torch.bfloat16)
     nroute = min(a["iters"], 4)
     routes = [routing(i, rank, T, E, K) for i in range(nroute)]
