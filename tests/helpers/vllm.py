@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -165,13 +166,23 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
 
     started: list[Any] = []
 
-    def start(name: str, *, wait: bool = True, **kw: Any) -> Any:
+    def start(name: str, *, wait: bool = True, port_taken: bool = False, **kw: Any) -> Any:
+        """``port_taken``: another listener holds the port the server picked until it is
+        ready (it must pick another: ``server.taken_port`` is the one it lost)."""
         kw.setdefault("kv_space_gib", 1)
         env = subprocess_env(**kw.pop("env", {}))
         server = VllmServer(vllm_model, env=env, log_path=vllm_logs / f"{name}.log", **kw)
         started.append(server)
-        server.start()
-        return server.wait_ready(900) if wait else server
+        holder = None
+        if port_taken:
+            server.taken_port = server.port
+            holder = socket.create_server(("127.0.0.1", server.port))
+        try:
+            server.start()
+            return server.wait_ready(900) if wait or holder else server
+        finally:
+            if holder is not None:
+                holder.close()
 
     yield start
     for s in started:

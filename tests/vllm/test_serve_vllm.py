@@ -36,8 +36,12 @@ REF_TOKENS = {"cloud": 32, "edge": 16}
 @pytest.fixture(scope="module")
 def plain_refs(start_vllm: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Plain ``vllm serve``'s greedy answers, ``(tier, prompt) -> body``: the cloud's
-    reference at 32 tokens, the edge's at 16. The server stops before the stack starts."""
-    plain = start_vllm("plain", cpus=pick_cpus(1)[0])
+    reference at 32 tokens, the edge's at 16. The server stops before the stack starts.
+
+    Another listener holds the port it picked while it starts: it must start on another
+    (vLLM binds its port after ~20 s of imports; another process can take it in between)."""
+    plain = start_vllm("plain", cpus=pick_cpus(1)[0], port_taken=True)
+    assert plain.port != plain.taken_port and plain.healthy()
     refs = {}
     try:
         for tier, n in REF_TOKENS.items():

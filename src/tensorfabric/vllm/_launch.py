@@ -80,6 +80,7 @@ class VllmServer:
                  netns: str | None = None) -> None:
         self.model = str(model)
         self.host = host
+        self._port_picked = not port  # ours to pick again if it is taken before vLLM binds it
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -131,7 +132,16 @@ class VllmServer:
         if self.proc is None:
             raise ConfigError("start() the server first")
         deadline = time.monotonic() + timeout
+        retries = 3
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None and self._port_picked and retries and \
+                    "Address already in use" in self.log_tail():
+                # the free port was taken between our pick and vLLM's bind (vLLM binds after
+                # ~20 s of imports): pick another and start again
+                retries -= 1
+                self._repick_port()
+                self.start()
+                continue
             if self.proc.poll() is not None:
                 raise VllmStartError(f"vLLM server {self.url} exited with {self.proc.returncode}:\n"
                                      + self.log_tail())
@@ -140,6 +150,12 @@ class VllmServer:
             time.sleep(1.0)
         raise VllmStartError(f"vLLM server {self.url} did not answer /health within "
                              f"{timeout:.0f} s:\n" + self.log_tail())
+
+    def _repick_port(self) -> None:
+        i = self.argv.index("--port")
+        self.port = free_port()
+        self.argv[i + 1] = str(self.port)
+        self.url = f"http://{self.host}:{self.port}"
 
     def healthy(self) -> bool:
         try:
