@@ -50,6 +50,9 @@ class ServeMetrics:
                         registry=r)  # fmt: skip
         self.tps = Gauge("tensorfabric_tier_tokens_per_second",
                          "Output tokens per second over the last scrape interval", ["tier"], registry=r)
+        self.hold = Gauge("tensorfabric_tier_hold_seconds",
+                          "How long the tier works on one request (the moving average admission "
+                          "control uses; 0 until measured)", ["tier"], registry=r)  # fmt: skip
         self._last_tokens: dict[str, tuple[float, float]] = {}
         self._answered_tokens: dict[str, float] = {}
 
@@ -72,6 +75,7 @@ class ServeMetrics:
             self.queue.labels(tier).set(st.get("queue", 0.0))
             self.batch.labels(tier).set(st.get("batch", 0.0))
             self.kv.labels(tier).set(st.get("kv_usage", 0.0))
+            self.hold.labels(tier).set(st.get("hold", 0.0))
             # tokens the tier generated: its engine's own count where it reports one (vLLM
             # counts every request, wherever it came from), else the answers recorded here
             total = st.get("generated")

@@ -219,6 +219,7 @@ class CloudTier:
             self._chat_disaggregated(peer, rid, ids, int(req.get("max_tokens", 128)))
             return
         m.acquire(timeout=self.cfg.server.request_timeout)
+        t0 = time.monotonic()  # the model is this request's from here: its hold, not its wait
         n, finish = 0, "length"
         try:
             for step in m.stream(
@@ -238,12 +239,14 @@ class CloudTier:
             m.lock.release()
         self.served += 1
         self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
-                           "prompt_tokens": len(ids), "completion_tokens": n})
+                           "prompt_tokens": len(ids), "completion_tokens": n,
+                           "held_s": time.monotonic() - t0})
 
     def _chat_vllm(self, peer: bytes, rid: int, req: dict[str, Any]) -> None:
         """One request in vLLM's running batch; its tokens are relayed as vLLM makes them."""
         v = self.vllm
         ids = v.encode_chat(req["messages"], prefix=req.get("prefix", ""))
+        t0 = time.monotonic()
         steps = v.stream(
             ids, max_tokens=int(req.get("max_tokens", 128)),
             temperature=float(req.get("temperature", 0.0)), top_p=float(req.get("top_p", 1.0)),
@@ -266,13 +269,15 @@ class CloudTier:
             steps.close()
         self.served += 1
         self._reply(peer, {"id": rid, "event": "done", "finish_reason": finish,
-                           "prompt_tokens": len(ids), "completion_tokens": n})
+                           "prompt_tokens": len(ids), "completion_tokens": n,
+                           "held_s": time.monotonic() - t0})
 
     def _chat_disaggregated(self, peer: bytes, rid: int, ids: list[int], max_tokens: int) -> None:
         """Greedy generation on the kv prefill/decode workers; the answer arrives whole and is
         forwarded token by token (the kv client has no streaming interface yet)."""
         from ._lm import _Detokenizer
 
+        t0 = time.monotonic()
         fut = self.disagg.submit(ids, max_new_tokens=max_tokens)
         deadline = time.monotonic() + self.cfg.server.request_timeout
         while not fut.done():
@@ -292,7 +297,8 @@ class CloudTier:
                                "logprob": 0.0})  # fmt: skip
         self.served += 1
         self._reply(peer, {"id": rid, "event": "done", "finish_reason": "stop" if res.stopped else "length",
-                           "prompt_tokens": len(ids), "completion_tokens": len(res.tokens)})  # fmt: skip
+                           "prompt_tokens": len(ids), "completion_tokens": len(res.tokens),
+                           "held_s": time.monotonic() - t0})  # fmt: skip
 
     # ------------------------------------------------------------------ layer split
 

@@ -140,7 +140,8 @@ class EdgeTier:
         m = self.model
         running = getattr(m, "running", None)  # batched runtimes count; one-at-a-time ones lock
         batch = float(running if running is not None else m.lock.locked())
-        out = {"edge": {"queue": float(m.waiting), "batch": batch, "kv_usage": 0.0}}
+        out = {"edge": {"queue": float(m.waiting), "batch": batch, "kv_usage": 0.0,
+                        "hold": self.edge_load.mean_hold or 0.0}}
         eng = getattr(m, "engine", None)
         if eng is not None and hasattr(eng, "stats"):
             out["edge"]["kv_usage"] = float(eng.stats.kv_usage)
@@ -153,6 +154,8 @@ class EdgeTier:
         elif pong:
             out["cloud"] = {"queue": float(max(int(pong.get("load", 0)) - 1, 0)),
                             "batch": float(min(int(pong.get("load", 0)), 1)), "kv_usage": 0.0}  # fmt: skip
+        if "cloud" in out:
+            out["cloud"]["hold"] = self.cloud_load.mean_hold or 0.0
         return out
 
     @property
@@ -309,6 +312,7 @@ class EdgeTier:
         cutter = StopCutter(req.stop)
         n, finish = 0, "length"
         started = time.monotonic()
+        held: float | None = None  # the cloud's own measure of the time it worked on this one
         with self._inflight_lock:
             self._cloud_inflight += 1
         try:
@@ -323,6 +327,7 @@ class EdgeTier:
             for ev in events:
                 if ev["event"] == "done":
                     finish = ev.get("finish_reason", "stop")
+                    held = ev.get("held_s")
                     break
                 if ev.get("token", 0) < 0:
                     continue  # keep-alive from a cloud still working (disaggregated workers)
@@ -345,7 +350,14 @@ class EdgeTier:
         finally:
             with self._inflight_lock:
                 self._cloud_inflight -= 1
-        self.cloud_load.observe(time.monotonic() - started)
+        # what admission needs is how long the cloud holds a request, not how long this one
+        # waited behind others there (counted in, a burst of n inflated it about n/2 times and
+        # later requests got 429 that would have finished in time); a cloud that does not say
+        # (layer split) is timed here
+        if isinstance(held, (int, float)) and 0 <= held <= time.monotonic() - started:
+            self.cloud_load.observe(float(held))
+        else:
+            self.cloud_load.observe(time.monotonic() - started)
         self.health.record_success()
         tail = cutter.feed(restorer.flush()) + cutter.flush()
         if tail:
