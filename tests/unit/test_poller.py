@@ -1,0 +1,105 @@
+"""The shared poller of accepted tcp links (``transports/_poller.py``): the caller waiting in
+``recv`` / ``expect`` reads and delivers the frame itself; links leave it when they close."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from tensorfabric import Engine
+from tensorfabric._inbound import Inbound
+
+SECRET = "poller-secret"
+
+
+def _pair() -> tuple[Engine, Engine]:
+    return Engine(SECRET, transports=("tcp",), name="a"), Engine(SECRET, transports=("tcp",),
+                                                                   name="b")
+
+
+def _spy(monkeypatch, name: str) -> list[str]:
+    """Record the thread that runs Inbound.<name> (deliver / landed)."""
+    seen: list[str] = []
+    orig = getattr(Inbound, name)
+
+    def spy(self, *a, **k):
+        seen.append(threading.current_thread().name)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Inbound, name, spy)
+    return seen
+
+
+def _later(delay: float, fn) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        fn()
+
+    th = threading.Thread(target=run, name="sender")
+    th.start()
+    return th
+
+
+def test_recv_caller_delivers_its_own_message(monkeypatch) -> None:
+    a, b = _pair()
+    with a, b:
+        a.send(b.address, b"warm", tag=1).wait(10)  # b accepts a's link
+        assert b.recv(tag=1, timeout=10).data == b"warm"
+        seen = _spy(monkeypatch, "deliver")
+        me = threading.current_thread().name
+        for i in range(5):  # the message arrives while b's caller waits in recv
+            th = _later(0.2, lambda i=i: a.send(b.address, b"m%d" % i, tag=1).wait(10))
+            assert b.recv(tag=1, timeout=10).data == b"m%d" % i
+            th.join()
+        assert seen == [me] * 5, seen
+
+
+def test_expect_caller_counts_its_own_immediate(monkeypatch) -> None:
+    a, b = _pair()
+    with a, b:
+        region = b.register(np.zeros(4096, np.uint8))
+        a.write(np.ones(4096, np.uint8), region.descriptor(), imm=7).wait(10)
+        b.expect(7, 1, timeout=10).wait(10)
+        seen = _spy(monkeypatch, "landed")
+        th = _later(0.2, lambda: a.write(np.full(4096, 2, np.uint8), region.descriptor(),
+                                         imm=7).wait(10))
+        b.expect(7, 1, timeout=10).wait(10)
+        th.join()
+        assert seen == [threading.current_thread().name]
+        assert (region.array == 2).all()
+
+
+def test_message_for_another_waiter_is_handed_over() -> None:
+    """Two threads in recv on different tags: one polls, the other waits on its transfer;
+    both get their message whichever thread reads it."""
+    a, b = _pair()
+    with a, b:
+        a.send(b.address, b"warm", tag=1).wait(10)
+        b.recv(tag=1, timeout=10)
+        got: dict[int, bytes] = {}
+        threads = [threading.Thread(target=lambda t=t: got.__setitem__(
+            t, b.recv(tag=t, timeout=10).data)) for t in (2, 3)]
+        for th in threads:
+            th.start()
+        time.sleep(0.2)
+        a.send(b.address, b"three", tag=3).wait(10)
+        a.send(b.address, b"two", tag=2).wait(10)
+        for th in threads:
+            th.join(15)
+        assert got == {2: b"two", 3: b"three"}
+
+
+def test_closed_links_leave_the_poller() -> None:
+    a, b = _pair()
+    with b:
+        with a:
+            a.send(b.address, b"x", tag=1).wait(10)
+            b.recv(tag=1, timeout=10)
+            poller = b._tcp.poller
+            assert poller is not None and len(poller.conns) == 1
+        deadline = time.monotonic() + 10
+        while poller.conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not poller.conns
