@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tensorfabric import Engine
+from tensorfabric import ClosedError, Engine
 from tensorfabric._inbound import Inbound
 
 SECRET = "poller-secret"
@@ -103,3 +103,45 @@ def test_closed_links_leave_the_poller() -> None:
         while poller.conns and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not poller.conns
+
+
+def _holding(poller, ident: int, limit: float = 10.0) -> None:
+    """Wait until thread ``ident`` polls ``poller`` (it waits in recv with nothing come)."""
+    deadline = time.monotonic() + limit
+    while poller._holder != ident:
+        assert time.monotonic() < deadline, "the waiting thread never polled"
+        time.sleep(0.001)
+
+
+def test_close_while_a_caller_polls_fails_it_with_closed_error() -> None:
+    """Engine.close() while a thread waits in recv, polling the accepted links itself: close
+    kicks the poller's eventfd and then closes the fds, so the woken caller races the closing
+    thread to its read of the eventfd (it raised EBADF there, or could read a reused fd). The
+    waiter must get the engine's ClosedError, every time."""
+    errors: list[BaseException] = []
+    for _ in range(40):
+        a, b = _pair()
+        with a:
+            a.send(b.address, b"warm", tag=1).wait(10)
+            b.recv(tag=1, timeout=10)
+            poller = b._tcp.poller
+            assert poller is not None
+            ident: list[int] = []
+
+            def wait() -> None:
+                ident.append(threading.get_ident())
+                try:
+                    b.recv(tag=2, timeout=30)
+                except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+                    errors.append(exc)
+
+            th = threading.Thread(target=wait, name="waiter")
+            th.start()
+            while not ident:
+                time.sleep(0.001)
+            _holding(poller, ident[0])
+            b.close()
+            th.join(15)
+            assert not th.is_alive(), "the caller was not woken by close"
+    assert all(isinstance(e, ClosedError) for e in errors), [repr(e) for e in errors]
+    assert len(errors) == 40

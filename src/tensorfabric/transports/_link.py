@@ -82,7 +82,9 @@ class Conn(Receiver):
         if self._shared:
             poller = self.t.poller
             assert poller is not None
-            poller.add(self)
+            if not poller.add(self):  # the transport closed while this link was set up
+                self.fail()
+                return
             rx = lambda: poller.serve(self)  # noqa: E731
         for target, what in ((rx, "rx"), (self._write_loop, "tx")):
             th = threading.Thread(target=target, name=f"tf-{role}{self.index}-{what}", daemon=True)

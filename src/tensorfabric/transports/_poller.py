@@ -17,7 +17,10 @@ one, and on a loaded two-core machine each costs more than the frame's own Pytho
   one link's frame for long (a large payload) does not hold up the others: parked threads
   look every ``_PARK`` seconds and serve the other links while it is;
 * a transfer finished by another thread (a frame read on a dialled link, a timeout, a cancel)
-  kicks an eventfd in the epoll, so the caller never sleeps on a finished transfer.
+  kicks an eventfd in the epoll, so the caller never sleeps on a finished transfer;
+* closing wakes the polling caller (it returns, and its transfer fails with the engine's
+  ``ClosedError``); the epoll and the eventfd are closed by the last thread to stop using them,
+  never under a caller or receive thread still polling (a closed fd's number is soon reused).
 
 TLS links keep a receive thread each that blocks in ``recv`` (an SSL socket's buffered
 records are invisible to epoll).
@@ -58,15 +61,26 @@ class Poller:
         self._holder: int | None = None  # that caller's thread id
         self._busy_since = 0.0  # when that caller started reading a link (0: it is polling)
         self._parked = 0
+        self._users = 0  # callers and receive threads that may touch the epoll or the eventfd
+        self._released = False  # release() was called: the last user out closes the fds
+        self._fdlock = threading.Lock()  # a kick's write vs closing the eventfd
         self.closed = False
 
     # -- links ----------------------------------------------------------------------------
 
-    def add(self, conn: Conn) -> None:
-        fd = conn.sock.fileno()
-        with self._cv:
-            self.conns[fd] = conn
-        self.ep.register(fd, ARM)
+    def add(self, conn: Conn) -> bool:
+        """Poll ``conn`` from now on; False if it (or the poller) closed already."""
+        fd = conn._fd
+        with self._cv:  # fail() removes under the same lock: never a closed link's fd
+            if self.closed or not conn.alive:
+                return False
+            self.conns[fd] = conn  # first: an event right after registering finds it
+            try:
+                self.ep.register(fd, ARM)
+            except (OSError, ValueError):
+                del self.conns[fd]
+                return False
+        return True
 
     def remove(self, conn: Conn) -> None:
         """Forget ``conn`` (before its socket closes, so a reused fd is never mistaken)."""
@@ -86,6 +100,14 @@ class Poller:
     def serve(self, conn: Conn) -> None:
         """The receive thread of ``conn``: reads any accepted link's frames while no caller
         polls; ends when ``conn`` is closed."""
+        if not self._enter():
+            return
+        try:
+            self._serve(conn)
+        finally:
+            self._leave()
+
+    def _serve(self, conn: Conn) -> None:
         ep = self.ep
         while conn.alive and not self.closed:
             with self._cv:
@@ -144,6 +166,9 @@ class Poller:
         transfer as before)."""
         if not self.conns or self.closed or not self._caller.acquire(blocking=False):
             return
+        if not self._enter():
+            self._caller.release()
+            return
         self._holder = threading.get_ident()
         try:
             deadline = time.monotonic() + timeout
@@ -165,30 +190,65 @@ class Poller:
                 self._holder = None
                 if self._parked:
                     self._cv.notify_all()
+            self._leave()
             self._caller.release()
 
     def kick(self) -> None:
         """A transfer a caller may be polling for finished in another thread: wake it."""
         holder = self._holder
         if holder is not None and holder != threading.get_ident():
-            try:
-                os.eventfd_write(self._efd, 1)
-            except OSError:
-                pass
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._fdlock:  # the eventfd stays open while we write it
+            if self._efd >= 0:
+                try:
+                    os.eventfd_write(self._efd, 1)
+                except OSError:
+                    pass
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def _enter(self) -> bool:
+        """A thread starts using the epoll and eventfd; False once the poller is closed."""
+        with self._cv:
+            if self.closed:
+                return False
+            self._users += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._cv:
+            self._users -= 1
+            last = self._users == 0 and self._released
+        if last:
+            self._close_fds()
 
     def close(self) -> None:
+        """Stop: parked threads end, a polling caller is woken and returns."""
         with self._cv:
             self.closed = True
             self._cv.notify_all()
-        try:
-            os.eventfd_write(self._efd, 1)  # wake a polling caller
-        except OSError:
-            pass
+        self._wake()
 
     def release(self) -> None:
-        """Close the epoll and eventfd (after the links and their threads are gone)."""
-        for close in (self.ep.close, lambda: os.close(self._efd)):
-            try:
-                close()
-            except OSError:
-                pass
+        """Close the epoll and eventfd (after close()): now if no thread uses them, else when
+        the last one stops (a caller or receive thread may still be between its poll and
+        reading the eventfd; closing under it would raise EBADF there, or read a reused fd)."""
+        with self._cv:
+            self.closed = True
+            self._released = True
+            idle = self._users == 0
+        if idle:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        with self._fdlock:
+            efd, self._efd = self._efd, -1
+        if efd < 0:
+            return
+        self.ep.close()
+        try:
+            os.close(efd)
+        except OSError:
+            pass
