@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
@@ -145,3 +146,81 @@ def test_close_while_a_caller_polls_fails_it_with_closed_error() -> None:
             assert not th.is_alive(), "the caller was not woken by close"
     assert all(isinstance(e, ClosedError) for e in errors), [repr(e) for e in errors]
     assert len(errors) == 40
+
+
+def test_a_slow_caller_does_not_keep_other_links_unread() -> None:
+    """One thread waits in recv, polling every accepted link, and is slow to get through the
+    frames it reads (each message it delivers runs a done-callback that takes a while, as a
+    thread short of the GIL on a busy machine would). Frames wait on many other links, the
+    last of them a heartbeat. The links it leaves waiting must be taken over by the parked
+    receive threads: the heartbeat is delivered while the caller still works through the
+    backlog, not after it has delivered every message itself (it then starved them: the
+    edge heard nothing from the cloud for too long)."""
+    n = 16
+    b = Engine(SECRET, transports=("tcp",), name="b")
+    peers = [Engine(SECRET, transports=("tcp",), name=f"p{i}") for i in range(n + 1)]
+    try:
+        for p in peers:  # n + 1 accepted links at b, each with its receive thread
+            p.send(b.address, b"warm", tag=1).wait(10)
+            b.recv(tag=1, timeout=10)
+        poller = b._tcp.poller
+        assert poller is not None and len(poller.conns) == n + 1
+        caller: list[int] = []
+        started: list[int] = []
+        by_caller: list[int] = []
+        at_heartbeat: list[int] = []
+        heartbeat = threading.Event()
+
+        def slow(_: object) -> None:
+            started.append(1)
+            if threading.get_ident() == caller[0]:
+                by_caller.append(1)
+            heartbeat.wait(0.06)  # shorter than a "stuck in one frame" bound would catch
+
+        def beat(_: object) -> None:
+            at_heartbeat.append(len(by_caller))
+            heartbeat.set()
+
+        slow_recvs = [b.recv_async(tag=2, timeout=60) for _ in range(n)]
+        for t in slow_recvs:
+            t.add_done_callback(slow)
+        beat_recv = b.recv_async(tag=3, timeout=60)
+        beat_recv.add_done_callback(beat)
+
+        def wait() -> None:
+            caller.append(threading.get_ident())
+            b.recv(tag=4, timeout=60)
+
+        th = threading.Thread(target=wait, name="caller")
+        th.start()
+        while not caller:
+            time.sleep(0.001)
+        _holding(poller, caller[0])
+        deadline = time.monotonic() + 10  # the receive threads' polls end, they park
+        while poller._parked < n:
+            assert time.monotonic() < deadline, "the receive threads never parked"
+            time.sleep(0.005)
+        sends = [p.send(b.address, b"slow", tag=2) for p in peers[:n]]
+        # the heartbeat comes last: once every other message is delivered or waits in its
+        # socket (else it may be read first, and nothing is left waiting behind the caller)
+        socks = [c.sock for c in list(b._tcp._accepted)]
+        deadline = time.monotonic() + 20
+        while len(started) + len(select.select(socks, [], [], 0)[0]) < n:
+            assert time.monotonic() < deadline, "the messages never arrived"
+            time.sleep(0.002)
+        sends.append(peers[n].send(b.address, b"beat", tag=3))
+        beat_recv.wait(30)
+        for t in slow_recvs:
+            t.wait(30)
+        peers[0].send(b.address, b"end", tag=4).wait(10)
+        th.join(10)
+        for s in sends:
+            s.wait(10)
+        # serially the caller delivers them all (one receive thread may be between its
+        # polls when they come and take one); taken over, it delivers one or two
+        assert at_heartbeat and at_heartbeat[0] <= n // 2, (
+            f"the caller delivered {at_heartbeat[0]} of the {n} messages before the "
+            "heartbeat on another link was read")
+    finally:
+        for e in (*peers, b):
+            e.close()

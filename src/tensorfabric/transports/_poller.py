@@ -13,9 +13,14 @@ one, and on a loaded two-core machine each costs more than the frame's own Pytho
   for is parsed, checked (MACs, sequence numbers, bounds: the same ``Conn`` code) and
   delivered in its own thread;
 * while a caller holds the poller the receive threads park (a condition), so the kernel hands
-  every event to the caller; when it lets go they are woken to take over. A caller busy on
-  one link's frame for long (a large payload) does not hold up the others: parked threads
-  look every ``_PARK`` seconds and serve the other links while it is;
+  every event to the caller; when it lets go they are woken to take over;
+* one caller never holds every link: while it polls, one parked thread (the sentry) looks
+  every ``_PARK`` seconds, without blocking, for a link that is readable and that nobody has
+  taken. There is one only when the caller is not in its poll: it is reading a large frame,
+  running a delivery's callbacks, or waiting for the GIL on a busy machine. The sentry then
+  wakes one more parked thread and serves that link; each thread that finds another such
+  link recruits one more, so a backlog is read by as many threads as there are links waiting,
+  as without the poller, and the threads park again when none is left;
 * a transfer finished by another thread (a frame read on a dialled link, a timeout, a cancel)
   kicks an eventfd in the epoll, so the caller never sleeps on a finished transfer;
 * closing wakes the polling caller (it returns, and its transfer fails with the engine's
@@ -41,7 +46,8 @@ ARM = (select.EPOLLIN | select.EPOLLONESHOT) if hasattr(select, "epoll") else 0
 #: a caller re-checks its transfer at least this often (a transfer finished elsewhere kicks
 #: it at once; a short slice would leave gaps in which a receive thread takes its frame)
 _SLICE = 1.0
-_PARK = 0.1  #: a parked receive thread checks this often whether the caller is stuck in a frame
+#: while a caller polls, links it leaves readable are taken over after at most this long
+_PARK = 0.05
 
 
 def available() -> bool:
@@ -59,8 +65,9 @@ class Poller:
         self._cv = threading.Condition()
         self._caller = threading.Lock()  # held by the one caller polling
         self._holder: int | None = None  # that caller's thread id
-        self._busy_since = 0.0  # when that caller started reading a link (0: it is polling)
-        self._parked = 0
+        self._parked = 0  # receive threads parked while a caller polls
+        self._sentry = False  # one of them looks for links the caller leaves waiting
+        self._recruits = 0  # parked threads asked to help serve such links
         self._users = 0  # callers and receive threads that may touch the epoll or the eventfd
         self._released = False  # release() was called: the last user out closes the fds
         self._fdlock = threading.Lock()  # a kick's write vs closing the eventfd
@@ -110,32 +117,75 @@ class Poller:
     def _serve(self, conn: Conn) -> None:
         ep = self.ep
         while conn.alive and not self.closed:
-            with self._cv:
-                while self._holder is not None and conn.alive and not self.closed:
-                    busy = self._busy_since
-                    if busy and time.monotonic() - busy > _PARK:
-                        break  # the caller is stuck in one link's frame: serve the others
-                    self._parked += 1
-                    try:
-                        self._cv.wait(_PARK)
-                    finally:
-                        self._parked -= 1
-                helping = self._holder is not None
+            if self._park(conn):
+                self._probe()
+                continue
             try:
-                events = ep.poll(_PARK if helping else 1.0, 1)
+                events = ep.poll(1.0, 1)
             except (OSError, ValueError):
                 return
             for fd, _ in events:
                 self._handle(fd, caller=False)
 
+    def _park(self, conn: Conn) -> bool:
+        """Wait while a caller polls. True: look for links it leaves waiting (this thread is
+        the sentry and its look is due, or it was recruited); False: no caller polls, serve."""
+        with self._cv:
+            while self._holder is not None and conn.alive and not self.closed:
+                if self._recruits:
+                    self._recruits -= 1
+                    return True
+                sentry = not self._sentry
+                if sentry:
+                    self._sentry = True
+                self._parked += 1
+                try:
+                    # the others wake now and then to stand in for a sentry whose link closed
+                    timed_out = not self._cv.wait(_PARK if sentry else 1.0)
+                finally:
+                    self._parked -= 1
+                    if sentry:
+                        self._sentry = False
+                if sentry and timed_out and self._holder is not None:
+                    return True
+            return False
+
+    def _probe(self) -> None:
+        """Serve the links that are readable and that no one has taken (the caller is not in
+        its poll), one by one without blocking, recruiting a parked thread for each."""
+        kicks = 0
+        while not self.closed:
+            try:
+                events = self.ep.poll(0, 1)
+            except (OSError, ValueError):
+                return
+            if not events:
+                return
+            fd = events[0][0]
+            if fd == self._efd:  # the caller's kick: left to it (re-armed, comes round again)
+                kicks += 1
+                self._handle(fd, caller=False)
+                if kicks > 1:
+                    return
+                continue
+            with self._cv:
+                if self._holder is not None and self._parked > self._recruits:
+                    self._recruits += 1  # there may be more: one more thread looks
+                    self._cv.notify()
+            self._handle(fd, caller=False)
+            if self._holder is None:
+                return  # no caller polls any more: back to blocking polls
+
     def _handle(self, fd: int, caller: bool) -> None:
         if fd == self._efd:
-            if caller:
+            # spent when read by the caller, or a kick left by a caller gone; on close it
+            # stays, so every polling thread sees it in turn (one-shot, re-armed below)
+            if not self.closed and (caller or self._holder is None):
                 try:
                     os.eventfd_read(self._efd)
                 except BlockingIOError:
                     pass
-            self._rearm(self._efd)  # a receive thread leaves the kick to the caller
+            self._rearm(self._efd)  # a receive thread leaves a kick to the polling caller
             return
         conn = self.conns.get(fd)
         if conn is None:
@@ -166,10 +216,12 @@ class Poller:
         transfer as before)."""
         if not self.conns or self.closed or not self._caller.acquire(blocking=False):
             return
-        if not self._enter():
-            self._caller.release()
-            return
-        self._holder = threading.get_ident()
+        with self._cv:
+            if self.closed:
+                self._caller.release()
+                return
+            self._users += 1  # see _leave
+            self._holder = threading.get_ident()
         try:
             deadline = time.monotonic() + timeout
             while not transfer._done and not self.closed:
@@ -181,16 +233,17 @@ class Poller:
                 except (OSError, ValueError):
                     return
                 for fd, _ in events:
-                    self._busy_since = time.monotonic()
                     self._handle(fd, caller=True)
-                    self._busy_since = 0.0
         finally:
             with self._cv:
-                self._busy_since = 0.0
                 self._holder = None
+                self._recruits = 0
                 if self._parked:
                     self._cv.notify_all()
-            self._leave()
+                self._users -= 1
+                last = self._users == 0 and self._released
+            if last:
+                self._close_fds()
             self._caller.release()
 
     def kick(self) -> None:
