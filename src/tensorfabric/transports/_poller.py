@@ -68,6 +68,8 @@ class Poller:
         self._parked = 0  # receive threads parked while a caller polls
         self._sentry = False  # one of them looks for links the caller leaves waiting
         self._recruits = 0  # parked threads asked to help serve such links
+        self._current = -1  # the link the caller read last
+        self._polled_at = 0.0  # when it last came back to its poll
         self._users = 0  # callers and receive threads that may touch the epoll or the eventfd
         self._released = False  # release() was called: the last user out closes the fds
         self._fdlock = threading.Lock()  # a kick's write vs closing the eventfd
@@ -153,7 +155,7 @@ class Poller:
     def _probe(self) -> None:
         """Serve the links that are readable and that no one has taken (the caller is not in
         its poll), one by one without blocking, recruiting a parked thread for each."""
-        kicks = 0
+        left: set[int] = set()  # left to the caller, re-armed: seen again = went round
         while not self.closed:
             try:
                 events = self.ep.poll(0, 1)
@@ -162,11 +164,15 @@ class Poller:
             if not events:
                 return
             fd = events[0][0]
-            if fd == self._efd:  # the caller's kick: left to it (re-armed, comes round again)
-                kicks += 1
-                self._handle(fd, caller=False)
-                if kicks > 1:
-                    return
+            if fd in left:
+                self._rearm(fd)
+                return
+            if fd == self._efd or self._callers_link(fd):
+                left.add(fd)
+                if fd == self._efd:
+                    self._handle(fd, caller=False)
+                else:
+                    self._rearm(fd)
                 continue
             with self._cv:
                 if self._holder is not None and self._parked > self._recruits:
@@ -175,6 +181,11 @@ class Poller:
             self._handle(fd, caller=False)
             if self._holder is None:
                 return  # no caller polls any more: back to blocking polls
+
+    def _callers_link(self, fd: int) -> bool:
+        """The link the caller read last, while it keeps coming back to its poll: a busy
+        link it is streaming (taking it would only make two threads take turns on it)."""
+        return fd == self._current and time.monotonic() - self._polled_at < _PARK
 
     def _handle(self, fd: int, caller: bool) -> None:
         if fd == self._efd:
@@ -225,7 +236,8 @@ class Poller:
         try:
             deadline = time.monotonic() + timeout
             while not transfer._done and not self.closed:
-                left = deadline - time.monotonic()
+                self._polled_at = now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return
                 try:
@@ -233,6 +245,7 @@ class Poller:
                 except (OSError, ValueError):
                     return
                 for fd, _ in events:
+                    self._current = fd
                     self._handle(fd, caller=True)
         finally:
             with self._cv:
