@@ -132,7 +132,7 @@ def test_close_while_a_caller_polls_fails_it_with_closed_error() -> None:
             assert poller is not None
             ident: list[int] = []
 
-            def wait() -> None:
+            def wait(b: Engine = b, ident: list[int] = ident) -> None:
                 ident.append(threading.get_ident())
                 try:
                     b.recv(tag=2, timeout=30)

@@ -85,7 +85,7 @@ class Conn(Receiver):
             if not poller.add(self):  # the transport closed while this link was set up
                 self.fail()
                 return
-            rx = lambda: poller.serve(self)  # noqa: E731
+            rx = lambda: poller.serve(self)
         for target, what in ((rx, "rx"), (self._write_loop, "tx")):
             th = threading.Thread(target=target, name=f"tf-{role}{self.index}-{what}", daemon=True)
             th.start()
