@@ -20,7 +20,9 @@ one, and on a loaded two-core machine each costs more than the frame's own Pytho
   running a delivery's callbacks, or waiting for the GIL on a busy machine. The sentry then
   wakes one more parked thread and serves that link; each thread that finds another such
   link recruits one more, so a backlog is read by as many threads as there are links waiting,
-  as without the poller, and the threads park again when none is left;
+  as without the poller, and the threads park again when none is left. The link the caller
+  read last is left to it while it keeps coming back to its poll (a link it streams: a
+  second reader would only take turns with it);
 * a transfer finished by another thread (a frame read on a dialled link, a timeout, a cancel)
   kicks an eventfd in the epoll, so the caller never sleeps on a finished transfer;
 * closing wakes the polling caller (it returns, and its transfer fails with the engine's
