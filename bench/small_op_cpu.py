@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=1000, help="sendrecv-paired round trips")
+    ap.add_argument("--paired-only", action="store_true",
+                    help="only sendrecv-paired (it swings most after the other points)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -77,8 +79,10 @@ def main() -> None:
         cfg = BenchConfig(transports=tuple(a.transport.split(",")),
                           ops=("write", "imm", "sendrecv"), sizes=(4096,), msg_sizes=(64,),
                           budget_s=a.budget)
-        report = run_bench(cfg)
-        got = [r.to_dict() for r in report.rows if r.op != "imm-echo"]
+        got = []
+        if not a.paired_only:
+            report = run_bench(cfg)
+            got = [r.to_dict() for r in report.rows if r.op != "imm-echo"]
         got += [paired_sendrecv(t, a.pairs) for t in cfg.transports]
         for d in got:
             d["rep"] = rep

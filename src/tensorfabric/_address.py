@@ -32,6 +32,11 @@ class EngineAddress:
     transports: tuple[str, ...] = ()  #: optional transports it also accepts (e.g. "nixl")
 
     def to_bytes(self) -> bytes:
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
+        # computed once: every message delivered names its sender by these bytes
         body = {
             "id": self.engine_id.hex(),
             "name": self.name,

@@ -116,7 +116,8 @@ class Engine(EngineOps, Inbound, Timers):
         # freed as soon as the caller drops them, not when their deadline passes
         self._timers: list[tuple[float, int, weakref.ref[Transfer]]] = []
         self._timer_seq = itertools.count()
-        self._timer_cv = threading.Condition()
+        self._timer_lock = threading.Lock()  # taken bare on the per-op path
+        self._timer_cv = threading.Condition(self._timer_lock)
         self._addresses: dict[bytes, EngineAddress] = {}
 
         endpoints = [_parse_endpoint(e) for e in (listen or [(host, port)])]

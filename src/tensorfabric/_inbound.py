@@ -26,6 +26,7 @@ from .transports._shm_grant import GRANT
 if TYPE_CHECKING:
     from .transports._nixl import NixlTransport
     from .transports._shm import ShmTransport
+    from .transports._tcp import TcpTransport
 
 _NO_SEGMENTS = np.zeros(0, dtype=w.SEG_DTYPE)
 
@@ -67,6 +68,7 @@ class Inbound:
     _inbox_peer: collections.Counter[bytes]  # unread bytes per sender (address bytes)
     _nixl: NixlTransport | None
     _shm: ShmTransport | None
+    _tcp: TcpTransport
     _lock: threading.Lock
 
     if TYPE_CHECKING:  # provided by Engine
@@ -78,6 +80,7 @@ class Inbound:
         """A transfer whose ``value`` is the next :class:`Message` with ``tag``."""
         self._check_open()
         t = self._new_transfer("recv", 0, 1, timeout, None)
+        t._reader = self._tcp.poller  # its waiter may read the message itself (``_poller``)
         with self._inbox_lock:
             box = self._inbox.get(tag)
             if box:
@@ -105,6 +108,7 @@ class Inbound:
         if value is None or not isinstance(count, int) or count < 1:
             raise ConfigError("expect needs an immediate value and a count >= 1")
         t = self._new_transfer("expect", 0, 1, timeout, None)
+        t._reader = self._tcp.poller  # its waiter may read the last op's frame itself
         waiter: list[Any] = [count, t, 0]  # wanted, transfer, consumed so far
         with self._imm_lock:
             have = self._imm_counts.get(value, 0)

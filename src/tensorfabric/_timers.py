@@ -29,6 +29,7 @@ class Timers:
     _timers: list[tuple[float, int, weakref.ref[Transfer]]]
     _timer_seq: itertools.count[int]
     _timer_cv: threading.Condition
+    _timer_lock: threading.Lock  # _timer_cv's lock
 
     if TYPE_CHECKING:  # provided by Inbound
         def _sweep_partial(self, now: float) -> None: ...
@@ -40,7 +41,7 @@ class Timers:
             raise ConfigError(f"timeout must be > 0, got {timeout!r}")
         t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
         if parts:
-            with self._timer_cv:
+            with self._timer_lock:
                 heapq.heappush(self._timers,
                                (t.deadline or 0.0, next(self._timer_seq), weakref.ref(t)))
         return t

@@ -84,10 +84,12 @@ class Transfer:
             self._error = error
             self.finished = time.perf_counter()
             self._done = True
-            self._reader = None
+            reader, self._reader = self._reader, None
             self._gate.release()
             callbacks, self._callbacks = self._callbacks, []
             hooks, self._cancel_hooks = self._cancel_hooks, []
+        if reader is not None:
+            reader.kick()  # its waiter may be polling for it in another thread
         if error is not None:
             for hook in hooks:
                 _run_quietly(hook)

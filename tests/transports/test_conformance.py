@@ -23,6 +23,21 @@ class TestTcp(TransportConformance):
             yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
 
 
+class TestTcpThreadPerLink(TransportConformance):
+    """Without the shared poller (as on TLS links, or without epoll): every accepted link has
+    a receive thread of its own that hands messages and immediates to the waiting caller."""
+
+    @pytest.fixture
+    def pair(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+        import tensorfabric.transports._tcp as tcp
+
+        monkeypatch.setattr(tcp, "poller_available", lambda: False)
+        with Engine(SECRET, transports=("tcp",), name="a") as a, \
+                Engine(SECRET, transports=("tcp",), name="b") as b:
+            assert a._tcp.poller is None and b._tcp.poller is None
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
+
+
 class TestTcpMultiLink(TransportConformance):
     """Three links per peer and small chunks, so ops are striped."""
 

@@ -14,6 +14,7 @@ from .. import _wire as w
 from .._errors import ProtocolError
 from .._ops import Chunk
 from ._handshake import IOV_MAX, Session
+from ._poller import ARM as _ARM
 from ._rx import RBUF, Receiver
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 
 MAX_REPLIES = 1024  # replies queued for a peer that is not reading them
-_ARM = (select.EPOLLIN | select.EPOLLONESHOT) if hasattr(select, "epoll") else 0
 SMALL = 64 << 10  #: chunks up to this size are sent inline or batched
 SMALL_WINDOW = 64  #: small chunks in flight per link (large ones: the transport's window)
 
@@ -47,7 +47,8 @@ class Conn(Receiver):
         self._deferred: list[bytes] = []  # acknowledgements waiting to go out together
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
-        self.cond = peer_links.cond if peer_links is not None else threading.Condition()
+        self.lock = peer_links.lock if peer_links is not None else threading.RLock()
+        self.cond = peer_links.cond if peer_links is not None else threading.Condition(self.lock)
         self.send_lock = threading.Lock()
         self.replies: collections.deque[list[Any]] = collections.deque()
         self.inflight: dict[tuple[int, int], Chunk] = {}
@@ -62,16 +63,29 @@ class Conn(Receiver):
         # A dialled plain link's replies may be read by the caller waiting for them (see
         # read_for): whoever holds rlock reads frames; an epoll in one-shot mode tells exactly
         # one waiter (the latest: a waiting caller before the receive thread) that data is in.
+        # An accepted plain link is read through the transport's shared poller instead
+        # (whoever polls it: a receive thread, or the caller waiting in recv / expect).
         self.rlock = threading.Lock()
         self._ep: select.epoll | None = None
         self._fd = sock.fileno()
-        if dialer and not self.tls and hasattr(select, "epoll"):
+        poller = transport.poller
+        self._shared = not dialer and not self.tls and poller is not None
+        if self._shared and poller is not None:
+            self._ep = poller.ep
+        elif dialer and not self.tls and hasattr(select, "epoll"):
             self._ep = select.epoll(1)
             self._ep.register(self._fd, _ARM)
 
     def start(self) -> None:
         role = "dial" if self.dialer else "accept"
-        rx = self._poll_loop if self._ep is not None else self._recv_loop
+        rx: Any = self._poll_loop if self._ep is not None else self._recv_loop
+        if self._shared:
+            poller = self.t.poller
+            assert poller is not None
+            if not poller.add(self):  # the transport closed while this link was set up
+                self.fail()
+                return
+            rx = lambda: poller.serve(self)
         for target, what in ((rx, "rx"), (self._write_loop, "tx")):
             th = threading.Thread(target=target, name=f"tf-{role}{self.index}-{what}", daemon=True)
             th.start()
@@ -191,7 +205,7 @@ class Conn(Receiver):
 
     def _track(self, chunk: Chunk) -> bool:
         """Record a chunk as in flight on this link, unless the link already failed."""
-        with self.cond:
+        with self.lock:
             if not self.alive:
                 return False
             self.inflight[chunk.key] = chunk
@@ -340,6 +354,10 @@ class Conn(Receiver):
         finally:
             self.rlock.release()
 
+    def kick(self) -> None:
+        """(A transfer this link's waiter reads for finished elsewhere: its poll slice is
+        short, nothing to do.)"""
+
     def _pump(self) -> None:
         """Read frames (rlock held, epoll said the socket has data) until the read-ahead
         buffer is empty at a frame boundary; then re-arm the epoll for the next reader."""
@@ -372,6 +390,8 @@ class Conn(Receiver):
             self.inflight.clear()
             self.replies.clear()
             self.cond.notify_all()
+        if self._shared and self.t.poller is not None:
+            self.t.poller.remove(self)  # before the fd can be reused
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -387,23 +407,34 @@ class Conn(Receiver):
 
     def flush_replies(self, timeout: float) -> None:
         """Send the replies still queued (acknowledgements of ops that landed) before closing,
-        so a peer whose last op arrived does not see it fail."""
-        if not self.alive or not self.send_lock.acquire(timeout=timeout):
+        so a peer whose last op arrived does not see it fail. A polled link's reader may be
+        between delivering a message and acknowledging it: wait for it to finish first."""
+        if not self.alive:
             return
+        reading = self._ep is not None and self.rlock.acquire(timeout=timeout)
         try:
-            with self.cond:
-                frames = list(self.replies)
-                self.replies.clear()
-            if frames or self.tail:
-                self.sock.settimeout(timeout)
-                for frame in frames:
-                    self._send_all(frame)
-                if self.tail:
-                    self._send_all([])
-        except OSError:
-            pass
+            if not self.send_lock.acquire(timeout=timeout):
+                return
+            try:
+                with self.cond:
+                    frames = [[f] for f in self._deferred] if reading else []
+                    frames += list(self.replies)
+                    self.replies.clear()
+                if reading:
+                    self._deferred = []
+                if frames or self.tail:
+                    self.sock.settimeout(timeout)
+                    for frame in frames:
+                        self._send_all(frame)
+                    if self.tail:
+                        self._send_all([])
+            except OSError:
+                pass
+            finally:
+                self.send_lock.release()
         finally:
-            self.send_lock.release()
+            if reading:
+                self.rlock.release()
 
     def stalled(self, now: float, timeout: float) -> bool:
         return bool(self.inflight) and now - max(self.last_rx, self.last_tx) > timeout

@@ -29,7 +29,8 @@ class PeerLinks:
         self.t = transport
         self.peer = peer
         self.name = str(peer)
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()  # the cond's lock, taken bare where nobody waits
+        self.cond = threading.Condition(self.lock)
         self.queue: collections.deque[Chunk] = collections.deque()
         self.conns: list[Conn | None] = [None] * transport.nlinks
         self.rr = 0

@@ -49,6 +49,7 @@ class Receiver:
     index: int
     tls: bool
     cond: threading.Condition
+    lock: threading.RLock  # cond's lock
     replies: collections.deque[list[Any]]
     inflight: dict[tuple[int, int], Chunk]
     last_rx: float
@@ -407,7 +408,7 @@ class Receiver:
         }
 
     def _pop_inflight(self, op_id: int, chunk: int) -> Chunk | None:
-        with self.cond:
+        with self.lock:
             c = self.inflight.pop((op_id, chunk), None)
             if c is not None and len(self.inflight) in (self.t.window - 1, _SMALL_WINDOW - 1):
                 self.cond.notify_all()  # this link's writer may take the next chunk

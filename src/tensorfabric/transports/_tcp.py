@@ -41,6 +41,8 @@ from ._gate import PreAuthGate
 from ._handshake import _HELLO, _REPLY, _PeerGone
 from ._link import Conn
 from ._peers import PeerLinks
+from ._poller import Poller
+from ._poller import available as poller_available
 
 log = logging.getLogger("tensorfabric.tcp")
 
@@ -100,6 +102,10 @@ class TcpTransport(Transport):
         self.on_shm_revoke: Callable[[bytes, int], None] | None = None
         self.on_shm_revoked: Callable[[int], None] = lambda op_id: None
         self.on_peer_forgotten: list[Callable[[bytes], None]] = []
+        #: accepted plain links are read through one shared epoll (see ``_poller``)
+        self.poller: Poller | None = None
+        if tls_server is None and poller_available():
+            self.poller = Poller()
         self._listeners: list[socket.socket] = []
         self.endpoints: list[tuple[str, int]] = []
         try:
@@ -110,6 +116,9 @@ class TcpTransport(Transport):
         except OSError:
             for ls in self._listeners:
                 ls.close()
+            if self.poller is not None:
+                self.poller.close()
+                self.poller.release()
             raise
 
     def start(self, address: EngineAddress) -> None:
@@ -307,12 +316,16 @@ class TcpTransport(Transport):
             ls.close()
         self.gate.close()
         err = ClosedError("engine closed")
+        if self.poller is not None:
+            self.poller.close()
         for c in accepted:
             c.flush_replies(0.5)
         for p in peers:
             p.close(err)
         for c in accepted:
             c.fail(err)
+        if self.poller is not None:
+            self.poller.release()
 
 
 __all__ = ["TcpTransport", "Conn", "PeerLinks", "_HELLO", "_REPLY"]
