@@ -141,8 +141,11 @@ def test_greedy_output_equals_single_instance_short_and_long(pair: Pair) -> None
         if mode == "push":
             pushed = [e for e in read_events(pair.stats)[since:] if e["event"] == "pushed"]
             assert len(pushed) == 1 and pushed[0]["bytes"] == new[0]["bytes"], pushed
-            # written from save_kv_layer, during the prefill's forward pass
-            assert pushed[0]["early_writes"] >= 1, pushed
+            if prompt is LONG:
+                # written from save_kv_layer, during the prefill's forward pass (seconds long
+                # for LONG; a short prompt's pass can end before the decode server's grant
+                # arrives, and then everything is written after it: a race, not a fault)
+                assert pushed[0]["early_writes"] >= 1, pushed
         prompt_tokens = body["usage"]["prompt_tokens"]
         if prompt is LONG:
             assert 1400 <= prompt_tokens <= 1700
