@@ -354,10 +354,9 @@ class EdgeTier:
         # waited behind others there (counted in, a burst of n inflated it about n/2 times and
         # later requests got 429 that would have finished in time); a cloud that does not say
         # (layer split) is timed here
-        if isinstance(held, (int, float)) and 0 <= held <= time.monotonic() - started:
-            self.cloud_load.observe(float(held))
-        else:
-            self.cloud_load.observe(time.monotonic() - started)
+        seen = time.monotonic() - started
+        ok = isinstance(held, (int, float)) and 0 <= held <= seen
+        self.cloud_load.observe(float(held) if ok else seen)  # type: ignore[arg-type]
         self.health.record_success()
         tail = cutter.feed(restorer.flush()) + cutter.flush()
         if tail:

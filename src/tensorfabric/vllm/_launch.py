@@ -108,6 +108,7 @@ class VllmServer:
             log_path = name
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0
 
     def start(self) -> VllmServer:
         """Start the server in a session of its own. Started from the main thread, it is also
@@ -116,6 +117,7 @@ class VllmServer:
         thread that started the child, so a short-lived thread must not arm it.)"""
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self._log_from = log.tell()  # this start's output (the log gathers every start's)
         main = threading.current_thread() is threading.main_thread()
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
@@ -135,7 +137,7 @@ class VllmServer:
         retries = 3
         while time.monotonic() < deadline:
             if self.proc.poll() is not None and self._port_picked and retries and \
-                    "Address already in use" in self.log_tail():
+                    b"Address already in use" in self._this_start_log():
                 # the free port was taken between our pick and vLLM's bind (vLLM binds after
                 # ~20 s of imports): pick another and start again
                 retries -= 1
@@ -150,6 +152,14 @@ class VllmServer:
             time.sleep(1.0)
         raise VllmStartError(f"vLLM server {self.url} did not answer /health within "
                              f"{timeout:.0f} s:\n" + self.log_tail())
+
+    def _this_start_log(self) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_from)
+                return f.read()
+        except OSError:
+            return b""
 
     def _repick_port(self) -> None:
         i = self.argv.index("--port")
