@@ -21,7 +21,8 @@ class Transfer:
     """
 
     __slots__ = (
-        "kind", "nbytes", "peer", "deadline", "_lock", "_gate", "_done", "_error", "_callbacks",
+        "kind", "nbytes", "peer", "deadline", "_lock", "_gate", "_done", "_claimed", "_error",
+        "_callbacks",
         "_pending", "_cancel_hooks", "value", "started", "finished", "_reader", "__weakref__",
     )
 
@@ -36,7 +37,8 @@ class Transfer:
         # futex wake per waiter, cheaper than threading.Event's condition (7 us vs 11-20 us a hop)
         self._gate = threading.Lock()
         self._gate.acquire()
-        self._done = False
+        self._done = False  # finished, and its abort hooks have run: waiters may go
+        self._claimed = False  # a _finish call has won (set before the abort hooks run)
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[Transfer], Any]] = []
         self._cancel_hooks: list[Callable[[], Any]] = []
@@ -58,7 +60,7 @@ class Transfer:
 
     def _part_done(self) -> None:
         with self._lock:
-            if self._done:
+            if self._claimed:
                 return
             self._pending -= 1
             if self._pending > 0:
@@ -68,7 +70,7 @@ class Transfer:
     def _complete(self, value: Any = None) -> bool:
         """Finish successfully with ``value`` unless already finished (e.g. timed out)."""
         with self._lock:
-            if self._done:
+            if self._claimed:
                 return False
             self.value = value
         return self._finish(None)
@@ -79,20 +81,29 @@ class Transfer:
 
     def _finish(self, error: BaseException | None) -> bool:
         with self._lock:
-            if self._done:
+            if self._claimed:
                 return False
+            self._claimed = True
             self._error = error
             self.finished = time.perf_counter()
-            self._done = True
-            reader, self._reader = self._reader, None
-            self._gate.release()
-            callbacks, self._callbacks = self._callbacks, []
             hooks, self._cancel_hooks = self._cancel_hooks, []
-        if reader is not None:
-            reader.kick()  # its waiter may be polling for it in another thread
+            if error is None:
+                self._done = True
+                reader, self._reader = self._reader, None
+                self._gate.release()
+                callbacks, self._callbacks = self._callbacks, []
         if error is not None:
+            # the abort hooks (give back what an expect consumed, drop queued parts) run before
+            # any waiter is let go: one that catches the error sees their work done
             for hook in hooks:
                 _run_quietly(hook)
+            with self._lock:
+                self._done = True
+                reader, self._reader = self._reader, None
+                self._gate.release()
+                callbacks, self._callbacks = self._callbacks, []
+        if reader is not None:
+            reader.kick()  # its waiter may be polling for it in another thread
         for cb in callbacks:
             _run_quietly(cb, self)
         return True
@@ -100,7 +111,7 @@ class Transfer:
     def _on_abort(self, hook: Callable[[], Any]) -> None:
         """Run ``hook`` if this transfer fails or is cancelled (to drop queued work)."""
         with self._lock:
-            if not self._done:
+            if not self._claimed:
                 self._cancel_hooks.append(hook)
                 return
         if self._error is not None:

@@ -86,3 +86,36 @@ def test_callbacks_gather_and_await() -> None:
     a.add_done_callback(late.append)  # already done: called at once
     assert late == [a]
     assert Transfer("expect", parts=0).done()
+
+
+def test_a_waiter_that_catches_the_error_sees_the_abort_hooks_done() -> None:
+    # the CI failure of stop 26: a timed-out expect's waiter raised while the timer thread had
+    # not yet given its place back, so the waiter (and the test after it) saw a stale entry
+    for how in ("fail", "cancel"):
+        t = Transfer("expect")
+        hooked: list[str] = []
+
+        def slow_hook() -> None:
+            time.sleep(0.3)
+            hooked.append("done")
+
+        t._on_abort(slow_hook)
+        if how == "fail":
+            finisher = threading.Thread(target=t._fail, args=(tf.TransferTimeout("late"),))
+        else:
+            finisher = threading.Thread(target=t.cancel)
+        finisher.start()
+        with pytest.raises((tf.TransferTimeout, tf.CancelledError)):
+            t.wait(10)
+        assert hooked == ["done"] and t.done()
+        finisher.join(5)
+    # a hook added after the transfer failed runs at once; success runs no hook
+    failed = Transfer("write")
+    failed._fail(tf.TransferTimeout("x"))
+    ran: list[int] = []
+    failed._on_abort(lambda: ran.append(1))
+    ok = Transfer("write")
+    ok._on_abort(lambda: ran.append(2))
+    ok._part_done()
+    ok._on_abort(lambda: ran.append(3))
+    assert ran == [1]
