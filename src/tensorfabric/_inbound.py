@@ -18,7 +18,7 @@ from . import _wire as w
 from ._wire import charge
 from ._address import EngineAddress
 from ._checks import _imm
-from ._errors import ConfigError
+from ._errors import ClosedError, ConfigError
 from ._region import Access, MemoryRegion
 from ._transfer import Transfer
 from .transports._shm_grant import GRANT
@@ -53,6 +53,7 @@ class Inbound:
     """Mixin of :class:`~._engine.Engine`: what peers' operations do here."""
 
     _regions: dict[int, MemoryRegion]
+    _closed: bool
     _imm_lock: threading.Lock
     _imm_counts: collections.Counter[int]
     _imm_waiters: dict[int, collections.deque[list[Any]]]
@@ -81,6 +82,7 @@ class Inbound:
         self._check_open()
         t = self._new_transfer("recv", 0, 1, timeout, None)
         t._reader = self._tcp.poller  # its waiter may read the message itself (``_poller``)
+        closed = False
         with self._inbox_lock:
             box = self._inbox.get(tag)
             if box:
@@ -88,9 +90,15 @@ class Inbound:
                 self._uncharge(msg.peer, charge(len(msg.data)))
             else:
                 msg = None
-                self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
+                # close() sets _closed before it takes this lock to fail the waiters: one
+                # that came in after it would wait out its timeout
+                closed = self._closed
+                if not closed:
+                    self._inbox_waiters.setdefault(tag, collections.deque()).append(t)
         if msg is not None:
             t._complete(msg)
+        elif closed:
+            t._fail(ClosedError("engine closed"))
         return t
 
     def recv(self, *, tag: int = 0, timeout: float | None = None) -> Message:
@@ -113,12 +121,16 @@ class Inbound:
         with self._imm_lock:
             have = self._imm_counts.get(value, 0)
             ready = have >= count and not self._imm_waiters.get(value)
+            closed = not ready and self._closed  # see recv_async
             if ready:
                 self._set_count(value, have - count)
-            else:
+            elif not closed:
                 self._imm_waiters.setdefault(value, collections.deque()).append(waiter)
         if ready:
             t._part_done()
+            return t
+        if closed:
+            t._fail(ClosedError("engine closed"))
             return t
         self._drain_imm(value)
 

@@ -227,3 +227,23 @@ def test_a_slow_caller_does_not_keep_other_links_unread() -> None:
     finally:
         for e in (*peers, b):
             e.close()
+
+
+def test_recv_or_expect_registered_after_close_fails_at_once() -> None:
+    """A recv or expect that passed the open check just before another thread closed the
+    engine registers its waiter after close() failed the others: it must fail with ClosedError
+    at once, not wait out its timeout (its timer thread is gone too). The race window is
+    widened by letting the check pass on the closed engine."""
+    e = Engine(SECRET, transports=("tcp",), name="late")
+    e.close()
+    e._check_open = lambda: None  # type: ignore[method-assign] - the window: checked, then closed
+    start = time.monotonic()
+    for t in (e.recv_async(tag=7, timeout=30), e.expect(123, timeout=30)):
+        try:
+            t.wait(5)
+        except ClosedError:
+            pass
+        else:
+            raise AssertionError(f"{t!r} did not fail")
+    assert time.monotonic() - start < 4
+    assert not e._inbox_waiters and not e._imm_waiters
