@@ -13,7 +13,10 @@ errors are counted. The edge and cloud answers are compared prompt by prompt (ro
         [--repeat 2]   # every point twice, modes interleaved (plain, cloud, ..., plain, cloud, ...)
 
 Two vLLM instances run at once (the plain one and the cloud tier's); the edge runs on the edge
-runtime the config names (``--edge-config`` adds YAML keys under ``edge:``).
+runtime the config names (``--edge-config`` adds YAML keys under ``edge:``). With
+``--placement split`` plain vLLM and the cloud tier get the first CPU and the edge the second
+(``cloud.cpus`` / ``edge.cpus``): the routed mode then has the edge's CPU on top of the cloud's,
+as an edge device beside a cloud host would, and plain vLLM the cloud host's alone.
 """
 
 from __future__ import annotations
@@ -122,6 +125,10 @@ def main() -> int:
     ap.add_argument("--routing", default="{}", help="JSON for the config's routing section")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every point, modes interleaved round by round (one table row each)")
+    ap.add_argument("--placement", choices=("shared", "split"), default="shared",
+                    help="shared: every server may use every CPU; split: plain vLLM and the cloud "
+                         "tier on the first CPU, the edge (serving process) on the second, as an "
+                         "edge device beside a cloud host (edge.cpus / cloud.cpus)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
@@ -130,15 +137,27 @@ def main() -> int:
     from tensorfabric.vllm import VllmServer, hf_folder
 
     cpus = sorted(os.sched_getaffinity(0))
+    split = args.placement == "split"
+    if split and len(cpus) < 2:
+        ap.error("--placement split needs two CPUs")
     load0 = os.getloadavg()
     plain = None
     if "plain" in modes:
         print("starting plain vllm serve ...", file=sys.stderr)
-        plain = VllmServer(hf_folder(), kv_space_gib=1).start().wait_ready(900)
+        if split:  # its processes (a restart too) inherit this thread's CPUs; its worker binds there
+            os.sched_setaffinity(0, {cpus[0]})
+        try:
+            plain = VllmServer(hf_folder(), kv_space_gib=1, cpus=str(cpus[0]) if split else None)
+            plain.start().wait_ready(900)
+        finally:
+            os.sched_setaffinity(0, set(cpus))
     d = Path(tempfile.mkdtemp(prefix="tf-bench-serve-"))
     cfg = {"server": {"port": 0, "max_queue": 256, "request_timeout": 900},
            "cloud": {"engine": "vllm", "kv_space_gib": 1, "max_num_seqs": 64},
            "edge": json.loads(args.edge_config)}  # fmt: skip
+    if split:
+        cfg["cloud"]["cpus"] = str(cpus[0])
+        cfg["edge"]["cpus"] = str(cpus[1])
     routing = json.loads(args.routing)
     if routing:
         cfg["routing"] = routing
@@ -168,7 +187,7 @@ def main() -> int:
             plain.stop()
     load1 = os.getloadavg()
 
-    print(f"\n# serve_split: max_tokens={args.max_tokens}, greedy, streamed; "
+    print(f"\n# serve_split: max_tokens={args.max_tokens}, greedy, streamed, placement {args.placement}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{len(cpus)} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after\n")  # fmt: skip
     rounds = " | round" if args.repeat > 1 else ""

@@ -43,6 +43,11 @@ def test_examples_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         ({"cloud": {"launch": "remote"}}, "needs cloud.address"),
         ({"cloud": {"tls": {"cert": "c.pem"}}}, "both cert and key"),
         ({"edge": []}, "edge: expected a mapping"),
+        ({"edge": {"cpus": "one"}}, r"edge.cpus: 'one' is not a CPU list"),
+        ({"cloud": {"cpus": "3-1"}}, r"cloud.cpus: bad CPU range '3-1'"),
+        ({"cloud": {"cpus": "0,"}}, r"cloud.cpus: '0,' is not a CPU list"),
+        ({"cloud": {"cpus": True}}, r"cloud.cpus: expected a CPU list"),
+        ({"edge": {"cpus": [0, 1]}}, r"edge.cpus: expected a CPU list"),
     ],
 )
 def test_errors_name_the_key(data: dict, message: str) -> None:
@@ -69,3 +74,36 @@ def test_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_config({"secret": "env:MY_SECRET"}).resolve_secret() == "abc"
     with pytest.raises(SplitConfigError, match="NOPE is not set"):
         parse_config({"secret": "env:NOPE"}).resolve_secret()
+
+
+def test_tier_cpu_lists(tmp_path: Path) -> None:
+    """edge.cpus / cloud.cpus: YAML numbers and ranges are read as CPU lists; a CPU this
+    process may not use is refused when the tier starts, naming the key and what is there."""
+    import os
+
+    from tensorfabric.split._cpus import parse_cpus, resolve
+
+    f = tmp_path / "serve.yaml"
+    f.write_text("edge: {cpus: 1}\ncloud: {cpus: '0,2-3'}\n")
+    cfg = load_config(f)
+    assert (cfg.edge.cpus, cfg.cloud.cpus) == ("1", "0,2-3")
+    assert parse_cpus("cloud.cpus", cfg.cloud.cpus) == {0, 2, 3}
+    allowed = sorted(os.sched_getaffinity(0))
+    assert resolve("edge.cpus", str(allowed[0])) == {allowed[0]}
+    assert resolve("edge.cpus", None) is None
+    with pytest.raises(SplitConfigError, match=r"edge.cpus: CPU\(s\) 4095 not available to this process"):
+        resolve("edge.cpus", "4095")
+
+
+def test_serve_refuses_a_cpu_the_host_lacks_in_one_line(tmp_path: Path) -> None:
+    """Before anything starts: exit code 2 and a one-line config error, no traceback."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "serve.yaml"
+    f.write_text("server: {port: 0}\nedge: {cpus: '4000-4001'}\n")
+    out = subprocess.run([sys.executable, "-m", "tensorfabric", "serve", "--config", str(f)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "edge.cpus: CPU(s) 4000,4001 not available" in out.stderr
+    assert "Traceback" not in out.stderr and "cloud tier" not in out.stdout

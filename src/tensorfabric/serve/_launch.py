@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..split._config import DeployConfig
+from ..split._cpus import child_cpus, pin_process
+from ..split._cpus import resolve as resolve_cpus
 from ..split._errors import CloudUnavailable, SplitConfigError
 from ..split._signals import sigterm_interrupts_once
 
@@ -83,9 +85,16 @@ def spawn_cloud_process(
 ) -> subprocess.Popen[str]:
     child_env = dict(env if env is not None else os.environ)
     child_env["TENSORFABRIC_SECRET"] = cfg.resolve_secret()
+    cpus = child_cpus(cfg.cloud.cpus)  # never the edge's placement (a respawn comes after it)
+
+    def preexec() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     return subprocess.Popen(
         (prefix or []) + cloud_argv(cfg), stdout=subprocess.PIPE, text=True, env=child_env,
-        preexec_fn=_die_with_parent,
+        preexec_fn=preexec,
     )  # fmt: skip
 
 
@@ -174,9 +183,11 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
     sigterm_interrupts_once()
     try:
         cfg.resolve_secret()
+        resolve_cpus("edge.cpus", cfg.edge.cpus)  # a CPU this host lacks: said before any start
         if cfg.cloud.launch == "local":
             announce("starting the cloud tier process and loading the edge model ...")
             proc = spawn_cloud_process(cfg)  # from this (main) thread: see start_cloud_process
+            pin_process("edge.cpus", cfg.edge.cpus)  # after the spawn: the cloud has its own
             box: dict[str, Any] = {}
             t = threading.Thread(target=lambda: box.update(c=_safe(wait_cloud_ready, proc, 600.0)))
             t.start()
@@ -195,6 +206,7 @@ def launch(cfg: DeployConfig, *, announce: Callable[[str], None] = print, ready:
                 raise edge_model_err
             address: bytes | None = cloud.address
         else:
+            pin_process("edge.cpus", cfg.edge.cpus)
             address = _cloud_address(cfg)
         edge = build_edge(cfg, address)
         if cloud is not None:

@@ -45,7 +45,7 @@ class CloudTier:
                                                        max_model_len=c.max_model_len)  # fmt: skip
             else:
                 self.vllm = VllmChat(c.model, kv_space_gib=c.kv_space_gib, max_num_seqs=c.max_num_seqs,
-                                     max_model_len=c.max_model_len)  # fmt: skip
+                                     max_model_len=c.max_model_len, cpus=c.cpus)  # fmt: skip
             self.vllm.warmup()
         else:
             self.model = model or load_chat_model(c.model)
@@ -380,6 +380,9 @@ def engine_kind(cfg: DeployConfig) -> str:
 def run_cloud(cfg: DeployConfig, *, announce: Any = print) -> None:
     """Run a cloud tier in this process until interrupted; announce its address (hex)."""
     started = time.perf_counter()
+    from ._cpus import pin_process
+
+    pin_process("cloud.cpus", cfg.cloud.cpus)  # before the model and vLLM's processes start
     tier = CloudTier(cfg)
     if tier.tls:
         from ._tls import default_dir

@@ -71,6 +71,7 @@ class EdgeConfig:
     kv_space_gib: int = 1  # vllm runtime: KV cache size
     max_num_seqs: int = 32  # vllm runtime: requests run in one batch
     max_context: int = 2048
+    cpus: str | None = None  # CPUs the edge process (and its vLLM worker) runs on: "1", "2-3"
 
 
 @dataclass
@@ -106,6 +107,7 @@ class CloudConfig:
     # prefill and decode apart: vLLM instances joined by tensorfabric's KV connector (engine
     # vllm), or tensorfabric.kv workers (engine transformers)
     disaggregated: bool = False
+    cpus: str | None = None  # CPUs the cloud process (and its vLLM workers) runs on: "0", "0-1"
     record_received: str | None = None  # audit: append every byte the cloud receives to a file
     tls: TlsConfig = field(default_factory=TlsConfig)
 
@@ -228,6 +230,15 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         return dict(value)
     if value is None:
         return None
+    if key in ("edge.cpus", "cloud.cpus"):
+        from ._cpus import parse_cpus
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML reads "cpus: 1" as a number
+        if not isinstance(value, str):
+            raise SplitConfigError(f"{key}: expected a CPU list like '0' or '2-3', got {value!r}")
+        parse_cpus(key, value)  # the syntax here; whether this host has them, at start
+        return value
     if key == "cloud.tls.enabled":
         if value != "auto" and not isinstance(value, bool):
             raise SplitConfigError(f"{key}: expected auto, true or false, got {value!r}")

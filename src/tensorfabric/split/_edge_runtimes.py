@@ -71,11 +71,11 @@ class VllmEdge:
     """The edge model on vLLM in this process (float32, the full model: no int8 loss)."""
 
     def __init__(self, model: str = "default", *, kv_space_gib: int = 1, max_num_seqs: int = 32,
-                 max_model_len: int = 2048) -> None:  # fmt: skip
+                 max_model_len: int = 2048, cpus: str | None = None) -> None:  # fmt: skip
         from ._vllm import VllmChat
 
         self.engine = VllmChat(model, kv_space_gib=kv_space_gib, max_num_seqs=max_num_seqs,
-                               max_model_len=max_model_len)  # fmt: skip
+                               max_model_len=max_model_len, cpus=cpus)  # fmt: skip
         self.name = self.engine.name
         self.tokenizer = self.engine.tokenizer
         self.stop_ids = frozenset(int(i) for i in [self.tokenizer.eos_token_id] if i is not None)
@@ -136,7 +136,7 @@ def load_edge_model(cfg: Any) -> Any:
     runtime = e.runtime
     if runtime == "vllm":
         return VllmEdge(e.model, kv_space_gib=e.kv_space_gib, max_num_seqs=e.max_num_seqs,
-                        max_model_len=e.max_context)  # fmt: skip
+                        max_model_len=e.max_context, cpus=e.cpus)  # fmt: skip
     from ._lm import load_chat_model
 
     return load_chat_model(e.model, quantize=e.quantize)

@@ -126,13 +126,17 @@ class VllmChat(_Template):
 
     def __init__(self, model: str = "default", *, kv_space_gib: int = 1, max_model_len: int = 2048,
                  max_num_seqs: int = 64, dtype: str = "float32", start_timeout: float = 900.0,
-                 enable_prefix_caching: bool = True) -> None:  # fmt: skip
+                 enable_prefix_caching: bool = True, cpus: str | None = None) -> None:  # fmt: skip
         if not have_vllm():
             raise ImportError(_HINT)
         from ..vllm._model import hf_folder
 
-        # vLLM CPU reads its KV size from the environment when the engine starts
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_space_gib)))
+        # vLLM CPU reads its KV size and its worker's CPUs from the environment when the
+        # engine starts (its processes inherit it); set for that moment only, so that another
+        # tier started later from this process (a respawned cloud) does not inherit them
+        self._env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_space_gib))}
+        if cpus:
+            self._env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         folder = hf_folder(None if model == "default" else model)
         from transformers import AutoTokenizer
 
@@ -148,12 +152,17 @@ class VllmChat(_Template):
         args = dict(model=self.folder, dtype=dtype, enforce_eager=True, max_model_len=self.max_model_len,
                     max_num_seqs=int(max_num_seqs), enable_prefix_caching=enable_prefix_caching,
                     disable_log_stats=False)  # fmt: skip
+        added = {k: v for k, v in self._env.items() if k not in os.environ}  # the user's win
+        os.environ.update(added)
         fut = asyncio.run_coroutine_threadsafe(self._start(args), self._loop)
         try:
             self.engine = fut.result(timeout=start_timeout)
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
 
     async def _start(self, args: dict[str, Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
