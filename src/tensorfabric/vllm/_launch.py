@@ -81,7 +81,9 @@ class VllmServer:
         self.model = str(model)
         self.host = host
         self._port_picked = not port  # ours to pick again if it is taken before vLLM binds it
-        self.port = port or free_port()
+        # picked on the server's own address (inside a netns that address is not ours)
+        self._pick_on = "127.0.0.1" if netns is not None or host in ("0.0.0.0", "::") else host
+        self.port = port or free_port(self._pick_on)
         self.url = f"http://{host}:{self.port}"
         self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                      "--model", self.model, "--served-model-name", served_model_name,
@@ -163,7 +165,7 @@ class VllmServer:
 
     def _repick_port(self) -> None:
         i = self.argv.index("--port")
-        self.port = free_port()
+        self.port = free_port(self._pick_on)
         self.argv[i + 1] = str(self.port)
         self.url = f"http://{self.host}:{self.port}"
 

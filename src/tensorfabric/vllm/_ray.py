@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._errors import ConfigError
-from ._launch import VllmServer, VllmStartError, free_port
+from ._launch import VllmServer, VllmStartError
 
 
 NAMESPACE = "tensorfabric-vllm"   # where the instances' actors are named
@@ -32,7 +32,8 @@ class _VllmActor:
             cfg = dict(cfg)
             cfg["kv_connector_extra_config"] = {**cfg["kv_connector_extra_config"], "host": host}
             kw["kv_transfer_config"] = cfg
-        self.server = VllmServer(hf_folder(model), host=host, port=free_port(host), **kw)
+        # no port given: the server picks one and picks again if it is taken before vLLM binds it
+        self.server = VllmServer(hf_folder(model), host=host, **kw)
         self.server.start()
 
     def url(self) -> str:
