@@ -22,8 +22,8 @@ class Transfer:
 
     __slots__ = (
         "kind", "nbytes", "peer", "deadline", "_lock", "_gate", "_done", "_claimed", "_error",
-        "_callbacks",
-        "_pending", "_cancel_hooks", "value", "started", "finished", "_reader", "__weakref__",
+        "_callbacks", "_pending", "_cancel_hooks", "value", "started", "finished", "_reader",
+        "__weakref__",
     )
 
     def __init__(self, kind: str, nbytes: int = 0, *, parts: int = 1, peer: str | None = None,
@@ -87,26 +87,28 @@ class Transfer:
             self._error = error
             self.finished = time.perf_counter()
             hooks, self._cancel_hooks = self._cancel_hooks, []
-            if error is None:
-                self._done = True
-                reader, self._reader = self._reader, None
-                self._gate.release()
-                callbacks, self._callbacks = self._callbacks, []
+            if error is None:  # no hooks to run: let the waiters go under this same lock
+                reader, callbacks = self._let_go()
         if error is not None:
             # the abort hooks (give back what an expect consumed, drop queued parts) run before
             # any waiter is let go: one that catches the error sees their work done
             for hook in hooks:
                 _run_quietly(hook)
             with self._lock:
-                self._done = True
-                reader, self._reader = self._reader, None
-                self._gate.release()
-                callbacks, self._callbacks = self._callbacks, []
+                reader, callbacks = self._let_go()
         if reader is not None:
             reader.kick()  # its waiter may be polling for it in another thread
         for cb in callbacks:
             _run_quietly(cb, self)
         return True
+
+    def _let_go(self) -> tuple[Any, list[Callable[[Transfer], Any]]]:
+        """Mark done and open the gate (under ``_lock``); the reader to kick, the callbacks."""
+        self._done = True
+        reader, self._reader = self._reader, None
+        self._gate.release()
+        callbacks, self._callbacks = self._callbacks, []
+        return reader, callbacks
 
     def _on_abort(self, hook: Callable[[], Any]) -> None:
         """Run ``hook`` if this transfer fails or is cancelled (to drop queued work)."""

@@ -2,8 +2,8 @@
 
 Each tier pins its own process (every thread it has, and what it starts later) to its list; a
 tier on vLLM binds its worker's OpenMP threads there too (``VLLM_CPU_OMP_THREADS_BIND`` while
-its engine starts, unless the environment already says). A local cloud process is spawned with the CPUs serve itself started
-with, so it never inherits the edge's placement.
+its engine starts, unless the environment already says). A local cloud process is spawned on
+its own list or on the CPUs serve itself started with, never on the edge's placement.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def resolve(key: str, text: str | None) -> frozenset[int] | None:
     cpus = parse_cpus(key, text)
     if not hasattr(os, "sched_setaffinity"):
         raise SplitConfigError(f"{key}: placing a tier on CPUs needs Linux (sched_setaffinity)")
-    allowed = START_CPUS or frozenset(os.sched_getaffinity(0))
+    allowed = START_CPUS
     missing = cpus - allowed
     if missing:
         raise SplitConfigError(

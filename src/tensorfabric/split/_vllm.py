@@ -134,9 +134,9 @@ class VllmChat(_Template):
         # vLLM CPU reads its KV size and its worker's CPUs from the environment when the
         # engine starts (its processes inherit it); set for that moment only, so that another
         # tier started later from this process (a respawned cloud) does not inherit them
-        self._env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_space_gib))}
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_space_gib))}
         if cpus:
-            self._env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         folder = hf_folder(None if model == "default" else model)
         from transformers import AutoTokenizer
 
@@ -152,7 +152,7 @@ class VllmChat(_Template):
         args = dict(model=self.folder, dtype=dtype, enforce_eager=True, max_model_len=self.max_model_len,
                     max_num_seqs=int(max_num_seqs), enable_prefix_caching=enable_prefix_caching,
                     disable_log_stats=False)  # fmt: skip
-        added = {k: v for k, v in self._env.items() if k not in os.environ}  # the user's win
+        added = {k: v for k, v in env.items() if k not in os.environ}  # the user's settings win
         os.environ.update(added)
         fut = asyncio.run_coroutine_threadsafe(self._start(args), self._loop)
         try:
