@@ -57,10 +57,16 @@ def _group(item: pytest.Item) -> tuple[int, str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     groups = [_group(item) for item in items]
     rank: dict[str, int] = {}
+    cluster: set[str] = set()  # modules on the Ray tier's shared cluster (tests/ray/conftest.py)
     for (r, name), item in zip(groups, items):
         item.add_marker(pytest.mark.xdist_group(name))
         rank[name] = min(r, rank.get(name, r))  # a module's tests stay together
-    order = sorted(range(len(items)), key=lambda i: (rank[groups[i][1]], i))
+        if "pool_cluster" in getattr(item, "fixturenames", ()):
+            cluster.add(str(item.fspath))
+    # within a group, the modules that use that cluster first, one after the other: it starts
+    # once and stops after the last of them instead of idling beside the rest of the suite
+    order = sorted(range(len(items)),
+                   key=lambda i: (rank[groups[i][1]], str(items[i].fspath) not in cluster, i))
     items[:] = [items[i] for i in order]
 
 

@@ -236,16 +236,12 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
         assert time.monotonic() < deadline, "the cloud never came up"
         time.sleep(0.5)
     prompt = ask("Write a long story about a lighthouse keeper.")
-    t0 = time.monotonic()
-    r = post(server, {"model": "tensorfabric-edge", "messages": prompt, "max_tokens": 96})
-    edge_time = time.monotonic() - t0  # what the edge needs to generate this answer itself
-    assert r.status_code == 200
     box: dict = {}
 
     def ask_cloud() -> None:
         with httpx.Client(timeout=300, headers=AUTH) as c:
             with c.stream("POST", f"{server.url}/chat/completions", json={
-                    "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 96, "stream": True}) as resp:  # fmt: skip
+                    "model": "tensorfabric-cloud", "messages": prompt, "max_tokens": 48, "stream": True}) as resp:  # fmt: skip
                 for line in resp.iter_lines():
                     if '"content": "' in line:
                         box.setdefault("started", time.monotonic())
@@ -270,7 +266,7 @@ def test_cloud_dies_mid_request_edge_finishes_and_cloud_comes_back(server, sig: 
     info = box["final"]["tensorfabric"]
     assert info["degraded"] is True and info["tier"] in ("cloud+edge", "edge"), info
     took = box["ended"] - killed
-    print(f"\n  {sig}: in-flight request finished {took:.1f} s after the kill (edge alone: {edge_time:.1f} s)")
+    print(f"\n  {sig}: in-flight request finished {took:.1f} s after the kill")
     # the edge took over after noticing the death (cloud.dead_after 1.5 s, or the closed link),
     # not after waiting out cloud.timeout (60 s); how long it then generates is not timed here
     ticks = [killed, *box.get("after", [])]
