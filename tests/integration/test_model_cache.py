@@ -1,9 +1,12 @@
-"""The model cache with real processes and the real GGUF: two processes that need the same
+"""The model cache with real processes and a real GGUF: two processes that need the same
 model at once convert it once (the second waits on the file lock and reads the result), older
 entries of the same source go, and ``tensorfabric models`` lists and prunes the cache.
 
-One conversion of the default model into a temporary cache directory (about 30 s on an idle
-2-core machine); everything else reuses it.
+The GGUF is a 4-layer Llama with the default model's metadata and the first 1,000 tokens of
+its vocabulary (helpers/tiny_gguf.py): the cache's locking, manifests and pruning do not depend
+on the model's size, and its conversion takes seconds where the default model's takes ~30 s of
+CPU (that one is converted by the first model test of every fresh machine). One conversion into
+a temporary cache directory; everything else reuses it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("filelock")
 
-from tensorfabric.models import default_model_path, list_cache, prune_cache  # noqa: E402
+from tensorfabric.models import list_cache, prune_cache  # noqa: E402
 from tensorfabric.models._diskcache import MANIFEST, entry_path  # noqa: E402
 
 from conftest import subprocess_env  # noqa: E402
+from helpers.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -30,13 +34,13 @@ _LOAD = """
 import json, os, sys, time
 import torch, transformers  # imported before the barrier, so both reach the cache together
 from tensorfabric.models import load_model
-barrier, me = sys.argv[2], sys.argv[3]
+barrier, me, gguf_path = sys.argv[2], sys.argv[3], sys.argv[4]
 open(os.path.join(barrier, me), "w").close()
 deadline = time.monotonic() + 600
 while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
     time.sleep(0.02)
 lines = []
-lm = load_model(cache_dir=sys.argv[1], progress=lambda t: (lines.append(t), print(t, file=sys.stderr, flush=True)))
+lm = load_model(gguf_path, cache_dir=sys.argv[1], progress=lambda t: (lines.append(t), print(t, file=sys.stderr, flush=True)))
 w = lm.model.model.layers[3].self_attn.q_proj.weight
 print(json.dumps({"from_disk": lm.from_disk_cache, "lines": lines,
                   "fingerprint": float(w.double().sum()), "name": lm.name}), flush=True)
@@ -44,13 +48,17 @@ print(json.dumps({"from_disk": lm.from_disk_cache, "lines": lines,
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """Two processes, each loading the default model into one new cache directory that
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="module")
+def converted(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """Two processes, each loading the model into one new cache directory that
     already holds an entry of an older tensorfabric and a stale one. They meet at a barrier
     (files in a folder) after importing torch, so both ask for the model at the same moment
     however busy the machine is: one converts while the other waits on the lock."""
     cache = tmp_path_factory.mktemp("models")
-    source = default_model_path()
     prefix = entry_path(source, "float32", cache).name.rsplit("-", 1)[0]
     legacy = cache / f"{source.stem}-float32-0123456789abcdef"  # no manifest: before format 3
     stale = cache / f"{prefix}-000000000000"  # same source, another digest (changed file)
@@ -59,7 +67,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"\0" * 1000)
     barrier = tmp_path_factory.mktemp("barrier")
-    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache), str(barrier), str(i)],
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(cache), str(barrier), str(i), str(source)],
                               env=subprocess_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -71,28 +79,28 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
     return cache, results
 
 
-def test_two_processes_convert_once_and_share_the_result(converted) -> None:  # type: ignore[no-untyped-def]
+def test_two_processes_convert_once_and_share_the_result(converted, source) -> None:  # type: ignore[no-untyped-def]
     cache, results = converted
     converters = [r for r in results if not r["from_disk"]]
     waiters = [r for r in results if r["from_disk"]]
     assert len(converters) == 1 and len(waiters) == 1, results
     said = " | ".join(converters[0]["lines"])
     assert "has no converted copy" in converters[0]["lines"][0]  # said before importing torch
-    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in said and "converted in" in said
+    assert f"converting {source.name}" in said and "converted in" in said
     waited = " | ".join(waiters[0]["lines"])
     assert "waiting for process" in waited and "reuses its result" in waited, waited
     assert converters[0]["fingerprint"] == waiters[0]["fingerprint"]
     entries = [p for p in cache.iterdir() if p.is_dir()]
     names = sorted(p.name for p in entries)
-    ours = [n for n in names if n.startswith("SmolLM2")]
+    ours = [n for n in names if n.startswith(source.stem)]
     assert len(ours) == 1, f"one entry for one model, older ones removed: {names}"
     assert "other-model-float32-00000000-000000000000" in names
     manifest = json.loads((cache / ours[0] / MANIFEST).read_text())
-    assert manifest["source"] == str(default_model_path()) and manifest["convert_seconds"] > 0
+    assert manifest["source"] == str(source) and manifest["convert_seconds"] > 0
     assert not list(cache.glob("*.tmp-*"))
 
 
-def test_models_command_lists_and_prunes(converted) -> None:  # type: ignore[no-untyped-def]
+def test_models_command_lists_and_prunes(converted, source) -> None:  # type: ignore[no-untyped-def]
     cache, _ = converted
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -103,10 +111,10 @@ def test_models_command_lists_and_prunes(converted) -> None:  # type: ignore[no-
     listed = cli("list")
     assert listed.returncode == 0, listed.stderr
     text = " ".join(listed.stdout.split())
-    assert "SmolLM2-135M-Instruct" in text and str(default_model_path()) in text
-    assert "current" in text and "stale" in text and "MiB" in text
+    assert source.stem in text and str(source) in text
+    assert "current" in text and "stale" in text and "KiB" in text  # sizes with units
     entries = {e.name: e for e in list_cache(cache)}
-    assert [e.stale for n, e in entries.items() if n.startswith("SmolLM2")] == [False]
+    assert [e.stale for n, e in entries.items() if n.startswith(source.stem)] == [False]
     assert entries["other-model-float32-00000000-000000000000"].stale  # no manifest
     grouped = subprocess.run([sys.executable, "-m", "tensorfabric", "models", "--cache-dir",
                               str(cache), "prune", "--dry-run"], env=subprocess_env(),
@@ -114,9 +122,15 @@ def test_models_command_lists_and_prunes(converted) -> None:  # type: ignore[no-
     assert "other-model" in grouped.stdout, grouped.stdout  # the group's --cache-dir counts
     dry = cli("prune", "--dry-run")
     assert "would remove" in dry.stdout and "other-model" in dry.stdout
-    assert "SmolLM2" not in dry.stdout
+    assert source.stem not in dry.stdout
     assert (cache / "other-model-float32-00000000-000000000000").exists()
     pruned = cli("prune")
     assert pruned.returncode == 0 and "removed 1 entry" in pruned.stdout, pruned.stdout
-    assert [e.name.split("-")[0] for e in list_cache(cache)] == ["SmolLM2"]
+    assert [e.name for e in list_cache(cache)] == ours_names(cache, source)
     assert prune_cache(cache) == []  # nothing stale is left; the current entry stays
+
+
+def ours_names(cache: Path, source: Path) -> list[str]:
+    names = [p.name for p in cache.iterdir() if p.is_dir() and p.name.startswith(source.stem)]
+    assert len(names) == 1, names
+    return names
