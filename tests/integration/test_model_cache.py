@@ -40,7 +40,14 @@ deadline = time.monotonic() + 600
 while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
     time.sleep(0.02)
 lines = []
-lm = load_model(gguf_path, cache_dir=sys.argv[1], progress=lambda t: (lines.append(t), print(t, file=sys.stderr, flush=True)))
+
+def progress(text):
+    lines.append(text)
+    print(text, file=sys.stderr, flush=True)
+    if text.startswith("converting "):  # said holding the lock: hold it 15 s longer
+        time.sleep(15)
+
+lm = load_model(gguf_path, cache_dir=sys.argv[1], progress=progress)
 w = lm.model.model.layers[3].self_attn.q_proj.weight
 print(json.dumps({"from_disk": lm.from_disk_cache, "lines": lines,
                   "fingerprint": float(w.double().sum()), "name": lm.name}), flush=True)
@@ -57,7 +64,10 @@ def converted(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """Two processes, each loading the model into one new cache directory that
     already holds an entry of an older tensorfabric and a stale one. They meet at a barrier
     (files in a folder) after importing torch, so both ask for the model at the same moment
-    however busy the machine is: one converts while the other waits on the lock."""
+    however busy the machine is: one converts while the other waits on the lock. The small
+    model converts in a few seconds, so the converter holds the lock 15 s longer (its progress
+    callback sleeps on the "converting" line): a process the machine delays that long after
+    the barrier still finds the lock taken, not a finished entry."""
     cache = tmp_path_factory.mktemp("models")
     prefix = entry_path(source, "float32", cache).name.rsplit("-", 1)[0]
     legacy = cache / f"{source.stem}-float32-0123456789abcdef"  # no manifest: before format 3
