@@ -73,7 +73,8 @@ def main() -> None:
         elif seen_worker or time.monotonic() - started > args.wait:
             break
         for pid, (ppid, ticks, cmd) in procs.items():
-            delta = ticks - last.get(pid, ticks if pid not in last and not seen_worker else 0)
+            # a process new since the last sample: all its CPU is the suite's, once it runs
+            delta = ticks - last.get(pid, 0 if seen_worker else ticks)
             last[pid] = ticks
             if delta <= 0:
                 continue

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 1000
-SIZES = {"block_count": 4, "embedding_length": 64, "feed_forward_length": 128,
+SIZES = {"vocab_size": VOCAB, "block_count": 4, "embedding_length": 64, "feed_forward_length": 128,
          "attention.head_count": 4, "attention.head_count_kv": 2, "rope.dimension_count": 16}
 
 
@@ -44,23 +44,19 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
             kept = set(src.fields["tokenizer.ggml.tokens"].contents()[:VOCAB])
             value = [m for m in value if m.replace(" ", "") in kept
                      and all(part in kept for part in m.split(" "))]
-        elif key == "llama.vocab_size":
-            w.add_uint32(key, VOCAB)
-            continue
         if types[0] == gguf.GGUFValueType.ARRAY:
             w.add_key_value(key, value, types[0], sub_type=types[1])
         else:
             w.add_key_value(key, value, types[0])
     h, f, heads, kv = (SIZES[k] for k in ("embedding_length", "feed_forward_length",
                                           "attention.head_count", "attention.head_count_kv"))
-    vocab = VOCAB
     kv_dim = h // heads * kv
     rng = np.random.default_rng(seed)
 
     def t(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", t(vocab, h))
+    w.add_tensor("token_embd.weight", t(VOCAB, h))
     w.add_tensor("output_norm.weight", np.ones(h, np.float32))
     for i in range(SIZES["block_count"]):
         b = f"blk.{i}."
