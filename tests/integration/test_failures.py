@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -72,6 +73,28 @@ def test_link_reset_mid_transfer_is_resent_on_other_links() -> None:
         while len(links.live()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(links.live()) == 3
+
+
+def test_stopped_peer_is_waited_for_not_cut_off() -> None:
+    """A peer process that does not read (stopped here; starved on a loaded machine alike)
+    still has its kernel acknowledge: its link must stay up, not be closed as stalled after
+    ``link_timeout`` and its chunks resent (the 3 s false positive under load)."""
+    n = 128 << 20
+    with tf.Engine(SECRET, transports=("tcp",), link_timeout=0.5) as a, PeerProcess(n) as child:
+        a.write(b"warm", child.desc).wait(30)
+        links = a._tcp.peer_links(a._peer(child.address))
+        src = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        try:
+            t = a.write(src, child.desc, timeout=120)
+            time.sleep(3.0)  # six link timeouts without a byte read
+            assert not t.done(), "the write must still be in flight while the peer is stopped"
+            assert links.failures == 0 and links.live(), "a slow peer's link was closed"
+        finally:
+            os.kill(child.proc.pid, signal.SIGCONT)
+        t.wait(120)
+        assert links.failures == 0
+        assert child.call(cmd="sha", n=n)["sha"] == hashlib.sha256(src).hexdigest()
 
 
 def _shm_files() -> set[str]:

@@ -6,7 +6,8 @@ engines and tampers with the first link it carries. It understands the framing (
 MODE: ``pass``; ``flip`` (flip a byte of the first frame with a payload); ``replace OLD:NEW``
 (rewrite bytes in payloads, hex); ``replay`` (send the first payload frame twice); ``reorder``
 (swap the first two frames); ``drop`` (drop the first frame); ``splice`` (send the first frame
-of link 2 on link 1: needs two links); ``address`` (rewrite the dial-back port in the hello);
+of link 2 on link 1: needs two links); ``address`` (rewrite the dial-back port in the hello); ``cut`` (close the first connection
+in the middle of its handshake, as an acceptor past its deadline does);
 ``tls CERT KEY`` (terminate TLS with its own certificate, plaintext in between, dial TLS on).
 Prints ``PORT`` once listening, and ``TAMPERED`` each time it changed something.
 """
@@ -96,6 +97,10 @@ def handle(client: socket.socket, target: tuple[str, int], mode: str, arg: str) 
         hello = recv_exact(client, HELLO.size)
         fields = list(HELLO.unpack(hello))
         addr = recv_exact(client, fields[6])
+        if mode == "cut" and n == 1:
+            say("TAMPERED")  # the acceptor gave up on this handshake (its deadline passed)
+            _shut(client, server)
+            return
         if mode == "address" and n == 1:
             addr = addr.replace(b'"ep":[["127.0.0.1",', b'"ep":[["127.0.0.2",')
             fields[6] = len(addr)

@@ -85,6 +85,17 @@ def test_tampered_frames_are_refused_and_resent(relay_factory, caplog, mode, lin
     assert "integrity check" in caplog.text
 
 
+def test_handshake_cut_off_once_is_tried_again(relay_factory) -> None:
+    """An acceptor that gives up on a handshake (its deadline passed on a loaded machine) cuts
+    the connection: the first op dials again instead of failing with BrokenError."""
+    a, b = _pair()
+    with a, b:
+        relay = relay_factory(b, "cut")
+        a.send(relay.address, b"after a second handshake", tag=4).wait(30)
+        assert b.recv(tag=4, timeout=10).data == b"after a second handshake"
+        assert relay.tampered() == 1
+
+
 def test_relay_cannot_rewrite_a_message(relay_factory) -> None:
     old, new = b"France", b"Norway"
     a, b = _pair()

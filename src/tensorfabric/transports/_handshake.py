@@ -186,6 +186,11 @@ def dial(t: TcpTransport, peer: EngineAddress, i: int) -> Session:
                 f"peer {peer} could not prove the cluster secret: the engines were given "
                 "different secrets (or a relay sits between them)", peer=str(peer))
         sock.settimeout(None)
+    except (TimeoutError, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+        # the peer is there (it accepted) but the handshake was cut off or ran out of time:
+        # on a loaded machine either side may miss the deadline once; the caller may retry
+        sock.close()
+        raise _PeerGone(f"handshake cut off ({exc})") from exc
     except BaseException:
         sock.close()
         raise

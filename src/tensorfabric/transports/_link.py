@@ -6,6 +6,7 @@ import collections
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,27 @@ if TYPE_CHECKING:
 MAX_REPLIES = 1024  # replies queued for a peer that is not reading them
 SMALL = 64 << 10  #: chunks up to this size are sent inline or batched
 SMALL_WINDOW = 64  #: small chunks in flight per link (large ones: the transport's window)
+# struct tcp_info's head (linux/tcp.h): state, ca_state, retransmits, probes, backoff, options,
+# wscales, flags; rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
+# last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (ms)
+_TCP_INFO = struct.Struct("<8B13I")
+
+
+def tcp_path(sock: socket.socket) -> tuple[int, int, int, float] | None:
+    """What the kernel knows of a connection's path: (segments sent and not acknowledged,
+    retransmission timeouts in a row, zero-window probes unanswered, seconds since the peer's
+    kernel last acknowledged anything); None where TCP_INFO is not available."""
+    opt = getattr(socket, "TCP_INFO", None)
+    if opt is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, opt, _TCP_INFO.size)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO.size:
+        return None
+    f = _TCP_INFO.unpack(raw)
+    return f[12], f[2], f[3], f[20] / 1000.0
 
 
 class Conn(Receiver):
@@ -55,6 +77,7 @@ class Conn(Receiver):
         self.tail: bytes = b""  # the unsent end of a frame started with MSG_DONTWAIT
         self.alive = True
         self.last_rx = self.last_tx = time.monotonic()
+        self._probed = 0.0  # when stalled() last put a PING in flight
         self.bytes_sent = 0
         self._threads: list[threading.Thread] = []
         self._header = bytearray(w.HEADER_SIZE)
@@ -437,5 +460,20 @@ class Conn(Receiver):
                 self.rlock.release()
 
     def stalled(self, now: float, timeout: float) -> bool:
-        return bool(self.inflight) and now - max(self.last_rx, self.last_tx) > timeout
-
+        """Work in flight, nothing moved on the link for ``timeout``, and the path is dead: no
+        acknowledgement from the peer's kernel for ``timeout`` while it retransmits our bytes
+        or probes the peer's zero window (more than the one probe a live peer leaves
+        outstanding). A peer that is only slow (a starved or stopped process, a full receive
+        buffer) still acknowledges at the TCP level: it is waited for, and each op's own
+        deadline bounds the wait. Where every byte was already acknowledged, a PING goes out so
+        that a dead return path shows up as a retransmitted segment."""
+        if not self.inflight or now - max(self.last_rx, self.last_tx) <= timeout:
+            return False
+        path = tcp_path(self.sock)
+        if path is None:
+            return True  # no kernel view: no progress is all we know
+        unacked, retransmits, probes, since_ack = path
+        if unacked == 0 and now - self._probed > timeout:
+            self._probed = now
+            self.reply([w.pack_header(w.Op.PING)])
+        return since_ack > timeout and ((unacked > 0 and retransmits > 0) or probes > 1)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tensorfabric.tcp")
 
 _INLINE_MAX = 1 << 20  # one-chunk ops up to this size may be sent from the caller's thread
+_HANDSHAKE_TRIES = 3  # link 0's handshake, when the peer cut it off or it ran out of time
 
 
 class PeerLinks:
@@ -49,11 +50,21 @@ class PeerLinks:
 
     def connect_first(self, timeout: float) -> None:
         """Dial link 0 in the caller's thread (so bad secrets and dead peers raise here) and
-        the other links in the background."""
+        the other links in the background. A handshake the peer cut off (or that ran out of
+        time after the peer accepted: a loaded machine) is tried again, twice at most; a
+        refused connection or a failed secret check is not."""
         if self.live():
             return
         try:
-            self._dial(0, timeout)
+            for attempt in range(_HANDSHAKE_TRIES):
+                try:
+                    self._dial(0, timeout)
+                    break
+                except _PeerGone as exc:
+                    if attempt == _HANDSHAKE_TRIES - 1 or self.closed:
+                        raise
+                    log.info("handshake with %s cut off (%s); trying again", self.name, exc)
+                    time.sleep(0.1 * 4 ** attempt)
         except BaseException as exc:
             with self.cond:  # never reached: forgotten after the grace like a lost peer
                 if self.down_since is None:
