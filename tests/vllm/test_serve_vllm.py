@@ -36,11 +36,14 @@ REF_TOKENS = {"cloud": 32, "edge": 16}
 @pytest.fixture(scope="module")
 def plain_refs(start_vllm: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Plain ``vllm serve``'s greedy answers, ``(tier, prompt) -> body``: the cloud's
-    reference at 32 tokens, the edge's at 16. The server stops before the stack starts.
+    reference at 32 tokens, the edge's at 16 (the tiers run vLLM's worker inside its engine
+    core: the answers must not depend on that). The server stops before the stack starts.
 
     Another listener holds the port it picked while it starts: it must start on another
     (vLLM binds its port after ~20 s of imports; another process can take it in between)."""
-    plain = start_vllm("plain", cpus=pick_cpus(1)[0], port_taken=True)
+    # vLLM's own CPU default (the worker in a process of its own), not tensorfabric's
+    plain = start_vllm("plain", cpus=pick_cpus(1)[0], port_taken=True,
+                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     assert plain.port != plain.taken_port and plain.healthy()
     refs = {}
     try:

@@ -47,7 +47,11 @@ class Pair:
     requests on host 2 of a NetnsHosts fabric (the root namespace's loopback where network
     namespaces cannot be built). The first decode server takes KV over shared memory (the
     namespaces share one kernel, as processes on one machine do); the one restarted after
-    the decode-kill test is tcp-only, so the prefill server writes to it over the fabric."""
+    the decode-kill test is tcp-only, so the prefill server writes to it over the fabric.
+    The first pair runs vLLM's own CPU default, the model worker in a process of its own
+    (the connector's scheduler half and worker half apart, their metadata pickled between
+    them: what a user's own ``vllm serve`` with this connector runs); the restarted decode
+    server runs the worker inside the engine core, as the servers tensorfabric starts do."""
 
     def __init__(self, start: Any, stats: Path) -> None:
         from tensorfabric.testing.netns import NetnsHosts, netns_unavailable_reason
@@ -71,9 +75,10 @@ class Pair:
         return self.fab.addr(i) if self.fab is not None else "127.0.0.1"
 
     def _server(self, role: str, i: int, *, name: str | None = None, wait: bool = True,
-                **options: Any) -> Any:
+                worker_process: bool = True, **options: Any) -> Any:
         ns = self.fab.ns[f"h{i}"] if self.fab is not None else None
-        return self.start(name or role, cpus=self.cpus[i], wait=wait, env=self.env,
+        env = {**self.env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if worker_process else "0"}
+        return self.start(name or role, cpus=self.cpus[i], wait=wait, env=env,
                           host=self.host(i), netns=ns,
                           kv_transfer_config=connector(role, self.stats, self.host(i), **options))
 
@@ -86,7 +91,7 @@ class Pair:
 
     def restart_decode_tcp(self, wait: bool = True) -> None:
         self.decode = self._server("decode", 1, name="decode-tcp", transports=["tcp"],
-                                   wait=False)
+                                   wait=False, worker_process=False)
         self._decode_ready = False
         if wait:
             self.decode_ready()
@@ -229,6 +234,11 @@ def test_prefill_killed_mid_transfer_decode_recomputes_or_fails_cleanly(pair: Pa
     pair.decode_ready()
     prompts = _variants(4)
     expected = {i: pair.expected(p, 8) for i, p in enumerate(prompts)}
+    # the first pair runs vLLM's worker process; the restarted decode server the worker in
+    # its engine core (tensorfabric's default): KV moves between the two set-ups
+    assert b"(Worker pid=" in pair.prefill._this_start_log()
+    assert b"(EngineCore" in pair.decode._this_start_log()
+    assert b"(Worker pid=" not in pair.decode._this_start_log()
     # the restarted decode server is tcp-only: the same tokens, KV moved over the fabric
     before = len(loaded(pair.stats))
     status, body = complete(pair.proxy.url, LONG, 16)

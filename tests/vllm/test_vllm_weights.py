@@ -56,9 +56,13 @@ class Drill:
 
         self.start_vllm, self.folder, self.tmp = start_vllm, folder, tmp
         cpus = pick_cpus(2)
+        # a: vLLM's own CPU default, the model worker in a process of its own (the weight
+        # extension's RPC arguments pickled from the engine core to it: a user's own `vllm
+        # serve`); b: the worker inside the engine core, as the servers tensorfabric starts
         self.servers = {n: start_vllm(f"weights-{n}", wait=False, cpus=c, args=weights_server_args(),
-                                      env={"TENSORFABRIC_SECRET": SECRET})
-                        for n, c in zip("ab", cpus)}
+                                      env={"TENSORFABRIC_SECRET": SECRET,
+                                           "VLLM_ENABLE_V1_MULTIPROCESSING": mp})
+                        for n, c, mp in zip("ab", cpus, "10")}
         self.tensors = trainer_tensors(folder)
         self.plan = vllm_plan(self.tensors)
         self.engine = tf.Engine(secret=SECRET)

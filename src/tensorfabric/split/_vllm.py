@@ -26,6 +26,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..vllm._launch import IN_PROCESS_WORKER
 from ._lm import encode_chat
 
 __all__ = ["VllmChat", "VllmHttpChat", "VllmStep", "have_vllm"]
@@ -133,8 +134,10 @@ class VllmChat(_Template):
 
         # vLLM CPU reads its KV size and its worker's CPUs from the environment when the
         # engine starts (its processes inherit it); set for that moment only, so that another
-        # tier started later from this process (a respawned cloud) does not inherit them
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_space_gib))}
+        # tier started later from this process (a respawned cloud) does not inherit them.
+        # The model worker runs inside the engine-core process (not a third process that
+        # imports vLLM and torch again: ~20 s of CPU per start; bench/vllm_start.py).
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_space_gib)), **IN_PROCESS_WORKER}
         if cpus:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         folder = hf_folder(None if model == "default" else model)

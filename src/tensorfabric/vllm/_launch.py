@@ -19,6 +19,12 @@ from typing import Any, Mapping, Sequence
 
 from .._errors import ConfigError, TensorFabricError
 
+#: vLLM CPU runs its model worker in a third process (after the API server and the engine
+#: core), each importing vLLM and torch again (~20 s of CPU); with V1 multiprocessing off the
+#: worker runs inside the engine-core process (the API server still talks to the engine core
+#: over its own process boundary). bench/vllm_start.py measures both. A user's own setting wins.
+IN_PROCESS_WORKER = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     try:
@@ -101,6 +107,8 @@ class VllmServer:
             raise ConfigError(f"kv_space_gib must be a whole number of GiB >= 1 (vLLM reads "
                               f"VLLM_CPU_KVCACHE_SPACE as an int), got {kv_space_gib!r}")
         self.env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
+        for k, v in IN_PROCESS_WORKER.items():
+            self.env.setdefault(k, v)
         if cpus is not None:
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         self.env.update(env or {})
