@@ -2,6 +2,8 @@
 
 Modes (every request streamed, greedy, the same ``--max-tokens``):
   plain   ``vllm serve`` of the default model (float32, eager, same KV space)   the baseline
+          (vLLM's CPU default, its worker in a process of its own; ``--plain-worker in-process``
+          runs it as the cloud tier runs vLLM)
   cloud   ``tensorfabric serve``, model ``tensorfabric-cloud`` (vLLM cloud tier over the tier link)
   edge    ``tensorfabric serve``, model ``tensorfabric-edge`` (the edge runtime alone)
   routed  ``tensorfabric serve``, model ``tensorfabric`` (the router decides)
@@ -129,6 +131,9 @@ def main() -> int:
                     help="shared: every server may use every CPU; split: plain vLLM and the cloud "
                          "tier on the first CPU, the edge (serving process) on the second, as an "
                          "edge device beside a cloud host (edge.cpus / cloud.cpus)")
+    ap.add_argument("--plain-worker", choices=("process", "in-process"), default="process",
+                    help="plain vLLM's model worker: in a process of its own (vLLM's CPU "
+                         "default) or inside its engine core (what tensorfabric's tiers run)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
@@ -147,7 +152,11 @@ def main() -> int:
         if split:  # its processes (a restart too) inherit this thread's CPUs; its worker binds there
             os.sched_setaffinity(0, {cpus[0]})
         try:
-            plain = VllmServer(hf_folder(), kv_space_gib=1, cpus=str(cpus[0]) if split else None)
+            # vLLM's own CPU default, as `vllm serve` runs when a user starts it (the worker in
+            # a process of its own); `--plain-worker in-process` gives it tensorfabric's setting
+            plain = VllmServer(hf_folder(), kv_space_gib=1, cpus=str(cpus[0]) if split else None,
+                               env={"VLLM_ENABLE_V1_MULTIPROCESSING":
+                                    "0" if args.plain_worker == "in-process" else "1"})
             plain.start().wait_ready(900)
         finally:
             os.sched_setaffinity(0, set(cpus))

@@ -164,8 +164,9 @@ class PeerLinks:
         """Called by the engine's timer: stalled links, redials, and giving up on a dead peer."""
         for c in self.live():
             if c.stalled(now, self.t.link_timeout):
-                log.warning("link %d to %s made no progress for %.1f s; closing it", c.index,
-                            self.name, self.t.link_timeout)
+                log.warning("link %d to %s made no progress for %.1f s and its path is dead "
+                            "(nothing acknowledged); closing it", c.index, self.name,
+                            self.t.link_timeout)
                 c.fail(BrokenError("link stalled"))
         for i, slot in enumerate(self.conns):
             if slot is None and not self.dialing[i] and not self.closed:
