@@ -158,17 +158,24 @@ def test_disaggregated_cloud_answers_like_the_whole_model(full) -> None:  # type
     from tensorfabric.split._cloud import CloudTier
     from tensorfabric.split._edge import EdgeTier
 
-    tier = CloudTier(cfg(cloud={"disaggregated": True, "timeout": 30.0}), model=full)
+    # Not a failover test: the cloud tier runs in this process beside the edge and the
+    # reference model, and in a suite run two vLLM servers took the cores; the edge answered a
+    # healthy cloud's request (cloud.dead_after's 1.5 s of silence, or the module's 1 s health
+    # probe with one failure to open, is short for a starved process). Both are generous here.
+    link = {"timeout": 30.0, "dead_after": 20.0}
+    tier = CloudTier(cfg(cloud={"disaggregated": True, **link}), model=full)
     th = threading.Thread(target=tier.serve_forever, daemon=True)
     th.start()
-    edge = EdgeTier(cfg(cloud={"timeout": 30.0}), full, tier.address)
+    health = {"probe_timeout": 10.0, "failures_to_open": 3, "backoff_initial": 0.2}
+    edge = EdgeTier(cfg(cloud=link, health=health), full, tier.address)
     try:
         text = "Name three colors."
         ids = full.encode_chat([{"role": "user", "content": text}])
         with full.lock:
             ref = full.decode([s.token_id for s in full.stream(ids, max_new_tokens=12) if not s.stop])
-        out, _, done = run(edge, text, max_tokens=12)
-        assert done.tier == "cloud" and not done.degraded
+        out, route, done = run(edge, text, max_tokens=12)
+        assert done.tier == "cloud" and not done.degraded, (route.decision, done.cloud_error,
+                                                            edge.health.last_error)
         assert out == ref and tier.disagg is not None and tier.served == 1
     finally:
         edge.close()
