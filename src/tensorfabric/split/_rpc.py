@@ -66,6 +66,9 @@ class CloudClient:
         self.cloud = cloud_address
         self.dead_after = dead_after
         self.last_heard = 0.0  # monotonic time of the last message from the cloud
+        # when the receive thread last found nothing more from the cloud: silence is known up
+        # to here, not up to "now" (a starved edge process has not looked since)
+        self.looked = time.monotonic()
         self.last_pong: dict[str, Any] = {}  # the cloud's last pong (engine, load, batch stats)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -89,6 +92,7 @@ class CloudClient:
             try:
                 msg = self.engine.recv(tag=TAG_REPLY, timeout=0.5)
             except TransferTimeout:
+                self.looked = time.monotonic()
                 continue
             except ClosedError:
                 return
@@ -100,7 +104,7 @@ class CloudClient:
                 continue  # a malformed reply: drop it, its caller times out
             if EngineAddress.from_bytes(msg.peer).engine_id != self._cloud_id:
                 continue  # a cloud we left (restarted): its late replies are not ours
-            self.last_heard = time.monotonic()
+            self.last_heard = self.looked = time.monotonic()
             ids = obj.get("ids") if obj.get("event") == "alive" else [obj.get("id", -1)]
             if "stats" in obj and obj.get("event") == "alive":
                 self.last_pong = {**self.last_pong, "stats": obj["stats"], "load": obj.get("load", 0),
@@ -139,8 +143,10 @@ class CloudClient:
             if now >= deadline:
                 raise Overloaded(f"the cloud tier is alive but did not finish {op!r} in time")
             # Dead = the whole cloud silent (no keep-alive, pong or token for anyone): a busy
-            # cloud that is slow to name this request is still alive.
-            if now - max(heard, self.last_heard) >= self.dead_after:
+            # cloud that is slow to name this request is still alive. Silence counts up to the
+            # receive thread's last look, so an edge process the machine starved (neither
+            # thread ran) does not take the cloud's keep-alives still in its socket for silence.
+            if min(now, self.looked) - max(heard, self.last_heard) >= self.dead_after:
                 raise CloudUnavailable(
                     f"the cloud tier went silent for {self.dead_after:.1f} s during {op!r} "
                     "(process or connection gone)"
