@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import statistics
 import sys
 import time
@@ -58,8 +57,8 @@ def complete(url: str, max_tokens: int) -> list[int]:
 
 
 def one(mode: str, cpus: str | None, tokens: int) -> dict[str, Any]:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING=MODES[mode])
-    server = VllmServer(hf_folder(), cpus=cpus, kv_space_gib=1, env=env)
+    server = VllmServer(hf_folder(), cpus=cpus, kv_space_gib=1,
+                        env={"VLLM_ENABLE_V1_MULTIPROCESSING": MODES[mode]})
     t0 = time.monotonic()
     server.start()
     assert server.proc is not None
