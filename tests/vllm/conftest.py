@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.vllm import HAVE_VLLM, start_vllm, vllm_logs, vllm_model  # noqa: F401 - fixtures
+from helpers.vllm import HAVE_VLLM, start_vllm, vllm_logs, vllm_model, vllm_tiny_model  # noqa: F401 - fixtures
 
 TEST_TIMEOUT_S = 1200  # one test here, its module's server starts included (load 20+)
 

@@ -2,7 +2,12 @@
 the whole module; the tests run in order and build on each other's versions).
 
 Each replica loads tensorfabric's worker extension and middleware; the trainer (this process,
-or a child process for the kill test) publishes perturbed copies of the default model."""
+or a child process for the kill test) publishes perturbed copies of the model. The model is a
+4-layer Llama with random weights (``vllm_tiny_model``, ~5 MB) served by real vLLM: what is
+tested is how versions move, verify and switch, which does not depend on the model's size, and
+a copy of the default model (540 MB) made every update cost most of the module's CPU (~500 s
+of ~700; docs/benchmarks.md). The default model's updates are measured by
+``bench/vllm_weights.py``."""
 
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ class Drill:
         # extension's RPC arguments pickled from the engine core to it: a user's own `vllm
         # serve`); b: the worker inside the engine core, as the servers tensorfabric starts
         self.servers = {n: start_vllm(f"weights-{n}", wait=False, cpus=c, args=weights_server_args(),
+                                      model=folder,
                                       env={"TENSORFABRIC_SECRET": SECRET,
                                            "VLLM_ENABLE_V1_MULTIPROCESSING": mp})
                         for n, c, mp in zip("ab", cpus, "10")}
@@ -84,9 +90,9 @@ class Drill:
 
 
 @pytest.fixture(scope="module")
-def drill(start_vllm: Callable[..., Any], vllm_model: str,
+def drill(start_vllm: Callable[..., Any], vllm_tiny_model: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
-    d = Drill(start_vllm, vllm_model, tmp_path_factory.mktemp("weights"))
+    d = Drill(start_vllm, vllm_tiny_model, tmp_path_factory.mktemp("weights"))
     yield d
     d.close()
 

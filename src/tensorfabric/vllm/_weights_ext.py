@@ -29,7 +29,7 @@ import tensorfabric as tf
 from tensorfabric._errors import ConfigError
 from tensorfabric.weights import Layout, LayoutError, NoVersionError, Subscriber
 from tensorfabric.weights._plan import weights_key
-from tensorfabric.weights._vllm_layout import check_vllm_layout
+from tensorfabric.weights._vllm_layout import check_vllm_layout, vocab_padded
 
 log = logging.getLogger("tensorfabric.vllm.weights")
 
@@ -214,7 +214,8 @@ def _in_place_steps(model: Any, tensors: Iterator[tuple[str, Any]]) -> list[tupl
     parameter (then the caller reloads through vLLM). A parameter is either live (same shape:
     copied into) or packed away by vLLM's CPU backend (an empty ``weight`` next to a
     ``cpu_linear`` kernel built by ``quant_method.process_weights_after_loading``: the kernel is
-    rebuilt from the staged tensor)."""
+    rebuilt from the staged tensor). A vocabulary tensor that vLLM padded takes the staged rows
+    at its start."""
     mods = dict(model.named_modules())
     steps = []
     for name, t in tensors:
@@ -223,7 +224,7 @@ def _in_place_steps(model: Any, tensors: Iterator[tuple[str, Any]]) -> list[tupl
         param = getattr(mod, pname, None) if mod is not None else None
         if param is None or not hasattr(param, "shape"):
             return None
-        if tuple(param.shape) == tuple(t.shape):
+        if tuple(param.shape) == tuple(t.shape) or vocab_padded(name, param.shape, t.shape):
             steps.append((mod, pname, t))
         elif (pname == "weight" and param.numel() == 0 and hasattr(mod, "cpu_linear")
               and hasattr(getattr(mod, "quant_method", None), "process_weights_after_loading")):
@@ -245,8 +246,10 @@ def _apply_in_place(model: Any, steps: list[tuple[Any, str, Any]]) -> None:
             param = getattr(mod, pname)
             if param.numel() == 0 and t.numel() != 0:
                 repack.append((mod, pname, t))
-            else:
+            elif tuple(param.shape) == tuple(t.shape):
                 param.data.copy_(t)
+            else:  # a padded vocabulary: the staged rows at its start
+                param.data[: t.shape[0]].copy_(t)
         for mod, pname, t in repack:
             setattr(mod, pname, torch.nn.Parameter(t, requires_grad=False))
             mod.quant_method.process_weights_after_loading(mod)

@@ -61,10 +61,23 @@ def vllm_layout(source: Sequence[TensorSpec], *, dtype: str | None = None,
     return dest
 
 
+#: tensors whose rows are the vocabulary, which vLLM pads (``VocabParallelEmbedding``: to a
+#: multiple of 64 rows); the trainer's tensor fills the first rows, vLLM's padding stays as is
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def vocab_padded(name: str, have: Sequence[int], want: Sequence[int]) -> bool:
+    """True when ``want`` (the trainer's shape) fits ``have`` (vLLM's parameter) as the first
+    rows of a vocabulary tensor that vLLM padded."""
+    return (name.endswith(VOCAB_TENSORS) and len(have) == len(want) >= 1
+            and tuple(have[1:]) == tuple(want[1:]) and 0 < want[0] < have[0])
+
+
 def check_vllm_layout(layout: Layout, expected: Mapping[str, tuple[Sequence[int], str]]) -> None:
     """Raise ``LayoutError`` unless every tensor of ``layout`` is a parameter the vLLM worker
     reported (``expected``: name -> (shape, dtype), from its model) with the same shape and
-    dtype. Parameters the layout does not cover are allowed (their values stay those loaded at
+    dtype; a vocabulary tensor (``VOCAB_TENSORS``) may have fewer rows than vLLM's padded one.
+    Parameters the layout does not cover are allowed (their values stay those loaded at
     start); the message lists the first few problems."""
     problems = []
     for spec in layout.specs:
@@ -72,7 +85,8 @@ def check_vllm_layout(layout: Layout, expected: Mapping[str, tuple[Sequence[int]
             problems.append(f"{spec.name}: not a parameter of the vLLM model")
             continue
         shape, dtype = expected[spec.name]
-        if tuple(shape) != spec.shape or dtype != spec.dtype:
+        if (tuple(shape) != spec.shape and not vocab_padded(spec.name, shape, spec.shape)) \
+                or dtype != spec.dtype:
             problems.append(f"{spec.name}: vLLM has {tuple(shape)} {dtype}, the plan "
                             f"{spec.shape} {spec.dtype}")
     if problems:
