@@ -1,9 +1,11 @@
-"""A small Llama GGUF for tests that exercise the model cache, not the model.
+"""A small Llama GGUF for tests that exercise the model cache or vLLM's weight updates, not
+the model.
 
 ``write_tiny_gguf(path)`` copies the default model's metadata (chat template, special tokens)
 and the first ``VOCAB`` tokens of its byte-level BPE vocabulary with the merges among them
 (specials, the 256 bytes, common pieces), and writes 4 layers of width 64 in float32 with
-seeded random weights: well under a megabyte. transformers reads and converts it like any
+seeded random weights: well under a megabyte (``sizes=VLLM_SIZES``: width 256, which vLLM's
+CPU attention takes, ~5 MB). transformers reads and converts it like any
 GGUF, tokenizer included; the default model's 49,152-token vocabulary alone takes transformers
 ~20 s of CPU to convert, its weights as long again.
 """
@@ -26,8 +28,9 @@ def write_tiny_gguf(path: Path, seed: int = 0, sizes: dict[str, int] | None = No
     """``sizes``: the shape (``SIZES`` by default, ``VLLM_SIZES`` for a model vLLM serves)."""
     import gguf
 
-    sizes = SIZES if sizes is None else sizes
     from tensorfabric.models import default_model_path
+
+    sizes = SIZES if sizes is None else sizes
 
     src = gguf.GGUFReader(str(default_model_path()))
     w = gguf.GGUFWriter(str(path), "llama")
