@@ -108,14 +108,15 @@ def test_incomplete_groups_and_a_model_mismatch_are_refused() -> None:
 
 def test_a_vocabulary_vllm_padded_takes_the_trainers_rows_and_nothing_else_does() -> None:
     """vLLM pads the vocabulary to a multiple of 64 rows (1000 -> 1024): the trainer's
-    embedding fits it as its first rows. Fewer rows anywhere else, more rows, or another
-    width are refused."""
+    embedding (50 rows) fits it (64) as its first rows. Padding to anything but the next
+    multiple of 64, fewer rows anywhere else, more rows, or another width are refused."""
     w = _llama(3, layers=1)
     plan = WeightPlan(specs_of(w), vllm_layout(specs_of(w)))
     vllm = {s.name: (s.shape, s.dtype) for s in plan.layout.specs}
     rows, width = vllm["model.embed_tokens.weight"][0]
-    check_vllm_layout(plan.layout, dict(vllm, **{"model.embed_tokens.weight": ((rows + 24, width), "float32")}))
-    for shape in ((rows - 1, width), (rows + 24, width + 1)):
+    assert rows == 50
+    check_vllm_layout(plan.layout, dict(vllm, **{"model.embed_tokens.weight": ((64, width), "float32")}))
+    for shape in ((rows - 1, width), (64, width + 1), (74, width), (128, width), (rows + 1, width)):
         with pytest.raises(LayoutError, match="embed_tokens"):
             check_vllm_layout(plan.layout, dict(vllm, **{"model.embed_tokens.weight": (shape, "float32")}))
     norm = vllm["model.norm.weight"][0]

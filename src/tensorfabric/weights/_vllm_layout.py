@@ -62,21 +62,26 @@ def vllm_layout(source: Sequence[TensorSpec], *, dtype: str | None = None,
 
 
 #: tensors whose rows are the vocabulary, which vLLM pads (``VocabParallelEmbedding``: to a
-#: multiple of 64 rows); the trainer's tensor fills the first rows, vLLM's padding stays as is
+#: multiple of ``VOCAB_PADDING`` rows, vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``); the trainer's
+#: tensor fills the first rows, vLLM's padding stays as is
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+VOCAB_PADDING = 64
 
 
 def vocab_padded(name: str, have: Sequence[int], want: Sequence[int]) -> bool:
-    """True when ``want`` (the trainer's shape) fits ``have`` (vLLM's parameter) as the first
-    rows of a vocabulary tensor that vLLM padded."""
+    """True when ``have`` (vLLM's parameter) is ``want`` (the trainer's shape) with its rows
+    padded the way vLLM pads a vocabulary: up to the next multiple of ``VOCAB_PADDING``. The
+    trainer's rows then fill its first rows. Any other difference in rows is a mismatch."""
+    padded = -(-int(want[0]) // VOCAB_PADDING) * VOCAB_PADDING if want else 0
     return (name.endswith(VOCAB_TENSORS) and len(have) == len(want) >= 1
-            and tuple(have[1:]) == tuple(want[1:]) and 0 < want[0] < have[0])
+            and tuple(have[1:]) == tuple(want[1:]) and 0 < want[0] < have[0] == padded)
 
 
 def check_vllm_layout(layout: Layout, expected: Mapping[str, tuple[Sequence[int], str]]) -> None:
     """Raise ``LayoutError`` unless every tensor of ``layout`` is a parameter the vLLM worker
     reported (``expected``: name -> (shape, dtype), from its model) with the same shape and
-    dtype; a vocabulary tensor (``VOCAB_TENSORS``) may have fewer rows than vLLM's padded one.
+    dtype; a vocabulary tensor (``VOCAB_TENSORS``) may have fewer rows than vLLM's, when vLLM's are
+    its rows padded to a multiple of 64 (``vocab_padded``).
     Parameters the layout does not cover are allowed (their values stay those loaded at
     start); the message lists the first few problems."""
     problems = []
