@@ -28,7 +28,7 @@ from ._client import NAMESPACE
 from ._compile import NodeView
 from ._replica import ReplicaHost
 from ._spec import DeploymentSpec
-from ._verify import measure_node
+from ._verify import measure_link, measure_node
 
 VERIFY_BYTES = 16 * 2**20
 NODE_LOSS_GRACE_S = 20.0  # how long to wait for Ray to declare a failed replica's node dead
@@ -57,8 +57,11 @@ class RayBackend:
     def __init__(self) -> None:
         self._replica_cls: Any = ray.remote(ReplicaHost)
         self._probe = ray.remote(measure_node)
+        self._link_probe = ray.remote(measure_link)
         self._engine: Any = None
         self._engine_lock = threading.Lock()
+        # link probes share the head's ingress: one at a time, so each measures its own link
+        self._link_lock = threading.Lock()
 
     # ----------------------------------------------------------------- nodes
     def nodes(self) -> list[NodeView]:
@@ -168,27 +171,38 @@ class RayBackend:
 
     # ---------------------------------------------------------- verification
     def measure(self, view: NodeView, timeout: float) -> tuple[dict[str, Any], str | None]:
-        """Run the probe on ``view``'s node; (measurements, sha256 of what landed here)."""
+        """Run the probes on ``view``'s node; (measurements, sha256 of what landed here)."""
         import tensorfabric as tf
 
+        deadline = time.monotonic() + timeout
+        left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
+        on_node = {"label_selector": {L.NODE_ID: view.node_id}, "num_cpus": 0, "max_retries": 0}
+        refs: list[Any] = []
+        buf = None
         eng = self._get_engine()
-        buf = eng.alloc(VERIFY_BYTES, access=tf.Access.REMOTE_WRITE)
-        imm = int.from_bytes(os.urandom(4), "little") | 1
-        ref = None
         try:
-            landed = eng.expect(imm, 1, timeout=timeout)
-            t0 = time.monotonic()
-            ref = self._probe.options(
-                label_selector={L.NODE_ID: view.node_id}, num_cpus=0, max_retries=0
-            ).remote(view.labels, buf.descriptor().to_bytes(), VERIFY_BYTES, imm, timeout)
-            measured = ray.get(ref, timeout=timeout)
-            sha = None
-            if "error" not in measured:
-                landed.wait(max(0.1, timeout - (time.monotonic() - t0)))
-                sha = hashlib.sha256(buf.array.tobytes()).hexdigest()
+            refs.append(self._probe.options(**on_node).remote(view.labels))
+            measured = ray.get(refs[-1], timeout=left())
+            if "error" in measured:
+                return measured, None
+            if not self._link_lock.acquire(timeout=left()):
+                raise TimeoutError(f"other nodes' link probes held the head for {timeout:.0f} s")
+            try:
+                buf = eng.alloc(VERIFY_BYTES, access=tf.Access.REMOTE_WRITE)
+                imm = int.from_bytes(os.urandom(4), "little") | 1
+                landed = eng.expect(imm, 1, timeout=left())
+                refs.append(self._link_probe.options(**on_node).remote(
+                    buf.descriptor().to_bytes(), VERIFY_BYTES, imm, left()))
+                measured.update(ray.get(refs[-1], timeout=left()))
+                sha = None
+                if "error" not in measured:
+                    landed.wait(left())
+                    sha = hashlib.sha256(buf.array.tobytes()).hexdigest()
+            finally:
+                self._link_lock.release()
             return measured, sha
         except Exception as exc:  # node died or hung: the caller retries
-            if ref is not None:
+            for ref in refs:
                 try:
                     ray.cancel(ref, force=True)
                 except Exception:
@@ -196,7 +210,8 @@ class RayBackend:
             kind = "timeout" if isinstance(exc, (ray.exceptions.GetTimeoutError, TimeoutError)) else "error"
             return {"error": f"{type(exc).__name__}: {exc}", "kind": kind}, None
         finally:
-            eng.unregister(buf)
+            if buf is not None:
+                eng.unregister(buf)
 
     def _get_engine(self) -> Any:
         with self._engine_lock:
