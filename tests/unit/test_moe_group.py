@@ -150,3 +150,33 @@ def test_bench_moe_cli_runs_a_tiny_point(tmp_path: Path) -> None:
     for key in ("engine_dispatch_p50_us", "gloo_combine_p50_us", "raw_dispatch_p50_us",
                 "glayer_combine_p50_us"):
         assert rows[0][key] > 0, key
+
+
+def test_same_host_ranks_move_tokens_over_shared_memory() -> None:
+    """Two ranks on one host with shm: the token rows (dispatch) and the expert outputs
+    (combine) are copied into the peer's regions, not sent over its tcp links (the receive
+    regions were once write-only, which the shm transport does not map: every byte went over
+    loopback tcp)."""
+    engines = [tf.Engine(SECRET, transports=("shm", "tcp")) for _ in range(2)]
+    try:
+        root = engines[0].address
+        hidden, tokens = 1024, 32  # float32 rows of 4 KiB
+
+        def step(r: int) -> Any:
+            ex = EngineExchange(engines[r], r, 2, root=root if r else None, timeout=20)
+            with ExpertParallel(engines[r], rank=r, world=2, exchange=ex,
+                                **dict(KW, num_experts=2, hidden=hidden, max_tokens=tokens)) as g:
+                x = np.full((tokens, hidden), r + 1, np.float32)
+                ids = np.tile([[1 - r, r]], (tokens, 1))  # every token to both ranks
+                sent = sum(sum(v) for v in engines[r].stats()["links"].values())
+                y = g.combine(g.dispatch(x, ids, np.full((tokens, 2), 0.5)).tokens)
+                return y, sum(sum(v) for v in engines[r].stats()["links"].values()) - sent
+
+        out = in_threads(2, step)
+        assert not any(isinstance(o, BaseException) for o in out), out
+        for r, (y, tcp_bytes) in enumerate(out):
+            assert np.array_equal(y, np.full((tokens, hidden), r + 1, np.float32))
+            assert tcp_bytes < tokens * hidden * 4 // 4, tcp_bytes  # control frames only
+    finally:
+        for e in engines:
+            e.close()

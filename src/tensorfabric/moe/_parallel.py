@@ -105,8 +105,12 @@ class ExpertParallel:
         self._slot_rows = self.slot_bytes // self.row_bytes
         self._answers = max_tokens * topk  # answer rows; one more stays zero (masked slots)
         self._imm = [_IMM_BASE + 4 * group + i for i in range(3)]  # dispatch, combine, probe
-        self._recv = engine.alloc(world * self.slot_bytes + _HDR, access=Access.REMOTE_WRITE)
-        self._comb = engine.alloc((self._answers + 1) * self.row_bytes, access=Access.REMOTE_WRITE)
+        # read-write, so that same-host ranks write them by shm: the shm transport maps a
+        # region whole, so it maps only what a peer may also read (a write-only region goes
+        # over tcp). The descriptors go only to the group's ranks, which run one model on
+        # one batch: reading what other ranks sent this one exposes nothing outside it.
+        self._recv = engine.alloc(world * self.slot_bytes + _HDR, access=Access.READ_WRITE)
+        self._comb = engine.alloc((self._answers + 1) * self.row_bytes, access=Access.READ_WRITE)
         self._recv_rows = np.ndarray((world * self._slot_rows, self.row_bytes), np.uint8,
                                      buffer=self._recv.view, offset=_HDR)
         comb = np.ndarray((self._answers + 1, self.row_bytes), np.uint8, buffer=self._comb.view)
@@ -211,8 +215,7 @@ class ExpertParallel:
             self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)  # headroom
         np.take(self._recv_rows, eplan.gather, axis=0, out=self._xbuf[:R], mode="clip")
         typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
-        bounds = np.concatenate([[0], np.cumsum(eplan.counts)])
-        batches = [typed[int(bounds[e]):int(bounds[e + 1])] for e in range(self.local)]
+        batches = tx.split_rows(typed, eplan.counts, kind)
         self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
         first = self.rank * self.local
         self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,

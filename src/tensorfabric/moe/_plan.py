@@ -6,7 +6,9 @@ Pure numpy, no fabric: the sender's :func:`plan_dispatch` and the receiver's
 A token goes to a rank once, however many of its top-k experts live there (pplx-garden style);
 with it travels a small table saying which local expert each of its k slots picks (-1: another
 rank's). The experts' outputs come back once per (token, slot) pair (DeepEP style), so the
-weighted sum is made where the token lives, in slot order.
+weighted sum is made where the token lives, in slot order. They come back in the experts'
+order (local expert, then token, then slot): a source's rows sit in one run per local expert
+of the batches, so each rank's answer is a handful of contiguous pieces, not a row at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DispatchPlan:
     pairs: np.ndarray        # per destination rank: (token, slot) pairs it answers
     base: np.ndarray         # per destination rank: first answer row in our combine region
     pos: np.ndarray          # [T, K] int64: answer row of each (token, slot); masked -> zero row
+    # (a rank's answers start at its base, in (local expert, token, slot) order)
 
 
 def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> DispatchPlan:
@@ -42,7 +45,9 @@ def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> Dis
         m = np.where(hit[t_d], ids[t_d] - d * local, -1).astype(np.int16)
         meta.append(np.ascontiguousarray(m))
     flat = rank_of.ravel()
-    order = np.argsort(flat, kind="stable")
+    # answer rows by rank, then local expert; (token, slot) order within (a stable sort)
+    key = np.where(ids >= 0, ids, world * local).ravel()  # rank * local + local expert
+    order = np.argsort(key, kind="stable")
     pairs = np.bincount(flat, minlength=world + 1)[:world]
     base = np.zeros(world, np.int64)
     np.cumsum(pairs[:-1], out=base[1:])
@@ -66,6 +71,8 @@ def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertP
 
     ``metas[s]`` is source ``s``'s [n, K] table; batch rows are ordered by expert, then source,
     then token, then slot, so a batch lists its tokens in the global (rank, token) order.
+    ``replies[s]`` lists source ``s``'s batch rows in ascending order, which is the order
+    ``plan_dispatch`` expects its answers in (local expert, token, slot).
     """
     experts, src_rows, per_source = [], [], []
     for s, m in enumerate(metas):
@@ -83,7 +90,7 @@ def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertP
     inv = np.empty(len(order), np.int64)
     inv[order] = np.arange(len(order))
     bounds = np.concatenate([[0], np.cumsum(per_source)])
-    replies = [inv[bounds[s]:bounds[s + 1]] for s in range(len(metas))]
+    replies = [np.sort(inv[bounds[s]:bounds[s + 1]]) for s in range(len(metas))]
     return ExpertPlan(r_all[order], np.bincount(e_all, minlength=local).astype(np.int64),
                       replies)
 

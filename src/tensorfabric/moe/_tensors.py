@@ -96,6 +96,14 @@ def wrap(arr: np.ndarray, kind: Kind) -> Any:
     return t.view(torch.bfloat16) if kind.dtype == "bfloat16" else t
 
 
+def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
+    """``x`` cut into consecutive views of ``counts[i]`` rows (torch: one ``split`` call,
+    about ten times cheaper than slicing a tensor per expert)."""
+    if kind.torch:
+        return list(x.split(counts.tolist()))
+    return np.split(x, np.cumsum(counts[:-1]))
+
+
 def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: Kind) -> Any:
     """sum over k of ``weights[:, k] * table[pos[:, k]]``, accumulated in float32.
 
