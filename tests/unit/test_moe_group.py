@@ -78,8 +78,7 @@ def test_engine_exchange_and_mismatched_ranks() -> None:
         ys = in_threads(3, lambda r: groups[r].combine(
             groups[r].dispatch(x, np.array([[5, 0], [2, -1]]), np.ones((2, 2))).tokens))
         assert all(np.array_equal(y, [[2] * 8, [1] * 8]) for y in ys), ys
-        for g in groups:
-            g.close()
+        in_threads(3, lambda r: groups[r].close())  # collective, like a step
         bad = in_threads(3, lambda r: build(r, hidden=16 if r == 2 else 8))
         assert all(isinstance(b, tf.ConfigError) and "same" in str(b) for b in bad), bad
     finally:
@@ -152,11 +151,13 @@ def test_bench_moe_cli_runs_a_tiny_point(tmp_path: Path) -> None:
         assert rows[0][key] > 0, key
 
 
-def test_same_host_ranks_move_tokens_over_shared_memory() -> None:
+def test_same_host_ranks_move_tokens_over_shared_memory(caplog: pytest.LogCaptureFixture) -> None:
     """Two ranks on one host with shm: the token rows (dispatch) and the expert outputs
     (combine) are copied into the peer's regions, not sent over its tcp links (the receive
     regions were once write-only, which the shm transport does not map: every byte went over
-    loopback tcp)."""
+    loopback tcp). Each rank closes its engine as soon as its group is closed: close is
+    collective, so no rank is left waiting for a closed peer to confirm it dropped the
+    mapping of a region (which logged a warning and held close 5 s)."""
     engines = [tf.Engine(SECRET, transports=("shm", "tcp")) for _ in range(2)]
     try:
         root = engines[0].address
@@ -170,9 +171,13 @@ def test_same_host_ranks_move_tokens_over_shared_memory() -> None:
                 ids = np.tile([[1 - r, r]], (tokens, 1))  # every token to both ranks
                 sent = sum(sum(v) for v in engines[r].stats()["links"].values())
                 y = g.combine(g.dispatch(x, ids, np.full((tokens, 2), 0.5)).tokens)
-                return y, sum(sum(v) for v in engines[r].stats()["links"].values()) - sent
+                out = y, sum(sum(v) for v in engines[r].stats()["links"].values()) - sent
+            engines[r].close()
+            return out
 
-        out = in_threads(2, step)
+        with caplog.at_level("WARNING", logger="tensorfabric"):
+            out = in_threads(2, step)
+        assert not [r.message for r in caplog.records if "did not confirm" in r.message]
         assert not any(isinstance(o, BaseException) for o in out), out
         for r, (y, tcp_bytes) in enumerate(out):
             assert np.array_equal(y, np.full((tokens, hidden), r + 1, np.float32))

@@ -23,6 +23,7 @@ from ._plan import DispatchPlan, ExpertPlan, check_ids, plan_dispatch, plan_expe
 _HDR = 64  # bytes before a dispatch message's rows: step, rows, answer base, pairs
 _ALIGN = 64
 _IMM_BASE = 0x4D6F4500_00000000  # "MoE\0" in the high bytes; + 4 * group + phase
+_CLOSE_WAIT_S = 5.0  # how long close waits for the other ranks to release their regions
 
 
 def _up(n: int, m: int) -> int:
@@ -104,7 +105,7 @@ class ExpertParallel:
         self.slot_bytes = _up(_HDR + max_tokens * (self.row_bytes + 2 * topk), self.row_bytes)
         self._slot_rows = self.slot_bytes // self.row_bytes
         self._answers = max_tokens * topk  # answer rows; one more stays zero (masked slots)
-        self._imm = [_IMM_BASE + 4 * group + i for i in range(3)]  # dispatch, combine, probe
+        self._imm = [_IMM_BASE + 4 * group + i for i in range(4)]  # dispatch, combine, probe, close
         # read-write, so that same-host ranks write them by shm: the shm transport maps a
         # region whole, so it maps only what a peer may also read (a write-only region goes
         # over tcp). The descriptors go only to the group's ranks, which run one model on
@@ -401,13 +402,27 @@ class ExpertParallel:
             raise ConfigError("combine called without a dispatch")
 
     def close(self) -> None:
-        """Release the receive regions (the engine stays open)."""
+        """Release the receive regions (the engine stays open).
+
+        Collective, like a step: call it on every rank. Releasing a region that same-host
+        ranks mapped waits for them to confirm they dropped it, which their engines answer;
+        so a healthy group's ``close`` returns once every rank has released its regions (or
+        after 5 s), and no rank closes its engine while another still waits on it. A broken
+        group's ranks do not wait for each other."""
         if self._closed:
             return
         self._closed = True
+        if self.engine.closed:
+            return
         for region in (self._recv, self._comb):
-            if not self.engine.closed:
-                self.engine.unregister(region)
+            self.engine.unregister(region)
+        if self._broken is not None or self.world == 1 or not hasattr(self, "_others"):
+            return
+        wait = min(self.timeout, _CLOSE_WAIT_S)
+        with contextlib.suppress(TensorFabricError):
+            released = self.engine.expect(self._imm[3], self.world - 1, timeout=wait)
+            self.engine.barrier(self._others, self._imm[3], timeout=wait).wait(wait)
+            released.wait(wait)
 
     def __enter__(self) -> ExpertParallel:
         return self
