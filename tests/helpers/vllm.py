@@ -118,7 +118,12 @@ def edge_filled(url: str, *, requests: int, running: int, queued: int, max_token
             if tier_gauge(text, "tensorfabric_tier_batch_size", "edge") >= running and \
                     tier_gauge(text, "tensorfabric_tier_queue_depth", "edge") >= queued:
                 break
-            assert not any(f.done() for f in busy), "an edge request finished before the edge filled up"
+            done = [f for f in busy if f.done()]
+            if done:
+                exc = done[0].exception()
+                pytest.fail(f"an edge request finished before the edge had {running} running and "
+                            f"{queued} queued ({f'it failed: {exc!r}' if exc else 'it was answered'}; "
+                            f"max_tokens={max_tokens} was too short for this machine's load)")
             if time.monotonic() > deadline:
                 pytest.fail(f"the edge never had {running} request(s) running and {queued} queued")
             time.sleep(0.1)
