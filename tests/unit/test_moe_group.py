@@ -159,6 +159,10 @@ def test_same_host_ranks_move_tokens_over_shared_memory(caplog: pytest.LogCaptur
     collective, so no rank is left waiting for a closed peer to confirm it dropped the
     mapping of a region (which logged a warning and held close 5 s)."""
     engines = [tf.Engine(SECRET, transports=("shm", "tcp")) for _ in range(2)]
+
+    def tcp_sent(eng: tf.Engine) -> int:  # bytes sent over every tcp link to every peer
+        return sum(sum(v) for v in eng.stats()["links"].values())
+
     try:
         root = engines[0].address
         hidden, tokens = 1024, 32  # float32 rows of 4 KiB
@@ -169,9 +173,9 @@ def test_same_host_ranks_move_tokens_over_shared_memory(caplog: pytest.LogCaptur
                                 **dict(KW, num_experts=2, hidden=hidden, max_tokens=tokens)) as g:
                 x = np.full((tokens, hidden), r + 1, np.float32)
                 ids = np.tile([[1 - r, r]], (tokens, 1))  # every token to both ranks
-                sent = sum(sum(v) for v in engines[r].stats()["links"].values())
+                sent = tcp_sent(engines[r])
                 y = g.combine(g.dispatch(x, ids, np.full((tokens, 2), 0.5)).tokens)
-                out = y, sum(sum(v) for v in engines[r].stats()["links"].values()) - sent
+                out = y, tcp_sent(engines[r]) - sent
             engines[r].close()
             return out
 
