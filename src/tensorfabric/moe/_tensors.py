@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _compiled
 from .._errors import ConfigError
 
 #: dtype names accepted by ExpertParallel, with their size in bytes
@@ -104,16 +105,24 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
     return np.split(x, np.cumsum(counts[:-1]))
 
 
+_NATIVE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
 def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: Kind) -> Any:
     """sum over k of ``weights[:, k] * table[pos[:, k]]``, accumulated in float32.
 
     ``table`` is [R, H] in the element dtype (bfloat16 as int16 bits), ``pos`` [T, K] row
-    indices into it (trusted: made by ``plan_dispatch``); the result is [T, H] in the caller's
-    type and dtype. float32 adds one product per slot in k order (a multiply, then an add, no
-    fused multiply-add), so it equals a reference layer that accumulates the same way bit for
-    bit; float16 and bfloat16 rows are widened to float32 and summed by one batched matmul
-    over the slots, then rounded once. Rows are gathered a few tokens at a time into scratch.
+    indices into it (made by ``plan_dispatch``); the result is [T, H] in the caller's type and
+    dtype. From zero, each slot's product is rounded to float32, then added in k order (a
+    multiply, then an add, no fused multiply-add), so float32 equals a reference layer that
+    accumulates the same way bit for bit; float16 and bfloat16 rows are widened to float32,
+    summed the same way and rounded once (to nearest even). The compiled kernel (``tensorfabric._native``)
+    does it in one pass over the rows; without it, numpy gathers a few tokens at a time into
+    scratch.
     """
+    nat = _compiled.native
+    if nat is not None and (kind.dtype != "float16" or nat.HAVE_FLOAT16):
+        return _weighted_sum_native(nat, table, pos, weights, kind)
     T, K = pos.shape
     H = table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
@@ -125,27 +134,43 @@ def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: 
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         g = np.take(table, pos[t0:t1], axis=0, out=scratch[:t1 - t0], mode="clip")
-        if kind.dtype == "float32":
-            _accumulate_in_order(acc[t0:t1], g, w32[t0:t1])
-            continue
-        f = wide[:t1 - t0]
+        f = g if kind.dtype == "float32" else wide[:t1 - t0]
         if kind.dtype == "bfloat16":  # bfloat16 is the top half of a float32
             np.left_shift(g.view(np.uint16), 16, out=f.view(np.uint32), dtype=np.uint32)
-        else:
+        elif kind.dtype == "float16":
             np.copyto(f, g, casting="unsafe")
-        np.matmul(w32[t0:t1, None, :], f, out=acc[t0:t1, None, :])
+        _accumulate_in_order(acc[t0:t1], f, w32[t0:t1])
     torch = _torch() if kind.torch else None
     if torch is not None:
         out = torch.from_numpy(acc)
         return out if kind.dtype == "float32" else out.to(getattr(torch, kind.dtype))
-    return acc if kind.dtype == "float32" else acc.astype(kind.dtype)
+    if kind.dtype == "float32":
+        return acc
+    with np.errstate(over="ignore"):
+        return acc.astype(kind.dtype)
+
+
+def _weighted_sum_native(nat: Any, table: np.ndarray, pos: np.ndarray, weights: np.ndarray,
+                         kind: Kind) -> Any:
+    T, H = pos.shape[0], table.shape[1]
+    w32 = np.ascontiguousarray(weights, dtype=np.float32)
+    pos64 = np.ascontiguousarray(pos, dtype=np.int64)
+    torch = _torch() if kind.torch else None
+    if torch is not None:
+        out = torch.empty((T, H), dtype=getattr(torch, kind.dtype))
+        view = (out.view(torch.int16) if kind.dtype == "bfloat16" else out).numpy()
+    else:
+        out = view = np.empty((T, H), kind.dtype)
+    nat.weighted_sum(table, pos64, w32, view, H, _NATIVE_CODES[kind.dtype])
+    return out
 
 
 def _accumulate_in_order(acc: np.ndarray, g: np.ndarray, w: np.ndarray) -> None:
+    """acc = 0, then + w[:, k] * g[:, k] for each k in order (0 + ...: -0.0 sums to +0.0, as
+    in a layer that starts from zeros)."""
+    acc[...] = 0
     term = np.empty(acc.shape, np.float32)
-    for k in range(g.shape[1]):
-        np.multiply(w[:, k, None], g[:, k], out=term)
-        if k:
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as torch gives them
+        for k in range(g.shape[1]):
+            np.multiply(w[:, k, None], g[:, k], out=term)
             acc += term
-        else:
-            acc[...] = term
