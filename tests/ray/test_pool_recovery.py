@@ -146,6 +146,30 @@ def test_node_failing_a_recheck_is_drained_and_its_replica_moves(ap):
     pool.down("drain")
 
 
+def test_a_hung_link_probe_holds_the_head_for_a_quarter_of_its_attempt(ap, tmp_path: Path):
+    """A node whose link probe hangs in its turn at the head (hung, or hostile) holds the other
+    nodes' link probes for at most a quarter of its attempt's timeout: a node verified
+    meanwhile gets its turn and passes. (Before the cap it waited the hung node's whole
+    attempt, 240 s here, and failed its own 150 s one.)"""
+    pool, ids = ap["pool"], ap["ids"]
+    marker = tmp_path / "hung"
+    ap["faults"].write_text(json.dumps(
+        {ids["ap-c"]: {"link_hang_s": 900, "link_hang_marker": str(marker)}}))
+    hung: dict = {}
+    th = threading.Thread(target=lambda: hung.update(pool.verify(ids["ap-c"], timeout=240, attempts=1)))
+    try:
+        th.start()
+        wait_until(marker.exists, 200, "the hung node's link probe took its turn")
+        rec = pool.verify(ids["ap-b"], timeout=150, attempts=1)
+        assert rec["verified"], rec  # its turn came at most 60 s (240 / 4) later
+        th.join(240)
+    finally:
+        ap["faults"].write_text("{}")
+    assert not th.is_alive()
+    assert not hung["verified"] and "Timeout" in hung["reason"], hung
+    assert pool.verify(ids["ap-c"])["verified"]  # healthy again: back in service
+
+
 def test_node_dying_while_a_replica_starts_is_replaced_in_the_same_deploy(ap, tmp_path: Path):
     pool, ids = ap["pool"], ap["ids"]
     names = {v: k for k, v in ids.items()}

@@ -28,9 +28,13 @@ from ._client import NAMESPACE
 from ._compile import NodeView
 from ._replica import ReplicaHost
 from ._spec import DeploymentSpec
-from ._verify import measure_link, measure_node
+from ._verify import NodeProbe
 
 VERIFY_BYTES = 16 * 2**20
+# A node's turn at the head's link lasts at most this share of its attempt's timeout (four
+# writes of VERIFY_BYTES: ~1 s at 100 MB/s): a hung or hostile node cannot hold the others'
+# link probes for its whole attempt.
+LINK_TURN_SHARE = 0.25
 NODE_LOSS_GRACE_S = 20.0  # how long to wait for Ray to declare a failed replica's node dead
 
 
@@ -56,8 +60,7 @@ class RayBackend:
 
     def __init__(self) -> None:
         self._replica_cls: Any = ray.remote(ReplicaHost)
-        self._probe = ray.remote(measure_node)
-        self._link_probe = ray.remote(measure_link)
+        self._probe_cls: Any = ray.remote(NodeProbe)
         self._engine: Any = None
         self._engine_lock = threading.Lock()
         # link probes share the head's ingress: one at a time, so each measures its own link
@@ -171,47 +174,52 @@ class RayBackend:
 
     # ---------------------------------------------------------- verification
     def measure(self, view: NodeView, timeout: float) -> tuple[dict[str, Any], str | None]:
-        """Run the probes on ``view``'s node; (measurements, sha256 of what landed here)."""
+        """Run the probes on ``view``'s node; (measurements, sha256 of what landed here).
+
+        A :class:`NodeProbe` actor on the node measures it and readies its link probe (the
+        slow part on a busy node: the actor's start, its imports, its connection); only then
+        does it wait for the head's link (one node at a time) and write, for at most
+        ``LINK_TURN_SHARE`` of ``timeout``."""
         import tensorfabric as tf
 
         deadline = time.monotonic() + timeout
         left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
-        on_node = {"label_selector": {L.NODE_ID: view.node_id}, "num_cpus": 0, "max_retries": 0}
-        refs: list[Any] = []
         buf = None
         eng = self._get_engine()
+        probe = self._probe_cls.options(
+            label_selector={L.NODE_ID: view.node_id}, num_cpus=0, max_restarts=0,
+            max_task_retries=0).remote()
         try:
-            refs.append(self._probe.options(**on_node).remote(view.labels))
-            measured = ray.get(refs[-1], timeout=left())
+            measured = ray.get(probe.node.remote(view.labels, eng.address,
+                                                 VERIFY_BYTES, timeout), timeout=left())
             if "error" in measured:
                 return measured, None
             if not self._link_lock.acquire(timeout=left()):
                 raise TimeoutError(f"other nodes' link probes held the head for {timeout:.0f} s")
             try:
+                turn = min(left(), max(1.0, timeout * LINK_TURN_SHARE))
                 buf = eng.alloc(VERIFY_BYTES, access=tf.Access.REMOTE_WRITE)
                 imm = int.from_bytes(os.urandom(4), "little") | 1
-                landed = eng.expect(imm, 1, timeout=left())
-                refs.append(self._link_probe.options(**on_node).remote(
-                    buf.descriptor().to_bytes(), VERIFY_BYTES, imm, left()))
-                measured.update(ray.get(refs[-1], timeout=left()))
+                landed = eng.expect(imm, 1, timeout=turn)
+                measured.update(ray.get(probe.link.remote(buf.descriptor().to_bytes(), imm, turn),
+                                        timeout=turn))
                 sha = None
                 if "error" not in measured:
-                    landed.wait(left())
+                    landed.wait(turn)
                     sha = hashlib.sha256(buf.array.tobytes()).hexdigest()
             finally:
+                if buf is not None:  # before the next node's turn: nothing more lands here
+                    eng.unregister(buf)
                 self._link_lock.release()
             return measured, sha
         except Exception as exc:  # node died or hung: the caller retries
-            for ref in refs:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
             kind = "timeout" if isinstance(exc, (ray.exceptions.GetTimeoutError, TimeoutError)) else "error"
             return {"error": f"{type(exc).__name__}: {exc}", "kind": kind}, None
         finally:
-            if buf is not None:
-                eng.unregister(buf)
+            try:
+                ray.kill(probe, no_restart=True)  # a hung probe too
+            except Exception:
+                pass
 
     def _get_engine(self) -> Any:
         with self._engine_lock:

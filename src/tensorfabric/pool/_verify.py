@@ -1,13 +1,16 @@
 """Node verification: measure what a node claims before it takes work.
 
-The controller (on the head) runs two Ray tasks pinned to the node (``ray.io/node-id``).
-:func:`measure_node` measures device memory (and touches a slice of it) and runs a matmul
-benchmark; then :func:`measure_link` writes a random payload into a buffer the head registered
-with its tensorfabric engine. Link probes run one at a time at the head (its ingress is shared:
-six nodes writing at once would each measure a sixth of it), and each times its best of
-``LINK_ROUNDS`` writes after a warm-up write of the full size (the first write of a fresh
-connection runs at a third to a half of the link's rate). The controller checks the payload's
-hash on arrival and compares the figures with the node's labels (:func:`judge`).
+The controller (on the head) starts a :class:`NodeProbe` actor pinned to the node
+(``ray.io/node-id``). Its :meth:`~NodeProbe.node` measures device memory (and touches a slice
+of it), runs a matmul benchmark and gets the link probe ready (a tensorfabric engine connected
+to the head's, a random payload); then :meth:`~NodeProbe.link` writes the payload into a
+buffer the head registered with its engine. Link probes run one at a time at the head (its
+ingress is shared: six nodes writing at once would each measure a sixth of it), and the head
+holds its turn only for the writes: everything slow on a busy node (the actor's start, its
+imports, the connection) happens before. Each times its best of ``LINK_ROUNDS`` writes after
+a warm-up write of the full size (the first write of a fresh connection runs at a third to a
+half of the link's rate). The controller checks the payload's hash on arrival and compares
+the figures with the node's labels (:func:`judge`).
 """
 
 from __future__ import annotations
@@ -75,26 +78,22 @@ def _measure_compute(seconds: float = 0.2) -> float:
 LINK_ROUNDS = 3  # timed writes of the payload after the warm-up; the best one counts
 
 
-def _measure_transfer(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) -> dict[str, Any]:
-    import numpy as np
-
+def _measure_transfer(eng: Any, payload: Any, desc_bytes: bytes, imm: int,
+                      timeout: float) -> dict[str, Any]:
     import tensorfabric as tf
-    import ray
 
-    payload = np.random.default_rng().integers(0, 256, nbytes, dtype=np.uint8)
     desc = tf.RegionDescriptor.from_bytes(desc_bytes)
-    host = ray.util.get_node_ip_address()
+    nbytes = payload.nbytes
     deadline = time.monotonic() + timeout
     best, started = 0.0, time.time()
-    with tf.Engine(host=host, port=0, timeout=timeout, name="pool-verify") as eng:
-        # a warm-up write (connect, open every link, grow the windows), then the timed ones;
-        # only the last carries the immediate: the head hashes what landed after it
-        for i in range(LINK_ROUNDS + 1):
-            t0 = time.perf_counter()
-            eng.write(payload, desc, imm=imm if i == LINK_ROUNDS else None).wait(
-                max(0.1, deadline - time.monotonic()))
-            if i:
-                best = max(best, nbytes / (time.perf_counter() - t0) / 1e6)
+    # a warm-up write (opens every link, grows the windows), then the timed ones; only the
+    # last carries the immediate: the head hashes what landed after it
+    for i in range(LINK_ROUNDS + 1):
+        t0 = time.perf_counter()
+        eng.write(payload, desc, imm=imm if i == LINK_ROUNDS else None).wait(
+            max(0.1, deadline - time.monotonic()))
+        if i:
+            best = max(best, nbytes / (time.perf_counter() - t0) / 1e6)
     return {"transfer_mb_s": best, "link_window": [started, time.time()],
             "sha256": hashlib.sha256(payload.tobytes()).hexdigest()}
 
@@ -102,15 +101,14 @@ def _measure_transfer(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) 
 FAULTS_ENV = "TENSORFABRIC_POOL_FAULTS"
 
 
-def _inject_faults(out: dict[str, Any]) -> None:
+def _node_faults() -> dict[str, Any]:
     """Fault injection for tests: ``TENSORFABRIC_POOL_FAULTS`` names a JSON file mapping a
-    Ray node id to measurements to lower, e.g. ``{"<node id>": {"memory_gb": 1.0}}`` (a GPU
-    that lost memory). Faults can only make a node look worse, never better."""
+    Ray node id to this node's faults. Faults can only make a node look worse, never better."""
     import json
 
     path = os.environ.get(FAULTS_ENV)
     if not path:
-        return
+        return {}
     try:
         import ray
 
@@ -118,10 +116,29 @@ def _inject_faults(out: dict[str, Any]) -> None:
         with open(path) as f:
             faults = json.load(f).get(node, {})
     except (OSError, ValueError, AttributeError):
-        return
+        return {}
+    return faults if isinstance(faults, dict) else {}
+
+
+def _inject_faults(out: dict[str, Any]) -> None:
+    """Measurements to lower, e.g. ``{"<node id>": {"memory_gb": 1.0}}`` (a GPU that lost
+    memory)."""
+    faults = _node_faults()
     for key in ("memory_gb", "gflops", "transfer_mb_s"):
         if key in faults and key in out:
             out[key] = min(out[key], float(faults[key]))
+
+
+def _hang_if_told() -> None:
+    """A link probe that hangs in its turn (a hung or hostile node): ``{"<node id>":
+    {"link_hang_s": 600, "link_hang_marker": "/path"}}`` touches the marker, then sleeps."""
+    faults = _node_faults()
+    if "link_hang_s" in faults:
+        marker = faults.get("link_hang_marker")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(str(time.time()))
+        time.sleep(float(faults["link_hang_s"]))
 
 
 def _load_per_cpu() -> float:
@@ -138,7 +155,7 @@ MAX_LOAD_RELIEF = 8.0
 
 
 def measure_node(labels: dict[str, str]) -> dict[str, Any]:
-    """Runs on the node being verified: memory and compute. Returns the raw measurements (no
+    """Memory and compute of the node this runs on. Returns the raw measurements (no
     verdict)."""
     claims = NodeClaims.from_labels(labels)
     if claims is None:
@@ -153,17 +170,54 @@ def measure_node(labels: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def measure_link(desc_bytes: bytes, nbytes: int, imm: int, timeout: float) -> dict[str, Any]:
-    """Runs on the node being verified, one node at a time: the link into the head's buffer
-    (``desc_bytes``), and the node's load per CPU while it ran."""
-    out: dict[str, Any] = {}
-    try:
-        out.update(_measure_transfer(desc_bytes, nbytes, imm, timeout))
-        out["load_per_cpu"] = _load_per_cpu()
-        _inject_faults(out)
-    except Exception as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    return out
+class NodeProbe:
+    """A Ray actor on the node being verified (the controller starts one per attempt and
+    kills it after): :meth:`node`, then, when the head gives this node its turn, :meth:`link`."""
+
+    def __init__(self) -> None:
+        self._eng: Any = None
+        self._payload: Any = None
+
+    def node(self, labels: dict[str, str], head: bytes, nbytes: int,
+             timeout: float) -> dict[str, Any]:
+        """Memory and compute (:func:`measure_node`), then the link probe made ready: an
+        engine connected to the head's (``head``: its address bytes) and ``nbytes`` of
+        random payload."""
+        out = measure_node(labels)
+        if "error" in out:
+            return out
+        try:
+            import numpy as np
+
+            import tensorfabric as tf
+
+            self._payload = np.random.default_rng().integers(0, 256, nbytes, dtype=np.uint8)
+            host = __import__("ray").util.get_node_ip_address()
+            self._eng = tf.Engine(host=host, port=0, timeout=timeout, name="pool-verify")
+            self._eng.connect(head, timeout=timeout)
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def link(self, desc_bytes: bytes, imm: int, timeout: float) -> dict[str, Any]:
+        """The link into the head's buffer (``desc_bytes``), and the node's load per CPU
+        while it ran."""
+        out: dict[str, Any] = {}
+        try:
+            if self._eng is None:
+                raise RuntimeError("the link probe was not made ready (call node() first)")
+            _hang_if_told()
+            out.update(_measure_transfer(self._eng, self._payload, desc_bytes, imm, timeout))
+            out["load_per_cpu"] = _load_per_cpu()
+            _inject_faults(out)
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def close(self) -> None:
+        if self._eng is not None:
+            self._eng.close()
+            self._eng = None
 
 
 def judge(claims: NodeClaims, measured: dict[str, Any], landed_sha256: str | None) -> tuple[bool, str]:
