@@ -5,6 +5,7 @@ tests run both paths that way)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -13,10 +14,9 @@ def _load() -> ModuleType | None:
     if os.environ.get("TENSORFABRIC_NATIVE", "1").strip() == "0":
         return None
     try:
-        from . import _native
+        return importlib.import_module("tensorfabric._native")
     except ImportError:
         return None
-    return _native
 
 
 #: the kernels module, or None (not built, or turned off); tests may set it to None
