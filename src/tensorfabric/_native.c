@@ -7,9 +7,10 @@
  * -ffp-contract=off so that no multiply-add is fused) and for the halves (the same float32 sum, rounded once to
  * nearest even).
  *
- * weighted_sum(table, pos, weights, out, hidden, dtype)
+ * weighted_sum(table, pos, weights, out, hidden, dtype[, table2])
  *   table   [R, hidden] rows of dtype (bfloat16 as its 16 bits), any buffer
- *   pos     [T, K] int64 row indices into table (each checked: 0 <= pos < R)
+ *   table2  [R2, hidden] more rows (optional): row R + i is table2's row i
+ *   pos     [T, K] int64 row indices into table then table2 (each checked: 0 <= pos < R + R2)
  *   weights [T, K] float32
  *   out     [T, hidden] of dtype, writable
  *   dtype   0 float32, 1 float16, 2 bfloat16
@@ -71,7 +72,8 @@ static void acc_f16(float *acc, const _Float16 *row, float w, Py_ssize_t H) {
 #endif
 
 /* returns -1 when every pos was in range, else the flat index of the first bad one */
-static Py_ssize_t weighted_sum_loop(const char *table, Py_ssize_t R, const int64_t *pos,
+static Py_ssize_t weighted_sum_loop(const char *table, Py_ssize_t R, const char *table2,
+                                    Py_ssize_t R2, const int64_t *pos,
                                     const float *w, char *out, Py_ssize_t T, Py_ssize_t K,
                                     Py_ssize_t H, int dtype, float *acc) {
     size_t esize = dtype == F32 ? 4 : 2;
@@ -79,8 +81,9 @@ static Py_ssize_t weighted_sum_loop(const char *table, Py_ssize_t R, const int64
         memset(acc, 0, (size_t)H * sizeof(float));  /* 0 + ...: -0.0 sums to +0.0 */
         for (Py_ssize_t k = 0; k < K; k++) {
             int64_t p = pos[t * K + k];
-            if (p < 0 || p >= R) return t * K + k;
-            const char *row = table + (size_t)p * (size_t)H * esize;
+            if (p < 0 || p >= R + R2) return t * K + k;
+            const char *row = p < R ? table + (size_t)p * (size_t)H * esize
+                                    : table2 + (size_t)(p - R) * (size_t)H * esize;
             float wk = w[t * K + k];
             if (dtype == F32)
                 acc_f32(acc, (const float *)row, wk, H);
@@ -109,10 +112,11 @@ static Py_ssize_t weighted_sum_loop(const char *table, Py_ssize_t R, const int64
 }
 
 static PyObject *weighted_sum(PyObject *self, PyObject *args) {
-    PyObject *o_table, *o_pos, *o_w, *o_out;
+    PyObject *o_table, *o_pos, *o_w, *o_out, *o_table2 = Py_None;
     Py_ssize_t H;
     int dtype;
-    if (!PyArg_ParseTuple(args, "OOOOni", &o_table, &o_pos, &o_w, &o_out, &H, &dtype))
+    if (!PyArg_ParseTuple(args, "OOOOni|O", &o_table, &o_pos, &o_w, &o_out, &H, &dtype,
+                          &o_table2))
         return NULL;
     if (dtype != F32 && dtype != BF16 && !(dtype == F16 && HAVE_F16)) {
         PyErr_Format(PyExc_ValueError, "dtype code %d is not supported by this build", dtype);
@@ -122,21 +126,23 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "hidden must be >= 1");
         return NULL;
     }
-    Py_buffer tb = {0}, pb = {0}, wb = {0}, ob = {0};
+    Py_buffer tb = {0}, pb = {0}, wb = {0}, ob = {0}, t2b = {0};
     PyObject *ret = NULL;
     float *acc = NULL;
     if (PyObject_GetBuffer(o_table, &tb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(o_pos, &pb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(o_w, &wb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(o_out, &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (o_table2 != Py_None && PyObject_GetBuffer(o_table2, &t2b, PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
     Py_ssize_t esize = dtype == F32 ? 4 : 2;
     Py_ssize_t row = H * esize;
-    if (pb.len % 8 || wb.len != pb.len / 2 || ob.len % row || tb.len % row) {
+    if (pb.len % 8 || wb.len != pb.len / 2 || ob.len % row || tb.len % row || t2b.len % row) {
         PyErr_SetString(PyExc_ValueError, "weighted_sum: buffer sizes do not fit "
                         "(pos int64 [T, K], weights float32 [T, K], table and out rows)");
         goto done;
     }
-    Py_ssize_t T = ob.len / row, R = tb.len / row;
+    Py_ssize_t T = ob.len / row, R = tb.len / row, R2 = t2b.len / row;
     Py_ssize_t TK = pb.len / 8;
     if (T == 0 ? TK != 0 : TK % T) {
         PyErr_SetString(PyExc_ValueError, "weighted_sum: pos does not have one row per token");
@@ -150,12 +156,13 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     }
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
-    bad = weighted_sum_loop((const char *)tb.buf, R, (const int64_t *)pb.buf,
+    bad = weighted_sum_loop((const char *)tb.buf, R, (const char *)t2b.buf, R2,
+                            (const int64_t *)pb.buf,
                             (const float *)wb.buf, (char *)ob.buf, T, K, H, dtype, acc);
     Py_END_ALLOW_THREADS
     if (bad >= 0) {
         PyErr_Format(PyExc_IndexError, "weighted_sum: pos[%zd] = %lld is outside the table's "
-                     "%zd rows", bad, (long long)((const int64_t *)pb.buf)[bad], R);
+                     "%zd rows", bad, (long long)((const int64_t *)pb.buf)[bad], R + R2);
         goto done;
     }
     ret = Py_None;
@@ -166,13 +173,15 @@ done:
     if (pb.obj) PyBuffer_Release(&pb);
     if (wb.obj) PyBuffer_Release(&wb);
     if (ob.obj) PyBuffer_Release(&ob);
+    if (t2b.obj) PyBuffer_Release(&t2b);
     return ret;
 }
 
 static PyMethodDef methods[] = {
     {"weighted_sum", weighted_sum, METH_VARARGS,
-     "weighted_sum(table, pos, weights, out, hidden, dtype): out[t] = sum_k weights[t, k] * "
-     "table[pos[t, k]] in float32, rounded once (dtype 0 float32, 1 float16, 2 bfloat16)."},
+     "weighted_sum(table, pos, weights, out, hidden, dtype[, table2]): out[t] = sum_k "
+     "weights[t, k] * rows[pos[t, k]] in float32, rounded once (rows: table's, then table2's; "
+     "dtype 0 float32, 1 float16, 2 bfloat16)."},
     {NULL, NULL, 0, NULL},
 };
 

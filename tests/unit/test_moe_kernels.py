@@ -102,3 +102,27 @@ def test_the_kernels_are_built_where_a_compiler_is() -> None:
         pytest.skip("TENSORFABRIC_NATIVE=0 turns the kernels off")
     assert NATIVE is not None, ("tensorfabric._native is missing although a C compiler is "
                                 "here: reinstall with `pip install -e .`")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_aliased_rows_are_read_where_they_are(path: str, dtype: str) -> None:
+    """``alias=(base, src, idx)``: rows base.. of the table stand for src[idx] (a rank's own
+    answers, never copied into its combine region by the kernel): the same sum as copying
+    them there first."""
+    rng = np.random.default_rng(5)
+    T, K, H, R, base, n = 40, 4, 24, 60, 17, 20
+    tdt = getattr(torch, dtype)
+    table = torch.from_numpy(rng.standard_normal((R + 1, H)).astype(np.float32)).to(tdt)
+    table[R] = 0
+    src = torch.from_numpy(rng.standard_normal((33, H)).astype(np.float32)).to(tdt)
+    idx = rng.permutation(33)[:n].astype(np.int64)
+    pos = rng.integers(0, R + 1, (T, K)).astype(np.int64)
+    pos[:, 0] = base + np.arange(T) % n  # every token reads an aliased row or more
+    w = rng.standard_normal((T, K)).astype(np.float32)
+    raw = lambda t: (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()  # noqa: E731
+    want_table = table.clone()
+    want_table[base:base + n] = src[torch.from_numpy(idx)]
+    table[base:base + n] = 7  # what the region held before: must not be read
+    src_bytes = raw(src).view(np.uint8).reshape(33, -1)
+    got = tx.weighted_sum(raw(table), pos, w, tx.Kind(True, dtype), alias=(base, src_bytes, idx))
+    assert np.array_equal(_bits(got), _bits(_reference(want_table, pos, w)))

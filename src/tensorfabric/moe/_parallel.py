@@ -115,7 +115,6 @@ class ExpertParallel:
         self._recv_rows = np.ndarray((world * self._slot_rows, self.row_bytes), np.uint8,
                                      buffer=self._recv.view, offset=_HDR)
         comb = np.ndarray((self._answers + 1, self.row_bytes), np.uint8, buffer=self._comb.view)
-        self._comb_rows = comb
         self._comb_typed = comb.view(self._npdtype)
         self._send = np.empty(0, np.uint8)  # grows to the largest step, then reused
         self._xbuf = np.empty((0, self.row_bytes), np.uint8)
@@ -277,13 +276,14 @@ class ExpertParallel:
                 else:
                     writes.append(self.engine.write(ob, self._combine_to[s], nbytes=0,
                                                     imm=self._imm[1], timeout=self.timeout))
-        mine, base = p.experts.replies[self.rank], p.bases[self.rank]
-        np.take(ob, mine, axis=0, out=self._comb_rows[base:base + len(mine)], mode="clip")
         t1 = time.perf_counter()
         self._await(self._imm[1], writes, "combine")
         t2 = time.perf_counter()
         self._pending = None
-        y = tx.weighted_sum(self._comb_typed, p.plan.pos, p.weights, p.kind)
+        # this rank's own answers are read from the outputs where they are (rows [base, base
+        # + n) of the combine region stand for them), not copied there first
+        mine = (p.bases[self.rank], ob, p.experts.replies[self.rank])
+        y = tx.weighted_sum(self._comb_typed, p.plan.pos, p.weights, p.kind, alias=mine)
         self.timings.update(combine_pack=t1 - t0, combine_wait=t2 - t1,
                             combine_reduce=time.perf_counter() - t2)
         return y

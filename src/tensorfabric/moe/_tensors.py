@@ -108,7 +108,8 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
 _NATIVE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: Kind) -> Any:
+def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: Kind, *,
+                 alias: tuple[int, np.ndarray, np.ndarray] | None = None) -> Any:
     """sum over k of ``weights[:, k] * table[pos[:, k]]``, accumulated in float32.
 
     ``table`` is [R, H] in the element dtype (bfloat16 as int16 bits), ``pos`` [T, K] row
@@ -116,13 +117,21 @@ def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: 
     dtype. From zero, each slot's product is rounded to float32, then added in k order (a
     multiply, then an add, no fused multiply-add), so float32 equals a reference layer that
     accumulates the same way bit for bit; float16 and bfloat16 rows are widened to float32,
-    summed the same way and rounded once (to nearest even). The compiled kernel (``tensorfabric._native``)
-    does it in one pass over the rows; without it, numpy gathers a few tokens at a time into
-    scratch.
+    summed the same way and rounded once (to nearest even). The compiled kernel
+    (``tensorfabric._native``) does it in one pass over the rows; without it, numpy gathers a
+    few tokens at a time into scratch.
+
+    ``alias=(base, src, idx)``: rows ``base .. base + len(idx)`` of ``table`` are to be
+    ``src[idx]`` (``src`` [n, H * itemsize] bytes); the kernel reads them from ``src`` where
+    they are, the numpy path copies them into ``table`` first.
     """
     nat = _compiled.native
     if nat is not None and (kind.dtype != "float16" or nat.HAVE_FLOAT16):
-        return _weighted_sum_native(nat, table, pos, weights, kind)
+        return _weighted_sum_native(nat, table, pos, weights, kind, alias)
+    if alias is not None and len(alias[2]):
+        base, src, idx = alias
+        rows = table.view(np.uint8).reshape(len(table), -1)
+        np.take(src, idx, axis=0, out=rows[base:base + len(idx)], mode="clip")
     T, K = pos.shape
     H = table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
@@ -151,17 +160,24 @@ def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: 
 
 
 def _weighted_sum_native(nat: Any, table: np.ndarray, pos: np.ndarray, weights: np.ndarray,
-                         kind: Kind) -> Any:
+                         kind: Kind, alias: tuple[int, np.ndarray, np.ndarray] | None) -> Any:
     T, H = pos.shape[0], table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
     pos64 = np.ascontiguousarray(pos, dtype=np.int64)
+    src = None
+    if alias is not None and len(alias[2]):  # rows past the table are src's
+        base, src, idx = alias
+        mine = (pos64 >= base) & (pos64 < base + len(idx))
+        if mine.any():
+            pos64 = pos64.copy()
+            pos64[mine] = len(table) + idx[pos64[mine] - base]
     torch = _torch() if kind.torch else None
     if torch is not None:
         out = torch.empty((T, H), dtype=getattr(torch, kind.dtype))
         view = (out.view(torch.int16) if kind.dtype == "bfloat16" else out).numpy()
     else:
         out = view = np.empty((T, H), kind.dtype)
-    nat.weighted_sum(table, pos64, w32, view, H, _NATIVE_CODES[kind.dtype])
+    nat.weighted_sum(table, pos64, w32, view, H, _NATIVE_CODES[kind.dtype], src)
     return out
 
 
