@@ -90,6 +90,7 @@ class Engine(EngineOps, Inbound, Timers):
         if unknown:
             raise ConfigError(f"unknown transport(s) {sorted(unknown)}; known: shm, tcp, nixl")
         self._order = tuple(transports)
+        self._told_write_only: set[tuple[bytes, int]] = set()  # logged once each (bounded)
         if timeout <= 0 or chunk_bytes < 4096:
             raise ConfigError("timeout must be > 0 and chunk_bytes at least 4096")
         self.timeout = float(timeout)
@@ -344,4 +345,18 @@ class Engine(EngineOps, Inbound, Timers):
                 return self._shm
             if name == "nixl" and self._nixl is not None and self._nixl.reaches(peer, desc):
                 return self._nixl
+        if not desc.shm and self._shm is not None and not desc.access & Access.REMOTE_READ:
+            self._tell_write_only(peer, desc)
         return self._tcp
+
+    def _tell_write_only(self, peer: EngineAddress, desc: RegionDescriptor) -> None:
+        """A write-only region of a same-host peer goes over tcp (the shm transport maps a
+        region whole, and a mapping that can write can read): say so once per region."""
+        key = (peer.engine_id, desc.region_id)
+        if key in self._told_write_only or len(self._told_write_only) >= 1024 or \
+                not self._shm.same_host(peer):  # type: ignore[union-attr]
+            return
+        self._told_write_only.add(key)
+        log.debug("region %d of %s is write-only: this same-host peer reaches it over tcp, "
+                  "not shared memory (allocate it with Access.READ_WRITE to use shm)",
+                  desc.region_id, peer)

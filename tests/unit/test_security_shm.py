@@ -123,6 +123,25 @@ def test_write_only_region_is_not_readable_through_memory(owner, attacker) -> No
     assert bytes(wo.array[:8]) == b"\1" * 8
 
 
+def test_writer_says_once_that_a_write_only_region_goes_over_tcp(caplog) -> None:
+    """Same-host writes into a write-only region go over tcp (it is never mapped): the writer
+    logs that once per region at debug level (a user who asked for shm sees why it is not
+    used), and never for a region it reaches through memory."""
+    import numpy as np
+
+    with tf.Engine("wo-log") as owner, tf.Engine("wo-log") as writer:
+        wo = owner.alloc(4096, Access.REMOTE_WRITE)
+        rw = owner.alloc(4096, Access.READ_WRITE)
+        with caplog.at_level("DEBUG", logger="tensorfabric"):
+            for _ in range(3):
+                for r in (wo, rw):
+                    writer.write(np.ones(64, np.uint8), r.descriptor()).wait(10)
+        told = [m for m in caplog.messages if "write-only" in m]
+        assert len(told) == 1 and f"region {wo.id} " in told[0], told
+        assert not any(f"region {rw.id} " in m for m in caplog.messages)
+        assert bytes(wo.array[:64]) == b"\1" * 64 and bytes(rw.array[:64]) == b"\1" * 64
+
+
 def test_unregister_revokes_mapped_peers(owner, attacker) -> None:
     r = owner.alloc(4096)
     keep = r.array  # the owner's own view outlives the registration
