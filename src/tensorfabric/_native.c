@@ -1,4 +1,4 @@
-/* tensorfabric._native: compiled kernels for the MoE combine (issue 16).
+/* tensorfabric._native: compiled kernels for MoE dispatch and combine (issue 16).
  *
  * Optional: `pip install -e .` builds it where a C compiler is present (setuptools,
  * pyproject.toml's ext-modules, optional = true); without it, or with TENSORFABRIC_NATIVE=0,
@@ -177,11 +177,65 @@ done:
     return ret;
 }
 
+/* gather_rows(dst, table, idx, row_bytes[, table2]): dst[r] = rows[idx[r]] (row_bytes each),
+ * rows being table's, then table2's; every index checked first; the GIL released. */
+static PyObject *gather_rows(PyObject *self, PyObject *args) {
+    PyObject *o_dst, *o_table, *o_idx, *o_table2 = Py_None;
+    Py_ssize_t rb;
+    if (!PyArg_ParseTuple(args, "OOOn|O", &o_dst, &o_table, &o_idx, &rb, &o_table2))
+        return NULL;
+    if (rb < 1) {
+        PyErr_SetString(PyExc_ValueError, "row_bytes must be >= 1");
+        return NULL;
+    }
+    Py_buffer db = {0}, tb = {0}, ib = {0}, t2b = {0};
+    PyObject *ret = NULL;
+    if (PyObject_GetBuffer(o_dst, &db, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (PyObject_GetBuffer(o_table, &tb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (PyObject_GetBuffer(o_idx, &ib, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (o_table2 != Py_None && PyObject_GetBuffer(o_table2, &t2b, PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    if (ib.len % 8 || tb.len % rb || t2b.len % rb || db.len < (ib.len / 8) * rb) {
+        PyErr_SetString(PyExc_ValueError, "gather_rows: buffer sizes do not fit (idx int64 [R], "
+                        "tables of whole rows, dst at least R rows)");
+        goto done;
+    }
+    Py_ssize_t n = ib.len / 8, R = tb.len / rb, R2 = t2b.len / rb;
+    const int64_t *idx = (const int64_t *)ib.buf;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        if (idx[r] < 0 || idx[r] >= R + R2) {
+            PyErr_Format(PyExc_IndexError, "gather_rows: idx[%zd] = %lld is outside the tables' "
+                         "%zd rows", r, (long long)idx[r], R + R2);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    char *dst = (char *)db.buf;
+    const char *t1 = (const char *)tb.buf, *t2 = (const char *)t2b.buf;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        int64_t i = idx[r];
+        const char *src = i < R ? t1 + (size_t)i * (size_t)rb : t2 + (size_t)(i - R) * (size_t)rb;
+        memcpy(dst + (size_t)r * (size_t)rb, src, (size_t)rb);
+    }
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (db.obj) PyBuffer_Release(&db);
+    if (tb.obj) PyBuffer_Release(&tb);
+    if (ib.obj) PyBuffer_Release(&ib);
+    if (t2b.obj) PyBuffer_Release(&t2b);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"weighted_sum", weighted_sum, METH_VARARGS,
      "weighted_sum(table, pos, weights, out, hidden, dtype[, table2]): out[t] = sum_k "
      "weights[t, k] * rows[pos[t, k]] in float32, rounded once (rows: table's, then table2's; "
      "dtype 0 float32, 1 float16, 2 bfloat16)."},
+    {"gather_rows", gather_rows, METH_VARARGS,
+     "gather_rows(dst, table, idx, row_bytes[, table2]): dst[r] = rows[idx[r]] (rows: "
+     "table's, then table2's)."},
     {NULL, NULL, 0, NULL},
 };
 

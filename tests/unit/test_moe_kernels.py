@@ -126,3 +126,33 @@ def test_aliased_rows_are_read_where_they_are(path: str, dtype: str) -> None:
     src_bytes = raw(src).view(np.uint8).reshape(33, -1)
     got = tx.weighted_sum(raw(table), pos, w, tx.Kind(True, dtype), alias=(base, src_bytes, idx))
     assert np.array_equal(_bits(got), _bits(_reference(want_table, pos, w)))
+
+
+def test_gather_reads_aliased_rows_where_they_are(path: str) -> None:
+    """Dispatch's per-expert gather: ``alias=(base, src, rows)`` rows of the receive region
+    stand for this rank's own tokens (``src[rows]``), which the kernel reads in place; both
+    paths give the same batches as gathering from a region that holds them."""
+    rng = np.random.default_rng(9)
+    rb, R, base, n = 40, 30, 12, 6
+    table = rng.integers(0, 256, (R, rb), dtype=np.uint8)
+    src = rng.integers(0, 256, (9, rb), dtype=np.uint8)
+    rows = rng.permutation(9)[:n].astype(np.int64)
+    want_table = table.copy()
+    want_table[base:base + n] = src[rows]
+    idx = rng.integers(0, R, 50).astype(np.int64)
+    idx[:n] = base + np.arange(n)
+    dst = np.zeros((64, rb), np.uint8)
+    tx.gather(dst, table, idx, alias=(base, src, rows))
+    assert np.array_equal(dst[:50], want_table[idx]) and not dst[50:].any()
+    plain = np.zeros((50, rb), np.uint8)
+    tx.gather(plain, want_table, idx)
+    assert np.array_equal(plain, want_table[idx])
+
+
+@pytest.mark.skipif(NATIVE is None, reason="tensorfabric._native is not built")
+def test_native_gather_refuses_rows_outside_the_tables() -> None:
+    table, dst = np.zeros((4, 8), np.uint8), np.zeros((2, 8), np.uint8)
+    with pytest.raises(IndexError, match=r"idx\[1\] = 6 is outside the tables' 6 rows"):
+        NATIVE.gather_rows(dst, table, np.array([0, 6], np.int64), 8, np.zeros((2, 8), np.uint8))
+    with pytest.raises(ValueError, match="buffer sizes"):
+        NATIVE.gather_rows(np.zeros((1, 8), np.uint8), table, np.array([0, 1], np.int64), 8)

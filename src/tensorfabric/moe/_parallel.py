@@ -201,7 +201,10 @@ class ExpertParallel:
                     dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
                     timeout=self.timeout))
                 off += _up(sizes[d], _ALIGN)
-        self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb)
+        # our own slot gets its header and slot table; its rows stay in ``tokens`` (the
+        # gather below reads them there)
+        self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb,
+                   rows=False)
         t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
         t2 = time.perf_counter()
@@ -213,7 +216,8 @@ class ExpertParallel:
         R = len(eplan.gather)
         if len(self._xbuf) < R:
             self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)  # headroom
-        np.take(self._recv_rows, eplan.gather, axis=0, out=self._xbuf[:R], mode="clip")
+        own = (self.rank * self._slot_rows, xb, plan.rows[self.rank])
+        tx.gather(self._xbuf, self._recv_rows, eplan.gather, alias=own)
         typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
         batches = tx.split_rows(typed, eplan.counts, kind)
         self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
@@ -223,13 +227,17 @@ class ExpertParallel:
         return DispatchResult(batches, typed, eplan.counts, range(first, first + self.local),
                               self._step)
 
-    def _pack(self, dst: np.ndarray, plan: DispatchPlan, d: int, xb: np.ndarray) -> None:
-        """Lay out the message for rank ``d``: header, token rows, slot table."""
-        rows, meta = plan.rows[d], plan.meta[d]
-        n, rb = len(rows), self.row_bytes
+    def _pack(self, dst: np.ndarray, plan: DispatchPlan, d: int, xb: np.ndarray, *,
+              rows: bool = True) -> None:
+        """Lay out the message for rank ``d``: header, token rows (unless ``rows`` is false),
+        slot table."""
+        meta = plan.meta[d]
+        n, rb = len(plan.rows[d]), self.row_bytes
         head = np.array([self._step, n, plan.base[d], plan.pairs[d]], np.uint64)
         dst[:32] = head.view(np.uint8)
-        np.take(xb, rows, axis=0, out=dst[_HDR:_HDR + n * rb].reshape(n, rb), mode="clip")
+        if rows:
+            np.take(xb, plan.rows[d], axis=0, out=dst[_HDR:_HDR + n * rb].reshape(n, rb),
+                    mode="clip")
         dst[_HDR + n * rb:_HDR + n * (rb + 2 * self.topk)] = meta.view(np.uint8).ravel()
 
     def _read_slots(self) -> tuple[list[np.ndarray], list[tuple[int, int]]]:

@@ -105,6 +105,32 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
     return np.split(x, np.cumsum(counts[:-1]))
 
 
+def gather(dst: np.ndarray, table: np.ndarray, idx: np.ndarray, *,
+           alias: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
+    """``dst[:len(idx)] = table[idx]``, rows of bytes.
+
+    ``alias=(base, src, rows)``: rows ``base .. base + len(rows)`` of ``table`` are to be
+    ``src[rows]``; the compiled kernel reads them from ``src`` where they are, the numpy path
+    copies them into ``table`` first."""
+    n = len(idx)
+    nat = _compiled.native
+    if nat is not None:
+        idx64 = np.ascontiguousarray(idx, dtype=np.int64)
+        src = None
+        if alias is not None and len(alias[2]):
+            base, src, rows = alias
+            mine = (idx64 >= base) & (idx64 < base + len(rows))
+            if mine.any():
+                idx64 = idx64.copy()
+                idx64[mine] = len(table) + rows[idx64[mine] - base]
+        nat.gather_rows(dst, table, idx64, table.shape[1], src)
+        return
+    if alias is not None and len(alias[2]):
+        base, src, rows = alias
+        np.take(src, rows, axis=0, out=table[base:base + len(rows)], mode="clip")
+    np.take(table, idx, axis=0, out=dst[:n], mode="clip")
+
+
 _NATIVE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
