@@ -108,7 +108,11 @@ def edge_filled(url: str, *, requests: int, running: int, queued: int, max_token
     def edge(i: int) -> Any:
         return c.chat.completions.create(
             model="tensorfabric-edge", max_tokens=max_tokens, temperature=0,
-            messages=[{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}])
+            # a prompt every request answers past max_tokens (greedy, the default model: 256+
+            # tokens for i in 0..7); "Count from i to i + 30" ended after 17 tokens for i = 3,
+            # so whether the edge filled depended on which request ran first
+            messages=[{"role": "user",
+                       "content": f"Write a long story about a lighthouse keeper named Sam number {i}."}])
 
     with ThreadPoolExecutor(requests) as pool:
         busy = [pool.submit(edge, i) for i in range(requests)]
@@ -121,9 +125,15 @@ def edge_filled(url: str, *, requests: int, running: int, queued: int, max_token
             done = [f for f in busy if f.done()]
             if done:
                 exc = done[0].exception()
+                if exc is None:
+                    r = done[0].result()
+                    how = (f"it was answered: {r.usage.completion_tokens} tokens, finish_reason "
+                           f"{r.choices[0].finish_reason!r}; max_tokens={max_tokens} too short "
+                           f"for this machine's load?")
+                else:
+                    how = f"it failed: {exc!r}"
                 pytest.fail(f"an edge request finished before the edge had {running} running and "
-                            f"{queued} queued ({f'it failed: {exc!r}' if exc else 'it was answered'}; "
-                            f"max_tokens={max_tokens} was too short for this machine's load)")
+                            f"{queued} queued ({how})")
             if time.monotonic() > deadline:
                 pytest.fail(f"the edge never had {running} request(s) running and {queued} queued")
             time.sleep(0.1)

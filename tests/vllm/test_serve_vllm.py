@@ -144,10 +144,10 @@ def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: A
     c = openai_client(served.url)
 
     # 2 running and 4+ queued at the edge (its expected wait is then several times one
-    # request's, the cloud's about one request's). 64 tokens each: the first two must still be
-    # running when the eighth is queued (24 were answered first once, beside stress-ng and the
-    # Ray tier, while the later requests were still being scrubbed and queued)
-    with edge_filled(served.url, requests=8, running=2, queued=4, max_tokens=64) as busy:
+    # request's, the cloud's about one request's). 96 tokens each (all reach it): the first two
+    # must still be running when the eighth is queued (24 were answered first once, beside
+    # stress-ng and the Ray tier, while the later requests were still being scrubbed and queued)
+    with edge_filled(served.url, requests=8, running=2, queued=4, max_tokens=96) as busy:
         auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
                                          messages=[{"role": "user", "content": "What is 2+2?"}])
         held = [f.result() for f in busy]
