@@ -198,14 +198,16 @@ class RayBackend:
                 raise TimeoutError(f"other nodes' link probes held the head for {timeout:.0f} s")
             try:
                 turn = min(left(), max(1.0, timeout * LINK_TURN_SHARE))
+                ends = time.monotonic() + turn  # one deadline for the whole turn
+                in_turn = lambda: max(0.1, ends - time.monotonic())  # noqa: E731
                 buf = eng.alloc(VERIFY_BYTES, access=tf.Access.REMOTE_WRITE)
                 imm = int.from_bytes(os.urandom(4), "little") | 1
                 landed = eng.expect(imm, 1, timeout=turn)
                 measured.update(ray.get(probe.link.remote(buf.descriptor().to_bytes(), imm, turn),
-                                        timeout=turn))
+                                        timeout=in_turn()))
                 sha = None
                 if "error" not in measured:
-                    landed.wait(turn)
+                    landed.wait(in_turn())
                     sha = hashlib.sha256(buf.array.tobytes()).hexdigest()
             finally:
                 if buf is not None:  # before the next node's turn: nothing more lands here

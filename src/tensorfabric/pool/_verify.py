@@ -172,7 +172,8 @@ def measure_node(labels: dict[str, str]) -> dict[str, Any]:
 
 class NodeProbe:
     """A Ray actor on the node being verified (the controller starts one per attempt and
-    kills it after): :meth:`node`, then, when the head gives this node its turn, :meth:`link`."""
+    kills it after, which closes its engine with its process): :meth:`node`, then, when the
+    head gives this node its turn, :meth:`link`."""
 
     def __init__(self) -> None:
         self._eng: Any = None
@@ -213,11 +214,6 @@ class NodeProbe:
         except Exception as exc:
             out["error"] = f"{type(exc).__name__}: {exc}"
         return out
-
-    def close(self) -> None:
-        if self._eng is not None:
-            self._eng.close()
-            self._eng = None
 
 
 def judge(claims: NodeClaims, measured: dict[str, Any], landed_sha256: str | None) -> tuple[bool, str]:
