@@ -112,23 +112,36 @@ def gather(dst: np.ndarray, table: np.ndarray, idx: np.ndarray, *,
     ``alias=(base, src, rows)``: rows ``base .. base + len(rows)`` of ``table`` are to be
     ``src[rows]``; the compiled kernel reads them from ``src`` where they are, the numpy path
     copies them into ``table`` first."""
-    n = len(idx)
     nat = _compiled.native
     if nat is not None:
-        idx64 = np.ascontiguousarray(idx, dtype=np.int64)
-        src = None
-        if alias is not None and len(alias[2]):
-            base, src, rows = alias
-            mine = (idx64 >= base) & (idx64 < base + len(rows))
-            if mine.any():
-                idx64 = idx64.copy()
-                idx64[mine] = len(table) + rows[idx64[mine] - base]
+        idx64, src = _past_the_table(idx, len(table), alias)
         nat.gather_rows(dst, table, idx64, table.shape[1], src)
         return
+    _copy_aliased(table, alias)
+    np.take(table, idx, axis=0, out=dst[:len(idx)], mode="clip")
+
+
+def _past_the_table(idx: np.ndarray, rows: int, alias: tuple[int, np.ndarray, np.ndarray] | None,
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``idx`` as int64 with the aliased rows pointing past the table's ``rows`` into
+    ``src`` (the kernels' second table), and ``src`` (None without an alias)."""
+    idx64 = np.ascontiguousarray(idx, dtype=np.int64)
+    if alias is None or not len(alias[2]):
+        return idx64, None
+    base, src, which = alias
+    mine = (idx64 >= base) & (idx64 < base + len(which))
+    if mine.any():
+        idx64 = idx64.copy()
+        idx64[mine] = rows + which[idx64[mine] - base]
+    return idx64, src
+
+
+def _copy_aliased(table: np.ndarray, alias: tuple[int, np.ndarray, np.ndarray] | None) -> None:
+    """The numpy paths: put the aliased rows into the table (as bytes) where they stand."""
     if alias is not None and len(alias[2]):
-        base, src, rows = alias
-        np.take(src, rows, axis=0, out=table[base:base + len(rows)], mode="clip")
-    np.take(table, idx, axis=0, out=dst[:n], mode="clip")
+        base, src, which = alias
+        rows = table.view(np.uint8).reshape(len(table), -1)
+        np.take(src, which, axis=0, out=rows[base:base + len(which)], mode="clip")
 
 
 _NATIVE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -154,10 +167,7 @@ def weighted_sum(table: np.ndarray, pos: np.ndarray, weights: np.ndarray, kind: 
     nat = _compiled.native
     if nat is not None and (kind.dtype != "float16" or nat.HAVE_FLOAT16):
         return _weighted_sum_native(nat, table, pos, weights, kind, alias)
-    if alias is not None and len(alias[2]):
-        base, src, idx = alias
-        rows = table.view(np.uint8).reshape(len(table), -1)
-        np.take(src, idx, axis=0, out=rows[base:base + len(idx)], mode="clip")
+    _copy_aliased(table, alias)
     T, K = pos.shape
     H = table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
@@ -189,14 +199,7 @@ def _weighted_sum_native(nat: Any, table: np.ndarray, pos: np.ndarray, weights: 
                          kind: Kind, alias: tuple[int, np.ndarray, np.ndarray] | None) -> Any:
     T, H = pos.shape[0], table.shape[1]
     w32 = np.ascontiguousarray(weights, dtype=np.float32)
-    pos64 = np.ascontiguousarray(pos, dtype=np.int64)
-    src = None
-    if alias is not None and len(alias[2]):  # rows past the table are src's
-        base, src, idx = alias
-        mine = (pos64 >= base) & (pos64 < base + len(idx))
-        if mine.any():
-            pos64 = pos64.copy()
-            pos64[mine] = len(table) + idx[pos64[mine] - base]
+    pos64, src = _past_the_table(pos, len(table), alias)
     torch = _torch() if kind.torch else None
     if torch is not None:
         out = torch.empty((T, H), dtype=getattr(torch, kind.dtype))
