@@ -189,11 +189,12 @@ class NodeProbe:
             return out
         try:
             import numpy as np
+            import ray
 
             import tensorfabric as tf
 
             self._payload = np.random.default_rng().integers(0, 256, nbytes, dtype=np.uint8)
-            host = __import__("ray").util.get_node_ip_address()
+            host = ray.util.get_node_ip_address()
             self._eng = tf.Engine(host=host, port=0, timeout=timeout, name="pool-verify")
             self._eng.connect(head, timeout=timeout)
         except Exception as exc:
