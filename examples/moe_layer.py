@@ -46,6 +46,10 @@ def rank_main(rank: int, path: str, transport: str, out: mp.Queue) -> None:
         got = ep.dispatch(x, ids, w)                               # my experts' batches
         print(f"rank {rank}: experts {list(got.experts)} got {got.counts.tolist()} tokens")
         y = ep.combine([expert(e, b) for e, b in zip(got.experts, got.batches)])
+        # the compact layout: each token here once, the experts gather their own rows
+        got = ep.dispatch(x, ids, w, expand=False)
+        yc = ep.combine([expert(e, got.rows[i]) for e, i in zip(got.experts, got.index)])
+        assert np.array_equal(y, yc), "the compact layout gave other bits"
         out.put((rank, y))
 
 

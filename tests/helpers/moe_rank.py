@@ -30,15 +30,24 @@ def group(eng: tf.Engine, rank: int, world: int, path: str, *, key: str = "moe",
                           group=group_id, exchange=FileExchange(path, rank, world, key=key))
 
 
-def layer(ep: ExpertParallel, inp: StepInput) -> np.ndarray:
-    got = ep.dispatch(inp.tokens, inp.ids, inp.weights)
-    return ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
+def layer(ep: ExpertParallel, inp: StepInput, *, expand: bool = True) -> np.ndarray:
+    got = ep.dispatch(inp.tokens, inp.ids, inp.weights, expand=expand)
+    if expand:
+        assert got.rows is None and got.index is None
+        return ep.combine([expert_mlp(e, b) for e, b in zip(got.experts, got.batches)])
+    # compact: each expert gathers its own rows, as a grouped GEMM would
+    assert got.batches is None and got.tokens is None
+    assert got.index is not None and [len(i) for i in got.index] == got.counts.tolist()
+    return ep.combine([expert_mlp(e, got.rows[i]) for e, i in zip(got.experts, got.index)])
 
 
 def scenarios(eng: tf.Engine, rank: int, world: int, path: str) -> None:
+    """Every scenario in the expanded layout, then again in the compact one (``<step>c``)."""
     with group(eng, rank, world, path) as ep:
         outs = {f"{step}": layer(ep, step_input(name, step, rank, world))
                 for step, name in enumerate(SCENARIOS)}
+        outs.update({f"{step}c": layer(ep, step_input(name, step, rank, world), expand=False)
+                     for step, name in enumerate(SCENARIOS)})
     np.savez(os.path.join(path, f"out.{rank}.npz"), **outs)
 
 
@@ -57,7 +66,11 @@ def dtypes(eng: tf.Engine, rank: int, world: int, path: str) -> None:
             got = ep.dispatch(x, ids, inp.weights)
             assert type(got.tokens) is type(x) and got.tokens.dtype == x.dtype
             y = ep.combine([b * (e + 1) for e, b in zip(got.experts, got.batches)])
+            got = ep.dispatch(x, ids, inp.weights, expand=False)  # the compact layout
+            assert type(got.rows) is type(x) and got.rows.dtype == x.dtype
+            yc = ep.combine([got.rows[i] * (e + 1) for e, i in zip(got.experts, got.index)])
         assert type(y) is type(x) and y.dtype == x.dtype, (type(y), y.dtype)
+        assert type(yc) is type(x) and bool((yc == y).all()), f"compact {dtype} differs"
         out[dtype] = (y.float().view(torch.int32).numpy() if lib == "torch" and
                       dtype == "bfloat16" else np.asarray(y, dtype=np.float32))
     np.savez(os.path.join(path, f"out.{rank}.npz"), **out)

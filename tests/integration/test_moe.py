@@ -55,9 +55,11 @@ def test_dispatch_combine_equals_reference(tmp_path: Path, transport: str, kerne
     for step, name in enumerate(SCENARIOS):
         want = reference([step_input(name, step, r) for r in range(WORLD)])
         for r in range(WORLD):
-            got = outs[r][f"{step}"]
-            assert got.dtype == np.float32 and got.shape == want[r].shape, (name, r)
-            assert np.array_equal(got, want[r]), f"{name}: rank {r} differs from the reference"
+            for layout, key in (("expanded", f"{step}"), ("compact", f"{step}c")):
+                got = outs[r][key]
+                assert got.dtype == np.float32 and got.shape == want[r].shape, (name, r)
+                assert np.array_equal(got, want[r]), \
+                    f"{name} ({layout}): rank {r} differs from the reference"
 
 
 @pytest.mark.parametrize("kernels", ["native", "numpy"])

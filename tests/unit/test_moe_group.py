@@ -49,6 +49,13 @@ def test_single_rank_group_is_the_whole_layer(tmp_path: Path) -> None:
         assert np.array_equal(y, want)
         with pytest.raises(tf.ConfigError, match="combine called without a dispatch"):
             ep.combine(got.tokens)
+        # compact: each token once; the index names each expert's rows, in the batches' order
+        c = ep.dispatch(x, ids, w, expand=False)
+        assert c.batches is None and c.tokens is None and c.counts.tolist() == [3, 3, 2, 3]
+        assert len(np.unique(np.concatenate(c.index))) == 6  # 11 (token, expert) pairs
+        assert np.array_equal(c.rows[c.index[2]], x[[1, 4]])
+        assert np.array_equal(ep.combine([c.rows[i] * (e + 1) for e, i in
+                                          zip(c.experts, c.index)]), want)
         with pytest.raises(tf.ConfigError, match="max_tokens"):
             ep.dispatch(np.zeros((7, 8), np.float32), np.zeros((7, 2), int), np.zeros((7, 2)))
         with pytest.raises(tf.ConfigError, match="float16"):
@@ -147,7 +154,7 @@ def test_bench_moe_cli_runs_a_tiny_point(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [r["point"] for r in rows] == ["2x8x64x4x2"] and rows[0]["transport"] == "shm"
     for key in ("engine_dispatch_p50_us", "gloo_combine_p50_us", "raw_dispatch_p50_us",
-                "glayer_combine_p50_us"):
+                "glayer_combine_p50_us", "compact_dispatch_p50_us", "compact_combine_p50_us"):
         assert rows[0][key] > 0, key
 
 

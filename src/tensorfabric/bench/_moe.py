@@ -6,6 +6,9 @@ and in the same processes, alternating every iteration, move the same bytes with
 torch.distributed ``all_to_all_single`` on gloo and with a raw-socket all-to-all, then run the
 whole layer over gloo (``_moe_gloo.GlooLayer``: the same bookkeeping, gloo as the transport).
 A step's latency is the slowest rank's; the table gives p50/p99 and the ratios of the p50s.
+Each iteration also runs the layer with the compact dispatch layout (``expand=False``: each
+token once per rank, the experts gather their own rows; that gather is not timed, as it is the
+experts' work), reported as ``compact``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ def _summarise(point: MoePoint, transport: str, ranks: list[dict[str, Any]]) -> 
                                                      float("nan")) / e
         row[f"gloo_over_engine_{phase}"] = row.get(f"gloo_{phase}_p50_us", float("nan")) / e
         row[f"engine_over_raw_{phase}"] = e / row.get(f"raw_{phase}_p50_us", float("nan"))
+        c = row.get(f"compact_{phase}_p50_us", float("nan"))
+        row[f"gloo_over_compact_{phase}"] = row.get(f"gloo_{phase}_p50_us", float("nan")) / c
+        row[f"compact_over_raw_{phase}"] = c / row.get(f"raw_{phase}_p50_us", float("nan"))
     return row
 
 
@@ -177,7 +183,8 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
     head = (f"{'transport':<10} {'EPxTxHxExK':<18} {'sent/rank':>9}  {'dispatch p50/p99':>17} "
             f"{'combine p50/p99':>17} {'wait d/c p50':>13}  {'gloo d/c p50':>14}  "
             f"{'raw d/c p50':>14}  {'gloo layer d/c':>15}  {'glayer/eng':>10}  "
-            f"{'gloo/eng d,c':>12}  {'eng/raw d,c':>12}")
+            f"{'gloo/eng d,c':>12}  {'eng/raw d,c':>12}  {'compact d/c p50':>15}  "
+            f"{'gloo/cmp d,c':>12}  {'cmp/raw d,c':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def us(key: str) -> str:
@@ -192,7 +199,9 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
             f"{us('raw_dispatch_p50_us') + '/' + us('raw_combine_p50_us'):>14}  "
             f"{us('glayer_dispatch_p50_us') + '/' + us('glayer_combine_p50_us'):>15}  "
             f"{_ratio(r, 'glayer_over_engine'):>10}  "
-            f"{_ratio(r, 'gloo_over_engine'):>12}  {_ratio(r, 'engine_over_raw'):>12}")
+            f"{_ratio(r, 'gloo_over_engine'):>12}  {_ratio(r, 'engine_over_raw'):>12}  "
+            f"{us('compact_dispatch_p50_us') + '/' + us('compact_combine_p50_us'):>15}  "
+            f"{_ratio(r, 'gloo_over_compact'):>12}  {_ratio(r, 'compact_over_raw'):>12}")
     return "\n".join(lines)
 
 

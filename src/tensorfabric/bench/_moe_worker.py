@@ -159,7 +159,7 @@ def main(a: dict[str, Any]) -> None:
     samples: dict[str, list[float]] = {k: [] for k in (
         "engine_dispatch", "engine_combine", "gloo_dispatch", "gloo_combine",
         "raw_dispatch", "raw_combine", "engine_dispatch_wait", "engine_combine_wait",
-        "glayer_dispatch", "glayer_combine")}
+        "glayer_dispatch", "glayer_combine", "compact_dispatch", "compact_combine")}
     layer = GlooLayer(rank, world, E, H, K, T) if a["baselines"] else None
 
     parts: dict[str, list[float]] = {}
@@ -193,6 +193,13 @@ def main(a: dict[str, Any]) -> None:
                 parts.setdefault(k, []).append(v)
             samples["engine_dispatch_wait"].append(ep.timings["dispatch_wait"])
             samples["engine_combine_wait"].append(ep.timings["combine_wait"])
+        dist.barrier()  # the compact layout: the identity experts gather their own rows
+        got = timed("compact_dispatch", lambda: ep.dispatch(x, ids, w, expand=False))
+        outs = got.rows[torch.cat(got.index)]  # the experts' work, not timed
+        yc = timed("compact_combine", ep.combine, outs)
+        if it >= a["warmup"]:
+            for k, v in ep.timings.items():
+                parts.setdefault(f"compact_{k}", []).append(v)
         if not a["baselines"]:
             continue
         disp, comb = sizes[it % nroute]
@@ -208,6 +215,7 @@ def main(a: dict[str, Any]) -> None:
         y = timed("glayer_combine", layer.combine, layer.tokens)
         if it == 0:  # the two layers agree: same routing, same bookkeeping, other transport
             assert torch.equal(y, ep.combine(ep.dispatch(x, ids, w).tokens))
+            assert torch.equal(y, yc)
     dispatch_bytes = [int(d[rank].sum() - d[rank, rank]) for d, _ in sizes]
     with open(os.path.join(a["dir"], f"rank{rank}.json"), "w") as f:
         json.dump({"samples": samples, "sent_bytes": dispatch_bytes,

@@ -34,17 +34,27 @@ def _up(n: int, m: int) -> int:
 class DispatchResult:
     """What :meth:`ExpertParallel.dispatch` hands the local experts.
 
-    ``batches[e]`` is the [n_e, H] batch of local expert ``experts[e]`` (views into ``tokens``,
-    the [sum n_e, H] rows of every batch back to back); rows are ordered by source rank, then
-    token, so a batch lists its tokens in the group's (rank, token) order. Valid until the
-    next dispatch; write the outputs anywhere (in place is fine) and pass them to combine.
+    Expanded (``dispatch(..., expand=True)``, the default): ``batches[e]`` is the [n_e, H]
+    batch of local expert ``experts[e]`` (views into ``tokens``, the [sum n_e, H] rows of every
+    batch back to back); rows are ordered by source rank, then token, so a batch lists its
+    tokens in the group's (rank, token) order. Valid until the next dispatch; write the
+    outputs anywhere (in place is fine) and pass them to combine.
+
+    Compact (``expand=False``): every token that came here is in ``rows`` once, however many
+    local experts it picked, and ``index[e]`` says which rows make expert ``e``'s batch
+    (``rows[index[e]]`` equals the expanded ``batches[e]``); ``batches`` and ``tokens`` are
+    None. ``rows`` is a view of this rank's receive region (rows no index names are
+    unspecified): read it before ``combine``, after which the next step's tokens land there.
+    Combine takes the outputs in the same order as for the expanded layout.
     """
 
-    batches: list[Any]
-    tokens: Any
+    batches: list[Any] | None
+    tokens: Any | None
     counts: np.ndarray
     experts: range
     step: int
+    rows: Any | None = None
+    index: list[Any] | None = None
 
 
 @dataclass
@@ -167,10 +177,16 @@ class ExpertParallel:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def dispatch(self, tokens: Any, topk_ids: Any, topk_weights: Any) -> DispatchResult:
+    def dispatch(self, tokens: Any, topk_ids: Any, topk_weights: Any, *,
+                 expand: bool = True) -> DispatchResult:
         """Send each token row to the ranks holding its top-k experts; return this rank's
         expert batches. ``tokens`` [T, H] (T <= max_tokens), ``topk_ids`` [T, K] expert ids
-        (-1: none), ``topk_weights`` [T, K]; numpy arrays or CPU torch tensors."""
+        (-1: none), ``topk_weights`` [T, K]; numpy arrays or CPU torch tensors.
+
+        ``expand=False`` skips laying out one batch per expert (a token picked by several
+        local experts would be copied once per expert): the result has each arrived token
+        once and per-expert row indices, for experts that gather their own inputs (a grouped
+        GEMM does) -- see :class:`DispatchResult`."""
         self._check_ready(dispatching=True)
         x, kind = tx.rows(tokens, "tokens", self.hidden)
         if kind.dtype != self.dtype:
@@ -201,10 +217,10 @@ class ExpertParallel:
                     dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
                     timeout=self.timeout))
                 off += _up(sizes[d], _ALIGN)
-        # our own slot gets its header and slot table; its rows stay in ``tokens`` (the
-        # gather below reads them there)
+        # our own slot gets its header and slot table; expanded, its rows stay in ``tokens``
+        # (the gather below reads them there), compact, they are copied in beside the others'
         self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb,
-                   rows=False)
+                   rows=not expand)
         t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
         t2 = time.perf_counter()
@@ -213,6 +229,15 @@ class ExpertParallel:
         for s, m in enumerate(metas):
             if not bases[s][1] == len(eplan.replies[s]):
                 raise self._fail(ProtocolError(f"rank {s}'s dispatch header is inconsistent"))
+        self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
+        first = self.rank * self.local
+        experts = range(first, first + self.local)
+        if not expand:
+            rows = tx.wrap(self._recv_rows.view(self._npdtype), kind)
+            index = tx.split_index(eplan.gather, eplan.counts, kind)
+            self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
+                            "dispatch_unpack": time.perf_counter() - t2}
+            return DispatchResult(None, None, eplan.counts, experts, self._step, rows, index)
         R = len(eplan.gather)
         if len(self._xbuf) < R:
             self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)  # headroom
@@ -220,12 +245,9 @@ class ExpertParallel:
         tx.gather(self._xbuf, self._recv_rows, eplan.gather, alias=own)
         typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
         batches = tx.split_rows(typed, eplan.counts, kind)
-        self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
-        first = self.rank * self.local
         self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
                         "dispatch_unpack": time.perf_counter() - t2}
-        return DispatchResult(batches, typed, eplan.counts, range(first, first + self.local),
-                              self._step)
+        return DispatchResult(batches, typed, eplan.counts, experts, self._step)
 
     def _pack(self, dst: np.ndarray, plan: DispatchPlan, d: int, xb: np.ndarray, *,
               rows: bool = True) -> None:

@@ -105,6 +105,16 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
     return np.split(x, np.cumsum(counts[:-1]))
 
 
+def split_index(idx: np.ndarray, counts: np.ndarray, kind: Kind) -> list[Any]:
+    """``idx`` (int64) cut into ``counts[i]`` consecutive pieces, as torch tensors for torch
+    callers (so that ``rows[index[e]]`` is a torch gather) and numpy arrays otherwise."""
+    parts = np.split(idx, np.cumsum(counts[:-1]))
+    if kind.torch:
+        torch = _torch()
+        return [torch.from_numpy(p) for p in parts]
+    return parts
+
+
 def gather(dst: np.ndarray, table: np.ndarray, idx: np.ndarray, *,
            alias: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
     """``dst[:len(idx)] = table[idx]``, rows of bytes.
