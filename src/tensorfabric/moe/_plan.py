@@ -36,7 +36,8 @@ def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> Dis
     """Plan a step for top-k expert ids ``ids`` [T, K] (-1: no expert) over ``world`` ranks
     holding ``local`` consecutive experts each; ``zero_row`` is an answer row that stays 0."""
     T, K = ids.shape
-    rank_of = np.where(ids >= 0, ids // local, world).astype(np.int64)
+    valid = ids >= 0
+    rank_of = np.where(valid, ids // local, world)
     rows, meta = [], []
     for d in range(world):
         hit = rank_of == d
@@ -44,11 +45,11 @@ def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> Dis
         rows.append(t_d)
         m = np.where(hit[t_d], ids[t_d] - d * local, -1).astype(np.int16)
         meta.append(np.ascontiguousarray(m))
-    flat = rank_of.ravel()
-    # answer rows by rank, then local expert; (token, slot) order within (a stable sort)
-    key = np.where(ids >= 0, ids, world * local).ravel()  # rank * local + local expert
+    # answer rows by rank, then local expert; (token, slot) order within (a stable sort: on
+    # 16-bit keys numpy's is a radix sort, 2-3x faster than on int64 at 32k pairs)
+    key = np.where(valid, ids, world * local).astype(_keys(world * local + 1)).ravel()
     order = np.argsort(key, kind="stable")
-    pairs = np.bincount(flat, minlength=world + 1)[:world]
+    pairs = np.bincount(rank_of.ravel(), minlength=world + 1)[:world]
     base = np.zeros(world, np.int64)
     np.cumsum(pairs[:-1], out=base[1:])
     nvalid = int(pairs.sum())
@@ -76,23 +77,31 @@ def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertP
     """
     experts, src_rows, per_source = [], [], []
     for s, m in enumerate(metas):
-        i, _ = np.nonzero(m >= 0)
-        e = m[m >= 0].astype(np.int64)
+        sel = m >= 0
+        i, _ = np.nonzero(sel)
+        e = m[sel]
         if len(e) and (int(e.max()) >= local):
             raise ProtocolError(f"rank {s} routed a token to local expert {int(e.max())}; "
                                 f"this rank holds {local}")
         experts.append(e)
         src_rows.append(i.astype(np.int64) + s * slot_rows)
         per_source.append(len(e))
-    e_all = np.concatenate(experts) if experts else np.zeros(0, np.int64)
+    kd = _keys(max(local, len(metas)) + 1)
+    e_all = np.concatenate(experts).astype(kd) if experts else np.zeros(0, kd)
     r_all = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
-    order = np.argsort(e_all, kind="stable")
-    inv = np.empty(len(order), np.int64)
-    inv[order] = np.arange(len(order))
+    order = np.argsort(e_all, kind="stable")  # batch row -> pair (radix sort, as above)
+    # each source's batch rows, ascending: batch rows sorted (stably) by their source
+    src_of = np.repeat(np.arange(len(metas), dtype=kd), per_source)[order]
+    back = np.argsort(src_of, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(per_source)])
-    replies = [np.sort(inv[bounds[s]:bounds[s + 1]]) for s in range(len(metas))]
+    replies = [back[bounds[s]:bounds[s + 1]] for s in range(len(metas))]
     return ExpertPlan(r_all[order], np.bincount(e_all, minlength=local).astype(np.int64),
                       replies)
+
+
+def _keys(n: int) -> type[np.signedinteger]:
+    """The narrowest sort key for values below ``n`` (numpy radix-sorts 16-bit keys)."""
+    return np.int16 if n <= np.iinfo(np.int16).max else np.int64
 
 
 def check_ids(ids: np.ndarray, tokens: int, experts: int) -> np.ndarray:
