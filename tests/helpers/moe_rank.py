@@ -76,6 +76,27 @@ def dtypes(eng: tf.Engine, rank: int, world: int, path: str) -> None:
     np.savez(os.path.join(path, f"out.{rank}.npz"), **out)
 
 
+WIDE = 8192  # float32 rows of 32 KiB: 33+ rows to one rank take the direct path (1 MiB)
+
+
+def wide(eng: tf.Engine, rank: int, world: int, path: str) -> None:
+    """Rows wide enough that dispatch writes them from the tokens (header first), beside
+    smaller pairs packed in one message; identity experts scaled by e + 1, both layouts."""
+    inp = step_input("random", 0, rank, world)
+    x = np.random.default_rng([rank, 5]).standard_normal((len(inp.tokens), WIDE)).astype(
+        np.float32)
+    out = {}
+    with ExpertParallel(eng, rank=rank, world=world, num_experts=EXPERTS, hidden=WIDE,
+                        topk=TOPK, max_tokens=MAX_TOKENS, timeout=20.0, group=7,
+                        exchange=FileExchange(path, rank, world, key="wide")) as ep:
+        for expand in (True, False):
+            got = ep.dispatch(x, inp.ids, inp.weights, expand=expand)
+            batches = got.batches if expand else [got.rows[i] for i in got.index]
+            out["expanded" if expand else "compact"] = ep.combine(
+                [b * np.float32(e + 1) for e, b in zip(got.experts, batches)])
+    np.savez(os.path.join(path, f"out.{rank}.npz"), x=x, **out)
+
+
 def dies(eng: tf.Engine, rank: int, world: int, path: str, *, between: bool = False) -> None:
     """Rank world-1 exits in the middle of step 1 (after its dispatch), or ``between`` steps
     0 and 1; the others report what their step raised and how long it took."""
@@ -111,7 +132,7 @@ def main() -> None:
     host = sys.argv[6] if len(sys.argv) > 6 else "127.0.0.1"
     transports = ("shm", "tcp") if transport == "shm" else ("tcp",)
     with tf.Engine(SECRET, transports=transports, name=f"rank{rank}", host=host) as eng:
-        {"scenarios": scenarios, "dtypes": dtypes, "dies": dies,
+        {"scenarios": scenarios, "dtypes": dtypes, "wide": wide, "dies": dies,
          "dies_between": lambda *a: dies(*a, between=True)}[mode](
             eng, int(rank), int(world), path)
 

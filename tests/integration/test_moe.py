@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import subprocess_env
-from helpers.moe_case import SCENARIOS, WORLD, reference, step_input
+from helpers.moe_case import EXPERTS, SCENARIOS, WORLD, reference, step_input
 
 RANK = Path(__file__).resolve().parent.parent / "helpers" / "moe_rank.py"
 
@@ -83,6 +83,30 @@ def test_torch_and_half_dtypes(tmp_path: Path, kernels: str) -> None:
             # (helpers/moe_rank.py saves bfloat16 as float32 bits, the others as float32)
             want_np = want.view(torch.int32).numpy() if dtype == "bfloat16" else want.numpy()
             assert np.array_equal(got[dtype], want_np), dtype
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_wide_rows_go_straight_from_the_tokens(tmp_path: Path, transport: str) -> None:
+    """Pairs of 1 MiB and more are written from the tokens after their header (the others
+    packed in one message, in the same step); both layouts equal the float32 reference."""
+    assert run_group(tmp_path, transport, "wide") == [0] * WORLD
+    outs = [np.load(tmp_path / f"out.{r}.npz") for r in range(WORLD)]
+    inputs = [step_input("random", 0, r) for r in range(WORLD)]
+    x = np.concatenate([o["x"] for o in outs])
+    ids = np.concatenate([i.ids for i in inputs])
+    w = np.concatenate([i.weights for i in inputs])
+    pair_bytes = [int((i.ids // (EXPERTS // WORLD) == d).any(axis=1).sum()) * x.shape[1] * 4
+                  for s, i in enumerate(inputs) for d in range(WORLD) if d != s]
+    assert max(pair_bytes) >= 1 << 20 > min(pair_bytes) > 0  # some pairs direct, some packed
+    want = np.zeros(x.shape, np.float32)
+    for k in range(ids.shape[1]):  # slot order, from zero, as the layer sums
+        want += w[:, k, None] * (x * (ids[:, k, None] + 1).astype(np.float32))
+    at = 0
+    for r, o in enumerate(outs):
+        n = len(inputs[r].ids)
+        for layout in ("expanded", "compact"):
+            assert np.array_equal(o[layout], want[at:at + n]), (r, layout)
+        at += n
 
 
 @pytest.mark.parametrize("transport,mode", [("shm", "dies"), ("tcp", "dies"),

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._address import EngineAddress
 from .._engine import Engine
+from .._engine_ops import ScatterDest
 from .._errors import (BrokenError, ClosedError, ConfigError, ProtocolError, TensorFabricError,
                        TransferTimeout)
 from .._region import Access, RegionDescriptor
@@ -23,6 +24,7 @@ from ._plan import DispatchPlan, ExpertPlan, check_ids, plan_dispatch, plan_expe
 _HDR = 64  # bytes before a dispatch message's rows: step, rows, answer base, pairs
 _ALIGN = 64
 _IMM_BASE = 0x4D6F4500_00000000  # "MoE\0" in the high bytes; + 4 * group + phase
+_ROWS_DIRECT = 1 << 20  # rows to one rank from this size on are written from the tokens
 _CLOSE_WAIT_S = 5.0  # how long close waits for the other ranks to release their regions
 
 
@@ -208,15 +210,31 @@ class ExpertParallel:
                  for d in range(self.world)]
         self._reserve(sum(_up(sizes[d], _ALIGN) for d in self._order()))
         writes: list[Transfer] = []
-        off = 0
+        off, rb, at = 0, self.row_bytes, self.rank * self.slot_bytes
+        direct: list[tuple[int, Transfer]] = []
         with self._issuing(writes, "dispatch"):
             for d in self._order():
-                self._pack(self._send[off:], plan, d, xb)
-                writes.append(self.engine.write(
-                    self._send, self._dispatch_to[d], src_offset=off,
-                    dst_offset=self.rank * self.slot_bytes, nbytes=sizes[d], imm=self._imm[0],
-                    timeout=self.timeout))
+                n, to = len(plan.rows[d]), self._dispatch_to[d]
+                if n * rb < _ROWS_DIRECT:  # one message: header, rows, slot table
+                    self._pack(self._send[off:], plan, d, xb)
+                    writes.append(self.engine.write(
+                        self._send, to, src_offset=off, dst_offset=at, nbytes=sizes[d],
+                        imm=self._imm[0], timeout=self.timeout))
+                else:  # header and slot table first; the rows then go from the tokens
+                    self._pack(self._send[off:], plan, d, xb, rows=False)
+                    tail = _HDR + n * rb
+                    direct.append((d, self.engine.scatter(self._send, [
+                        ScatterDest(to, off, at, _HDR),
+                        ScatterDest(to, off + tail, at + tail, sizes[d] - tail)],
+                        timeout=self.timeout)))
                 off += _up(sizes[d], _ALIGN)
+            for d, head in direct:  # landed before the rows' immediate can be counted
+                writes.append(head)
+                head.wait(self.timeout)
+                writes.append(self.engine.write_pages(
+                    xb, self._dispatch_to[d], src_pages=plan.rows[d],
+                    dst_pages=np.arange(len(plan.rows[d])), page_size=rb, dst_offset=at + _HDR,
+                    imm=self._imm[0], timeout=self.timeout))
         # our own slot gets its header and slot table; expanded, its rows stay in ``tokens``
         # (the gather below reads them there), compact, they are copied in beside the others'
         self._pack(self._recv.array[self.rank * self.slot_bytes:], plan, self.rank, xb,
