@@ -26,7 +26,7 @@ from tensorfabric.bench._moe import format_moe, moe_config, run_moe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", help="comma list of EPxTOKENSxHIDDENxEXPERTS[xTOPK]")
-    ap.add_argument("--transport", default="shm,tcp", help="comma list of shm, tcp, netns")
+    ap.add_argument("--transport", default="shm,tcp", help="comma list of shm, tcp, tcp-plain, netns")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--rate", default="10gbit", help="netns hosts' NIC rate")
     ap.add_argument("--quick", action="store_true", help="two small points, 10 iterations")

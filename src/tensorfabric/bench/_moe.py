@@ -219,7 +219,8 @@ def _ratio(r: dict[str, Any], key: str) -> str:
 def moe_config(points: str | None, transport: str | None, *, quick: bool = False,
                baselines: bool = True, iters: int | None = None) -> MoeConfig:
     """A config from command-line text; ValueError on bad input. ``transport``: a comma list
-    of shm, tcp and netns (tcp between network-namespace hosts, needs root)."""
+    of shm, tcp, tcp-plain (tcp without frame MACs, as gloo and the raw sockets run) and
+    netns (tcp between network-namespace hosts, needs root)."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
@@ -228,9 +229,10 @@ def moe_config(points: str | None, transport: str | None, *, quick: bool = False
     names = [t.strip() for t in (transport or "shm,tcp").split(",") if t.strip()]
     if names == ["all"]:
         names = ["shm", "tcp"]
-    bad = set(names) - {"shm", "tcp", "netns"}
+    bad = set(names) - {"shm", "tcp", "tcp-plain", "netns"}
     if bad or not names:
-        raise ValueError(f"--moe transports are shm, tcp, netns; got {sorted(bad) or names}")
+        raise ValueError(f"--moe transports are shm, tcp, tcp-plain, netns; got "
+                         f"{sorted(bad) or names}")
     pts = [p.strip() for p in points.split(",") if p.strip()] if points else \
         list(QUICK if quick else FULL)
     if "netns" in names:

@@ -130,7 +130,8 @@ def main(a: dict[str, Any]) -> None:
     T, H, E, K = a["tokens"], a["hidden"], a["experts"], a["topk"]
     transports = ("shm", "tcp") if a["transport"] == "shm" else ("tcp",)
     eng = tf.Engine(a["secret"], host=hosts[rank], transports=transports, name=f"ep{rank}",
-                    timeout=120, link_timeout=30)  # 8 ranks on 2 cores stall links for s
+                    timeout=120, link_timeout=30,  # 8 ranks on 2 cores stall links for s
+                    integrity=a["transport"] != "tcp-plain")  # tcp-plain: no frame MACs
     ep = ExpertParallel(eng, rank=rank, world=world, num_experts=E, hidden=H, topk=K,
                         max_tokens=T, dtype="bfloat16", timeout=120,
                         exchange=FileExchange(a["dir"], rank, world, key="ep", timeout=120))
