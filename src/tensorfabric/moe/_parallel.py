@@ -250,22 +250,22 @@ class ExpertParallel:
         self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
         first = self.rank * self.local
         experts = range(first, first + self.local)
-        if not expand:
-            rows = tx.wrap(self._recv_rows.view(self._npdtype), kind)
-            index = tx.split_index(eplan.gather, eplan.counts, kind)
-            self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
-                            "dispatch_unpack": time.perf_counter() - t2}
-            return DispatchResult(None, None, eplan.counts, experts, self._step, rows, index)
-        R = len(eplan.gather)
-        if len(self._xbuf) < R:
-            self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)  # headroom
-        own = (self.rank * self._slot_rows, xb, plan.rows[self.rank])
-        tx.gather(self._xbuf, self._recv_rows, eplan.gather, alias=own)
-        typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
-        batches = tx.split_rows(typed, eplan.counts, kind)
+        if expand:
+            R = len(eplan.gather)
+            if len(self._xbuf) < R:
+                self._xbuf = np.empty((_up(R + R // 4, 64), self.row_bytes), np.uint8)
+            own = (self.rank * self._slot_rows, xb, plan.rows[self.rank])
+            tx.gather(self._xbuf, self._recv_rows, eplan.gather, alias=own)
+            typed = tx.wrap(self._xbuf[:R].view(self._npdtype), kind)
+            got = DispatchResult(tx.split_rows(typed, eplan.counts, kind), typed, eplan.counts,
+                                 experts, self._step)
+        else:
+            got = DispatchResult(None, None, eplan.counts, experts, self._step,
+                                 tx.wrap(self._recv_rows.view(self._npdtype), kind),
+                                 tx.split_index(eplan.gather, eplan.counts, kind))
         self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
                         "dispatch_unpack": time.perf_counter() - t2}
-        return DispatchResult(batches, typed, eplan.counts, experts, self._step)
+        return got
 
     def _pack(self, dst: np.ndarray, plan: DispatchPlan, d: int, xb: np.ndarray, *,
               rows: bool = True) -> None:
