@@ -209,7 +209,7 @@ class TensorFabricTransport(TensorTransportManager):
             plain = not any(layouts[i].get(k) for k in ("stride", "conj", "neg", "requires_grad"))
             if (buf is None or not plain or not buf.is_contiguous() or buf.shape != shape
                     or buf.dtype != dtype):  # fmt: skip
-                buf = torch.empty(shape, dtype=dtype)  # type: ignore[arg-type]  # torch dtypes here
+                buf = torch.empty(shape, dtype=dtype)
                 buf = buf.reshape(-1) if not plain else buf
             flats.append(buf)
         if any(descs):
