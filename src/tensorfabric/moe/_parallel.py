@@ -275,9 +275,8 @@ class ExpertParallel:
         n, rb = len(plan.rows[d]), self.row_bytes
         head = np.array([self._step, n, plan.base[d], plan.pairs[d]], np.uint64)
         dst[:32] = head.view(np.uint8)
-        if rows:
-            np.take(xb, plan.rows[d], axis=0, out=dst[_HDR:_HDR + n * rb].reshape(n, rb),
-                    mode="clip")
+        if rows:  # the compiled gather where built (GIL released: the shm copies run on)
+            tx.gather(dst[_HDR:_HDR + n * rb].reshape(n, rb), xb, plan.rows[d])
         dst[_HDR + n * rb:_HDR + n * (rb + 2 * self.topk)] = meta.view(np.uint8).ravel()
 
     def _read_slots(self) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
