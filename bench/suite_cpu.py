@@ -3,6 +3,11 @@
 Run it beside the suite (it samples /proc once a second until the suite's pytest exits):
 
     python -m pytest -q -p no:cacheprovider & python bench/suite_cpu.py --out cpu.json
+    python -m pytest -q -p no:cacheprovider & python bench/suite_cpu.py --out cpu.json --load 2
+
+``--load N`` runs ``stress-ng --cpu N`` beside the suite for as long as it runs (issue 15's
+loaded runs) and stops it after; it refuses to start without stress-ng (a loaded run that
+silently ran idle once), and the report names the load's CPU apart, as "(load: stress-ng)".
 
 Every process's CPU time (user + system, from /proc/PID/stat) between two samples is charged
 to the test that the nearest pytest-xdist worker among its ancestors was running then (the
@@ -20,6 +25,9 @@ import collections
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -57,8 +65,24 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=1.0, help="seconds between samples")
     ap.add_argument("--wait", type=float, default=120.0,
                     help="seconds to wait for the suite's workers to appear")
+    ap.add_argument("--load", type=int, default=0,
+                    help="run stress-ng --cpu N beside the suite (needs stress-ng)")
     args = ap.parse_args()
+    load = None
+    if args.load:
+        if shutil.which("stress-ng") is None:
+            sys.exit("suite_cpu: --load needs stress-ng (apt-get install stress-ng); "
+                     "not measuring a loaded run without its load")
+        load = subprocess.Popen(["stress-ng", "--cpu", str(args.load), "--quiet"])
+    try:
+        _sample(args)
+    finally:
+        if load is not None:
+            load.terminate()
+            load.wait(30)
 
+
+def _sample(args: argparse.Namespace) -> None:
     per_test: collections.Counter[str] = collections.Counter()  # clock ticks
     last: dict[int, int] = {}
     seen_worker = False
@@ -79,6 +103,8 @@ def main() -> None:
             if delta <= 0:
                 continue
             owner, p, hops = "(outside the suite)", pid, 0
+            if cmd.startswith("stress-ng"):
+                owner, p = "(load: stress-ng)", 1
             while p > 1 and hops < 64:
                 if p in workers:
                     owner = workers[p].split("@")[0]
