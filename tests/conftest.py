@@ -71,8 +71,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ``TF_TEST_TIMELINE=FILE``: one JSON line per test (worker, test id, start and end, wall
-# seconds since the epoch, setup and teardown included), to see where a run's time went and how
-# the two workers overlapped (docs/benchmarks.md, the suite sections).
+# seconds since the epoch, setup and teardown included, and the outcome), to see where a run's
+# time went, how the two workers overlapped (docs/benchmarks.md, the suite sections) and what
+# failed while the run still goes (pytest-xdist prints failures only at the end).
+_OUTCOME = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        item.stash[_OUTCOME] = f"failed in {report.when}"
+    elif report.skipped and _OUTCOME not in item.stash:
+        item.stash[_OUTCOME] = "skipped"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     start = time.time()
@@ -80,6 +94,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     path = os.environ.get("TF_TEST_TIMELINE")
     if path:
         line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
-                "start": round(start, 3), "end": round(time.time(), 3)}  # fmt: skip
+                "start": round(start, 3), "end": round(time.time(), 3),
+                "outcome": item.stash.get(_OUTCOME, "passed")}  # fmt: skip
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
