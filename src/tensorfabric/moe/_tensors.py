@@ -106,13 +106,9 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
 
 
 def split_index(idx: np.ndarray, counts: np.ndarray, kind: Kind) -> list[Any]:
-    """``idx`` (int64) cut into ``counts[i]`` consecutive pieces, as torch tensors for torch
-    callers (so that ``rows[index[e]]`` is a torch gather) and numpy arrays otherwise."""
-    parts = np.split(idx, np.cumsum(counts[:-1]))
-    if kind.torch:
-        torch = _torch()
-        return [torch.from_numpy(p) for p in parts]
-    return parts
+    """``idx`` (int64) cut like :func:`split_rows`, as torch tensors for torch callers (so that
+    ``rows[index[e]]`` is a torch gather) and numpy arrays otherwise."""
+    return split_rows(_torch().from_numpy(idx) if kind.torch else idx, counts, kind)
 
 
 def gather(dst: np.ndarray, table: np.ndarray, idx: np.ndarray, *,
