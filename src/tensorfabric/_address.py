@@ -89,7 +89,12 @@ class EngineAddress:
             raise ConfigError(f"malformed engine address: {exc}") from None
 
     def __str__(self) -> str:
-        return _label(self.name, self.endpoints)
+        return self._label
+
+    @functools.cached_property
+    def _label(self) -> str:
+        # every op's transfer carries it: made once per address (frozen: it never changes)
+        return f"{self.name}@" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
 
 def _text(v: object) -> str:
@@ -102,9 +107,3 @@ def _port(v: object) -> int:
     if not isinstance(v, int) or not 0 <= v <= 65535:
         raise ValueError(f"bad port {v!r}")
     return v
-
-
-@functools.lru_cache(maxsize=1024)
-def _label(name: str, endpoints: tuple[tuple[str, int], ...]) -> str:
-    # named once per peer: error messages and transfers carry it on every op
-    return f"{name}@" + ",".join(f"{h}:{p}" for h, p in endpoints)

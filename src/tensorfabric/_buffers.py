@@ -30,13 +30,28 @@ def _torch_tensor_to_numpy(obj: Any) -> np.ndarray | None:
     return flat.view(torch.uint8).numpy()
 
 
+_READ_ONLY = "buffer is read-only but remote writes (or reads into it) need write access"
+
+
 def as_bytes_view(obj: Buffer, *, writable: bool) -> memoryview:
     """Return a 1-D ``uint8`` memoryview over ``obj``'s memory (no copy).
 
     Raises :class:`ConfigError` for objects that are not contiguous buffers, or read-only ones
     when ``writable`` is asked.
     """
-    if isinstance(obj, memoryview):
+    if isinstance(obj, np.ndarray) and obj.size:  # the per-op fast path: no reshaped views made
+        try:
+            mv = memoryview(obj)  # type: ignore[arg-type]
+            flat = mv if mv.ndim == 1 and mv.format == "B" and mv.c_contiguous else mv.cast("B")
+        except (TypeError, ValueError):
+            pass  # dtypes the buffer protocol or cast() refuse: the reshape path below
+        else:
+            if writable and flat.readonly:
+                raise ConfigError(_READ_ONLY)
+            return flat
+    if isinstance(obj, (bytes, bytearray)):
+        mv = memoryview(obj)
+    elif isinstance(obj, memoryview):
         mv = obj
     else:
         arr = _torch_tensor_to_numpy(obj)
@@ -57,7 +72,7 @@ def as_bytes_view(obj: Buffer, *, writable: bool) -> memoryview:
     if not mv.contiguous:
         raise ConfigError("buffer is not contiguous")
     if writable and mv.readonly:
-        raise ConfigError("buffer is read-only but remote writes (or reads into it) need write access")
+        raise ConfigError(_READ_ONLY)
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
     return mv

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -27,6 +28,9 @@ class Timers:
     _closed: bool
     _tcp: TcpTransport
     _timers: list[tuple[float, int, weakref.ref[Transfer]]]
+    #: deadlines of new transfers, appended without a lock (one deque append per op); the
+    #: timer thread moves them into the heap
+    _timers_new: collections.deque[tuple[float, weakref.ref[Transfer]]]
     _timer_seq: itertools.count[int]
     _timer_cv: threading.Condition
     _timer_lock: threading.Lock  # _timer_cv's lock
@@ -39,12 +43,18 @@ class Timers:
         limit = self.timeout if timeout is None else float(timeout)
         if limit <= 0:
             raise ConfigError(f"timeout must be > 0, got {timeout!r}")
-        t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=time.monotonic() + limit)
+        deadline = time.monotonic() + limit
+        t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=deadline)
         if parts:
-            with self._timer_lock:
-                heapq.heappush(self._timers,
-                               (t.deadline or 0.0, next(self._timer_seq), weakref.ref(t)))
+            self._timers_new.append((deadline, weakref.ref(t)))
         return t
+
+    def _take_new_timers(self) -> None:
+        """Move new transfers' deadlines into the heap (``_timer_lock`` held)."""
+        new, heap, seq = self._timers_new, self._timers, self._timer_seq
+        while new:
+            deadline, ref = new.popleft()
+            heapq.heappush(heap, (deadline, next(seq), ref))
 
 
     def _timer_loop(self) -> None:
@@ -53,6 +63,7 @@ class Timers:
             now = time.monotonic()
             expired: list[Transfer] = []
             with self._timer_cv:
+                self._take_new_timers()
                 while self._timers:
                     deadline, _, ref = self._timers[0]
                     top = ref()

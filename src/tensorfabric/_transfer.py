@@ -40,8 +40,9 @@ class Transfer:
         self._done = False  # finished, and its abort hooks have run: waiters may go
         self._claimed = False  # a _finish call has won (set before the abort hooks run)
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Transfer], Any]] = []
-        self._cancel_hooks: list[Callable[[], Any]] = []
+        # () until the first one comes: most transfers never get one (no list per op)
+        self._callbacks: list[Callable[[Transfer], Any]] | tuple[()] = ()
+        self._cancel_hooks: list[Callable[[], Any]] | tuple[()] = ()
         self._pending = parts
         self.value: Any = None  #: what the op produced (e.g. the ``Message`` of a recv)
         self.started = time.perf_counter()
@@ -86,7 +87,7 @@ class Transfer:
             self._claimed = True
             self._error = error
             self.finished = time.perf_counter()
-            hooks, self._cancel_hooks = self._cancel_hooks, []
+            hooks, self._cancel_hooks = self._cancel_hooks, ()
             if error is None:  # no hooks to run: let the waiters go under this same lock
                 reader, callbacks = self._let_go()
         if error is not None:
@@ -102,19 +103,22 @@ class Transfer:
             _run_quietly(cb, self)
         return True
 
-    def _let_go(self) -> tuple[Any, list[Callable[[Transfer], Any]]]:
+    def _let_go(self) -> tuple[Any, list[Callable[[Transfer], Any]] | tuple[()]]:
         """Mark done and open the gate (under ``_lock``); the reader to kick, the callbacks."""
         self._done = True
         reader, self._reader = self._reader, None
         self._gate.release()
-        callbacks, self._callbacks = self._callbacks, []
+        callbacks, self._callbacks = self._callbacks, ()
         return reader, callbacks
 
     def _on_abort(self, hook: Callable[[], Any]) -> None:
         """Run ``hook`` if this transfer fails or is cancelled (to drop queued work)."""
         with self._lock:
             if not self._claimed:
-                self._cancel_hooks.append(hook)
+                if isinstance(self._cancel_hooks, list):
+                    self._cancel_hooks.append(hook)
+                else:
+                    self._cancel_hooks = [hook]
                 return
         if self._error is not None:
             _run_quietly(hook)
@@ -174,7 +178,10 @@ class Transfer:
         """Call ``fn(transfer)`` when done (at once if already done), from the completing thread."""
         with self._lock:
             if not self._done:
-                self._callbacks.append(fn)
+                if isinstance(self._callbacks, list):
+                    self._callbacks.append(fn)
+                else:
+                    self._callbacks = [fn]
                 return
         _run_quietly(fn, self)
 
