@@ -35,7 +35,13 @@ def _cpu(pid: int) -> float:
 
 def _size(text: str) -> int:
     mult = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
-    return int(text[:-1] if mult > 1 else text) * mult
+    try:
+        n = int(text[:-1] if mult > 1 else text) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 4k, 1m)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return n
 
 
 def _engine_peer(size: int, transports: tuple[str, ...], integrity: bool, q: mp.Queue,
@@ -118,13 +124,13 @@ def raw_point(size: int, ops: int) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="4k", help="bytes per write (k, m suffixes)")
+    ap.add_argument("--size", type=_size, default="4k", help="bytes per write (k, m suffixes)")
     ap.add_argument("--ops", type=int, default=20000, help="writes per point")
     ap.add_argument("--transport", default="tcp", choices=["tcp", "tcp-plain", "shm"])
     args = ap.parse_args(argv)
-    size = _size(args.size)
-    if size <= 0 or args.ops <= 0:
-        ap.error("--size and --ops must be positive")
+    size = args.size
+    if args.ops <= 0:
+        ap.error("--ops must be positive")
     es, er, ew = engine_point(size, args.ops, args.transport)
     rs, rr, rw = raw_point(size, args.ops)
     print(f"{args.transport} writes of {size} B, {args.ops} ops, load {os.getloadavg()[0]:.1f}")
