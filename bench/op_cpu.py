@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.transport} writes of {size} B, {args.ops} ops, load {os.getloadavg()[0]:.1f}")
     print(f"  engine: sender {es:6.1f} us/op, receiver {er:6.1f} us/op, wall {ew:6.1f} us/op")
     print(f"  raw   : sender {rs:6.1f} us/op, receiver {rr:6.1f} us/op, wall {rw:6.1f} us/op")
-    print(f"  engine/raw CPU: sender {es / rs:.1f}x, receiver {er / rr:.1f}x, "
-          f"both {(es + er) / (rs + rr):.1f}x")
+    ratio = lambda a, b: f"{a / b:.1f}x" if b > 0 else "n/a (raise --ops: CPU time is in clock ticks)"  # noqa: E731
+    print(f"  engine/raw CPU: sender {ratio(es, rs)}, receiver {ratio(er, rr)}, "
+          f"both {ratio(es + er, rs + rr)}")
     return 0
 
 
