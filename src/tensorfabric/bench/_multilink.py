@@ -100,15 +100,31 @@ def run_over_netns(net: Any, nbytes: int, reps: int = 1, links: list[int] | None
             on_started(int(text.split()[1]))
         elif text.startswith("{"):
             results.append(json.loads(text))
-    rc = driver.wait(timeout)
-    peer.wait(timeout)
+    rc, hung = _reap(driver, timeout), []
+    if rc is None:
+        hung.append("the driver")
+    if _reap(peer, timeout) is None:
+        hung.append("the peer")  # it serves until told to quit, or idle for ``timeout``
     errors.seek(0)
     err_text = errors.read()[-3000:]
     errors.close()
-    if rc != 0 or len(results) != reps:
+    if rc != 0 or len(results) != reps or hung:
+        stuck = f"; {' and '.join(hung)} did not exit within {timeout} s (killed)" if hung else ""
         raise RuntimeError(f"multilink driver exited {rc} after {len(results)} of {reps} "
-                           f"transfers:\n{err_text}")
+                           f"transfers{stuck}; the driver's stderr:\n{err_text}")
     return results
+
+
+def _reap(proc: Any, timeout: float) -> int | None:
+    """``proc``'s exit status, or None if it ran past ``timeout`` (it is killed then)."""
+    import subprocess
+
+    try:
+        return int(proc.wait(timeout))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
