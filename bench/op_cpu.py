@@ -9,7 +9,8 @@ socket (``sendall`` of each message to a peer that ``recv``s them), in the same 
 each side's CPU time per op (user + system, from ``/proc``, every thread) and the engine's
 ratio to the raw socket's. Throughput on a shared 2-core machine swings with the load; CPU per
 op swings far less, so per-op trims show here first (docs/benchmarks.md, "Small ops, fourth
-pass").
+pass"). ``bench/small_op_cpu.py`` is the other small-op program: it measures speed (ratios to
+raw), not CPU time.
 """
 
 from __future__ import annotations
