@@ -35,14 +35,12 @@ def _cpu(pid: int) -> float:
 
 
 def _size(text: str) -> int:
-    mult = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    from tensorfabric.bench._stats import parse_size  # the CLI's own size syntax
+
     try:
-        n = int(text[:-1] if mult > 1 else text) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 4k, 1m)") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return n
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _engine_peer(size: int, transports: tuple[str, ...], integrity: bool, q: mp.Queue,
@@ -125,7 +123,7 @@ def raw_point(size: int, ops: int) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=_size, default="4k", help="bytes per write (k, m suffixes)")
+    ap.add_argument("--size", type=_size, default="4k", help="bytes per write (4096, 4k, 1m, ...)")
     ap.add_argument("--ops", type=int, default=20000, help="writes per point")
     ap.add_argument("--transport", default="tcp", choices=["tcp", "tcp-plain", "shm"])
     args = ap.parse_args(argv)
