@@ -1,0 +1,27 @@
+/* tensorfabric._native's shared declarations: the module (_native.c) parses arguments and
+ * holds the GIL's rules; the kernels live in _native_sum.c (the weighted sum). */
+#ifndef TF_NATIVE_H
+#define TF_NATIVE_H
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1
+#else
+#define HAVE_F16 0
+#endif
+
+/* out[t] = sum over k of w[t, k] * rows[pos[t, k]] (see _native.c's weighted_sum); returns
+ * -1 when every pos was in range, else the flat index of the first bad one. ``acc`` is
+ * scratch for H floats. Runs without the GIL. */
+Py_ssize_t tf_weighted_sum_loop(const char *table, Py_ssize_t R, const char *table2,
+                                Py_ssize_t R2, const int64_t *pos, const float *w, char *out,
+                                Py_ssize_t T, Py_ssize_t K, Py_ssize_t H, int dtype,
+                                float *acc);
+
+#endif
