@@ -8,7 +8,8 @@ tensorfabric then runs its numpy path (``tensorfabric._compiled`` says which one
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "tensorfabric._native", ["src/tensorfabric/_native.c", "src/tensorfabric/_native_sum.c"],
+    "tensorfabric._native", ["src/tensorfabric/_native.c", "src/tensorfabric/_native_sum.c",
+                             "src/tensorfabric/_native_plan.c"],
     depends=["src/tensorfabric/_native.h"],
     # -ffp-contract=off: a multiply and an add stay two roundings, as in the numpy path
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"],

@@ -16,6 +16,13 @@
  *   dtype   0 float32, 1 float16, 2 bfloat16
  * out[t] = sum over k in order of weights[t, k] * table[pos[t, k]], accumulated in float32 and
  * rounded once. One pass over the gathered rows, no scratch copies; the GIL is released.
+ * (_native_sum.c: a block of 32 columns' sums stays in registers while the token's K rows go
+ * past; an AVX2 clone on x86-64; float16 through the CPU's F16C conversions where it has them.)
+ *
+ * gather_rows(dst, table, idx, row_bytes[, table2]): dst[r] = rows[idx[r]].
+ *
+ * plan_dispatch / plan_experts: the MoE routing plans (_native_plan.c), the same arrays as
+ * moe/_plan.py's numpy functions, from counting sorts.
  */
 #include "_native.h"
 
@@ -36,7 +43,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     }
     Py_buffer tb = {0}, pb = {0}, wb = {0}, ob = {0}, t2b = {0};
     PyObject *ret = NULL;
-    float *acc = NULL;
+    const char **rows = NULL;
     if (PyObject_GetBuffer(o_table, &tb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(o_pos, &pb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(o_w, &wb, PyBUF_C_CONTIGUOUS) < 0) goto done;
@@ -57,8 +64,8 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t K = T ? TK / T : 0;
-    acc = (float *)malloc((size_t)H * sizeof(float));
-    if (acc == NULL) {
+    rows = (const char **)malloc((size_t)(K ? K : 1) * sizeof(char *));
+    if (rows == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -66,7 +73,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     bad = tf_weighted_sum_loop((const char *)tb.buf, R, (const char *)t2b.buf, R2,
                             (const int64_t *)pb.buf,
-                            (const float *)wb.buf, (char *)ob.buf, T, K, H, dtype, acc);
+                            (const float *)wb.buf, (char *)ob.buf, T, K, H, dtype, rows);
     Py_END_ALLOW_THREADS
     if (bad >= 0) {
         PyErr_Format(PyExc_IndexError, "weighted_sum: pos[%zd] = %lld is outside the table's "
@@ -76,7 +83,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    free(acc);
+    free((void *)rows);
     if (tb.obj) PyBuffer_Release(&tb);
     if (pb.obj) PyBuffer_Release(&pb);
     if (wb.obj) PyBuffer_Release(&wb);
@@ -136,6 +143,14 @@ done:
     return ret;
 }
 
+/* _use_f16c(on): float16 sums through the CPU's F16C conversions (where it has them) or the
+ * plain path; returns the old setting (the tests run both) */
+static PyObject *use_f16c(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    return PyBool_FromLong(tf_use_f16c(on));
+}
+
 static PyMethodDef methods[] = {
     {"weighted_sum", weighted_sum, METH_VARARGS,
      "weighted_sum(table, pos, weights, out, hidden, dtype[, table2]): out[t] = sum_k "
@@ -144,6 +159,16 @@ static PyMethodDef methods[] = {
     {"gather_rows", gather_rows, METH_VARARGS,
      "gather_rows(dst, table, idx, row_bytes[, table2]): dst[r] = rows[idx[r]] (rows: "
      "table's, then table2's)."},
+    {"_use_f16c", use_f16c, METH_VARARGS,
+     "_use_f16c(on): float16 through F16C where the CPU has it (True) or the plain path; "
+     "returns the old setting."},
+    {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
+     "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "
+     "routing plan into preallocated buffers; -1, or the flat index of a bad id."},
+    {"plan_experts", tf_plan_experts, METH_VARARGS,
+     "plan_experts(metas, K, slot_rows, local, gather, counts, replies, per_source): the "
+     "receiver's batches into preallocated buffers; None, or (source, expert) when a source "
+     "names an expert this rank does not hold."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -153,6 +178,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
+    tf_sum_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_F16) < 0) {

@@ -1,5 +1,6 @@
 /* tensorfabric._native's shared declarations: the module (_native.c) parses arguments and
- * holds the GIL's rules; the kernels live in _native_sum.c (the weighted sum). */
+ * holds the GIL's rules; the kernels live in _native_sum.c (the weighted sum) and
+ * _native_plan.c (the routing plans). */
 #ifndef TF_NATIVE_H
 #define TF_NATIVE_H
 #define PY_SSIZE_T_CLEAN
@@ -17,11 +18,19 @@ enum { F32 = 0, F16 = 1, BF16 = 2 };
 #endif
 
 /* out[t] = sum over k of w[t, k] * rows[pos[t, k]] (see _native.c's weighted_sum); returns
- * -1 when every pos was in range, else the flat index of the first bad one. ``acc`` is
- * scratch for H floats. Runs without the GIL. */
+ * -1 when every pos was in range, else the flat index of the first bad one. ``rows`` is
+ * scratch for K row pointers. Runs without the GIL. */
 Py_ssize_t tf_weighted_sum_loop(const char *table, Py_ssize_t R, const char *table2,
                                 Py_ssize_t R2, const int64_t *pos, const float *w, char *out,
                                 Py_ssize_t T, Py_ssize_t K, Py_ssize_t H, int dtype,
-                                float *acc);
+                                const char **rows);
+/* picks the kernels this CPU runs (called once, at import) */
+void tf_sum_init(void);
+/* float16 through F16C: 0 off, 1 on where the CPU has it, -1 ask; returns the old setting */
+int tf_use_f16c(int on);
+
+/* the module's plan_dispatch and plan_experts (documented in _native_plan.c) */
+PyObject *tf_plan_dispatch(PyObject *self, PyObject *args);
+PyObject *tf_plan_experts(PyObject *self, PyObject *args);
 
 #endif

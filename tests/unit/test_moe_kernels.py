@@ -19,10 +19,21 @@ PATHS = ["numpy", pytest.param("native", marks=pytest.mark.skipif(
     NATIVE is None, reason="tensorfabric._native is not built (no C compiler at install)"))]
 
 
+PATHS.append(pytest.param("native-no-f16c", marks=pytest.mark.skipif(
+    NATIVE is None, reason="tensorfabric._native is not built (no C compiler at install)")))
+
+
 @pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(_compiled, "native", NATIVE if request.param == "native" else None)
-    return str(request.param)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """numpy; the compiled kernels; the compiled kernels with float16 on their plain path
+    (what a CPU without F16C runs)."""
+    monkeypatch.setattr(_compiled, "native", None if request.param == "numpy" else NATIVE)
+    if request.param == "native-no-f16c":
+        was = NATIVE._use_f16c(False)
+        yield str(request.param)
+        NATIVE._use_f16c(was)
+        return
+    yield str(request.param)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

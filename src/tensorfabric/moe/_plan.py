@@ -1,7 +1,10 @@
 """Routing plans: which token rows go to which rank, and where the answers come back.
 
-Pure numpy, no fabric: the sender's :func:`plan_dispatch` and the receiver's
-:func:`plan_experts` are the two halves of the dispatch/combine bookkeeping.
+No fabric: the sender's :func:`plan_dispatch` and the receiver's :func:`plan_experts` are
+the two halves of the dispatch/combine bookkeeping. Each runs in the compiled kernels
+(``tensorfabric._native``: two passes of a counting sort, a few microseconds at 128 tokens)
+where they are built, else in numpy (a dozen array calls, ~120 us at 128 tokens); the two give
+the same arrays.
 
 A token goes to a rank once, however many of its top-k experts live there (pplx-garden style);
 with it travels a small table saying which local expert each of its k slots picks (-1: another
@@ -14,9 +17,11 @@ of the batches, so each rank's answer is a handful of contiguous pieces, not a r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .. import _compiled
 from .._errors import ConfigError, ProtocolError
 
 
@@ -35,6 +40,9 @@ class DispatchPlan:
 def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> DispatchPlan:
     """Plan a step for top-k expert ids ``ids`` [T, K] (-1: no expert) over ``world`` ranks
     holding ``local`` consecutive experts each; ``zero_row`` is an answer row that stays 0."""
+    nat = _compiled.native
+    if nat is not None and local <= np.iinfo(np.int16).max:
+        return _plan_dispatch_native(nat, ids, world, local, zero_row)
     T, K = ids.shape
     valid = ids >= 0
     rank_of = np.where(valid, ids // local, world)
@@ -58,6 +66,25 @@ def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> Dis
     return DispatchPlan(rows, meta, pairs.astype(np.int64), base, pos.reshape(T, K))
 
 
+def _plan_dispatch_native(nat: Any, ids: np.ndarray, world: int, local: int,
+                          zero_row: int) -> DispatchPlan:
+    T, K = ids.shape
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    rows = np.empty(world * T, np.int64)
+    meta = np.empty((world * T, K), np.int16)
+    ntok, pairs = np.empty(world, np.int64), np.empty(world, np.int64)
+    pos = np.empty((T, K), np.int64)
+    bad = nat.plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos)
+    if bad >= 0:  # check_ids stops these first
+        raise ConfigError(f"topk_ids must lie in [-1, {world * local}) (-1: no expert); "
+                          f"slot {bad} holds {int(ids.ravel()[bad])}")
+    n = ntok.tolist()
+    base = np.zeros(world, np.int64)
+    np.cumsum(pairs[:-1], out=base[1:])
+    return DispatchPlan([rows[d * T:d * T + n[d]] for d in range(world)],
+                        [meta[d * T:d * T + n[d]] for d in range(world)], pairs, base, pos)
+
+
 @dataclass
 class ExpertPlan:
     """The receiver's side of one step: local expert batches and the answers' order."""
@@ -75,6 +102,10 @@ def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertP
     ``replies[s]`` lists source ``s``'s batch rows in ascending order, which is the order
     ``plan_dispatch`` expects its answers in (local expert, token, slot).
     """
+    nat = _compiled.native
+    if nat is not None and metas and all(m.ndim == 2 for m in metas) \
+            and len({m.shape[1] for m in metas}) == 1 and metas[0].shape[1] > 0:
+        return _plan_experts_native(nat, metas, slot_rows, local)
     experts, src_rows, per_source = [], [], []
     for s, m in enumerate(metas):
         sel = m >= 0
@@ -97,6 +128,23 @@ def plan_experts(metas: list[np.ndarray], slot_rows: int, local: int) -> ExpertP
     replies = [back[bounds[s]:bounds[s + 1]] for s in range(len(metas))]
     return ExpertPlan(r_all[order], np.bincount(e_all, minlength=local).astype(np.int64),
                       replies)
+
+
+def _plan_experts_native(nat: Any, metas: list[np.ndarray], slot_rows: int,
+                         local: int) -> ExpertPlan:
+    K = metas[0].shape[1]
+    tables = [np.ascontiguousarray(m, dtype=np.int16) for m in metas]
+    room = sum(m.size for m in tables)
+    gather, replies = np.empty(room, np.int64), np.empty(room, np.int64)
+    counts, per = np.empty(local, np.int64), np.empty(len(tables), np.int64)
+    bad = nat.plan_experts(tables, K, slot_rows, local, gather, counts, replies, per)
+    if bad is not None:
+        s, e = bad
+        raise ProtocolError(f"rank {s} routed a token to local expert {e}; this rank holds "
+                            f"{local}")
+    bounds = np.concatenate([[0], np.cumsum(per)]).tolist()
+    return ExpertPlan(gather[:bounds[-1]], counts,
+                      [replies[bounds[s]:bounds[s + 1]] for s in range(len(tables))])
 
 
 def _keys(n: int) -> type[np.signedinteger]:
