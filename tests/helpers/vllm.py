@@ -14,12 +14,14 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,47 +99,88 @@ def serve_metrics(url: str) -> str:
         return r.read().decode()
 
 
+@dataclass
+class HeldStream:
+    """One edge request :func:`edge_filled` held: how many text chunks it streamed, its
+    ``finish_reason`` if it ended by itself (``None`` when it was released), or its error."""
+
+    chunks: int = 0
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
 @contextmanager
-def edge_filled(url: str, *, requests: int, running: int, queued: int, max_tokens: int = 16,
-                timeout: float = 300.0) -> Iterator[list[Future[Any]]]:
-    """Send ``requests`` long edge requests at once and wait until the served stack's /metrics
-    shows ``running`` of them in the edge's batch and ``queued`` more in its queue; yields their
-    futures while the edge is that full (fails if one finishes first or the edge never fills)."""
+def edge_filled(url: str, *, requests: int, running: int, queued: int,
+                timeout: float = 300.0) -> Iterator[list[HeldStream]]:
+    """Hold the served stack's edge full: send ``requests`` streamed edge requests at once
+    and wait until its /metrics shows ``running`` of them in the edge's batch and ``queued``
+    more in its queue; the body runs while they are held. On exit the streams are closed
+    (the server aborts them), and it waits until the edge is empty again.
+
+    The requests may run to the edge's whole context (1900 tokens) and are released by the
+    test, not by their length: how fast the edge generates against how fast the later
+    requests are scrubbed and queued (a 96-token request once ended before the eighth was
+    queued, beside stress-ng) does not decide whether the edge fills. Fails if one ends by
+    itself before the edge is full, or if the edge never fills or never empties."""
     c = openai_client(url)
+    release = threading.Event()
+    held = [HeldStream() for _ in range(requests)]
 
-    def edge(i: int) -> Any:
-        return c.chat.completions.create(
-            model="tensorfabric-edge", max_tokens=max_tokens, temperature=0,
-            # a prompt every request answers past max_tokens (greedy, the default model: 256+
-            # tokens for i in 0..7); "Count from i to i + 30" ended after 17 tokens for i = 3,
-            # so whether the edge filled depended on which request ran first
-            messages=[{"role": "user",
-                       "content": f"Write a long story about a lighthouse keeper named Sam number {i}."}])
+    def edge(i: int) -> None:
+        h = held[i]
+        try:
+            # a prompt the default model answers at length (greedy), so that no request is
+            # likely to end by itself while it is held
+            s = c.chat.completions.create(
+                model="tensorfabric-edge", max_tokens=1900, temperature=0, stream=True,
+                messages=[{"role": "user",
+                           "content": f"Write a long story about a lighthouse keeper named Sam number {i}."}])
+            with s:
+                for ch in s:
+                    if ch.choices and ch.choices[0].delta.content:
+                        h.chunks += 1
+                    if ch.choices and ch.choices[0].finish_reason:
+                        h.finish_reason = ch.choices[0].finish_reason
+                    if release.is_set():
+                        break
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            h.error = exc
 
-    with ThreadPoolExecutor(requests) as pool:
+    def edge_gauges() -> tuple[float, float]:
+        text = serve_metrics(url)
+        return (tier_gauge(text, "tensorfabric_tier_batch_size", "edge"),
+                tier_gauge(text, "tensorfabric_tier_queue_depth", "edge"))
+
+    pool = ThreadPoolExecutor(requests)
+    try:
         busy = [pool.submit(edge, i) for i in range(requests)]
         deadline = time.monotonic() + timeout
         while True:
-            text = serve_metrics(url)
-            if tier_gauge(text, "tensorfabric_tier_batch_size", "edge") >= running and \
-                    tier_gauge(text, "tensorfabric_tier_queue_depth", "edge") >= queued:
+            batch, queue = edge_gauges()
+            if batch >= running and queue >= queued:
                 break
-            done = [f for f in busy if f.done()]
-            if done:
-                exc = done[0].exception()
-                if exc is None:
-                    r = done[0].result()
-                    how = (f"it was answered: {r.usage.completion_tokens} tokens, finish_reason "
-                           f"{r.choices[0].finish_reason!r}; max_tokens={max_tokens} too short "
-                           f"for this machine's load?")
-                else:
-                    how = f"it failed: {exc!r}"
-                pytest.fail(f"an edge request finished before the edge had {running} running and "
+            ended = [h for f, h in zip(busy, held) if f.done()]
+            if ended:
+                h = ended[0]
+                how = (f"it failed: {h.error!r}" if h.error is not None else
+                       f"it ended by itself after {h.chunks} chunks, finish_reason {h.finish_reason!r}")
+                pytest.fail(f"an edge request ended before the edge had {running} running and "
                             f"{queued} queued ({how})")
             if time.monotonic() > deadline:
-                pytest.fail(f"the edge never had {running} request(s) running and {queued} queued")
+                pytest.fail(f"the edge never had {running} request(s) running and {queued} queued "
+                            f"(it had {batch:g} and {queue:g})")
             time.sleep(0.1)
-        yield busy
+        yield held
+    finally:
+        release.set()
+        pool.shutdown(wait=True)  # each stream closes at its next chunk (queued ones once they start)
+    errors = [h.error for h in held if h.error is not None]
+    assert not errors, errors
+    # closing a stream aborts its request; nothing held here may run into the next test
+    deadline = time.monotonic() + timeout
+    while edge_gauges() != (0.0, 0.0):
+        assert time.monotonic() < deadline, f"the edge still has requests {timeout:.0f} s after its streams closed"
+        time.sleep(0.2)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:

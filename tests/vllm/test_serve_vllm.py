@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers.vllm import edge_filled, openai_client, pick_cpus, post, subprocess_env, tier_gauge
+from helpers.vllm import edge_filled, openai_client, pick_cpus, post, serve_metrics, subprocess_env, tier_gauge
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
@@ -140,22 +140,31 @@ def test_edge_on_vllm_batches_and_answers_like_plain_vllm(served: Any, plain_ref
 def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: Any) -> None:
     """``routing.spill`` (on by default): with both edge slots taken and more edge requests
     queued, an auto-routed request goes straight to the cloud (reason ``edge_busy``) instead of
-    queueing for a probe; the edge requests are all answered at the edge."""
+    queueing for a probe; the edge requests stream from the edge meanwhile."""
     c = openai_client(served.url)
 
-    # 2 running and 4+ queued at the edge (its expected wait is then several times one
-    # request's, the cloud's about one request's). 96 tokens each (all reach it): the first two
-    # must still be running when the eighth is queued (24 were answered first once, beside
-    # stress-ng and the Ray tier, while the later requests were still being scrubbed and queued)
-    with edge_filled(served.url, requests=8, running=2, queued=4, max_tokens=96) as busy:
-        auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
+    def auto_request() -> Any:
+        return c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
                                          messages=[{"role": "user", "content": "What is 2+2?"}])
-        held = [f.result() for f in busy]
+
+    with ThreadPoolExecutor(1) as pool:
+        # 2 running and 4+ queued at the edge (its expected wait is then several times one
+        # request's, the cloud's about one request's), held until the auto request is answered
+        with edge_filled(served.url, requests=8, running=2, queued=4) as held:
+            auto_f = pool.submit(auto_request)
+            # answered while the edge is held; a ninth request in the edge's queue is this one,
+            # waiting for a probe (spill broken): fail now rather than when the client times out
+            deadline = time.monotonic() + 300
+            while not auto_f.done():
+                depth = tier_gauge(serve_metrics(served.url), "tensorfabric_tier_queue_depth", "edge")
+                assert depth <= 6, "the auto request queued at the edge behind the held requests"
+                assert time.monotonic() < deadline, "the auto request was not answered in 300 s"
+                time.sleep(0.1)
+        auto = auto_f.result()
     tf = auto.model_extra["tensorfabric"]
     assert tf["tier"] == "cloud" and tf["reason"] == "edge_busy" and not tf["degraded"], tf
     assert auto.choices[0].message.content
-    for r in held:
-        assert r.model_extra["tensorfabric"]["tier"] == "edge" and r.choices[0].message.content
+    assert sum(h.chunks > 0 for h in held) >= 2, held  # the two running ones were streaming
 
 
 def test_fifty_concurrent_clients_all_answered_in_one_batch(served: Any) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers.vllm import edge_filled, openai_client, subprocess_env
+from helpers.vllm import edge_filled, openai_client, serve_metrics, subprocess_env, tier_gauge
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
@@ -103,12 +104,22 @@ def test_spill_off_keeps_auto_requests_for_the_edge_probe(served: Any) -> None:
     server's default (spill on) sends it to the cloud instead (test_serve_vllm.py)."""
     c = openai_client(served.url)
 
-    with edge_filled(served.url, requests=2, running=1, queued=1) as busy:
-        auto = c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
+    def auto_request() -> Any:
+        return c.chat.completions.create(model="tensorfabric", max_tokens=8, temperature=0,
                                          messages=[{"role": "user", "content": "What is 2+2?"}])
-        held = [f.result() for f in busy]
+
+    with ThreadPoolExecutor(1) as pool:
+        with edge_filled(served.url, requests=2, running=1, queued=1) as held:
+            auto_f = pool.submit(auto_request)
+            # it queues at the edge for its probe (a spill would answer it from the cloud now)
+            deadline = time.monotonic() + 300
+            while tier_gauge(serve_metrics(served.url), "tensorfabric_tier_queue_depth", "edge") < 2:
+                assert not auto_f.done(), ("the auto request did not wait for the edge: "
+                                           f"{auto_f.result().model_extra['tensorfabric']}")
+                assert time.monotonic() < deadline, "the auto request never queued at the edge"
+                time.sleep(0.1)
+        auto = auto_f.result(timeout=600)  # released: the held requests were aborted
     tf = auto.model_extra["tensorfabric"]
     assert tf["reason"] in ("confident", "low_confidence") and not tf["degraded"], tf
     assert auto.choices[0].message.content
-    for r in held:
-        assert r.model_extra["tensorfabric"]["tier"] == "edge"
+    assert held[0].chunks + held[1].chunks > 0, held  # the running one was streaming
