@@ -102,10 +102,13 @@ def test_file_exchange_times_out_naming_missing_ranks(tmp_path: Path) -> None:
 
 def test_bad_group_arguments(tmp_path: Path) -> None:
     with tf.Engine(SECRET) as eng:
-        for bad in (dict(num_experts=5), dict(rank=2), dict(topk=0), dict(dtype="int8")):
+        for bad, says in ((dict(num_experts=5), "multiple of world"), (dict(rank=2), "rank"),
+                          (dict(topk=0), "topk"), (dict(dtype="int8"), "int8"),
+                          # slot tables hold a local expert in 16 bits: 32768 would wrap
+                          (dict(num_experts=2 * 32768), "at most 32767")):
             args = dict(KW, rank=0, world=2, exchange=FileExchange(tmp_path, 0, 2))
             args.update(bad)
-            with pytest.raises(tf.ConfigError):
+            with pytest.raises(tf.ConfigError, match=says):
                 ExpertParallel(eng, **args)
 
 

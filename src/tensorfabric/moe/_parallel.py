@@ -25,6 +25,7 @@ _HDR = 64  # bytes before a dispatch message's rows: step, rows, answer base, pa
 _ALIGN = 64
 _IMM_BASE = 0x4D6F4500_00000000  # "MoE\0" in the high bytes; + 4 * group + phase
 _ROWS_DIRECT = 1 << 20  # rows to one rank from this size on are written from the tokens
+_MAX_LOCAL = 32767  # local experts per rank (int16 slot tables)
 _CLOSE_WAIT_S = 5.0  # how long close waits for the other ranks to release their regions
 
 
@@ -103,6 +104,9 @@ class ExpertParallel:
             raise ConfigError(f"rank must be an int in [0, {world}), got {rank!r}")
         if num_experts % world:
             raise ConfigError(f"num_experts {num_experts} is not a multiple of world {world}")
+        if num_experts // world > _MAX_LOCAL:  # a slot table names a local expert in 16 bits
+            raise ConfigError(f"{num_experts // world} experts per rank; at most {_MAX_LOCAL} "
+                              "(use more ranks)")
         if not isinstance(group, int) or not 0 <= group < 1 << 24:
             raise ConfigError(f"group must be an int in [0, 2**24), got {group!r}")
         self.engine, self.rank, self.world = engine, rank, world

@@ -41,7 +41,7 @@ def plan_dispatch(ids: np.ndarray, world: int, local: int, zero_row: int) -> Dis
     """Plan a step for top-k expert ids ``ids`` [T, K] (-1: no expert) over ``world`` ranks
     holding ``local`` consecutive experts each; ``zero_row`` is an answer row that stays 0."""
     nat = _compiled.native
-    if nat is not None and local <= np.iinfo(np.int16).max:
+    if nat is not None and local <= np.iinfo(np.int16).max and world <= 1 << 20:
         return _plan_dispatch_native(nat, ids, world, local, zero_row)
     T, K = ids.shape
     valid = ids >= 0
