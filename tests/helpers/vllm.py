@@ -99,6 +99,13 @@ def serve_metrics(url: str) -> str:
         return r.read().decode()
 
 
+def edge_gauges(url: str) -> tuple[float, float]:
+    """The edge tier's (batch size, queue depth) from ``tensorfabric serve``'s /metrics."""
+    text = serve_metrics(url)
+    return (tier_gauge(text, "tensorfabric_tier_batch_size", "edge"),
+            tier_gauge(text, "tensorfabric_tier_queue_depth", "edge"))
+
+
 @dataclass
 class HeldStream:
     """One edge request :func:`edge_filled` held: how many text chunks it streamed, its
@@ -146,17 +153,12 @@ def edge_filled(url: str, *, requests: int, running: int, queued: int,
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             h.error = exc
 
-    def edge_gauges() -> tuple[float, float]:
-        text = serve_metrics(url)
-        return (tier_gauge(text, "tensorfabric_tier_batch_size", "edge"),
-                tier_gauge(text, "tensorfabric_tier_queue_depth", "edge"))
-
     pool = ThreadPoolExecutor(requests)
     try:
         busy = [pool.submit(edge, i) for i in range(requests)]
         deadline = time.monotonic() + timeout
         while True:
-            batch, queue = edge_gauges()
+            batch, queue = edge_gauges(url)
             if batch >= running and queue >= queued:
                 break
             ended = [h for f, h in zip(busy, held) if f.done()]
@@ -178,7 +180,7 @@ def edge_filled(url: str, *, requests: int, running: int, queued: int,
     assert not errors, errors
     # closing a stream aborts its request; nothing held here may run into the next test
     deadline = time.monotonic() + timeout
-    while edge_gauges() != (0.0, 0.0):
+    while edge_gauges(url) != (0.0, 0.0):
         assert time.monotonic() < deadline, f"the edge still has requests {timeout:.0f} s after its streams closed"
         time.sleep(0.2)
 

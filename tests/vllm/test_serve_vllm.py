@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers.vllm import edge_filled, openai_client, pick_cpus, post, serve_metrics, subprocess_env, tier_gauge
+from helpers.vllm import edge_filled, edge_gauges, openai_client, pick_cpus, post, subprocess_env, tier_gauge
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
@@ -156,8 +156,8 @@ def test_spill_sends_auto_requests_to_the_cloud_while_the_edge_is_full(served: A
             # waiting for a probe (spill broken): fail now rather than when the client times out
             deadline = time.monotonic() + 300
             while not auto_f.done():
-                depth = tier_gauge(serve_metrics(served.url), "tensorfabric_tier_queue_depth", "edge")
-                assert depth <= 6, "the auto request queued at the edge behind the held requests"
+                assert edge_gauges(served.url)[1] <= 8 - 2, \
+                    "the auto request queued at the edge behind the held requests"
                 assert time.monotonic() < deadline, "the auto request was not answered in 300 s"
                 time.sleep(0.1)
         auto = auto_f.result()

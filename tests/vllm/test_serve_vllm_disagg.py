@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers.vllm import edge_filled, openai_client, serve_metrics, subprocess_env, tier_gauge
+from helpers.vllm import edge_filled, edge_gauges, openai_client, subprocess_env
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
@@ -113,7 +113,7 @@ def test_spill_off_keeps_auto_requests_for_the_edge_probe(served: Any) -> None:
             auto_f = pool.submit(auto_request)
             # it queues at the edge for its probe (a spill would answer it from the cloud now)
             deadline = time.monotonic() + 300
-            while tier_gauge(serve_metrics(served.url), "tensorfabric_tier_queue_depth", "edge") < 2:
+            while edge_gauges(served.url)[1] < 2:
                 assert not auto_f.done(), ("the auto request did not wait for the edge: "
                                            f"{auto_f.result().model_extra['tensorfabric']}")
                 assert time.monotonic() < deadline, "the auto request never queued at the edge"
