@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from tensorfabric.weights import (
     Faults,
     Part,
     Publisher,
+    PublishResult,
     Subscriber,
     WeightPlan,
     fuse,
@@ -109,6 +111,53 @@ def test_dead_replica_is_dropped_and_others_still_update(engines: list[tf.Engine
         for s in subs[1:]:
             assert replica_bytes(s) == (1, expected_bytes(plan, w1))
             s.close()
+
+
+class _HeldSends:
+    """The publisher's engine, except that its sends to ``held`` wait until ``release`` is set
+    (a round to a replica's old engine that is slow to fail)."""
+
+    def __init__(self, engine: tf.Engine) -> None:
+        self.engine, self.held = engine, b""
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def send(self, address: bytes, *args: object, **kw: object) -> object:
+        if bytes(address) == self.held:
+            self.reached.set()
+            assert self.release.wait(30)
+        return self.engine.send(address, *args, **kw)
+
+
+def test_replica_that_rejoins_from_a_new_engine_during_a_round_is_kept(
+        engines: list[tf.Engine]) -> None:
+    """Replica r restarts (a new engine) while a round still targets its old one: the round's
+    failure drops the old registration only; the new one is caught up to the version."""
+    w1, w2 = sample_weights(1), sample_weights(2)
+    plan = _plan(w1)
+    held = _HeldSends(engines[0])
+    with Publisher(held, plan, timeout=5) as pub:  # type: ignore[arg-type]
+        old = Subscriber(engines[1], engines[0].address, plan.layout, name="r", timeout=5)
+        pub.wait_member("r", engines[1].address, timeout=10)
+        assert pub.publish(w1).ok
+        old.close()
+        engines[1].close()
+        held.held = engines[1].address
+        out: list[PublishResult] = []
+        round_ = threading.Thread(target=lambda: out.append(pub.publish(w2)))
+        round_.start()
+        assert held.reached.wait(10), "the round never tried the old engine"
+        new = Subscriber(engines[2], engines[0].address, plan.layout, name="r", timeout=5)
+        pub.wait_member("r", engines[2].address, timeout=10)  # hello while the round runs
+        held.release.set()
+        round_.join(30)
+        assert out and out[0].failed["r"].startswith("dead"), out
+        assert pub.replicas == ["r"], "the failure to reach the old engine dropped the new one"
+        assert new.wait_version(2, timeout=20) == 2  # caught up from the publisher
+        assert replica_bytes(new) == (2, expected_bytes(plan, w2))
+        new.close()
 
 
 def test_mismatched_layout_is_refused() -> None:

@@ -107,10 +107,12 @@ class WeightsExtension:
         return self.tf_weights_state()
 
     def tf_weights_state(self) -> dict[str, Any]:
-        """{publisher, staged (verified version in staging, 0: none), serving, rejected}."""
+        """{publisher, address (this worker's engine, hex; "" before a join), staged (verified
+        version in staging, 0: none), serving, rejected, switches, last_switch_s, last_path}."""
         st = self._tf_state()
-        sub = st.sub
+        sub, engine = st.sub, st.engine
         return {"publisher": st.publisher, "serving": st.serving,
+                "address": engine.address.hex() if engine is not None else "",
                 "staged": sub.version if sub is not None else 0,
                 "rejected": [list(r) for r in (sub.rejected if sub else [])[-_MAX_REJECTED:]],
                 "switches": st.switches, "last_switch_s": st.last_switch_s, "last_path": st.last_path}

@@ -117,6 +117,10 @@ class VllmWeights:
         cfg = {"publisher": self.address.hex(), "layout": self.plan.layout.to_json(), "name": name,
                "timeout": self.timeout, "host": self.hosts[name], "transports": list(self.transports)}
         state = self.call(name, "join", {"config": cfg})
+        # the replica's new engine says hello on its own: until the publisher has it, a
+        # publish would still write to the engine it replaced (or leave it out)
+        self.publisher.wait_member(name, bytes.fromhex(str(state.get("address", ""))),
+                                   self.timeout)
         with self._lock:  # a new publisher continues after the newest version anyone serves
             if int(state.get("serving", 0)) > self.publisher.version:
                 self.publisher.version = int(state["serving"])
@@ -188,7 +192,8 @@ class VllmWeights:
         for name in list(self.urls):
             try:
                 st = self.state(name)
-                if st.get("publisher") != self.address.hex():
+                if (st.get("publisher") != self.address.hex()
+                        or name not in self.publisher.replicas):  # or dropped after a failure
                     st = self.join(name)
                 elif int(st["staged"]) == want and int(st["version"]) != want:
                     st = self.switch(name, want)

@@ -127,6 +127,21 @@ class Publisher:
                 self._cond.wait(left)
             return list(self._replicas)
 
+    def wait_member(self, name: str, address: bytes, timeout: float | None = None) -> None:
+        """Block until replica ``name`` has said hello from the engine at ``address`` (a replica
+        that re-joined from a new engine is not sent anything before that)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._cond:
+            while True:
+                rep = self._replicas.get(name)
+                if rep is not None and rep.address == bytes(address):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise tf.TransferTimeout(f"replica {name} did not say hello from its new "
+                                             f"engine within {timeout if timeout is not None else self.timeout:.0f} s")
+                self._cond.wait(left)
+
     def catch_up(self, names: list[str]) -> None:
         """Send the current version again to ``names`` (replicas that missed it), in the
         background, as for late joiners."""
@@ -183,10 +198,13 @@ class Publisher:
             log.warning("publisher: cannot reach a replica: %s", exc)
             return False
 
-    def _drop(self, name: str, reason: str) -> None:
+    def _drop(self, rep: Replica, reason: str) -> None:
+        """Forget ``rep``: only that registration (if the replica said hello again from a new
+        engine while a round to its old one failed, the new one stays)."""
         with self._cond:
-            self._replicas.pop(name, None)
-        log.warning("publisher: dropped replica %s: %s", name, reason)
+            if self._replicas.get(rep.name) is rep:
+                del self._replicas[rep.name]
+        log.warning("publisher: dropped replica %s: %s", rep.name, reason)
 
     def _catch_up_loop(self) -> None:
         while not self._closed.is_set():
@@ -292,7 +310,7 @@ class Publisher:
         told = [n for n, r in reps.items()
                 if self._tell(r.address, proto.encode("prepare", v=version, r=rnd, chunks=chunks, timeout=timeout,
                                                   checksum=self.checksum, session=self.session.hex()))
-                or self._fail(result, n, "dead: unreachable", drop=True)]
+                or self._fail(result, n, "dead: unreachable", drop=r)]
         t_ready = time.perf_counter()
         ready = self._await("ready", told, rnd, deadline)
         result.stages["ready"] = result.stages.get("ready", 0.0) + time.perf_counter() - t_ready
@@ -309,7 +327,7 @@ class Publisher:
             self._tell(reps[n].address, proto.encode("go", v=version, r=rnd, children=kids))
         roots = [n for i, n in enumerate(live) if parents[i] < 0]
         t0 = time.perf_counter()
-        self._write_chunks(rnd, roots, desc, prepare, result, deadline,
+        self._write_chunks(rnd, {n: reps[n] for n in roots}, desc, prepare, result, deadline,
                            sources=prepare if prepare is not None else sources)
         result.stages["write"] = result.stages.get("write", 0.0) + time.perf_counter() - t0
         for n in live:
@@ -322,23 +340,24 @@ class Publisher:
             if msg is not None and msg["ok"]:
                 result.updated.append(n)
                 with self._cond:
-                    if n in self._replicas:
-                        self._replicas[n].version = version
+                    if self._replicas.get(n) is reps[n]:  # not a registration made since
+                        reps[n].version = version
             elif n not in result.failed:
                 self._fail(result, n, msg["reason"] if msg else "incomplete: no verdict in time")
                 if msg is None:
                     self._tell(reps[n].address, proto.encode("abort", v=version, r=rnd))
 
-    def _fail(self, result: PublishResult, name: str, reason: str, *, drop: bool = False) -> bool:
+    def _fail(self, result: PublishResult, name: str, reason: str, *,
+              drop: Replica | None = None) -> bool:
         result.failed[name] = reason
-        if drop:
-            self._drop(name, reason)
+        if drop is not None:
+            self._drop(drop, reason)
         return False
 
-    def _write_chunks(self, rnd: int, roots: list[str], desc: dict[str, Any],
+    def _write_chunks(self, rnd: int, roots: dict[str, Replica], desc: dict[str, Any],
                       prepare: Mapping[str, Any] | None, result: PublishResult, deadline: float,
                       sources: Mapping[str, Any] | None = None) -> None:
-        inflight: list[tuple[str, Any]] = []
+        inflight: list[tuple[Replica, Any]] = []
         dead: set[str] = set()
         zero_copy = self.zero_copy and sources is not None and (prepare is not None or not self._staged)
         if prepare is not None:
@@ -369,12 +388,12 @@ class Publisher:
                     flipped.append(body)
             if c.index in self.faults.drop:
                 continue
-            for n in roots:
+            for n, rep in roots.items():
                 if n in dead:
                     continue
                 t = self.engine.write(src, desc[n], src_offset=src_off, dst_offset=c.offset,
                                       nbytes=c.nbytes, imm=proto.imm(rnd, c.index))
-                inflight.append((n, t))
+                inflight.append((rep, t))
             while len(inflight) > self.window * max(1, len(roots)):
                 self._reap(inflight.pop(0), dead, result, deadline)
         t0 = clock()
@@ -388,14 +407,16 @@ class Publisher:
         if prepare is not None and not self._staged:
             self._last = prepare
 
-    def _reap(self, item: tuple[str, Any], dead: set[str], result: PublishResult, deadline: float) -> None:
-        name, t = item
+    def _reap(self, item: tuple[Replica, Any], dead: set[str], result: PublishResult,
+              deadline: float) -> None:
+        rep, t = item
+        name = rep.name
         try:
             t.wait(max(0.01, deadline - time.monotonic()))
         except (tf.BrokenError, tf.ClosedError) as exc:
             if name not in dead:
                 dead.add(name)
-                self._fail(result, name, f"dead: {exc}", drop=True)
+                self._fail(result, name, f"dead: {exc}", drop=rep)
         except tf.TensorFabricError as exc:
             if name not in dead:
                 dead.add(name)
