@@ -125,7 +125,10 @@ def test_cloud_behind_rate_limited_link(netns, tmp_path) -> None:  # type: ignor
         t0 = time.monotonic()
         out4, done4 = run(edge, "Tell me about mountains.", max_tokens=20, on_text=cut_link)
         assert cut and done4.degraded and done4.tier == "cloud+edge", done4
-        assert out4 and time.monotonic() - t0 < 40
+        # a hang guard, not a speed bound: the edge finishes the answer itself once the link
+        # stalls for the cloud's 4 s timeout (20 tokens on a loaded machine took 43 s); a dead
+        # link left to TCP's own timeouts would hold the request for many minutes
+        assert out4 and time.monotonic() - t0 < 240
         _, down = run(edge, "Hi", max_tokens=3)
         assert (down.tier, down.reason, down.degraded) == ("edge", "cloud_down", True)
 

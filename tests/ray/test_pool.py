@@ -225,7 +225,11 @@ def test_node_loss_replaces_replica_in_another_zone(pool, pool_cluster):
             break
         time.sleep(0.2)
     n_at_recovery = len(results)
-    time.sleep(1.0)
+    # traffic goes on until the replacement has answered too (the handle learns of it on its
+    # next refresh; beside stress-ng one second held a single call): a hang guard, not a bound
+    guard = time.monotonic() + 120
+    while time.monotonic() < guard and len({r["pid"] for r in results[n_at_recovery:]}) < 2:
+        time.sleep(0.2)
     stop.set()
     t.join(60)
     assert not errors, errors[:3]
