@@ -130,7 +130,8 @@ class Publisher:
     def wait_member(self, name: str, address: bytes, timeout: float | None = None) -> None:
         """Block until replica ``name`` has said hello from the engine at ``address`` (a replica
         that re-joined from a new engine is not sent anything before that)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         with self._cond:
             while True:
                 rep = self._replicas.get(name)
@@ -139,7 +140,7 @@ class Publisher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise tf.TransferTimeout(f"replica {name} did not say hello from its new "
-                                             f"engine within {timeout if timeout is not None else self.timeout:.0f} s")
+                                             f"engine within {wait:.0f} s")
                 self._cond.wait(left)
 
     def catch_up(self, names: list[str]) -> None:
