@@ -53,6 +53,7 @@ class Op(enum.IntEnum):
     PONG = 11
     SHM_REVOKE = 12  # owner -> peer: region (in header) is unregistered; drop its mapping
     SHM_REVOKED = 13  # peer -> owner: the mapping is gone (op id of the SHM_REVOKE)
+    ACKS = 14  # several OK ACKs in one frame (links that agreed on it); ext: ACK_ENTRY each
 
 
 class Status(enum.IntEnum):
@@ -64,6 +65,9 @@ class Status(enum.IntEnum):
     INBOX_FULL = 5
     ERROR = 6
 
+
+#: one acknowledgement in an ACKS frame: the op id and the chunk it acknowledges (status OK)
+ACK_ENTRY = struct.Struct("<QI")
 
 FLAG_IMM = 0x80  # WRITE / SHM_DONE: the imm field is an immediate to count on completion
 

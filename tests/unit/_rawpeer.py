@@ -34,18 +34,20 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 class RawPeer:
     def __init__(self, target: tf.Engine | bytes, secret: str, *, integrity: bool = True,
                  engine_id: bytes = b"R" * 16, address: bytes | None = None, link: int = 0,
-                 timeout: float = 5.0, source: str | None = None) -> None:
+                 timeout: float = 5.0, source: str | None = None, flags: int = 0) -> None:
+        """``flags``: more hello flags (e.g. ``F_ACKS``); ``self.mode``: what the engine agreed."""
         addr = EngineAddress.from_bytes(target.address if isinstance(target, tf.Engine)
                                         else target)
         me = address or EngineAddress(engine_id, "raw", (("127.0.0.1", 1),)).to_bytes()
         self.sock = socket.create_connection(addr.endpoints[0], timeout=timeout,
                                              source_address=(source, 0) if source else None)
-        flags = (F_INTEGRITY if integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
+        flags |= (F_INTEGRITY if integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
         hello = _HELLO.pack(_MAGIC, engine_id, addr.engine_id, _auth.new_nonce(), link, flags,
                             len(me))
         self.sock.sendall(hello + me)
         reply = recv_exact(self.sock, _REPLY.size)
         _, _, _, mode = _REPLY.unpack(reply)
+        self.mode = mode
         proof, their, d2a, a2d = _keys(secret.encode(), hello + me + reply)
         self.sock.sendall(proof)
         verdict, their_proof = _VERDICT.unpack(recv_exact(self.sock, _VERDICT.size))

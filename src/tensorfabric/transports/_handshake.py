@@ -40,6 +40,7 @@ MAX_ADDRESS = 16 << 10  # an engine address in a hello (one endpoint per NIC: a 
 F_INTEGRITY = 1  # hello: this side wants frame MACs; reply: they are on
 F_POLY1305 = 2  # hello: this side has Poly1305; reply: payload MACs use it
 F_GMAC = 4  # hello: this side has AES-GCM; reply: payload MACs use GMAC (before Poly1305)
+F_ACKS = 8  # hello: this side reads ACKS frames; reply: the acceptor sends its OK ACKs in them
 
 class _PeerGone(Exception):
     """Internal: the connection ended (EOF, reset, or closed by us)."""
@@ -61,6 +62,7 @@ class Session(NamedTuple):
     link: int
     tx: FrameMac | None  # MACs our frames (None: integrity off, or TLS carries it)
     rx: FrameMac | None  # checks the peer's frames
+    acks: bool = False  # the acceptor acknowledges with ACKS frames (both sides agreed)
 
 
 def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -109,7 +111,7 @@ def _macs(mode: int, tls_bound: bool, send_key: bytes, recv_key: bytes
 
 def _my_flags(t: TcpTransport) -> int:
     return ((F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
-            | (F_GMAC if have_gmac() else 0))
+            | (F_GMAC if have_gmac() else 0) | F_ACKS)
 
 
 def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> Session:
@@ -131,7 +133,7 @@ def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> S
         sock.sendall(b"tfNO" + b"\0" * (_REPLY.size - 4))
         raise ProtocolError("peer dialled a different engine at this address")
     mode = (F_INTEGRITY if (flags | _my_flags(t)) & F_INTEGRITY else 0) | \
-        (flags & _my_flags(t) & (F_POLY1305 | F_GMAC))
+        (flags & _my_flags(t) & (F_POLY1305 | F_GMAC | F_ACKS))
     reply = _REPLY.pack(_MAGIC, t.engine_id, _auth.new_nonce(), mode)
     sock.sendall(reply)
     binding = _binding(sock)
@@ -145,7 +147,7 @@ def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> S
     sock.sendall(_VERDICT.pack(b"OK\0\0", acceptor_proof))
     sock.settimeout(None)
     tx, rx = _macs(mode, bool(binding), a2d, d2a)
-    return Session(sock, peer, index, tx, rx)
+    return Session(sock, peer, index, tx, rx, bool(mode & F_ACKS))
 
 
 def dial(t: TcpTransport, peer: EngineAddress, i: int) -> Session:
@@ -195,4 +197,4 @@ def dial(t: TcpTransport, peer: EngineAddress, i: int) -> Session:
         sock.close()
         raise
     tx, rx = _macs(mode, bool(binding), d2a, a2d)
-    return Session(sock, peer, i, tx, rx)
+    return Session(sock, peer, i, tx, rx, bool(mode & F_ACKS))

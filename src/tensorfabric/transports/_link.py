@@ -66,7 +66,10 @@ class Conn(Receiver):
         self._pmac: Any = None  # the MAC of the payload being received
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
         self._rs = self._re = 0
-        self._deferred: list[bytes] = []  # acknowledgements waiting to go out together
+        # replies waiting to go out together: frames, and (op id, chunk) of OK acknowledgements
+        # (sent as ACKS frames where the dialer agreed, see _rx.pack_deferred)
+        self._deferred: list[bytes | tuple[int, int]] = []
+        self.batch_acks = session.acks and not dialer
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.lock = peer_links.lock if peer_links is not None else threading.RLock()
@@ -83,6 +86,8 @@ class Conn(Receiver):
         self._header = bytearray(w.HEADER_SIZE)
         self._hview = memoryview(self._header)
         self._handlers = self._dialer_handlers() if dialer else self._acceptor_handlers()
+        if dialer and session.acks:
+            self._handlers[w.Op.ACKS] = self._on_acks
         # A dialled plain link's replies may be read by the caller waiting for them (see
         # read_for): whoever holds rlock reads frames; an epoll in one-shot mode tells exactly
         # one waiter (the latest: a waiting caller before the receive thread) that data is in.
@@ -440,7 +445,7 @@ class Conn(Receiver):
                 return
             try:
                 with self.cond:
-                    frames = [[f] for f in self._deferred] if reading else []
+                    frames = [[f] for f in self._pack_deferred()] if reading else []
                     frames += list(self.replies)
                     self.replies.clear()
                 if reading:

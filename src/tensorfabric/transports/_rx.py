@@ -37,6 +37,15 @@ _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
 
 
+def _acks_frame(run: list[tuple[int, int]]) -> bytes:
+    """One frame acknowledging every (op id, chunk) of ``run`` (status OK)."""
+    if len(run) == 1:
+        op_id, chunk = run[0]
+        return w.pack_header(w.Op.ACK, 0, 0, op_id, 0, 0, 0, chunk, chunk + 1)
+    ext = b"".join([w.ACK_ENTRY.pack(op_id, chunk) for op_id, chunk in run])
+    return w.pack_header(w.Op.ACKS, 0, len(ext)) + ext
+
+
 class Receiver:
     """The receive half of :class:`~._link.Conn` (a mixin: it uses the link's state)."""
 
@@ -58,7 +67,8 @@ class Receiver:
     _rbv: memoryview  # the read-ahead buffer; bytes [_rs, _re) are received, not yet parsed
     _rs: int
     _re: int
-    _deferred: list[bytes]
+    _deferred: list[bytes | tuple[int, int]]
+    batch_acks: bool  # OK acknowledgements go out as ACKS frames (the dialer agreed)
     _header: bytearray  # the frame header being received, and a view of it
     _hview: memoryview
     _handlers: dict[int, Callable[..., None]]
@@ -105,17 +115,36 @@ class Receiver:
             self._rs, self._re = k, n
             view = view[k:]
 
-    def _defer(self, frame: bytes) -> None:
+    def _defer(self, frame: bytes | tuple[int, int]) -> None:
         """Queue a small reply (an acknowledgement) from the receive thread; it goes out with
         the others in one send when the read-ahead buffer runs dry (before this thread would
-        block), so a burst of small frames costs one acknowledging send, not one each."""
+        block), so a burst of small frames costs one acknowledging send, not one each. An
+        ``(op_id, chunk)`` pair is an OK acknowledgement: pairs in a row go out as one ACKS
+        frame (one header, one MAC) where the link agreed on it."""
         self._deferred.append(frame)
         if len(self._deferred) >= _MAX_DEFERRED:
             self._flush_deferred()
 
+    def _pack_deferred(self) -> list[bytes]:
+        """Take the deferred replies as frames: each run of OK acknowledgements one ACKS
+        frame (a run of one: a plain ACK)."""
+        items, self._deferred = self._deferred, []
+        frames: list[bytes] = []
+        run: list[tuple[int, int]] = []
+        for item in items:
+            if isinstance(item, tuple):
+                run.append(item)
+                continue
+            if run:
+                frames.append(_acks_frame(run))
+                run = []
+            frames.append(item)
+        if run:
+            frames.append(_acks_frame(run))
+        return frames
+
     def _flush_deferred(self) -> None:
-        frames, self._deferred = self._deferred, []
-        self.reply_many(frames)
+        self.reply_many(self._pack_deferred())
 
     def _mac_update(self, view: memoryview) -> None:
         self._pmac.update(view)
@@ -257,6 +286,9 @@ class Receiver:
 
     def _ack(self, op_id: int, chunk: int, status: int = 0, text: str = "",
              op: int = w.Op.ACK) -> None:
+        if not status and op == w.Op.ACK and self.batch_acks:
+            self._defer((op_id, chunk))
+            return
         ext = text.encode()[:4000] if text else b""
         self._defer(w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext)
 
@@ -421,6 +453,25 @@ class Receiver:
         c = self._pop_inflight(op_id, chunk)
         if c is not None:
             c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)
+
+    def _on_acks(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
+                 chunk: int, nchunks: int) -> None:
+        """Several OK acknowledgements in one frame: their chunks are popped under one lock."""
+        if plen or flags or not ext or len(ext) % w.ACK_ENTRY.size:
+            raise ProtocolError("malformed acknowledgement batch")
+        done = []
+        with self.lock:
+            inflight = self.inflight
+            before = len(inflight)
+            for key in w.ACK_ENTRY.iter_unpack(ext):
+                c = inflight.pop(key, None)
+                if c is not None:
+                    done.append(c)
+            after = len(inflight)
+            if after < self.t.window <= before or after < _SMALL_WINDOW <= before:
+                self.cond.notify_all()  # this link's writer may take the next chunks
+        for c in done:
+            c.wop.chunk_replied(w.Status.OK, "", c.region)
 
     def _on_shm_open_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
                           imm: int, chunk: int, nchunks: int) -> None:
