@@ -66,7 +66,15 @@ class Transfer:
             self._pending -= 1
             if self._pending > 0:
                 return
-        self._finish(None)
+            # the last part: finish here, under the same lock (what _finish(None) does)
+            self._claimed = True
+            self.finished = time.perf_counter()
+            self._cancel_hooks = ()
+            reader, callbacks = self._let_go()
+        if reader is not None:
+            reader.kick()
+        for cb in callbacks:
+            _run_quietly(cb, self)
 
     def _complete(self, value: Any = None) -> bool:
         """Finish successfully with ``value`` unless already finished (e.g. timed out)."""

@@ -124,14 +124,18 @@ class PeerLinks:
                 self.refused = True
 
     def submit(self, chunks: list[Chunk]) -> None:
-        if (len(chunks) == 1 and chunks[0].nbytes <= _INLINE_MAX and not self.queue):
+        """Send or queue ``chunks`` (dialling link 0 first when no link is up: see
+        :meth:`connect_first`)."""
+        conns = self.live()
+        if not conns:
+            self.connect_first(self.t.connect_timeout)
             conns = self.live()
-            if conns:
-                n = len(conns)
-                self.rr = (self.rr + 1) % n
-                for k in range(n):
-                    if conns[(self.rr + k) % n].send_chunk_inline(chunks[0]):
-                        return
+        if len(chunks) == 1 and chunks[0].nbytes <= _INLINE_MAX and not self.queue and conns:
+            n = len(conns)
+            self.rr = (self.rr + 1) % n
+            for k in range(n):
+                if conns[(self.rr + k) % n].send_chunk_inline(chunks[0]):
+                    return
         with self.cond:
             self.queue.extend(chunks)
             self.cond.notify(len(chunks))

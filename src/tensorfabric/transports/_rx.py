@@ -35,6 +35,8 @@ _MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out tog
 _SMALL_WINDOW = 64  # = _link.SMALL_WINDOW (small chunks in flight per link)
 _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
+_HEADER = w.HEADER
+_HEAD_SIZE = w.HEADER_SIZE
 
 
 def _acks_frame(run: list[tuple[int, int]]) -> bytes:
@@ -236,10 +238,15 @@ class Receiver:
 
     def _frame(self) -> None:
         """Receive one frame and act on it (its MAC checked first)."""
-        header = self._header
-        self._recv_into(self._hview)
+        rs = self._rs
+        if self._re - rs >= _HEAD_SIZE:  # buffered (most small frames): read it in place
+            self._rs = rs + _HEAD_SIZE
+            header: Any = self._rbv[rs:rs + _HEAD_SIZE]
+        else:
+            header = self._header
+            self._recv_into(self._hview)
         magic, op, flags, ext_len, op_id, region, plen, imm, chunk, nchunks = \
-            w.HEADER.unpack(header)
+            _HEADER.unpack(header)
         if magic != w.MAGIC:
             raise ProtocolError(f"bad frame magic {magic:#x}")
         if ext_len > w.MAX_EXT or plen > w.MAX_PAYLOAD:
@@ -253,19 +260,31 @@ class Receiver:
         ext = b""
         rx = self.rx
         if rx is not None:  # ext and tag in one read; checked before anything acts
-            buf = bytearray(ext_len + TAG)
-            self._recv_into(memoryview(buf))
-            ext = bytes(buf[:ext_len])
-            d = rx.head(header + ext)
-            if not FrameMac.same(d[:TAG], buf[ext_len:]):
+            head = bytes(header)  # (a view of the read-ahead buffer, which the next read refills)
+            rs, n = self._rs, ext_len + TAG
+            if self._re - rs >= n:
+                self._rs = rs + n
+                ext = bytes(self._rbv[rs:rs + ext_len])
+                tag: Any = self._rbv[rs + ext_len:rs + n]
+            else:
+                buf = bytearray(n)
+                self._recv_into(memoryview(buf))
+                ext, tag = bytes(buf[:ext_len]), buf[ext_len:]
+            d = rx.head(head + ext)
+            if not FrameMac.same(d[:TAG], tag):
                 raise ProtocolError("a frame failed its integrity check (changed, "
                                     "replayed, reordered or spliced on the way)")
             if plen:
                 self._pmac = rx.payload(d, plen)
         elif ext_len:
-            ext_buf = bytearray(ext_len)
-            self._recv_into(memoryview(ext_buf))
-            ext = bytes(ext_buf)
+            rs = self._rs
+            if self._re - rs >= ext_len:
+                self._rs = rs + ext_len
+                ext = bytes(self._rbv[rs:rs + ext_len])
+            else:
+                ext_buf = bytearray(ext_len)
+                self._recv_into(memoryview(ext_buf))
+                ext = bytes(ext_buf)
         handler(flags, ext, op_id, region, plen, imm, chunk, nchunks)
         if self._pmac is not None:
             raise ProtocolError(f"frame type {op}: payload not checked")  # a bug

@@ -192,6 +192,9 @@ class TcpTransport(Transport):
         return Conn(self, _handshake.dial(self, peer, i), dialer=True, peer_links=links)
 
     def peer_links(self, peer: EngineAddress) -> PeerLinks:
+        links = self._peers.get(peer.engine_id)  # the per-op path: a dict read, no lock
+        if links is not None and not links.closed and not self._closed:
+            return links
         with self._lock:
             if self._closed:
                 raise ClosedError("engine is closed")
@@ -277,10 +280,7 @@ class TcpTransport(Transport):
 
     def submit(self, peer: EngineAddress, chunks: list[Chunk]) -> None:
         """Queue ready-made chunks (control frames, or another transport's notifications)."""
-        links = self.peer_links(peer)
-        if not links.live():
-            links.connect_first(self.connect_timeout)
-        links.submit(chunks)
+        self.peer_links(peer).submit(chunks)
 
     def tick(self, now: float) -> None:
         self.gate.reap(now)
