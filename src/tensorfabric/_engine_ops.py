@@ -57,8 +57,13 @@ class EngineOps:
         desc = self._descriptor(dst, Access.REMOTE_WRITE)
         if nbytes is None:
             nbytes = view.nbytes - _nonneg("src_offset", src_offset)
-        _check_range("source", src_offset, nbytes, view.nbytes)
-        _check_dst_range(desc, dst_offset, nbytes)
+        # plain non-negative ints within both buffers (every small write) pass in one test;
+        # anything else gets the full checks and their errors
+        if not (type(src_offset) is int and type(dst_offset) is int and type(nbytes) is int
+                and src_offset >= 0 and dst_offset >= 0 and nbytes >= 0
+                and src_offset + nbytes <= view.nbytes and dst_offset + nbytes <= desc.nbytes):
+            _check_range("source", src_offset, nbytes, view.nbytes)
+            _check_dst_range(desc, dst_offset, nbytes)
         peer = self._peer(desc.owner)
         if self._transport_for(peer, desc) is not self._tcp:
             return self._write(desc, view, np.array([src_offset], np.uint64),

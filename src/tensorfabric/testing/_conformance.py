@@ -336,6 +336,15 @@ class TransportConformance:
             pair.a.write(b"x" * 10, dst.descriptor(), src_offset=5, nbytes=10)
         with pytest.raises(ConfigError):
             pair.a.write(b"x", dst.descriptor(), imm=-1)
+        for bad in ({"src_offset": -1}, {"dst_offset": -1}, {"nbytes": -1}, {"dst_offset": 2.0},
+                    {"src_offset": "1"}, {"nbytes": 20}):
+            with pytest.raises(ConfigError):
+                pair.a.write(b"x" * 10, dst.descriptor(), **bad)
+        # numpy integers (and bools' ints) are offsets like any int
+        pair.a.write(b"abcdefghij", dst.descriptor(), src_offset=np.int64(2),
+                     dst_offset=np.uint32(90), nbytes=np.int64(8)).wait(self.T)
+        pair.a.write(b"XY", dst.descriptor(), src_offset=True, dst_offset=98).wait(self.T)
+        assert bytes(dst.array[90:100]) == b"cdefghijY\0"
         with pytest.raises(ConfigError):
             pair.a.write(b"x", b"not a descriptor")
         with pytest.raises(ConfigError):

@@ -1,0 +1,138 @@
+"""Instructions per small op, counted by valgrind: a noise-free A/B of the engine's per-op path.
+
+    python bench/op_instr.py --tree base=/tmp/base/src --tree new=src
+    python bench/op_instr.py --tree new=src --op write,imm,sendrecv --transport tcp,tcp-plain
+
+Each point runs a child process (two engines in it, every thread) under valgrind's callgrind
+twice, once with ``--ops`` ops and once with none, and divides the difference of the
+instructions executed (user space, all threads) by ``--ops``: the startup, the imports and the
+warm-up cancel out. The ops: ``write`` (4 KiB writes into the other engine's region, 64 in
+flight, as ``tensorfabric bench``'s write points), ``imm`` (an immediate's round trip: barrier
+and wait) and ``sendrecv`` (a 64 B message echoed by the other engine's thread).
+
+CPU time per op on a shared 2-core VM moves by 15% from run to run (``bench/op_cpu.py``); the
+instruction count of the same code moves by 1-2%, so a per-op trim shows here first. Valgrind
+runs the threads one at a time (as one core would), which changes how replies batch against a
+real run: this counts the Python each op costs, it does not time it. ``tensorfabric bench``
+gives the speed (ratios to raw sockets), on an idle machine. Needs ``valgrind`` (Debian:
+``apt install valgrind``); a point takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import sys, threading
+import numpy as np
+import tensorfabric as tf
+
+op, transport, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kw = dict(secret="op-instr", transports=("tcp",), integrity=transport != "tcp-plain")
+with tf.Engine(**kw) as a, tf.Engine(**kw) as b:
+    if op == "write":
+        r = b.register(np.zeros(64 * 4096, np.uint8), access=tf.Access.READ_WRITE)
+        d, src = r.descriptor(), np.ones(4096, np.uint8)
+
+        def run(k):
+            pending = []
+            for i in range(k):
+                pending.append(a.write(src, d, dst_offset=(i % 64) * 4096))
+                if len(pending) >= 64:
+                    pending.pop(0).wait(300)
+            for t in pending:
+                t.wait(300)
+    elif op == "imm":
+        def run(k):
+            for _ in range(k):
+                w = b.expect(7, 1, timeout=300)
+                a.barrier([b.address], 7).wait(300)
+                w.wait(300)
+    else:
+        data = bytes(64)
+
+        def run(k):
+            def echo():
+                for _ in range(k):
+                    m = b.recv(tag=1, timeout=300)
+                    b.send(m.peer, m.data, tag=1).wait(300)
+            th = threading.Thread(target=echo)
+            th.start()
+            for _ in range(k):
+                a.send(b.address, data, tag=1).wait(300)
+                a.recv(tag=1, timeout=300)
+            th.join()
+    run(200)  # links up, caches warm
+    run(n)
+"""
+
+
+def instructions(src: str, op: str, transport: str, n: int) -> int:
+    """Instructions (all threads) of the child doing ``n`` ops after its warm-up."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(CHILD)
+    try:
+        env = dict(os.environ, PYTHONPATH=src)
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+             os.path.realpath(sys.executable), f.name, op, transport, str(n)],
+            env=env, capture_output=True, text=True, timeout=3600)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode or m is None:
+        raise SystemExit(f"valgrind run failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return int(m.group(1))
+
+
+def per_op(src: str, op: str, transport: str, n: int) -> float:
+    return (instructions(src, op, transport, n) - instructions(src, op, transport, 0)) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", action="append", required=True,
+                    help="NAME=SRC: a source tree to import tensorfabric from (repeat for A/B)")
+    ap.add_argument("--op", default="write", help="write, imm, sendrecv (comma-separated)")
+    ap.add_argument("--transport", default="tcp-plain,tcp",
+                    help="tcp (frame MACs) and/or tcp-plain (comma-separated)")
+    ap.add_argument("--ops", type=int, default=2000, help="ops per point (after 200 warm-up)")
+    args = ap.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        ap.error("valgrind is not installed (Debian: apt install valgrind)")
+    trees = []
+    for spec in args.tree:
+        name, sep, src = spec.partition("=")
+        if not sep or not os.path.isdir(os.path.join(src, "tensorfabric")):
+            ap.error(f"--tree {spec!r}: expected NAME=SRC with SRC/tensorfabric in it")
+        trees.append((name, os.path.abspath(src)))
+    ops = [o for o in args.op.split(",") if o]
+    transports = [t for t in args.transport.split(",") if t]
+    for o in ops:
+        if o not in ("write", "imm", "sendrecv"):
+            ap.error(f"--op {o!r}: expected write, imm or sendrecv")
+    for t in transports:
+        if t not in ("tcp", "tcp-plain"):
+            ap.error(f"--transport {t!r}: expected tcp or tcp-plain")
+    if args.ops <= 0:
+        ap.error("--ops must be positive")
+    print(f"{'op':9} {'transport':10} " + " ".join(f"{n:>12}" for n, _ in trees)
+          + ("   ratio (last/first)" if len(trees) > 1 else ""), flush=True)
+    for o in ops:
+        for t in transports:
+            counts = [per_op(src, o, t, args.ops) for _, src in trees]
+            line = f"{o:9} {t:10} " + " ".join(f"{c:12,.0f}" for c in counts)
+            if len(counts) > 1:
+                line += f"   {counts[-1] / counts[0]:.3f}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
