@@ -182,14 +182,24 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
 _ONE_SEG = struct.Struct("<QQ")  # one SEG_DTYPE entry: offset, length
 
 
+# header + OP_HEAD + one segment: a one-segment frame's head and ext in one pack
+_ONE_FRAME = struct.Struct("<" + w.HEADER.format.lstrip("<") + w.OP_HEAD.format.lstrip("<")
+                           + "QQ")
+_ONE_FRAME_EXT = w.OP_HEAD.size + _ONE_SEG.size
+
+
 def one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
                src: memoryview, s: int, d: int, n: int) -> Chunk:
     """The common small write: one segment in one frame, without numpy (latency path)."""
-    ext = w.OP_HEAD.pack(key, d + n) + (_ONE_SEG.pack(d, n) if n else b"")
-    head = w.pack_header(op, w.FLAG_IMM if imm is not None else 0, len(ext), wop.op_id, region,
-                         n, imm or 0, 0, 1)
     wop.remaining = 1
-    return Chunk(wop, 0, head + ext, [src[s:s + n]] if n else [], n, region=region)
+    flags = w.FLAG_IMM if imm is not None else 0
+    if n:
+        head = _ONE_FRAME.pack(w.MAGIC, op, flags, _ONE_FRAME_EXT, wop.op_id, region, n,
+                               imm or 0, 0, 1, key, d + n, d, n)
+        return Chunk(wop, 0, head, [src[s:s + n]], n, region=region)
+    ext = w.OP_HEAD.pack(key, d)
+    head = w.pack_header(op, flags, len(ext), wop.op_id, region, 0, imm or 0, 0, 1)
+    return Chunk(wop, 0, head + ext, [], 0, region=region)
 
 
 def read_chunks(wop: WireOp, region: int, key: bytes, src_off: int, dst: memoryview,

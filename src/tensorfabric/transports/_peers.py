@@ -34,6 +34,7 @@ class PeerLinks:
         self.cond = threading.Condition(self.lock)
         self.queue: collections.deque[Chunk] = collections.deque()
         self.conns: list[Conn | None] = [None] * transport.nlinks
+        self._live: list[Conn] | None = None  # conns without the empty slots (None: recount)
         self.rr = 0
         self.down_since: float | None = None
         self.refused = False
@@ -46,7 +47,14 @@ class PeerLinks:
         self.requeued = 0  # chunks resent on other links after a loss
 
     def live(self) -> list[Conn]:
-        return [c for c in self.conns if c is not None and c.alive]
+        """The links that are up (a link that failed a moment ago may still be listed until
+        :meth:`link_failed` runs: senders check ``alive`` themselves)."""
+        cached = self._live
+        if cached is None:
+            with self.lock:  # the writers reset it under this lock: never cache a stale list
+                cached = self._live = [c for c in self.conns if c is not None]
+        return [c for c in cached if c.alive] if len(cached) > 1 else (
+            cached if not cached or cached[0].alive else [])
 
     def connect_first(self, timeout: float) -> None:
         """Dial link 0 in the caller's thread (so bad secrets and dead peers raise here) and
@@ -88,6 +96,7 @@ class PeerLinks:
             conn = self.t._dial(self.peer, i, self)
             with self.cond:
                 self.conns[i] = conn
+                self._live = None
                 self.down_since = None
                 self.refused = False
                 self.cond.notify_all()
@@ -149,6 +158,7 @@ class PeerLinks:
         with self.cond:
             if conn.index < len(self.conns) and self.conns[conn.index] is conn:
                 self.conns[conn.index] = None
+                self._live = None
             # the unacknowledged chunks go first, to whichever link is free
             self.failures += 1
             for c in reversed(inflight):
