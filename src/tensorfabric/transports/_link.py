@@ -67,7 +67,7 @@ class Conn(Receiver):
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
         self._rs = self._re = 0
         # replies waiting to go out together: frames, and (op id, chunk) of OK acknowledgements
-        # (sent as ACKS frames where the dialer agreed, see _rx.pack_deferred)
+        # (sent as ACKS frames where the dialer agreed, see Receiver._pack_deferred)
         self._deferred: list[bytes | tuple[int, int]] = []
         self.batch_acks = session.acks and not dialer
         self.links = peer_links
