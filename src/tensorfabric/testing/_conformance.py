@@ -341,8 +341,8 @@ class TransportConformance:
             with pytest.raises(ConfigError):
                 pair.a.write(b"x" * 10, dst.descriptor(), **bad)
         # numpy integers (and bools' ints) are offsets like any int
-        pair.a.write(b"abcdefghij", dst.descriptor(), src_offset=np.int64(2),
-                     dst_offset=np.uint32(90), nbytes=np.int64(8)).wait(self.T)
+        pair.a.write(b"abcdefghij", dst.descriptor(), src_offset=np.int64(2),  # type: ignore[arg-type]
+                     dst_offset=np.uint32(90), nbytes=np.int64(8)).wait(self.T)  # type: ignore[arg-type]
         pair.a.write(b"XY", dst.descriptor(), src_offset=True, dst_offset=98).wait(self.T)
         assert bytes(dst.array[90:100]) == b"cdefghijY\0"
         with pytest.raises(ConfigError):
