@@ -37,6 +37,11 @@ def test_deferred_replies_go_out_as_ack_runs_in_order() -> None:
     assert frames[1] == pong
     # a run of one is a plain ACK: op id 9, chunk 1 of 2 (the numbering the dialler checks)
     assert _header(frames[2])[1:] == (w.Op.ACK, 0, 0, 9, 0, 0, 0, 1, 2)
+    # one reply on its own (a round trip's): an ACK, or the frame itself
+    r._deferred = [(3, 0)]
+    assert r._pack_deferred() == [w.pack_header(w.Op.ACK, 0, 0, 3, 0, 0, 0, 0, 1)]
+    r._deferred = [pong]
+    assert r._pack_deferred() == [pong] and r._deferred == []
 
 
 def _write_frame(desc: tf.RegionDescriptor, op_id: int, offset: int, data: bytes) -> bytes:

@@ -131,6 +131,9 @@ class Receiver:
         """Take the deferred replies as frames: each run of OK acknowledgements one ACKS
         frame (a run of one: a plain ACK)."""
         items, self._deferred = self._deferred, []
+        if len(items) == 1:  # a round trip's one reply: no runs to look for
+            item = items[0]
+            return [_acks_frame([item]) if isinstance(item, tuple) else item]
         frames: list[bytes] = []
         run: list[tuple[int, int]] = []
         for item in items:
