@@ -71,10 +71,7 @@ class Transfer:
             self.finished = time.perf_counter()
             self._cancel_hooks = ()
             reader, callbacks = self._let_go()
-        if reader is not None:
-            reader.kick()
-        for cb in callbacks:
-            _run_quietly(cb, self)
+        self._after_let_go(reader, callbacks)
 
     def _complete(self, value: Any = None) -> bool:
         """Finish successfully with ``value`` unless already finished (e.g. timed out)."""
@@ -105,11 +102,15 @@ class Transfer:
                 _run_quietly(hook)
             with self._lock:
                 reader, callbacks = self._let_go()
+        self._after_let_go(reader, callbacks)
+        return True
+
+    def _after_let_go(self, reader: Any, callbacks: list[Callable[[Transfer], Any]] | tuple[()]) -> None:
+        """Outside the lock, once the waiters are let go: wake a polling reader, run callbacks."""
         if reader is not None:
             reader.kick()  # its waiter may be polling for it in another thread
         for cb in callbacks:
             _run_quietly(cb, self)
-        return True
 
     def _let_go(self) -> tuple[Any, list[Callable[[Transfer], Any]] | tuple[()]]:
         """Mark done and open the gate (under ``_lock``); the reader to kick, the callbacks."""

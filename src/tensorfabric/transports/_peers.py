@@ -53,8 +53,7 @@ class PeerLinks:
         if cached is None:
             with self.lock:  # the writers reset it under this lock: never cache a stale list
                 cached = self._live = [c for c in self.conns if c is not None]
-        return [c for c in cached if c.alive] if len(cached) > 1 else (
-            cached if not cached or cached[0].alive else [])
+        return [c for c in cached if c.alive]
 
     def connect_first(self, timeout: float) -> None:
         """Dial link 0 in the caller's thread (so bad secrets and dead peers raise here) and
