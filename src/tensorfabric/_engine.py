@@ -151,6 +151,7 @@ class Engine(EngineOps, Inbound, Timers):
                 if self._probe is not None:
                     self._probe.close()
                 raise
+        self._tcp_only = self._shm is None and self._nixl is None  # every op over tcp
         self._tcp.on_peer_forgotten.append(self._forget_peer)
         self._address = EngineAddress(
             engine_id=self._id, name=self.name, endpoints=tuple(self._tcp.endpoints),

@@ -15,14 +15,17 @@ from . import _wire as w
 from ._address import EngineAddress
 from ._buffers import Buffer, as_bytes_view
 from ._checks import _check_dst_range, _check_range, _imm, _index_array, _nonneg
-from ._errors import AccessError, ConfigError, TensorFabricError
-from ._ops import WireOp, coalesce, simple_chunk
+from ._errors import AccessError, ClosedError, ConfigError, TensorFabricError
+from ._ops import WireOp, coalesce, one_frame, simple_chunk
 from ._region import Access, MemoryRegion, RegionDescriptor
 from ._transfer import Transfer
 
 if TYPE_CHECKING:
     from .transports._base import Transport
     from .transports._tcp import TcpTransport
+
+
+_REMOTE_WRITE = int(Access.REMOTE_WRITE)
 
 
 class ScatterDest(NamedTuple):
@@ -38,6 +41,10 @@ class EngineOps:
     """Mixin of :class:`~._engine.Engine`: the operations on peers' memory and messages."""
 
     _tcp: TcpTransport
+    _closed: bool
+    _addresses: dict[bytes, EngineAddress]
+    #: no shm and no nixl transport: every op goes over tcp (set by Engine)
+    _tcp_only: bool
 
     if TYPE_CHECKING:  # provided by Engine and Timers
         def _check_open(self) -> None: ...
@@ -53,10 +60,15 @@ class EngineOps:
 
         With ``imm``, the peer's ``expect(imm)`` counts this write once it has fully landed.
         """
-        view = self._src_view(src)
-        desc = self._descriptor(dst, Access.REMOTE_WRITE)
+        if self._closed:
+            raise ClosedError("engine is closed")
+        view = src.view if isinstance(src, MemoryRegion) else as_bytes_view(src, writable=False)
+        desc = dst if isinstance(dst, RegionDescriptor) else RegionDescriptor.from_bytes(dst)
+        if not int(desc.access) & _REMOTE_WRITE:
+            self._descriptor(desc, Access.REMOTE_WRITE)  # raises the access error
         if nbytes is None:
-            nbytes = view.nbytes - _nonneg("src_offset", src_offset)
+            nbytes = view.nbytes - (src_offset if type(src_offset) is int and src_offset >= 0
+                                    else _nonneg("src_offset", src_offset))
         # plain non-negative ints within both buffers (every small write) pass in one test;
         # anything else gets the full checks and their errors
         if not (type(src_offset) is int and type(dst_offset) is int and type(nbytes) is int
@@ -64,18 +76,22 @@ class EngineOps:
                 and src_offset + nbytes <= view.nbytes and dst_offset + nbytes <= desc.nbytes):
             _check_range("source", src_offset, nbytes, view.nbytes)
             _check_dst_range(desc, dst_offset, nbytes)
-        peer = self._peer(desc.owner)
-        if self._transport_for(peer, desc) is not self._tcp:
+            src_offset, dst_offset, nbytes = int(src_offset), int(dst_offset), int(nbytes)
+        peer = self._addresses.get(desc.owner) or self._peer(desc.owner)
+        value = None if imm is None else _imm(imm)
+        tcp = self._tcp
+        if nbytes > tcp.chunk_bytes or (
+                not self._tcp_only and self._transport_for(peer, desc) is not tcp):
             return self._write(desc, view, np.array([src_offset], np.uint64),
                                np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
-                               _imm(imm), timeout, "write")
+                               value, timeout, "write")
         # the small-op path: no numpy, one frame built straight from Python ints
-        value = _imm(imm)
-        label = str(peer)
+        label = peer._label
         t = self._new_transfer("write", nbytes, 1, timeout, label)
         try:
-            self._tcp.write_one(peer, desc, WireOp(next(self._tcp.op_ids), t, label), view,
-                                int(src_offset), int(dst_offset), int(nbytes), value)
+            tcp.peer_links(peer).submit([one_frame(
+                WireOp(next(tcp.op_ids), t, label), w.Op.WRITE, desc.region_id, desc.key, value,
+                view, src_offset, dst_offset, nbytes)])
         except TensorFabricError as exc:
             t._fail(exc)
         return t
@@ -215,6 +231,6 @@ class EngineOps:
 
     def _submit_control(self, t: Transfer, addr: EngineAddress, chunk: Any) -> None:
         try:
-            self._tcp.submit(addr, [chunk])
+            self._tcp.peer_links(addr).submit([chunk])
         except TensorFabricError as exc:
             t._fail(exc)

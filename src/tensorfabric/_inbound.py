@@ -152,16 +152,15 @@ class Inbound:
     def resolve(self, region: int, key: bytes, need: int, table: np.ndarray | tuple[int, int],
                 end: int = 0) -> tuple[int, str, memoryview | None]:
         r = self._regions.get(region)
-        if r is None or r.closed:
+        view = None if r is None else r._view  # None: deregistered (or closing)
+        if r is None or view is None:
             return w.Status.NO_REGION, f"region {region} is not registered", None
         if not hmac.compare_digest(r._key, key):
             return w.Status.BAD_KEY, f"wrong access key for region {region}", None
-        if need not in (1, 2, 3) or (need & int(r.access)) != need:  # ints, as IntFlag's & is slow
+        need = int(need)  # plain ints: an IntFlag's & costs three Python calls
+        if need not in (1, 2, 3) or (need & r._access_bits) != need:
             what = "write" if need & Access.REMOTE_WRITE else "read"
             return w.Status.NOT_PERMITTED, f"region {region} does not allow remote {what}", None
-        view = r._view
-        if view is None:
-            return w.Status.NO_REGION, f"region {region} is not registered", None
         if end > view.nbytes:  # the whole op, not only this chunk: refused before it lands
             return (w.Status.OUT_OF_BOUNDS, f"op reaches byte {end}, outside region {region} "
                     f"({view.nbytes} bytes)", None)
@@ -232,7 +231,8 @@ class Inbound:
             self._recent[key] = None
             if len(self._recent) > _RECENT_OPS:
                 self._recent.popitem(last=False)
-            self._imm_counts[imm] += 1
+            counts = self._imm_counts  # (.get: a Counter's __missing__ is a Python call)
+            counts[imm] = counts.get(imm, 0) + 1
         self._drain_imm(imm)
         return _OK
 

@@ -29,7 +29,8 @@ class WireOp:
         self.remaining = 0
         self.peer = peer
         self.on_done = on_done
-        self._lock = threading.Lock()
+        #: set (by :func:`expect_chunks`) only when several chunks' acknowledgements may race
+        self._lock: threading.Lock | None = None
 
     @property
     def dead(self) -> bool:
@@ -39,13 +40,23 @@ class WireOp:
         if status != w.Status.OK:
             self.transfer._fail(status_error(status, text, self.peer, region))
             return
-        with self._lock:  # chunks of one op may be acknowledged on several links at once
-            self.remaining -= 1
-            last = self.remaining == 0
-        if last:
+        lock = self._lock
+        if lock is None:  # one chunk: its one acknowledgement races with nothing
+            left = self.remaining = self.remaining - 1
+        else:
+            with lock:  # chunks of one op may be acknowledged on several links at once
+                left = self.remaining = self.remaining - 1
+        if left == 0:
             if self.on_done is not None:
                 self.on_done(self)
             self.transfer._part_done()
+
+
+def expect_chunks(wop: WireOp, n: int) -> None:
+    """Set how many chunks' acknowledgements finish ``wop`` (before any is sent)."""
+    wop.remaining = n
+    if n > 1:
+        wop._lock = threading.Lock()
 
 
 class Chunk:
@@ -62,10 +73,6 @@ class Chunk:
         self.nbytes = nbytes
         self.dst = dst
         self.region = region
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.wop.op_id, self.idx)
 
 
 def status_error(status: int, text: str, peer: str | None, region: int | None) -> TensorFabricError:
@@ -175,7 +182,7 @@ def write_chunks(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
         head = w.pack_header(op, flags, len(ext), wop.op_id, region, nbytes, imm or 0, i, nchunks)
         payload = [src[s:s + n] for s, n in zip(srcs[a:b], lens[a:b])]
         chunks.append(Chunk(wop, i, head + ext, payload, nbytes, region=region))
-    wop.remaining = nchunks
+    expect_chunks(wop, nchunks)
     return chunks
 
 
@@ -212,7 +219,7 @@ def read_chunks(wop: WireOp, region: int, key: bytes, src_off: int, dst: memoryv
         ext = w.OP_HEAD.pack(key, src_off + n) + _ONE_SEG.pack(src_off + a, b - a)
         head = w.pack_header(w.Op.READ_REQ, 0, len(ext), wop.op_id, region, 0, 0, i, count)
         chunks.append(Chunk(wop, i, head + ext, [], b - a, dst=dst[a:b], region=region))
-    wop.remaining = count
+    expect_chunks(wop, count)
     return chunks
 
 

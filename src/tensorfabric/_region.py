@@ -147,6 +147,7 @@ class MemoryRegion:
         self.id = region_id
         self._view: memoryview | None = view
         self.access = access
+        self._access_bits = int(access)  # what the receive path checks (a plain int)
         self._key = key
         self._owner_obj = owner_obj  # keeps the user's buffer alive while registered
         self._shm = shm

@@ -54,7 +54,9 @@ class Timers:
         new, heap, seq = self._timers_new, self._timers, self._timer_seq
         while new:
             deadline, ref = new.popleft()
-            heapq.heappush(heap, (deadline, next(seq), ref))
+            t = ref()
+            if t is not None and not t._done:  # (most small ops finished already)
+                heapq.heappush(heap, (deadline, next(seq), ref))
 
 
     def _timer_loop(self) -> None:

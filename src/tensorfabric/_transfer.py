@@ -71,7 +71,8 @@ class Transfer:
             self.finished = time.perf_counter()
             self._cancel_hooks = ()
             reader, callbacks = self._let_go()
-        self._after_let_go(reader, callbacks)
+        if reader is not None or callbacks:
+            self._after_let_go(reader, callbacks)
 
     def _complete(self, value: Any = None) -> bool:
         """Finish successfully with ``value`` unless already finished (e.g. timed out)."""

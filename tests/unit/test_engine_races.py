@@ -120,13 +120,13 @@ def test_a_caller_reading_its_reply_keeps_its_timeout_and_cancel() -> None:
         desc = b.register(np.zeros(4096, np.uint8)).descriptor()
         a.write(b"warm", desc).wait(10)  # the link is up and idle
         hold = threading.Event()
-        landed = b.landed
+        resolve = b.resolve
 
-        def slow_landed(*args):  # fault injector: the owner sits on its acknowledgements
+        def slow_resolve(*args):  # fault injector: the owner sits on the frame it checks
             hold.wait(30)
-            return landed(*args)
+            return resolve(*args)
 
-        b.landed = slow_landed
+        b.resolve = slow_resolve
         try:
             t = a.write(b"late", desc)
             assert t._reader is not None  # sent inline: its waiter reads the link itself

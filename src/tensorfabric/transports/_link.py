@@ -191,11 +191,6 @@ class Conn(Receiver):
             return
         self._queue_replies([frame])
 
-    def reply_many(self, frames: list[bytes]) -> None:
-        """Send whole small frames (header + ext each), in one send when the socket takes them."""
-        if frames and not self._try_send_nowait(frames):
-            self._queue_replies([[f] for f in frames])
-
     def _queue_replies(self, frames: list[list[Any]]) -> None:
         for frame in frames:
             self._queue_reply(frame)
@@ -236,7 +231,7 @@ class Conn(Receiver):
         with self.lock:
             if not self.alive:
                 return False
-            self.inflight[chunk.key] = chunk
+            self.inflight[(chunk.wop.op_id, chunk.idx)] = chunk
             return True
 
     def _next_item(self) -> tuple[str, Any] | None:
@@ -302,16 +297,24 @@ class Conn(Receiver):
     def _send_batch(self, chunks: list[Chunk]) -> bool:
         """Send small chunks (each its own frame, MACed in order) with one ``sendmsg``; the send
         lock is held. False if the link failed before they were recorded (they are requeued)."""
+        sending: list[Chunk] = []
+        with self.lock:  # recorded as in flight together (what _track does for one)
+            alive = self.alive
+            if alive:
+                inflight = self.inflight
+                for chunk in chunks:
+                    wop = chunk.wop
+                    if not wop.transfer._done:  # a cancelled or timed-out op is not sent
+                        inflight[(wop.op_id, chunk.idx)] = chunk
+                        sending.append(chunk)
+        if not alive:
+            if self.links is not None:
+                for c in reversed(chunks):
+                    self.links.requeue(c)
+            return False
         bufs: list[Any] = []
         tx = self.tx
-        for i, chunk in enumerate(chunks):
-            if chunk.wop.dead:
-                continue
-            if not self._track(chunk):
-                if self.links is not None:
-                    for c in reversed(chunks[i:]):
-                        self.links.requeue(c)
-                return False
+        for chunk in sending:
             frame = [chunk.head, *chunk.payload]
             bufs += tx.seal(frame) if tx is not None else frame
         if self.tail:

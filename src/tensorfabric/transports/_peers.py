@@ -134,17 +134,19 @@ class PeerLinks:
     def submit(self, chunks: list[Chunk]) -> None:
         """Send or queue ``chunks`` (dialling link 0 first when no link is up: see
         :meth:`connect_first`)."""
-        conns = self.live()
-        if not conns:
-            self.connect_first(self.t.connect_timeout)
+        conns = self._live
+        if conns is None or len(conns) != 1 or not conns[0].alive:  # (one link up: as it is)
             conns = self.live()
+            if not conns:
+                self.connect_first(self.t.connect_timeout)
+                conns = self.live()
         if len(chunks) == 1 and chunks[0].nbytes <= _INLINE_MAX and not self.queue and conns:
             n = len(conns)
             self.rr = (self.rr + 1) % n
             for k in range(n):
                 if conns[(self.rr + k) % n].send_chunk_inline(chunks[0]):
                     return
-        with self.cond:
+        with self.lock:  # the cond's lock (its own __enter__ is a Python call per op)
             self.queue.extend(chunks)
             self.cond.notify(len(chunks))
 

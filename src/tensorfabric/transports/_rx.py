@@ -36,6 +36,7 @@ _MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out tog
 _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
 _HEADER = w.HEADER
+_REMOTE_WRITE = int(Access.REMOTE_WRITE)
 _HEAD_SIZE = w.HEADER_SIZE
 
 
@@ -43,7 +44,7 @@ def _acks_frame(run: list[tuple[int, int]]) -> bytes:
     """One frame acknowledging every (op id, chunk) of ``run`` (status OK)."""
     if len(run) == 1:
         op_id, chunk = run[0]
-        return w.pack_header(w.Op.ACK, 0, 0, op_id, 0, 0, 0, chunk, chunk + 1)
+        return _HEADER.pack(w.MAGIC, w.Op.ACK, 0, 0, op_id, 0, 0, 0, chunk, chunk + 1)
     ext = b"".join([w.ACK_ENTRY.pack(op_id, chunk) for op_id, chunk in run])
     return w.pack_header(w.Op.ACKS, 0, len(ext)) + ext
 
@@ -79,7 +80,8 @@ class Receiver(ReplyReceiver):
     if TYPE_CHECKING:  # provided by Conn
         def fail(self, exc: BaseException | None = None) -> None: ...
         def reply(self, frame: list[Any]) -> None: ...
-        def reply_many(self, frames: list[bytes]) -> None: ...
+        def _try_send_nowait(self, frames: list[bytes]) -> bool: ...
+        def _queue_replies(self, frames: list[list[Any]]) -> None: ...
 
 
     def _recv_into(self, view: memoryview) -> None:
@@ -150,7 +152,11 @@ class Receiver(ReplyReceiver):
         return frames
 
     def _flush_deferred(self) -> None:
-        self.reply_many(self._pack_deferred())
+        """Send the deferred replies: in one send when the socket takes them, else through
+        the link's writer."""
+        frames = self._pack_deferred()
+        if frames and not self._try_send_nowait(frames):
+            self._queue_replies([[f] for f in frames])
 
     def _mac_update(self, view: memoryview) -> None:
         self._pmac.update(view)
@@ -310,7 +316,10 @@ class Receiver(ReplyReceiver):
     def _ack(self, op_id: int, chunk: int, status: int = 0, text: str = "",
              op: int = w.Op.ACK) -> None:
         if not status and op == w.Op.ACK and self.batch_acks:
-            self._defer((op_id, chunk))
+            deferred = self._deferred  # (what _defer does, for the common case)
+            deferred.append((op_id, chunk))
+            if len(deferred) >= _MAX_DEFERRED:
+                self._flush_deferred()
             return
         ext = text.encode()[:4000] if text else b""
         self._defer(w.pack_header(op, status, len(ext), op_id, 0, 0, 0, chunk, chunk + 1) + ext)
@@ -326,15 +335,53 @@ class Receiver(ReplyReceiver):
 
     def _on_write(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
-        if len(ext) == _ONE_SEG_EXT:
-            self._on_write_one(flags, ext, op_id, region, plen, imm, chunk, nchunks)
+        if len(ext) != _ONE_SEG_EXT:
+            self._on_write_table(flags, ext, op_id, region, plen, imm, chunk, nchunks)
             return
+        # one segment (every small write): no numpy, and no calls the common case can skip
+        key, end, off, n = _ONE_SEG.unpack(ext)
+        if plen and n != plen:
+            raise ProtocolError(f"segment table says {n} bytes, frame carries {plen}")
+        handler = self.t.handler
+        status, text, view = handler.resolve(region, key, _REMOTE_WRITE, (off, n), end)
+        if status != w.Status.OK or view is None:
+            self._refuse(plen, op_id, chunk, status, text)
+            return
+        if plen:
+            dst = view[off:off + n]
+            rs = self._rs
+            if self._re - rs >= n:  # all in the read-ahead buffer: one copy
+                dst[:] = self._rbv[rs:rs + n]
+                self._rs = rs + n
+                mac = self._pmac
+                if mac is not None:
+                    mac.update(dst)
+                    self._end_payload()
+            else:
+                self._recv_into(dst)
+                self._end_payload()
+        if flags & w.FLAG_IMM:
+            status, text = handler.landed(self.peer.engine_id, op_id, chunk, nchunks, imm)
+            if status or not self.batch_acks:
+                self._ack(op_id, chunk, status, text)
+                return
+        elif not self.batch_acks:
+            self._ack(op_id, chunk)
+            return
+        deferred = self._deferred  # an OK acknowledgement, sent with the burst's others
+        deferred.append((op_id, chunk))
+        if len(deferred) >= _MAX_DEFERRED:
+            self._flush_deferred()
+
+    def _on_write_table(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
+                        imm: int, chunk: int, nchunks: int) -> None:
+        """:meth:`_on_write` of a frame with a segment table (or an shm write's notice)."""
         key, end, table = self._table(ext)
         is_shm = plen == 0 and len(table) and int(table["length"].sum()) > 0
         total = int(table["length"].sum()) if len(table) else 0
         if not is_shm and total != plen:
             raise ProtocolError(f"segment table says {total} bytes, frame carries {plen}")
-        status, text, view = self.t.handler.resolve(region, key, Access.REMOTE_WRITE, table, end)
+        status, text, view = self.t.handler.resolve(region, key, _REMOTE_WRITE, table, end)
         if status != w.Status.OK or view is None:
             self._refuse(plen, op_id, chunk, status, text)
             return
@@ -347,24 +394,6 @@ class Receiver(ReplyReceiver):
                                              imm if flags & w.FLAG_IMM else None)
         self._ack(op_id, chunk, status, text)
 
-    def _on_write_one(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
-                      imm: int, chunk: int, nchunks: int) -> None:
-        """:meth:`_on_write` for a frame of one segment (every small write), without numpy."""
-        key, end, off, n = _ONE_SEG.unpack(ext)
-        if plen and n != plen:
-            raise ProtocolError(f"segment table says {n} bytes, frame carries {plen}")
-        handler = self.t.handler
-        status, text, view = handler.resolve(region, key, Access.REMOTE_WRITE, (off, n), end)
-        if status != w.Status.OK or view is None:
-            self._refuse(plen, op_id, chunk, status, text)
-            return
-        if plen:
-            self._recv_into(view[off:off + n])
-            self._end_payload()
-        status, text = handler.landed(self.peer.engine_id, op_id, chunk, nchunks,
-                                      imm if flags & w.FLAG_IMM else None)
-        self._ack(op_id, chunk, status, text)
-
     def _refuse(self, plen: int, op_id: int, chunk: int, status: int, text: str) -> None:
         """Skip a refused frame's payload (it still counts for the MAC) and answer ``status``."""
         self._drain(plen)
@@ -373,8 +402,9 @@ class Receiver(ReplyReceiver):
 
     def _on_imm(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                 chunk: int, nchunks: int) -> None:
-        self._drain(plen)
-        self._end_payload()
+        if plen:  # (an immediate carries none; its MAC then has nothing to check)
+            self._drain(plen)
+            self._end_payload()
         status, text = self.t.handler.landed(self.peer.engine_id, op_id, chunk, nchunks, imm)
         self._ack(op_id, chunk, status, text)
 

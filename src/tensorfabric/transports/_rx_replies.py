@@ -51,8 +51,9 @@ class ReplyReceiver:
 
     def _on_reply(self, flags: int, ext: bytes, op_id: int, region: int, plen: int, imm: int,
                   chunk: int, nchunks: int) -> None:
-        self._drain(plen)
-        self._end_payload()
+        if plen:  # (an acknowledgement carries none)
+            self._drain(plen)
+            self._end_payload()
         c = self._pop_inflight(op_id, chunk)
         if c is not None:
             c.wop.chunk_replied(flags, ext.decode(errors="replace"), c.region)

@@ -33,7 +33,7 @@ import numpy as np
 from .. import _wire as w
 from .._address import EngineAddress
 from .._errors import ClosedError, TensorFabricError
-from .._ops import DEFAULT_CHUNK, Chunk, WireOp, one_frame, read_chunks, write_chunks
+from .._ops import DEFAULT_CHUNK, Chunk, WireOp, read_chunks, write_chunks
 from .._region import RegionDescriptor
 from . import _handshake
 from ._base import InboundHandler, Transport
@@ -261,17 +261,6 @@ class TcpTransport(Transport):
         chunks = write_chunks(wop, w.Op.WRITE, desc.region_id, desc.key, imm, src, src_off,
                               dst_off, lengths, self.chunk_bytes, self.nlinks)
         self.submit(peer, chunks)
-
-    def write_one(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp,
-                  src: memoryview, src_off: int, dst_off: int, nbytes: int,
-                  imm: int | None) -> None:
-        """:meth:`write` of one segment given as Python ints (the small-op path)."""
-        if nbytes > self.chunk_bytes:
-            self.write(peer, desc, wop, src, np.array([src_off], np.uint64),
-                       np.array([dst_off], np.uint64), np.array([nbytes], np.uint64), imm)
-            return
-        self.submit(peer, [one_frame(wop, w.Op.WRITE, desc.region_id, desc.key, imm, src,
-                                     src_off, dst_off, nbytes)])
 
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
              dst: memoryview) -> None:
