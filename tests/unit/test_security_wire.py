@@ -85,6 +85,26 @@ def test_tampered_frames_are_refused_and_resent(relay_factory, caplog, mode, lin
     assert "integrity check" in caplog.text
 
 
+@pytest.mark.parametrize("nbytes", [100, 4096])
+def test_a_flipped_byte_in_a_small_write_is_refused_and_resent(relay_factory, caplog,
+                                                               nbytes) -> None:
+    """A small write's frame arrives whole in the read-ahead buffer, where the owner checks
+    its payload's tag in place (not through the streaming path a large payload takes)."""
+    caplog.set_level(logging.WARNING, logger="tensorfabric.tcp")
+    a, b = _pair()
+    with a, b:
+        region = b.register(np.zeros(nbytes, np.uint8))
+        relay = relay_factory(b, "flip")
+        src = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+        a.write(src, relay.via(region.descriptor()), imm=6).wait(60)
+        b.expect(6).wait(10)
+        assert np.array_equal(region.array, src)  # the honest resend overwrote the flip
+        with pytest.raises(tf.TransferTimeout):  # counted once
+            b.expect(6, timeout=0.3).wait()
+        assert relay.tampered() == 1
+    assert "payload failed its integrity check" in caplog.text
+
+
 def test_handshake_cut_off_once_is_tried_again(relay_factory) -> None:
     """An acceptor that gives up on a handshake (its deadline passed on a loaded machine) cuts
     the connection: the first op dials again instead of failing with BrokenError."""

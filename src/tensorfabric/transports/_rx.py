@@ -37,6 +37,8 @@ _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
 _HEADER = w.HEADER
 _REMOTE_WRITE = int(Access.REMOTE_WRITE)
+_PAYLOAD_MAC_FAILED = ("a frame's payload failed its integrity check (changed on the way, or "
+                       "a relay without the secret)")
 _HEAD_SIZE = w.HEADER_SIZE
 
 
@@ -217,8 +219,7 @@ class Receiver(ReplyReceiver):
         tag = bytearray(TAG)
         self._recv_into(memoryview(tag))
         if not FrameMac.same(mac.finalize(), tag):
-            raise ProtocolError("a frame's payload failed its integrity check (changed on the "
-                                "way, or a relay without the secret)")
+            raise ProtocolError(_PAYLOAD_MAC_FAILED)
 
     def _recv_loop(self) -> None:
         """The link's receive thread: frames as they come (see ``Conn._poll_loop`` for the
@@ -350,13 +351,17 @@ class Receiver(ReplyReceiver):
         if plen:
             dst = view[off:off + n]
             rs = self._rs
-            if self._re - rs >= n:  # all in the read-ahead buffer: one copy
+            mac = self._pmac
+            if self._re - rs >= (n if mac is None else n + TAG):  # buffered (with its tag)
                 dst[:] = self._rbv[rs:rs + n]
-                self._rs = rs + n
-                mac = self._pmac
-                if mac is not None:
+                if mac is None:
+                    self._rs = rs + n
+                else:  # what _end_payload does, on the buffered tag
+                    self._pmac = None
+                    self._rs = rs + n + TAG
                     mac.update(dst)
-                    self._end_payload()
+                    if not FrameMac.same(mac.finalize(), self._rbv[rs + n:rs + n + TAG]):
+                        raise ProtocolError(_PAYLOAD_MAC_FAILED)
             else:
                 self._recv_into(dst)
                 self._end_payload()
