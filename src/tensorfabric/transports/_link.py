@@ -138,7 +138,11 @@ class Conn(Receiver):
                 sock.sendall(b)
             self.last_tx = time.monotonic()
             return
-        bufs = [memoryview(b).cast("B") if not isinstance(b, (bytes, memoryview)) else b for b in bufs]
+        for b in bufs:  # (a loop, not a comprehension: no call when all are bytes already)
+            if not isinstance(b, (bytes, memoryview)):
+                bufs = [memoryview(x).cast("B") if not isinstance(x, (bytes, memoryview)) else x
+                        for x in bufs]
+                break
         while bufs:
             sent = sock.sendmsg(bufs[:IOV_MAX])
             self.last_tx = time.monotonic()
@@ -392,15 +396,16 @@ class Conn(Receiver):
     def _pump(self) -> None:
         """Read frames (rlock held, epoll said the socket has data) until the read-ahead
         buffer is empty at a frame boundary; then re-arm the epoll for the next reader."""
-        ok = self._guarded(self._frames_buffered)
-        if ok and self._deferred:
-            self._guarded(self._flush_deferred)
+        self._guarded(self._frames_buffered)
         self._rearm()
 
     def _frames_buffered(self) -> None:
+        """The frames that came (at least one), then the acknowledgements they made."""
         self._frame()
         while self._rs < self._re:
             self._frame()
+        if self._deferred:
+            self._flush_deferred()
 
     def _rearm(self) -> None:
         if self._ep is not None and self.alive:
