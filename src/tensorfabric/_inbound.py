@@ -149,6 +149,9 @@ class Inbound:
 
     # -- InboundHandler (called by transports) --------------------------------------------
 
+    def write_targets(self) -> dict[int, MemoryRegion]:
+        return self._regions
+
     def resolve(self, region: int, key: bytes, need: int, table: np.ndarray | tuple[int, int],
                 end: int = 0) -> tuple[int, str, memoryview | None]:
         r = self._regions.get(region)

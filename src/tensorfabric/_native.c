@@ -23,6 +23,9 @@
  *
  * plan_dispatch / plan_experts: the MoE routing plans (_native_plan.c), the same arrays as
  * moe/_plan.py's numpy functions, from counting sorts.
+ *
+ * take_writes: the tcp owner's loop over buffered small writes (_native_rx.c), which takes the
+ * frames the Python receive path would take without a word and leaves every other to it.
  */
 #include "_native.h"
 
@@ -162,6 +165,9 @@ static PyMethodDef methods[] = {
     {"_use_f16c", use_f16c, METH_VARARGS,
      "_use_f16c(on): float16 through F16C where the CPU has it (True) or the plain path; "
      "returns the old setting."},
+    {"take_writes", tf_take_writes, METH_VARARGS,
+     "take_writes(buf, rs, re, regions, deferred, room): copy the whole, plain one-segment "
+     "WRITE frames in buf[rs:re] into their regions, queue their acknowledgements; the new rs."},
     {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
      "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "
      "routing plan into preallocated buffers; -1, or the flat index of a bad id."},

@@ -29,6 +29,9 @@ void tf_sum_init(void);
 /* float16 through F16C: 0 off, 1 on where the CPU has it, -1 ask; returns the old setting */
 int tf_use_f16c(int on);
 
+/* the module's take_writes (documented in _native_rx.c): the owner's loop over small writes */
+PyObject *tf_take_writes(PyObject *self, PyObject *args);
+
 /* the module's plan_dispatch and plan_experts (documented in _native_plan.c) */
 PyObject *tf_plan_dispatch(PyObject *self, PyObject *args);
 PyObject *tf_plan_experts(PyObject *self, PyObject *args);

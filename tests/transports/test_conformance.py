@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from tensorfabric import Access, Engine
+from tensorfabric import Access, Engine, _compiled
 from tensorfabric.testing import Pair, TransportConformance
 
 SECRET = "conformance-secret"
@@ -20,6 +20,28 @@ class TestTcp(TransportConformance):
     def pair(self) -> Iterator[Pair]:
         with Engine(SECRET, transports=("tcp",), name="a") as a, \
                 Engine(SECRET, transports=("tcp",), name="b") as b:
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
+
+
+class TestTcpPlain(TransportConformance):
+    """Frames without MACs (``integrity=False``): the owner takes buffered small writes in its
+    compiled loop (``_native.take_writes``) where the extension is built."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[Pair]:
+        with Engine(SECRET, transports=("tcp",), integrity=False) as a, \
+                Engine(SECRET, transports=("tcp",), integrity=False) as b:
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
+
+
+class TestTcpPlainPython(TransportConformance):
+    """The same without the compiled loop: the pure-Python receive path it falls back to."""
+
+    @pytest.fixture
+    def pair(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+        monkeypatch.setattr(_compiled, "native", None)
+        with Engine(SECRET, transports=("tcp",), integrity=False) as a, \
+                Engine(SECRET, transports=("tcp",), integrity=False) as b:
             yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
 
 

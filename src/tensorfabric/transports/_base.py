@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -28,6 +28,11 @@ class InboundHandler(Protocol):
         must be granted, and ``key`` must be the region's key, else a non-OK status and nothing
         is touched.
         """
+
+    def write_targets(self) -> dict[int, Any]:
+        """The regions peers may reach, by id, as the engine keeps them (each with ``_view``,
+        ``_key`` and ``_access_bits``): what a compiled receive path checks a write against,
+        exactly as :meth:`resolve` does."""
 
     def landed(self, peer_id: bytes, op_id: int, chunk: int, nchunks: int,
                imm: int | None) -> tuple[int, str]:

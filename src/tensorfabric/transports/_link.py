@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import select
+import sys
 import socket
 import ssl
 import struct
@@ -11,6 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import _compiled
 from .. import _wire as w
 from .._errors import ProtocolError
 from .._ops import Chunk
@@ -70,6 +72,13 @@ class Conn(Receiver):
         # (sent as ACKS frames where the dialer agreed, see Receiver._pack_deferred)
         self._deferred: list[bytes | tuple[int, int]] = []
         self.batch_acks = session.acks and not dialer
+        # the owner's compiled loop over buffered small writes (Receiver._frame): on plain
+        # links only (frame MACs and TLS are checked in Python), to a peer that takes ACKS
+        native = _compiled.native
+        self._take: Any = (getattr(native, "take_writes", None) if self.batch_acks
+                           and self.rx is None and not isinstance(sock, ssl.SSLSocket)
+                           and sys.byteorder == "little" else None)
+        self._targets = transport.handler.write_targets() if self._take is not None else {}
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.lock = peer_links.lock if peer_links is not None else threading.RLock()

@@ -35,6 +35,7 @@ _DIRECT = 16 << 10  #: pieces from this size are received straight into place, n
 _MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out together
 _ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
 _ONE_SEG_EXT = _ONE_SEG.size
+_TAKE_MIN = w.HEADER_SIZE + _ONE_SEG_EXT  # a buffered frame the compiled loop may take
 _HEADER = w.HEADER
 _REMOTE_WRITE = int(Access.REMOTE_WRITE)
 _PAYLOAD_MAC_FAILED = ("a frame's payload failed its integrity check (changed on the way, or "
@@ -75,6 +76,8 @@ class Receiver(ReplyReceiver):
     _re: int
     _deferred: list[bytes | tuple[int, int]]
     batch_acks: bool  # OK acknowledgements go out as ACKS frames (the dialer agreed)
+    _take: Any  # _native.take_writes where this link may use it (see Conn), else None
+    _targets: dict[int, Any]  # the engine's regions by id, for _take
     _header: bytearray  # the frame header being received, and a view of it
     _hview: memoryview
     _handlers: dict[int, Callable[..., None]]
@@ -121,6 +124,17 @@ class Receiver(ReplyReceiver):
             view[:k] = self._rbv[:k]
             self._rs, self._re = k, n
             view = view[k:]
+
+    def _fill(self) -> None:
+        """Read what the socket has into the (empty) read-ahead buffer; acknowledge what has
+        landed first, as this may block."""
+        if self._deferred:
+            self._flush_deferred()
+        n = self.sock.recv_into(self._rbv)
+        if n == 0:
+            raise _PeerGone("peer closed the connection")
+        self.last_rx = time.monotonic()
+        self._rs, self._re = 0, n
 
     def _defer(self, frame: bytes | tuple[int, int]) -> None:
         """Queue a small reply (an acknowledgement) from the receive thread; it goes out with
@@ -248,8 +262,22 @@ class Receiver(ReplyReceiver):
         return False
 
     def _frame(self) -> None:
-        """Receive one frame and act on it (its MAC checked first)."""
+        """Receive one frame and act on it (its MAC checked first), or, on an owner's plain
+        link, every buffered small write the compiled loop takes (see _native_rx.c)."""
         rs = self._rs
+        take = self._take
+        if take is not None and rs == self._re:  # nothing buffered: read ahead, then look
+            self._fill()
+            rs = 0
+        if take is not None and self._re - rs > _TAKE_MIN:
+            deferred = self._deferred
+            end = take(self._rbv, rs, self._re, self._targets, deferred,
+                       _MAX_DEFERRED - len(deferred))
+            if end != rs:  # it took some: the caller reads on (the next may be for Python)
+                self._rs = end
+                if len(deferred) >= _MAX_DEFERRED:
+                    self._flush_deferred()
+                return
         if self._re - rs >= _HEAD_SIZE:  # buffered (most small frames): read it in place
             self._rs = rs + _HEAD_SIZE
             header: Any = self._rbv[rs:rs + _HEAD_SIZE]

@@ -1,0 +1,178 @@
+"""The owner's compiled loop over small writes (``_native.take_writes``): it copies the plain
+one-segment WRITE frames that the Python path would take without a word, queues their
+acknowledgements, and leaves every other frame (partial, malformed, refused) untouched for the
+Python path, which answers or closes the link as the protocol says. Then the same over a real
+link, against a raw peer: a burst of good writes with bad ones among them."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import tensorfabric as tf
+from _rawpeer import RawPeer, recv_exact
+from tensorfabric import _compiled
+from tensorfabric import _wire as w
+from tensorfabric.transports._handshake import F_ACKS
+
+native = _compiled.native
+pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "take_writes"),
+                                reason="tensorfabric._native is not built")
+
+SECRET = "native-rx"
+KEY = bytes(range(16))
+
+
+class Region:
+    """What take_writes reads of a region (the engine's MemoryRegion has the same three)."""
+
+    def __init__(self, nbytes: int, access: int = 3, key: bytes = KEY) -> None:
+        self.array = np.zeros(nbytes, np.uint8)
+        self._view: memoryview | None = memoryview(self.array)
+        self._key = key
+        self._access_bits = access
+
+
+def frame(op_id: int, region: int, off: int, data: bytes, *, key: bytes = KEY, end: int | None = None,
+          op: int = w.Op.WRITE, flags: int = 0, plen: int | None = None, n: int | None = None,
+          chunk: int = 0, nchunks: int = 1, imm: int = 0) -> bytes:
+    n = len(data) if n is None else n
+    ext = w.OP_HEAD.pack(key, off + n if end is None else end) + np.array(
+        [(off, n)], w.SEG_DTYPE).tobytes()
+    head = w.pack_header(op, flags, len(ext), op_id, region, len(data) if plen is None else plen,
+                         imm, chunk, nchunks)
+    return head + ext + data
+
+
+def take(buf: bytes, regions: dict, room: int = 64) -> tuple[int, list]:
+    b = bytearray(buf)
+    acks: list = []
+    end = native.take_writes(memoryview(b), 0, len(b), regions, acks, room)
+    return end, acks
+
+
+def test_takes_a_burst_and_queues_its_acknowledgements() -> None:
+    r = Region(4096)
+    burst = b"".join(frame(10 + i, 1, 100 * i, bytes([i + 1]) * 50, chunk=i % 2, nchunks=2)
+                     for i in range(5))
+    end, acks = take(burst, {1: r})
+    assert end == len(burst)
+    assert acks == [(10 + i, i % 2) for i in range(5)]
+    for i in range(5):
+        assert bytes(r.array[100 * i:100 * i + 50]) == bytes([i + 1]) * 50
+    # room bounds it (the caller flushes at its bound of acknowledgements)
+    end, acks = take(burst, {1: Region(4096)}, room=2)
+    assert acks == [(10, 0), (11, 1)] and end == 2 * len(burst) // 5
+
+
+def _bad_frames() -> dict[str, tuple[bytes, dict]]:
+    good = {1: Region(256)}
+    data = b"x" * 64
+    return {
+        "wrong key": (frame(1, 1, 0, data, key=b"k" * 16), good),
+        "no such region": (frame(1, 2, 0, data), good),
+        "unregistered": (frame(1, 1, 0, data), {1: _closed()}),
+        "read-only region": (frame(1, 1, 0, data), {1: Region(256, access=2)}),
+        "past the end": (frame(1, 1, 200, data), good),
+        "op end past the region": (frame(1, 1, 0, data, end=257), good),
+        "segment past the end, op end inside": (frame(1, 1, 200, data, end=100), good),
+        "offset wraps": (frame(1, 1, 2 ** 64 - 8, data, end=56), good),
+        "with an immediate": (frame(1, 1, 0, data, flags=w.FLAG_IMM), good),
+        "another op": (frame(1, 1, 0, data, op=w.Op.SEND), good),
+        "segment != payload": (frame(1, 1, 0, data, n=63), good),
+        "chunk numbering": (frame(1, 1, 0, data, chunk=1, nchunks=1), good),
+        "no chunks": (frame(1, 1, 0, data, nchunks=0), good),
+        "empty payload": (frame(1, 1, 0, b""), good),
+        "payload not all here": (frame(1, 1, 0, data)[:-1], good),
+        "bad magic": (b"\0\0" + frame(1, 1, 0, data)[2:], good),
+        "key of another length": (frame(1, 1, 0, data), {1: Region(256, key=KEY + b"!")}),
+    }
+
+
+def _closed() -> Region:
+    r = Region(256)
+    r._view = None
+    return r
+
+
+@pytest.mark.parametrize("case", list(_bad_frames()))
+def test_leaves_every_other_frame_to_the_python_path(case: str) -> None:
+    bad, regions = _bad_frames()[case]
+    good = frame(7, 1, 0, b"ok")
+    end, acks = take(good + bad, regions)
+    # the good frame before it is taken (where its region takes it), the bad one is not
+    first = len(good) if regions[1]._view is not None and case not in (
+        "read-only region", "key of another length") else 0
+    assert end == first
+    assert acks == ([(7, 0)] if first else [])
+    for r in regions.values():
+        if r._view is not None:
+            assert not r.array[2:].any()  # nothing of the bad frame landed
+
+
+def test_checks_its_arguments() -> None:
+    with pytest.raises(ValueError):
+        native.take_writes(memoryview(bytearray(8)), 0, 9, {}, [], 1)
+    with pytest.raises(ValueError):
+        native.take_writes(memoryview(bytearray(8)), 5, 4, {}, [], 1)
+    with pytest.raises(TypeError):
+        native.take_writes(memoryview(bytearray(8)), 0, 8, [], [], 1)
+
+
+def _acks(sock: socket.socket, want: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Read replies until ``want`` came: (OK acknowledgements, (op id, status) of refusals)."""
+    ok: list[tuple[int, int]] = []
+    refused: list[tuple[int, int]] = []
+    while len(ok) + len(refused) < want:
+        head = recv_exact(sock, w.HEADER_SIZE)
+        _, op, status, ext_len, op_id, _, plen, _, chunk, _ = w.HEADER.unpack(head)
+        ext = recv_exact(sock, ext_len) if ext_len else b""
+        if op == w.Op.ACKS:
+            ok += list(w.ACK_ENTRY.iter_unpack(ext))
+        elif status:
+            refused.append((op_id, status))
+        else:
+            ok.append((op_id, chunk))
+    return ok, refused
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled) -> None:
+    """A raw peer (plain link, ACKS agreed) sends one burst: good writes, one with a wrong key,
+    one past the region's end, one with an immediate; each good one lands and is acknowledged,
+    each bad one is refused with its status and nothing of it lands, on both paths."""
+    if not compiled:
+        monkeypatch.setattr(_compiled, "native", None)
+    with tf.Engine(SECRET, transports=("tcp",), integrity=False) as owner:
+        region = owner.register(np.zeros(1 << 16, np.uint8), tf.Access.READ_WRITE)
+        desc = region.descriptor()
+        peer = RawPeer(owner, SECRET, integrity=False, flags=F_ACKS)
+        try:
+            assert peer.ok and peer.mode & F_ACKS
+            deadline = time.monotonic() + 30
+            while not owner._tcp._accepted and time.monotonic() < deadline:
+                time.sleep(0.01)  # the owner files the accepted link a moment after the hello
+            conn = next(iter(owner._tcp._accepted))
+            assert (conn._take is not None) == compiled
+            burst = []
+            for i in range(40):
+                key = b"k" * 16 if i == 13 else desc.key
+                off = (1 << 16) - 10 if i == 27 else 1000 * i
+                burst.append(frame(100 + i, desc.region_id, off, bytes([i + 1]) * 100, key=key,
+                                   flags=w.FLAG_IMM if i == 33 else 0, imm=9))
+            peer.sock.sendall(b"".join(burst))
+            ok, refused = _acks(peer.sock, 40)
+        finally:
+            peer.sock.close()
+        assert sorted(refused) == [(113, w.Status.BAD_KEY), (127, w.Status.OUT_OF_BOUNDS)]
+        assert sorted(ok) == [(100 + i, 0) for i in range(40) if i not in (13, 27)]
+        for i in range(40):
+            got = bytes(region.array[1000 * i:1000 * i + 100])
+            assert got == (bytes(100) if i in (13, 27) else bytes([i + 1]) * 100), i
+        assert not region.array[(1 << 16) - 10:].any()
+        owner.expect(9, 1, timeout=10).wait()  # the immediate counted, once
+        with pytest.raises(tf.TransferTimeout):
+            owner.expect(9, 1, timeout=0.3).wait()
