@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import collections
 import select
-import sys
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
