@@ -75,7 +75,12 @@ class ReplyReceiver:
             if after < self.t.window <= before or after < _SMALL_WINDOW <= before:
                 self.cond.notify_all()  # this link's writer may take the next chunks
         for c in done:
-            c.wop.chunk_replied(w.Status.OK, "", c.region)
+            wop = c.wop
+            if wop._lock is None and wop.on_done is None:  # one chunk (a small op): finished
+                wop.remaining = 0
+                wop.transfer._part_done()
+            else:
+                wop.chunk_replied(w.Status.OK, "", c.region)
 
     def _on_shm_open_resp(self, flags: int, ext: bytes, op_id: int, region: int, plen: int,
                           imm: int, chunk: int, nchunks: int) -> None:
