@@ -33,8 +33,8 @@ log = logging.getLogger("tensorfabric.tcp")
 RBUF = 64 << 10  #: a link's read-ahead buffer
 _DIRECT = 16 << 10  #: pieces from this size are received straight into place, not via RBUF
 _MAX_DEFERRED = 64  #: acknowledgements held back at most, waiting to go out together
-_ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
-_ONE_SEG_EXT = _ONE_SEG.size
+_OP_ONE_SEG = struct.Struct("<16sQQQ")  # OP_HEAD and one segment (offset, length)
+_ONE_SEG_EXT = _OP_ONE_SEG.size
 _TAKE_MIN = w.HEADER_SIZE + _ONE_SEG_EXT  # a buffered frame the compiled loop may take
 _HEADER = w.HEADER
 _REMOTE_WRITE = int(Access.REMOTE_WRITE)
@@ -368,7 +368,7 @@ class Receiver(ReplyReceiver):
             self._on_write_table(flags, ext, op_id, region, plen, imm, chunk, nchunks)
             return
         # one segment (every small write): no numpy, and no calls the common case can skip
-        key, end, off, n = _ONE_SEG.unpack(ext)
+        key, end, off, n = _OP_ONE_SEG.unpack(ext)
         if plen and n != plen:
             raise ProtocolError(f"segment table says {n} bytes, frame carries {plen}")
         handler = self.t.handler
