@@ -149,7 +149,7 @@ def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled) -> None:
     with tf.Engine(SECRET, transports=("tcp",), integrity=False) as owner:
         region = owner.register(np.zeros(1 << 16, np.uint8), tf.Access.READ_WRITE)
         desc = region.descriptor()
-        peer = RawPeer(owner, SECRET, integrity=False, flags=F_ACKS)
+        peer = RawPeer(owner, SECRET, integrity=False, flags=F_ACKS, timeout=60)  # (a busy machine)
         try:
             assert peer.ok and peer.mode & F_ACKS
             deadline = time.monotonic() + 30
