@@ -3,6 +3,7 @@ core and worker with it) and wait until they answer."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -178,10 +179,14 @@ class VllmServer:
         self.url = f"http://{self.host}:{self.port}"
 
     def healthy(self) -> bool:
+        """GET /health answered 200. Anything else is not healthy, including an answer that is
+        not HTTP/1 at all: another process (a Ray gRPC server, say) may hold the port between
+        our pick and vLLM's bind, and vLLM then exits with "Address already in use", which
+        wait_ready handles by starting on another port."""
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                 return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             return False
 
     def log_tail(self, n: int = 40) -> str:
