@@ -25,7 +25,8 @@
  * moe/_plan.py's numpy functions, from counting sorts.
  *
  * take_writes: the tcp owner's loop over buffered small writes (_native_rx.c), which takes the
- * frames the Python receive path would take without a word and leaves every other to it.
+ * frames the Python receive path would take without a word (their frame MACs checked, on links
+ * that have them) and leaves every other to it.
  */
 #include "_native.h"
 
@@ -166,8 +167,9 @@ static PyMethodDef methods[] = {
      "_use_f16c(on): float16 through F16C where the CPU has it (True) or the plain path; "
      "returns the old setting."},
     {"take_writes", tf_take_writes, METH_VARARGS,
-     "take_writes(buf, rs, re, regions, deferred, room): copy the whole, plain one-segment "
-     "WRITE frames in buf[rs:re] into their regions, queue their acknowledgements; the new rs."},
+     "take_writes(buf, rs, re, regions, deferred, room[, mac]): copy the whole, plain "
+     "one-segment WRITE frames in buf[rs:re] (with their frame MACs checked, given mac = "
+     "FrameMac.native_parts()) into their regions, queue their acknowledgements; the new rs."},
     {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
      "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "
      "routing plan into preallocated buffers; -1, or the flat index of a bad id."},
@@ -187,7 +189,9 @@ PyMODINIT_FUNC PyInit__native(void) {
     tf_sum_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_F16) < 0) {
+    /* take_writes checks frame MACs (its `mac` argument); a stale build lacks this name */
+    if (PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_F16) < 0 ||
+        PyModule_AddIntConstant(m, "TAKE_WRITES_MAC", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

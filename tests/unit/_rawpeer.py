@@ -14,6 +14,7 @@ from tensorfabric.transports._handshake import (
     _MAGIC,
     _REPLY,
     _VERDICT,
+    F_GMAC,
     F_INTEGRITY,
     F_POLY1305,
     _keys,
@@ -55,8 +56,8 @@ class RawPeer:
         self.verdict, self.their_proof = verdict, their_proof
         self.tx = self.rx = None
         if mode & F_INTEGRITY:
-            poly = bool(mode & F_POLY1305)
-            self.tx, self.rx = FrameMac(d2a, poly), FrameMac(a2d, poly)
+            poly, gmac = bool(mode & F_POLY1305), bool(mode & F_GMAC)
+            self.tx, self.rx = FrameMac(d2a, poly, gmac), FrameMac(a2d, poly, gmac)
 
     def seal(self, head_ext: bytes, payload: bytes = b"") -> bytes:
         """The bytes of one frame with valid tags (the next sequence number)."""

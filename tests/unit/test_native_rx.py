@@ -16,7 +16,8 @@ import tensorfabric as tf
 from _rawpeer import RawPeer, recv_exact
 from tensorfabric import _compiled
 from tensorfabric import _wire as w
-from tensorfabric.transports._handshake import F_ACKS
+from tensorfabric.transports._handshake import F_ACKS, F_GMAC
+from tensorfabric.transports._integrity import FrameMac, have_gmac, have_poly1305
 
 native = _compiled.native
 pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "take_writes"),
@@ -113,6 +114,76 @@ def test_leaves_every_other_frame_to_the_python_path(case: str) -> None:
             assert not r.array[2:].any()  # nothing of the bad frame landed
 
 
+LINK_KEY = bytes(range(32, 64))
+MAC_KINDS = {  # name: (gmac, poly1305, payload size): each payload MAC of FrameMac.payload's rule
+    "blake2b (small payload)": (True, True, 100),
+    "gmac": (True, True, 4096),
+    "poly1305": (False, True, 8192),
+    "blake2b (neither)": (False, False, 4096),
+}
+
+
+def macs(gmac: bool = True, poly: bool = True) -> tuple[FrameMac, FrameMac]:
+    """The two ends of one direction of a link: the sender's MAC and the receiver's."""
+    return FrameMac(LINK_KEY, poly, gmac), FrameMac(LINK_KEY, poly, gmac)
+
+
+def sealed(tx: FrameMac, raw: bytes) -> bytes:
+    """A frame from frame() with its tags (tx's next counter value)."""
+    head_ext, payload = _split(raw)
+    return b"".join(bytes(p) for p in tx.seal([head_ext, payload] if payload else [head_ext]))
+
+
+@pytest.mark.parametrize("kind", list(MAC_KINDS))
+def test_takes_frames_whose_macs_check_out(kind: str) -> None:
+    gmac, poly, size = MAC_KINDS[kind]
+    tx, rx = macs(gmac, poly)
+    assert (tx.gmac, tx.poly) == (gmac and have_gmac(), poly and have_poly1305())
+    r = Region(4 * size)
+    burst = b"".join(sealed(tx, frame(20 + i, 1, size * i, bytes([i + 1]) * size))
+                     for i in range(4))
+    b, acks = bytearray(burst), []
+    end = native.take_writes(memoryview(b), 0, len(b), {1: r}, acks, 64, rx.native_parts())
+    assert end == len(burst) and acks == [(20 + i, 0) for i in range(4)]
+    assert rx.seq == tx.seq == 4  # the counter moved past the frames taken, no further
+    for i in range(4):
+        assert bytes(r.array[size * i:size * (i + 1)]) == bytes([i + 1]) * size
+
+
+def _spoiled(case: str, tx: FrameMac, first: bytes, size: int) -> bytes:
+    """A frame of ``size`` bytes whose tags do not check out, sent after the good ``first``."""
+    data = b"y" * size
+    head = w.HEADER_SIZE + 40
+    if case == "replayed":  # the good frame again: its counter value is spent
+        return first
+    if case == "skips a counter value":  # as if a frame in between were dropped
+        tx.seq += 1
+        return sealed(tx, frame(2, 1, 0, data))
+    bad = bytearray(sealed(tx, frame(2, 1, 0, data)))
+    at = {"header byte": 8, "ext byte": w.HEADER_SIZE + 20, "tag1 byte": head + 3,
+          "payload byte": head + 16 + size // 2, "tag2 byte": len(bad) - 1}[case]
+    bad[at] ^= 1
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("case", ["replayed", "skips a counter value", "header byte", "ext byte",
+                                  "tag1 byte", "payload byte", "tag2 byte"])
+@pytest.mark.parametrize("kind", ["gmac", "blake2b (small payload)"])
+def test_leaves_a_frame_with_a_bad_mac_to_the_python_path(case: str, kind: str) -> None:
+    """The frame after a good one fails its MAC: the good one is taken, the bad one is not
+    (nothing of it lands, the counter stays at its value for the Python path, which closes
+    the link)."""
+    gmac, poly, size = MAC_KINDS[kind]
+    tx, rx = macs(gmac, poly)
+    first = sealed(tx, frame(1, 1, 0, b"ok"))
+    bad = _spoiled(case, tx, first, size)
+    r = Region(8192)
+    b, acks = bytearray(first + bad), []
+    end = native.take_writes(memoryview(b), 0, len(b), {1: r}, acks, 64, rx.native_parts())
+    assert end == len(first) and acks == [(1, 0)] and rx.seq == 1
+    assert bytes(r.array[:2]) == b"ok" and not r.array[2:].any()
+
+
 def test_checks_its_arguments() -> None:
     with pytest.raises(ValueError):
         native.take_writes(memoryview(bytearray(8)), 0, 9, {}, [], 1)
@@ -120,16 +191,32 @@ def test_checks_its_arguments() -> None:
         native.take_writes(memoryview(bytearray(8)), 5, 4, {}, [], 1)
     with pytest.raises(TypeError):
         native.take_writes(memoryview(bytearray(8)), 0, 8, [], [], 1)
+    with pytest.raises(TypeError):
+        native.take_writes(memoryview(bytearray(8)), 0, 8, {}, [], 1, ("not", "parts"))
 
 
-def _acks(sock: socket.socket, want: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Read replies until ``want`` came: (OK acknowledgements, (op id, status) of refusals)."""
+def _size(i: int) -> int:
+    return 4096 if i % 3 == 0 else 100
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """A frame from frame() as (header + ext, payload)."""
+    return raw[:w.HEADER_SIZE + 40], raw[w.HEADER_SIZE + 40:]
+
+
+def _acks(peer: RawPeer, want: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Read replies until ``want`` came: (OK acknowledgements, (op id, status) of refusals);
+    on a link with frame MACs each reply's tag is checked."""
     ok: list[tuple[int, int]] = []
     refused: list[tuple[int, int]] = []
+    sock = peer.sock
     while len(ok) + len(refused) < want:
         head = recv_exact(sock, w.HEADER_SIZE)
         _, op, status, ext_len, op_id, _, plen, _, chunk, _ = w.HEADER.unpack(head)
         ext = recv_exact(sock, ext_len) if ext_len else b""
+        assert not plen
+        if peer.rx is not None:
+            assert peer.rx.head(head + ext)[:16] == recv_exact(sock, 16)
         if op == w.Op.ACKS:
             ok += list(w.ACK_ENTRY.iter_unpack(ext))
         elif status:
@@ -139,40 +226,47 @@ def _acks(sock: socket.socket, want: int) -> tuple[list[tuple[int, int]], list[t
     return ok, refused
 
 
+@pytest.mark.parametrize("integrity", [False, True], ids=["plain", "macs"])
 @pytest.mark.parametrize("compiled", [True, False])
-def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled) -> None:
-    """A raw peer (plain link, ACKS agreed) sends one burst: good writes, one with a wrong key,
-    one past the region's end, one with an immediate; each good one lands and is acknowledged,
-    each bad one is refused with its status and nothing of it lands, on both paths."""
+def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrity) -> None:
+    """A raw peer (ACKS agreed; plain, or with frame MACs) sends one burst: good writes, one
+    with a wrong key, one past the region's end, one with an immediate; each good one lands and
+    is acknowledged, each bad one is refused with its status and nothing of it lands, on both
+    paths. Payloads of 100 B and 4 KiB, so that MAC'd links use both payload MACs."""
     if not compiled:
         monkeypatch.setattr(_compiled, "native", None)
-    with tf.Engine(SECRET, transports=("tcp",), integrity=False) as owner:
-        region = owner.register(np.zeros(1 << 16, np.uint8), tf.Access.READ_WRITE)
+    with tf.Engine(SECRET, transports=("tcp",), integrity=integrity) as owner:
+        region = owner.register(np.zeros(1 << 18, np.uint8), tf.Access.READ_WRITE)
         desc = region.descriptor()
-        peer = RawPeer(owner, SECRET, integrity=False, flags=F_ACKS, timeout=60)  # (a busy machine)
+        peer = RawPeer(owner, SECRET, integrity=integrity, flags=F_ACKS | F_GMAC,
+                       timeout=60)  # (a busy machine)
         try:
             assert peer.ok and peer.mode & F_ACKS
+            assert peer.tx is None or peer.tx.gmac == have_gmac()
             deadline = time.monotonic() + 30
             while not owner._tcp._accepted and time.monotonic() < deadline:
                 time.sleep(0.01)  # the owner files the accepted link a moment after the hello
             conn = next(iter(owner._tcp._accepted))
             assert (conn._take is not None) == compiled
+            assert (conn._take_mac is not None) == (compiled and integrity)
             burst = []
             for i in range(40):
                 key = b"k" * 16 if i == 13 else desc.key
-                off = (1 << 16) - 10 if i == 27 else 1000 * i
-                burst.append(frame(100 + i, desc.region_id, off, bytes([i + 1]) * 100, key=key,
-                                   flags=w.FLAG_IMM if i == 33 else 0, imm=9))
+                off = (1 << 18) - 10 if i == 27 else 5000 * i
+                burst.append(peer.seal(*_split(frame(
+                    100 + i, desc.region_id, off, bytes([i + 1]) * _size(i), key=key,
+                    flags=w.FLAG_IMM if i == 33 else 0, imm=9))))
             peer.sock.sendall(b"".join(burst))
-            ok, refused = _acks(peer.sock, 40)
+            ok, refused = _acks(peer, 40)
         finally:
             peer.sock.close()
         assert sorted(refused) == [(113, w.Status.BAD_KEY), (127, w.Status.OUT_OF_BOUNDS)]
         assert sorted(ok) == [(100 + i, 0) for i in range(40) if i not in (13, 27)]
         for i in range(40):
-            got = bytes(region.array[1000 * i:1000 * i + 100])
-            assert got == (bytes(100) if i in (13, 27) else bytes([i + 1]) * 100), i
-        assert not region.array[(1 << 16) - 10:].any()
+            n = _size(i)
+            got = bytes(region.array[5000 * i:5000 * i + n])
+            assert got == (bytes(n) if i in (13, 27) else bytes([i + 1]) * n), i
+        assert not region.array[(1 << 18) - 10:].any()
         owner.expect(9, 1, timeout=10).wait()  # the immediate counted, once
         with pytest.raises(tf.TransferTimeout):
             owner.expect(9, 1, timeout=0.3).wait()

@@ -173,6 +173,14 @@ class FrameMac:
                 return _Poly1305.generate_tag(key, view)
         return hashlib.blake2b(view, key=key, digest_size=TAG).digest()
 
+    def native_parts(self) -> tuple[Any, ...]:
+        """What ``_native.take_writes`` needs to check this direction's frames in C: this
+        object (its ``seq``), the keyed BLAKE2b base, and the payload MACs :meth:`payload`
+        picks from (AESGCM or None, Poly1305 or None, from ``_POLY_MIN`` bytes; BLAKE2b below).
+        The C loop applies the same rule; tests/unit/test_native_rx.py checks each kind."""
+        return (self, self._base, hashlib.blake2b, _AESGCM if self.gmac else None,
+                _Poly1305 if self.poly else None, _POLY_MIN)
+
     #: constant-time comparison of two tags (a C function: no Python frame per check)
     same = staticmethod(hmac.compare_digest)
 

@@ -72,12 +72,15 @@ class Conn(Receiver):
         # (sent as ACKS frames where the dialer agreed, see Receiver._pack_deferred)
         self._deferred: list[bytes | tuple[int, int]] = []
         self.batch_acks = session.acks and not dialer
-        # the owner's compiled loop over buffered small writes (Receiver._frame): on plain
-        # links only (frame MACs and TLS are checked in Python), to a peer that takes ACKS
+        # the owner's compiled loop over buffered small writes (Receiver._frame), frame MACs
+        # checked in it where the link has them; not on TLS links; to a peer that takes ACKS
         native = _compiled.native
         self._take: Any = (getattr(native, "take_writes", None) if self.batch_acks
-                           and self.rx is None and not isinstance(sock, ssl.SSLSocket)
+                           and (self.rx is None or getattr(native, "TAKE_WRITES_MAC", 0))
+                           and not isinstance(sock, ssl.SSLSocket)
                            and sys.byteorder == "little" else None)
+        self._take_mac = (self.rx.native_parts() if self._take is not None
+                          and self.rx is not None else None)
         self._targets = transport.handler.write_targets() if self._take is not None else {}
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)

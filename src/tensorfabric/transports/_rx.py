@@ -78,6 +78,7 @@ class Receiver(ReplyReceiver):
     batch_acks: bool  # OK acknowledgements go out as ACKS frames (the dialer agreed)
     _take: Any  # _native.take_writes where this link may use it (see Conn), else None
     _targets: dict[int, Any]  # the engine's regions by id, for _take
+    _take_mac: Any  # rx.native_parts() for _take on a link with frame MACs, else None
     _header: bytearray  # the frame header being received, and a view of it
     _hview: memoryview
     _handlers: dict[int, Callable[..., None]]
@@ -262,8 +263,8 @@ class Receiver(ReplyReceiver):
         return False
 
     def _frame(self) -> None:
-        """Receive one frame and act on it (its MAC checked first), or, on an owner's plain
-        link, every buffered small write the compiled loop takes (see _native_rx.c)."""
+        """Receive one frame and act on it (its MAC checked first), or, on an owner's link,
+        every buffered small write the compiled loop takes (see _native_rx.c)."""
         rs = self._rs
         take = self._take
         if take is not None and rs == self._re:  # nothing buffered: read ahead, then look
@@ -272,7 +273,7 @@ class Receiver(ReplyReceiver):
         if take is not None and self._re - rs > _TAKE_MIN:
             deferred = self._deferred
             end = take(self._rbv, rs, self._re, self._targets, deferred,
-                       _MAX_DEFERRED - len(deferred))
+                       _MAX_DEFERRED - len(deferred), self._take_mac)
             if end != rs:  # it took some: the caller reads on (the next may be for Python)
                 self._rs = end
                 if len(deferred) >= _MAX_DEFERRED:
