@@ -14,10 +14,23 @@ SECRET = "conformance-secret"
 
 
 class TestTcp(TransportConformance):
-    """One link, regions in private memory: every op goes over the socket."""
+    """One link, regions in private memory: every op goes over the socket, with frame MACs
+    (the default); the owner checks and takes buffered small writes in its compiled loop
+    (``_native.take_writes``) where the extension is built."""
 
     @pytest.fixture
     def pair(self) -> Iterator[Pair]:
+        with Engine(SECRET, transports=("tcp",), name="a") as a, \
+                Engine(SECRET, transports=("tcp",), name="b") as b:
+            yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
+
+
+class TestTcpPython(TransportConformance):
+    """The same without the compiled loop: the pure-Python receive path with frame MACs."""
+
+    @pytest.fixture
+    def pair(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+        monkeypatch.setattr(_compiled, "native", None)
         with Engine(SECRET, transports=("tcp",), name="a") as a, \
                 Engine(SECRET, transports=("tcp",), name="b") as b:
             yield Pair(a, b, lambda n, acc: b.register(np.zeros(n, np.uint8), acc))
