@@ -170,6 +170,9 @@ static PyMethodDef methods[] = {
      "take_writes(buf, rs, re, regions, deferred, room[, mac]): copy the whole, plain "
      "one-segment WRITE frames in buf[rs:re] (with their frame MACs checked, given mac = "
      "FrameMac.native_parts()) into their regions, queue their acknowledgements; the new rs."},
+    {"seal", tf_seal, METH_VARARGS,
+     "seal(parts, frame): FrameMac.seal(frame) for parts = FrameMac.native_parts(), the tags "
+     "computed from C (frames of more than two pieces go to FrameMac.seal)."},
     {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
      "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "
      "routing plan into preallocated buffers; -1, or the flat index of a bad id."},

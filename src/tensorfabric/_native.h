@@ -29,6 +29,27 @@ void tf_sum_init(void);
 /* float16 through F16C: 0 off, 1 on where the CPU has it, -1 ask; returns the old setting */
 int tf_use_f16c(int on);
 
+/* frame MACs from C (_native_mac.c): a link direction's FrameMac.native_parts(), unpacked */
+#define TF_TAG 16    /* _integrity.TAG */
+#define TF_DIGEST 48 /* _integrity._D: tag1 + the payload's one-time 32-byte key */
+typedef struct {
+    PyObject *fm, *base, *blake2b, *aesgcm, *poly1305; /* borrowed from the parts tuple */
+    uint64_t seq, seq0;                                /* the counter now, and as read */
+    Py_ssize_t poly_min;
+} TfMac;
+/* unpack parts (reads fm.seq); -1 with an exception */
+int tf_mac_parts(PyObject *parts, TfMac *m);
+/* write seq back to fm.seq if it moved */
+int tf_mac_store_seq(TfMac *m);
+/* d = BLAKE2b-384(key, seq || head), the counter unchanged; -1 with an exception */
+int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d);
+/* the payload's tag (a new 16-byte bytes) under the one-time key d[16:48]; NULL: exception */
+PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n);
+/* constant-time comparison of two 16-byte tags */
+int tf_tags_equal(const unsigned char *a, const unsigned char *b);
+/* the module's seal (documented in _native_mac.c) */
+PyObject *tf_seal(PyObject *self, PyObject *args);
+
 /* the module's take_writes (documented in _native_rx.c): the owner's loop over small writes */
 PyObject *tf_take_writes(PyObject *self, PyObject *args);
 

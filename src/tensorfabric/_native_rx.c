@@ -27,7 +27,7 @@
  * and written back once per call, its keyed BLAKE2b-384 base, hashlib.blake2b, AESGCM or None,
  * Poly1305 or None, the size from which a payload uses GMAC/Poly1305). The MACs themselves are
  * computed by those objects (hashlib's BLAKE2b, OpenSSL through `cryptography`), called from C
- * with no Python frame. A frame whose tag does not match is left to the Python path, which
+ * with no Python frame (_native_mac.c). A frame whose tag does not match is left to the Python path, which
  * computes the same tags again (the counter was not advanced), finds them wrong and closes the
  * link.
  *
@@ -42,127 +42,7 @@
 #define OP_WRITE 1
 #define REMOTE_WRITE 1
 #define MAX_PAYLOAD ((uint64_t)256 << 20)
-#define TAG 16 /* _integrity.TAG */
-#define DIGEST 48 /* _integrity._D: tag1 + the payload's one-time 32-byte key */
-
-/* names and constants of the MAC'd path, made on its first use */
-static PyObject *s_copy, *s_update, *s_digest, *s_encrypt, *s_generate_tag, *kw_blake, *iv,
-    *empty, *sixteen;
-
-static int mac_names(void) {
-    if (sixteen != NULL) return 0;
-    if ((s_copy = PyUnicode_InternFromString("copy")) == NULL) return -1;
-    if ((s_update = PyUnicode_InternFromString("update")) == NULL) return -1;
-    if ((s_digest = PyUnicode_InternFromString("digest")) == NULL) return -1;
-    if ((s_encrypt = PyUnicode_InternFromString("encrypt")) == NULL) return -1;
-    if ((s_generate_tag = PyUnicode_InternFromString("generate_tag")) == NULL) return -1;
-    if ((kw_blake = Py_BuildValue("(ss)", "key", "digest_size")) == NULL) return -1;
-    if ((iv = PyBytes_FromStringAndSize(NULL, 12)) == NULL) return -1;
-    memset(PyBytes_AS_STRING(iv), 0, 12); /* GMAC's fixed nonce (_integrity._IV) */
-    if ((empty = PyBytes_FromStringAndSize(NULL, 0)) == NULL) return -1;
-    sixteen = PyLong_FromLong(TAG);
-    return sixteen == NULL ? -1 : 0;
-}
-
-/* The parts of a link's receiving MAC (FrameMac.native_parts()), unpacked once per call. */
-typedef struct {
-    PyObject *fm, *base, *blake2b, *aesgcm, *poly1305;
-    uint64_t seq, seq0;
-    Py_ssize_t poly_min;
-} Mac;
-
-static int tags_equal(const unsigned char *a, const unsigned char *b) {
-    unsigned char diff = 0;
-    for (int i = 0; i < TAG; i++) diff |= (unsigned char)(a[i] ^ b[i]);
-    return diff == 0;
-}
-
-/* 1 if tag1 of the frame at h (header + ext, then the tag) is right for the counter's value,
- * with the 48-byte digest in d; 0 if not; -1: error. */
-static int head_ok(Mac *m, const unsigned char *h, unsigned char *d) {
-    unsigned char msg[8 + HEAD + EXT];
-    memcpy(msg, &m->seq, 8); /* little-endian, as seq.to_bytes(8, "little") */
-    memcpy(msg + 8, h, HEAD + EXT);
-    PyObject *hs = PyObject_CallMethodNoArgs(m->base, s_copy);
-    if (hs == NULL) return -1;
-    PyObject *mv = PyMemoryView_FromMemory((char *)msg, sizeof msg, PyBUF_READ);
-    PyObject *r = mv == NULL ? NULL : PyObject_CallMethodOneArg(hs, s_update, mv);
-    Py_XDECREF(mv);
-    if (r == NULL) {
-        Py_DECREF(hs);
-        return -1;
-    }
-    Py_DECREF(r);
-    PyObject *dig = PyObject_CallMethodNoArgs(hs, s_digest);
-    Py_DECREF(hs);
-    if (dig == NULL) return -1;
-    if (!PyBytes_Check(dig) || PyBytes_GET_SIZE(dig) != DIGEST) {
-        Py_DECREF(dig);
-        PyErr_SetString(PyExc_ValueError, "take_writes: the frame MAC is not BLAKE2b-384");
-        return -1;
-    }
-    memcpy(d, PyBytes_AS_STRING(dig), DIGEST);
-    Py_DECREF(dig);
-    return tags_equal(d, h + HEAD + EXT);
-}
-
-/* 1 if tag2 (at tag) is the payload's MAC under the one-time key d[16:48], by the rule of
- * FrameMac.payload: GMAC, else Poly1305, from poly_min bytes; keyed BLAKE2b below. */
-static int payload_ok(Mac *m, const unsigned char *d, const unsigned char *p, uint64_t n,
-                      const unsigned char *tag) {
-    PyObject *key = PyBytes_FromStringAndSize((const char *)d + TAG, DIGEST - TAG);
-    if (key == NULL) return -1;
-    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
-    if (mv == NULL) {
-        Py_DECREF(key);
-        return -1;
-    }
-    PyObject *t = NULL;
-    if ((Py_ssize_t)n >= m->poly_min && m->aesgcm != Py_None) {
-        PyObject *g = PyObject_CallOneArg(m->aesgcm, key);
-        if (g != NULL) {
-            PyObject *args[4] = {g, iv, empty, mv};
-            t = PyObject_VectorcallMethod(s_encrypt, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                          NULL);
-            Py_DECREF(g);
-        }
-    } else if ((Py_ssize_t)n >= m->poly_min && m->poly1305 != Py_None) {
-        PyObject *args[3] = {m->poly1305, key, mv};
-        t = PyObject_VectorcallMethod(s_generate_tag, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                      NULL);
-    } else {
-        PyObject *args[3] = {mv, key, sixteen};
-        PyObject *hs = PyObject_Vectorcall(m->blake2b, args, 1, kw_blake);
-        if (hs != NULL) {
-            t = PyObject_CallMethodNoArgs(hs, s_digest);
-            Py_DECREF(hs);
-        }
-    }
-    Py_DECREF(mv);
-    Py_DECREF(key);
-    if (t == NULL) return -1;
-    int ok = PyBytes_Check(t) && PyBytes_GET_SIZE(t) == TAG &&
-             tags_equal((const unsigned char *)PyBytes_AS_STRING(t), tag);
-    Py_DECREF(t);
-    return ok;
-}
-
-static int mac_parts(PyObject *parts, Mac *m) {
-    PyObject *seq;
-    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6) {
-        PyErr_SetString(PyExc_TypeError, "take_writes: mac must be FrameMac.native_parts()");
-        return -1;
-    }
-    if (!PyArg_ParseTuple(parts, "OOOOOn", &m->fm, &m->base, &m->blake2b, &m->aesgcm,
-                          &m->poly1305, &m->poly_min))
-        return -1;
-    if ((seq = PyObject_GetAttrString(m->fm, "seq")) == NULL) return -1;
-    m->seq = PyLong_AsUnsignedLongLong(seq);
-    Py_DECREF(seq);
-    if (m->seq == (uint64_t)-1 && PyErr_Occurred()) return -1;
-    m->seq0 = m->seq;
-    return mac_names();
-}
+#define TAG TF_TAG
 
 static uint64_t u64(const unsigned char *p) {
     uint64_t v;
@@ -174,6 +54,23 @@ static uint32_t u32(const unsigned char *p) {
     uint32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* 1 if tag1 of the frame at h (header + ext, then the tag) is right for the counter's value,
+ * with the 48-byte digest in d; 0 if not; -1: error. */
+static int head_ok(TfMac *m, const unsigned char *h, unsigned char *d) {
+    if (tf_mac_head(m, h, HEAD + EXT, d) < 0) return -1;
+    return tf_tags_equal(d, h + HEAD + EXT);
+}
+
+/* 1 if tag2 (at tag) is the payload's MAC under the one-time key d[16:48]; 0 if not; -1. */
+static int payload_ok(TfMac *m, const unsigned char *d, const unsigned char *p, uint64_t n,
+                      const unsigned char *tag) {
+    PyObject *t = tf_mac_payload(m, d, p, (Py_ssize_t)n);
+    if (t == NULL) return -1;
+    int ok = tf_tags_equal((const unsigned char *)PyBytes_AS_STRING(t), tag);
+    Py_DECREF(t);
+    return ok;
 }
 
 /* 1 if the region's view, key and access let this write of [off, off + n) with op end `end`
@@ -223,15 +120,16 @@ out:
 }
 
 PyObject *tf_take_writes(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *o_buf, *regions, *deferred, *o_mac = Py_None;
     Py_ssize_t rs, re, room;
     if (!PyArg_ParseTuple(args, "OnnO!O!n|O", &o_buf, &rs, &re, &PyDict_Type, &regions,
                           &PyList_Type, &deferred, &room, &o_mac))
         return NULL;
-    Mac mac = {0};
-    Mac *m = NULL;
+    TfMac mac;
+    TfMac *m = NULL;
     if (o_mac != Py_None) {
-        if (mac_parts(o_mac, &mac) < 0) return NULL;
+        if (tf_mac_parts(o_mac, &mac) < 0) return NULL;
         m = &mac;
     }
     const Py_ssize_t tags = m != NULL ? 2 * TAG : 0; /* tag1 after the ext, tag2 after the payload */
@@ -258,7 +156,7 @@ PyObject *tf_take_writes(PyObject *self, PyObject *args) {
         if (n != plen || (uint64_t)(re - rs - HEAD - EXT - tags) < plen)
             break; /* malformed (Python reports it), or the payload is not all here yet */
         const unsigned char *payload = h + HEAD + EXT + (m != NULL ? TAG : 0);
-        unsigned char d[DIGEST];
+        unsigned char d[TF_DIGEST];
         int ok = m != NULL ? head_ok(m, h, d) : 1; /* checked before the header is acted on */
         if (ok < 0) {
             failed = 1;
@@ -289,11 +187,8 @@ PyObject *tf_take_writes(PyObject *self, PyObject *args) {
         if (m != NULL) m->seq++;
     }
     PyBuffer_Release(&b);
-    if (!failed && m != NULL && m->seq != m->seq0) { /* the frames taken used their counter values */
-        PyObject *seq = PyLong_FromUnsignedLongLong(m->seq);
-        if (seq == NULL || PyObject_SetAttrString(m->fm, "seq", seq) < 0) failed = 1;
-        Py_XDECREF(seq);
-    }
+    if (!failed && m != NULL && tf_mac_store_seq(m) < 0) /* the frames taken spent their values */
+        failed = 1;
     if (failed) return NULL;
     return PyLong_FromSsize_t(rs);
 }

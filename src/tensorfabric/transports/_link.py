@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import select
 import socket
 import ssl
@@ -63,8 +64,12 @@ class Conn(Receiver):
         self.peer_name = str(session.peer)
         self.peer_key = session.peer.to_bytes()
         self.index = session.link
-        self.tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
+        self.tx = tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
+        # tx.seal, or the same computed from C (_native.seal: no Python frame per frame)
+        native = _compiled.native
+        self._seal: Any = (None if tx is None else functools.partial(native.seal, tx.native_parts())
+                           if hasattr(native, "seal") else tx.seal)
         self._pmac: Any = None  # the MAC of the payload being received
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
         self._rs = self._re = 0
@@ -139,8 +144,8 @@ class Conn(Receiver):
         if self.tail:
             tail, self.tail = self.tail, b""
             sock.sendall(tail)
-        if self.tx is not None and bufs:
-            bufs = self.tx.seal(bufs)
+        if self._seal is not None and bufs:
+            bufs = self._seal(bufs)
         self._send_bufs(bufs)
 
     def _send_bufs(self, bufs: list[Any]) -> None:
@@ -179,9 +184,9 @@ class Conn(Receiver):
                 self.tail = self.tail[n:]
                 if self.tail:
                     return False
-            if self.tx is not None:
-                tx = self.tx
-                data = b"".join([b for f in frames for b in tx.seal([f])])
+            if self._seal is not None:
+                seal = self._seal
+                data = b"".join([b for f in frames for b in seal([f])])
             else:
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
             try:
@@ -329,10 +334,10 @@ class Conn(Receiver):
                     self.links.requeue(c)
             return False
         bufs: list[Any] = []
-        tx = self.tx
+        seal = self._seal
         for chunk in sending:
             frame = [chunk.head, *chunk.payload]
-            bufs += tx.seal(frame) if tx is not None else frame
+            bufs += seal(frame) if seal is not None else frame
         if self.tail:
             tail, self.tail = self.tail, b""
             self.sock.sendall(tail)
@@ -342,10 +347,10 @@ class Conn(Receiver):
 
     def _send_frames(self, frames: list[list[Any]]) -> None:
         """Send queued small replies (header + ext each) with one ``sendmsg``."""
-        tx = self.tx
+        seal = self._seal
         bufs: list[Any] = []
         for frame in frames:
-            bufs += tx.seal(frame) if tx is not None else frame
+            bufs += seal(frame) if seal is not None else frame
         if self.tail:
             tail, self.tail = self.tail, b""
             self.sock.sendall(tail)

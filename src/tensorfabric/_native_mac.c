@@ -1,0 +1,178 @@
+/* tensorfabric._native's frame MACs (issue 16): the tags of transports/_integrity.py computed
+ * from C, with the primitives the Python path uses (hashlib's keyed BLAKE2b, and GMAC or
+ * Poly1305 from OpenSSL through `cryptography`), called without a Python frame. Used by
+ * take_writes (_native_rx.c) to check a frame and by seal() to tag one.
+ *
+ * seal(parts, frame) -> list: FrameMac.seal(frame) for parts = FrameMac.native_parts(): a
+ * frame of one piece (header + ext) or two (and its payload, any C-contiguous buffer) gets
+ * [head, tag1] or [head, tag1, payload, tag2] and the MAC's counter moves on by one; a frame of
+ * more pieces is handed to FrameMac.seal (the streaming payload MAC stays in Python).
+ */
+#include "_native.h"
+
+#define SEQ 8
+
+static PyObject *s_copy, *s_update, *s_digest, *s_encrypt, *s_generate_tag, *s_seal, *kw_blake,
+    *iv, *empty, *sixteen;
+
+static int mac_names(void) {
+    if (sixteen != NULL) return 0;
+    if ((s_copy = PyUnicode_InternFromString("copy")) == NULL) return -1;
+    if ((s_update = PyUnicode_InternFromString("update")) == NULL) return -1;
+    if ((s_digest = PyUnicode_InternFromString("digest")) == NULL) return -1;
+    if ((s_encrypt = PyUnicode_InternFromString("encrypt")) == NULL) return -1;
+    if ((s_generate_tag = PyUnicode_InternFromString("generate_tag")) == NULL) return -1;
+    if ((s_seal = PyUnicode_InternFromString("seal")) == NULL) return -1;
+    if ((kw_blake = Py_BuildValue("(ss)", "key", "digest_size")) == NULL) return -1;
+    if ((iv = PyBytes_FromStringAndSize(NULL, 12)) == NULL) return -1;
+    memset(PyBytes_AS_STRING(iv), 0, 12); /* GMAC's fixed nonce (_integrity._IV) */
+    if ((empty = PyBytes_FromStringAndSize(NULL, 0)) == NULL) return -1;
+    sixteen = PyLong_FromLong(TF_TAG);
+    return sixteen == NULL ? -1 : 0;
+}
+
+int tf_mac_parts(PyObject *parts, TfMac *m) {
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6) {
+        PyErr_SetString(PyExc_TypeError, "mac must be FrameMac.native_parts()");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(parts, "OOOOOn", &m->fm, &m->base, &m->blake2b, &m->aesgcm,
+                          &m->poly1305, &m->poly_min))
+        return -1;
+    PyObject *seq = PyObject_GetAttrString(m->fm, "seq");
+    if (seq == NULL) return -1;
+    m->seq = PyLong_AsUnsignedLongLong(seq);
+    Py_DECREF(seq);
+    if (m->seq == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    m->seq0 = m->seq;
+    return mac_names();
+}
+
+int tf_mac_store_seq(TfMac *m) {
+    if (m->seq == m->seq0) return 0;
+    PyObject *seq = PyLong_FromUnsignedLongLong(m->seq);
+    int rc = seq == NULL ? -1 : PyObject_SetAttrString(m->fm, "seq", seq);
+    Py_XDECREF(seq);
+    if (rc == 0) m->seq0 = m->seq;
+    return rc;
+}
+
+int tf_tags_equal(const unsigned char *a, const unsigned char *b) {
+    unsigned char diff = 0;
+    for (int i = 0; i < TF_TAG; i++) diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d) {
+    PyObject *msg = PyBytes_FromStringAndSize(NULL, SEQ + n);
+    if (msg == NULL) return -1;
+    memcpy(PyBytes_AS_STRING(msg), &m->seq, SEQ); /* seq.to_bytes(8, "little") */
+    memcpy(PyBytes_AS_STRING(msg) + SEQ, head, (size_t)n);
+    PyObject *hs = PyObject_CallMethodNoArgs(m->base, s_copy);
+    PyObject *r = hs == NULL ? NULL : PyObject_CallMethodOneArg(hs, s_update, msg);
+    Py_DECREF(msg);
+    PyObject *dig = r == NULL ? NULL : PyObject_CallMethodNoArgs(hs, s_digest);
+    Py_XDECREF(r);
+    Py_XDECREF(hs);
+    if (dig == NULL) return -1;
+    if (!PyBytes_Check(dig) || PyBytes_GET_SIZE(dig) != TF_DIGEST) {
+        Py_DECREF(dig);
+        PyErr_SetString(PyExc_ValueError, "the frame MAC is not BLAKE2b-384");
+        return -1;
+    }
+    memcpy(d, PyBytes_AS_STRING(dig), TF_DIGEST);
+    Py_DECREF(dig);
+    return 0;
+}
+
+PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)d + TF_TAG, TF_DIGEST - TF_TAG);
+    if (key == NULL) return NULL;
+    PyObject *mv = PyMemoryView_FromMemory((char *)p, n, PyBUF_READ);
+    if (mv == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *t = NULL;
+    if (n >= m->poly_min && m->aesgcm != Py_None) { /* FrameMac.payload's rule, in its order */
+        PyObject *g = PyObject_CallOneArg(m->aesgcm, key);
+        if (g != NULL) {
+            PyObject *args[4] = {g, iv, empty, mv};
+            t = PyObject_VectorcallMethod(s_encrypt, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                          NULL);
+            Py_DECREF(g);
+        }
+    } else if (n >= m->poly_min && m->poly1305 != Py_None) {
+        PyObject *args[3] = {m->poly1305, key, mv};
+        t = PyObject_VectorcallMethod(s_generate_tag, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                      NULL);
+    } else {
+        PyObject *args[3] = {mv, key, sixteen};
+        PyObject *hs = PyObject_Vectorcall(m->blake2b, args, 1, kw_blake);
+        if (hs != NULL) {
+            t = PyObject_CallMethodNoArgs(hs, s_digest);
+            Py_DECREF(hs);
+        }
+    }
+    Py_DECREF(mv);
+    Py_DECREF(key);
+    if (t != NULL && (!PyBytes_Check(t) || PyBytes_GET_SIZE(t) != TF_TAG)) {
+        Py_DECREF(t);
+        PyErr_SetString(PyExc_ValueError, "a payload MAC is not 16 bytes");
+        return NULL;
+    }
+    return t;
+}
+
+PyObject *tf_seal(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *parts, *frame;
+    if (!PyArg_ParseTuple(args, "OO!", &parts, &PyList_Type, &frame)) return NULL;
+    TfMac m;
+    if (tf_mac_parts(parts, &m) < 0) return NULL;
+    Py_ssize_t pieces = PyList_GET_SIZE(frame);
+    if (pieces < 1 || pieces > 2) /* the streaming payload MAC: FrameMac.seal */
+        return PyObject_CallMethodOneArg(m.fm, s_seal, frame);
+    PyObject *head = PyList_GET_ITEM(frame, 0), *payload = pieces == 2 ? PyList_GET_ITEM(frame, 1)
+                                                                        : NULL;
+    Py_buffer hb, pb;
+    if (PyObject_GetBuffer(head, &hb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    unsigned char d[TF_DIGEST];
+    int rc = tf_mac_head(&m, hb.buf, hb.len, d);
+    PyBuffer_Release(&hb);
+    if (rc < 0) return NULL;
+    PyObject *tag1 = PyBytes_FromStringAndSize((const char *)d, TF_TAG), *tag2 = NULL;
+    if (tag1 == NULL) return NULL;
+    if (payload != NULL) {
+        if (PyObject_GetBuffer(payload, &pb, PyBUF_C_CONTIGUOUS) < 0) {
+            Py_DECREF(tag1);
+            return NULL;
+        }
+        tag2 = tf_mac_payload(&m, d, pb.buf, pb.len);
+        PyBuffer_Release(&pb);
+        if (tag2 == NULL) {
+            Py_DECREF(tag1);
+            return NULL;
+        }
+    }
+    PyObject *out = payload != NULL ? PyList_New(4) : PyList_New(2);
+    if (out == NULL) {
+        Py_DECREF(tag1);
+        Py_XDECREF(tag2);
+        return NULL;
+    }
+    Py_INCREF(head);
+    PyList_SET_ITEM(out, 0, head);
+    PyList_SET_ITEM(out, 1, tag1);
+    if (payload != NULL) {
+        Py_INCREF(payload);
+        PyList_SET_ITEM(out, 2, payload);
+        PyList_SET_ITEM(out, 3, tag2);
+    }
+    m.seq++;
+    if (tf_mac_store_seq(&m) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}

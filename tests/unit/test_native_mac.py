@@ -1,0 +1,81 @@
+"""Frame MACs computed from C (``_native.seal``, and the checks of ``_native.take_writes``):
+the same bytes as ``FrameMac.seal`` for every payload MAC of its rule, the counter moving the
+same way, and a frame the C side tagged accepted by the Python side's check (and back)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorfabric import _compiled
+from tensorfabric import _wire as w
+from tensorfabric.transports._integrity import FrameMac, have_gmac, have_poly1305
+
+native = _compiled.native
+pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "seal"),
+                                reason="tensorfabric._native is not built")
+
+KEY = bytes(range(100, 132))
+KINDS = {  # name: (gmac, poly1305); each payload size below picks its MAC by FrameMac's rule
+    "gmac": (True, True),
+    "poly1305": (False, True),
+    "blake2b only": (False, False),
+}
+HEAD = w.pack_header(w.Op.WRITE, 0, 40, 7, 1, 0, 0, 0, 1) + bytes(40)
+
+
+def _pair(kind: str) -> tuple[FrameMac, FrameMac]:
+    gmac, poly = KINDS[kind]
+    return FrameMac(KEY, poly, gmac), FrameMac(KEY, poly, gmac)
+
+
+def _bytes(parts: list) -> bytes:
+    return b"".join(memoryview(p).cast("B").tobytes() for p in parts)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 4095, 4096, 65536])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_seal_is_framemacs_seal(kind: str, size: int) -> None:
+    py, c = _pair(kind)
+    assert (c.gmac, c.poly) == (KINDS[kind][0] and have_gmac(), KINDS[kind][1] and have_poly1305())
+    for i in range(3):  # the counter moves on: each frame's tags differ
+        payload = bytes((i + j) % 251 for j in range(size))
+        frame = [HEAD, payload] if size else [HEAD]
+        want = py.seal(list(frame))
+        got = native.seal(c.native_parts(), list(frame))
+        assert _bytes(got) == _bytes(want) and len(got) == len(want)
+        assert got[0] is HEAD and (not size or got[2] is payload)  # no copies of the data
+        assert c.seq == py.seq == i + 1
+
+
+def test_seal_takes_any_contiguous_payload_and_hands_longer_frames_to_python() -> None:
+    py, c = _pair("gmac")
+    arr = np.arange(2048, dtype=np.float32).reshape(32, 64)  # 8 KiB, not a byte format
+    assert _bytes(native.seal(c.native_parts(), [HEAD, arr])) == _bytes(py.seal([HEAD, arr]))
+    three = [HEAD, b"a" * 5000, b"b" * 3000]  # the streaming payload MAC: FrameMac.seal's
+    assert _bytes(native.seal(c.native_parts(), list(three))) == _bytes(py.seal(list(three)))
+    assert c.seq == py.seq == 2
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        native.seal(c.native_parts(), [HEAD, arr[:, ::2]])  # not contiguous
+    with pytest.raises(TypeError):
+        native.seal(("not", "parts"), [HEAD])
+    with pytest.raises(TypeError):
+        native.seal(c.native_parts(), (HEAD,))
+    assert c.seq == 2  # a frame that could not be sealed spends no counter value
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_python_check_accepts_what_c_sealed(kind: str) -> None:
+    tx, rx = _pair(kind)
+    payload = b"z" * 4096
+    head, tag1, body, tag2 = native.seal(tx.native_parts(), [HEAD, payload])
+    d = rx.head(HEAD)
+    assert FrameMac.same(d[:16], tag1)
+    m = rx.payload(d, len(payload))
+    m.update(body)
+    assert FrameMac.same(m.finalize(), tag2)
+    flipped = bytearray(payload)
+    flipped[17] ^= 4
+    d2 = rx.head(HEAD)  # the next frame: the same payload's tag is another one
+    assert d2 != d
+    assert rx.tag_of(d, bytes(flipped)) != tag2
