@@ -173,6 +173,8 @@ static PyMethodDef methods[] = {
     {"seal", tf_seal, METH_VARARGS,
      "seal(parts, frame): FrameMac.seal(frame) for parts = FrameMac.native_parts(), the tags "
      "computed from C (frames of more than two pieces go to FrameMac.seal)."},
+    {"head", tf_head, METH_VARARGS,
+     "head(parts, head): FrameMac.head(head) for parts = FrameMac.native_parts(), from C."},
     {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
      "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "
      "routing plan into preallocated buffers; -1, or the flat index of a bad id."},

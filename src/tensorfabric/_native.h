@@ -47,8 +47,9 @@ int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d);
 PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n);
 /* constant-time comparison of two 16-byte tags */
 int tf_tags_equal(const unsigned char *a, const unsigned char *b);
-/* the module's seal (documented in _native_mac.c) */
+/* the module's seal and head (documented in _native_mac.c) */
 PyObject *tf_seal(PyObject *self, PyObject *args);
+PyObject *tf_head(PyObject *self, PyObject *args);
 
 /* the module's take_writes (documented in _native_rx.c): the owner's loop over small writes */
 PyObject *tf_take_writes(PyObject *self, PyObject *args);

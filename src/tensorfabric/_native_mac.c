@@ -7,6 +7,9 @@
  * frame of one piece (header + ext) or two (and its payload, any C-contiguous buffer) gets
  * [head, tag1] or [head, tag1, payload, tag2] and the MAC's counter moves on by one; a frame of
  * more pieces is handed to FrameMac.seal (the streaming payload MAC stays in Python).
+ *
+ * head(parts, head) -> bytes: FrameMac.head(head) (the 48-byte digest of a received frame's
+ * header and ext; the counter moves on by one), for the frames the Python path reads.
  */
 #include "_native.h"
 
@@ -175,4 +178,20 @@ PyObject *tf_seal(PyObject *self, PyObject *args) {
         return NULL;
     }
     return out;
+}
+
+PyObject *tf_head(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *parts;
+    Py_buffer hb;
+    if (!PyArg_ParseTuple(args, "Oy*", &parts, &hb)) return NULL;
+    TfMac m;
+    unsigned char d[TF_DIGEST];
+    int rc = tf_mac_parts(parts, &m);
+    if (rc == 0) rc = tf_mac_head(&m, hb.buf, hb.len, d);
+    PyBuffer_Release(&hb);
+    if (rc < 0) return NULL;
+    m.seq++;
+    if (tf_mac_store_seq(&m) < 0) return NULL;
+    return PyBytes_FromStringAndSize((const char *)d, TF_DIGEST);
 }

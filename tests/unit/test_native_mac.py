@@ -79,3 +79,15 @@ def test_the_python_check_accepts_what_c_sealed(kind: str) -> None:
     d2 = rx.head(HEAD)  # the next frame: the same payload's tag is another one
     assert d2 != d
     assert rx.tag_of(d, bytes(flipped)) != tag2
+
+
+def test_head_is_framemacs_head() -> None:
+    py, c = _pair("gmac")
+    for i in range(3):
+        data = HEAD + bytes([i]) * 20
+        assert native.head(c.native_parts(), data) == py.head(data)
+        assert native.head(c.native_parts(), bytearray(data[:48])) == py.head(data[:48])
+        assert c.seq == py.seq == 2 * (i + 1)
+    with pytest.raises(TypeError):
+        native.head(c.native_parts(), "not bytes")
+    assert c.seq == 6

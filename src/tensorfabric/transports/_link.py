@@ -66,10 +66,15 @@ class Conn(Receiver):
         self.index = session.link
         self.tx = tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
-        # tx.seal, or the same computed from C (_native.seal: no Python frame per frame)
-        native = _compiled.native
+        # tx.seal and rx.head (the MAC check of the frames the Python path reads), or the same
+        # computed from C (_native.seal/head: no Python frame per frame)
+        native: Any = _compiled.native
+        rx = self.rx
+        c = hasattr(native, "seal")
         self._seal: Any = (None if tx is None else functools.partial(native.seal, tx.native_parts())
-                           if hasattr(native, "seal") else tx.seal)
+                           if c else tx.seal)
+        self._rx_head: Any = (None if rx is None else functools.partial(native.head, rx.native_parts())
+                              if c else rx.head)
         self._pmac: Any = None  # the MAC of the payload being received
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
         self._rs = self._re = 0
@@ -79,9 +84,8 @@ class Conn(Receiver):
         self.batch_acks = session.acks and not dialer
         # the owner's compiled loop over buffered small writes (Receiver._frame), frame MACs
         # checked in it where the link has them; not on TLS links; to a peer that takes ACKS
-        native = _compiled.native
         self._take: Any = (getattr(native, "take_writes", None) if self.batch_acks
-                           and (self.rx is None or getattr(native, "TAKE_WRITES_MAC", 0))
+                           and (self.rx is None or hasattr(native, "TAKE_WRITES_MAC"))
                            and not isinstance(sock, ssl.SSLSocket)
                            and sys.byteorder == "little" else None)
         self._take_mac = (self.rx.native_parts() if self._take is not None

@@ -79,6 +79,7 @@ class Receiver(ReplyReceiver):
     _take: Any  # _native.take_writes where this link may use it (see Conn), else None
     _targets: dict[int, Any]  # the engine's regions by id, for _take
     _take_mac: Any  # rx.native_parts() for _take on a link with frame MACs, else None
+    _rx_head: Any  # rx.head, or the same from C (see Conn)
     _header: bytearray  # the frame header being received, and a view of it
     _hview: memoryview
     _handlers: dict[int, Callable[..., None]]
@@ -310,7 +311,7 @@ class Receiver(ReplyReceiver):
                 buf = bytearray(n)
                 self._recv_into(memoryview(buf))
                 ext, tag = bytes(buf[:ext_len]), buf[ext_len:]
-            d = rx.head(head + ext)
+            d = self._rx_head(head + ext)
             if not FrameMac.same(d[:TAG], tag):
                 raise ProtocolError("a frame failed its integrity check (changed, "
                                     "replayed, reordered or spliced on the way)")
