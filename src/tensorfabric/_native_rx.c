@@ -22,7 +22,8 @@
  *
  * take_writes(buf, rs, re, regions, deferred, room, mac) on a link with frame MACs (see
  * transports/_integrity.py): each frame is header | ext | tag1 | payload | tag2, and one is
- * taken only when both tags check out (constant-time compares) before its region is touched.
+ * taken only when both tags check out (constant-time compares) before its region is looked up
+ * (the MACs may release the GIL; the lookup, checks and copy run without a break).
  * `mac` is FrameMac.native_parts(): (the receiving FrameMac, whose `seq` is read at the start
  * and written back once per call, its keyed BLAKE2b-384 base, hashlib.blake2b, AESGCM or None,
  * Poly1305 or None, the size from which a payload uses GMAC/Poly1305). The MACs themselves are
@@ -163,12 +164,14 @@ PyObject *tf_take_writes(PyObject *self, PyObject *args) {
             break;
         }
         if (ok == 0) break;
+        /* the payload's tag before the region is looked up: hashlib and OpenSSL may let go
+         * of the GIL while they hash, and nothing may run between lookup and copy */
+        if (m != NULL && (ok = payload_ok(m, d, payload, n, payload + n)) <= 0) {
+            failed = ok < 0;
+            break;
+        }
         Py_buffer view = {0};
         ok = target(regions, region, ext, end, off, n, &view);
-        if (ok > 0 && m != NULL) {
-            ok = payload_ok(m, d, payload, n, payload + n);
-            if (ok <= 0) PyBuffer_Release(&view);
-        }
         if (ok < 0) {
             failed = 1;
             break;
