@@ -270,3 +270,34 @@ def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrit
         owner.expect(9, 1, timeout=10).wait()  # the immediate counted, once
         with pytest.raises(tf.TransferTimeout):
             owner.expect(9, 1, timeout=0.3).wait()
+
+
+@pytest.mark.parametrize("size", [100, 4096])
+@pytest.mark.parametrize("imm", [False, True], ids=["write", "write+imm"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_flipped_payload_byte_closes_the_link_before_a_byte_lands(monkeypatch, compiled,
+                                                                    imm, size) -> None:
+    """A MAC'd write whose payload was changed on the way: the owner closes the link and
+    nothing of it reaches the region (its tag is checked before the copy), whichever path
+    reads it (the compiled loop; Python for an immediate or without the extension)."""
+    if not compiled:
+        monkeypatch.setattr(_compiled, "native", None)
+    with tf.Engine(SECRET, transports=("tcp",)) as owner:
+        region = owner.register(np.zeros(8192, np.uint8), tf.Access.READ_WRITE)
+        desc = region.descriptor()
+        peer = RawPeer(owner, SECRET, flags=F_ACKS | F_GMAC, timeout=60)
+        try:
+            assert peer.ok and peer.tx is not None
+            good = peer.seal(*_split(frame(1, desc.region_id, 0, b"g" * 10, key=desc.key)))
+            bad = bytearray(peer.seal(*_split(frame(
+                2, desc.region_id, 100, b"b" * size, key=desc.key,
+                flags=w.FLAG_IMM if imm else 0, imm=3))))
+            bad[-16 - size // 2] ^= 1
+            peer.sock.sendall(good + bytes(bad))
+            assert peer.closed_by_peer(timeout=60)
+        finally:
+            peer.sock.close()
+        assert bytes(region.array[:10]) == b"g" * 10  # the good frame before it landed
+        assert not region.array[10:].any()
+        with pytest.raises(tf.TransferTimeout):
+            owner.expect(3, 1, timeout=0.3).wait()

@@ -383,15 +383,16 @@ class Receiver(ReplyReceiver):
             rs = self._rs
             mac = self._pmac
             if self._re - rs >= (n if mac is None else n + TAG):  # buffered (with its tag)
-                dst[:] = self._rbv[rs:rs + n]
+                src = self._rbv[rs:rs + n]
                 if mac is None:
                     self._rs = rs + n
-                else:  # what _end_payload does, on the buffered tag
+                else:  # what _end_payload does, on the buffered tag, before a byte lands
                     self._pmac = None
                     self._rs = rs + n + TAG
-                    mac.update(dst)
+                    mac.update(src)
                     if not FrameMac.same(mac.finalize(), self._rbv[rs + n:rs + n + TAG]):
                         raise ProtocolError(_PAYLOAD_MAC_FAILED)
+                dst[:] = src
             else:
                 self._recv_into(dst)
                 self._end_payload()
