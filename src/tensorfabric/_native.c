@@ -170,10 +170,10 @@ static PyMethodDef methods[] = {
      "take_writes(buf, rs, re, regions, deferred, room[, mac]): copy the whole, plain "
      "one-segment WRITE frames in buf[rs:re] (with their frame MACs checked, given mac = "
      "FrameMac.native_parts()) into their regions, queue their acknowledgements; the new rs."},
-    {"seal", tf_seal, METH_VARARGS,
+    {"seal", (PyCFunction)(void (*)(void))tf_seal, METH_FASTCALL,
      "seal(parts, frame): FrameMac.seal(frame) for parts = FrameMac.native_parts(), the tags "
      "computed from C (frames of more than two pieces go to FrameMac.seal)."},
-    {"head", tf_head, METH_VARARGS,
+    {"head", (PyCFunction)(void (*)(void))tf_head, METH_FASTCALL,
      "head(parts, head): FrameMac.head(head) for parts = FrameMac.native_parts(), from C."},
     {"plan_dispatch", tf_plan_dispatch, METH_VARARGS,
      "plan_dispatch(ids, world, local, zero_row, rows, meta, ntok, pairs, pos): the sender's "

@@ -41,15 +41,15 @@ typedef struct {
 int tf_mac_parts(PyObject *parts, TfMac *m);
 /* write seq back to fm.seq if it moved */
 int tf_mac_store_seq(TfMac *m);
-/* d = BLAKE2b-384(key, seq || head), the counter unchanged; -1 with an exception */
-int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d);
+/* BLAKE2b-384(key, seq || head) as a new 48-byte bytes, the counter unchanged; NULL: error */
+PyObject *tf_mac_head(TfMac *m, const void *head, Py_ssize_t n);
 /* the payload's tag (a new 16-byte bytes) under the one-time key d[16:48]; NULL: exception */
 PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n);
 /* constant-time comparison of two 16-byte tags */
 int tf_tags_equal(const unsigned char *a, const unsigned char *b);
 /* the module's seal and head (documented in _native_mac.c) */
-PyObject *tf_seal(PyObject *self, PyObject *args);
-PyObject *tf_head(PyObject *self, PyObject *args);
+PyObject *tf_seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *tf_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* the module's take_writes (documented in _native_rx.c): the owner's loop over small writes */
 PyObject *tf_take_writes(PyObject *self, PyObject *args);

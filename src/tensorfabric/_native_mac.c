@@ -15,11 +15,12 @@
 
 #define SEQ 8
 
-static PyObject *s_copy, *s_update, *s_digest, *s_encrypt, *s_generate_tag, *s_seal, *kw_blake,
-    *iv, *empty, *sixteen;
+static PyObject *s_copy, *s_update, *s_digest, *s_encrypt, *s_generate_tag, *s_seal, *s_seq,
+    *kw_blake, *iv, *empty, *sixteen;
 
 static int mac_names(void) {
     if (sixteen != NULL) return 0;
+    if ((s_seq = PyUnicode_InternFromString("seq")) == NULL) return -1;
     if ((s_copy = PyUnicode_InternFromString("copy")) == NULL) return -1;
     if ((s_update = PyUnicode_InternFromString("update")) == NULL) return -1;
     if ((s_digest = PyUnicode_InternFromString("digest")) == NULL) return -1;
@@ -35,26 +36,32 @@ static int mac_names(void) {
 }
 
 int tf_mac_parts(PyObject *parts, TfMac *m) {
-    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6) {
+    if (mac_names() < 0) return -1;
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6 ||
+        !PyLong_Check(PyTuple_GET_ITEM(parts, 5))) {
         PyErr_SetString(PyExc_TypeError, "mac must be FrameMac.native_parts()");
         return -1;
     }
-    if (!PyArg_ParseTuple(parts, "OOOOOn", &m->fm, &m->base, &m->blake2b, &m->aesgcm,
-                          &m->poly1305, &m->poly_min))
-        return -1;
-    PyObject *seq = PyObject_GetAttrString(m->fm, "seq");
+    m->fm = PyTuple_GET_ITEM(parts, 0); /* borrowed: the tuple holds them */
+    m->base = PyTuple_GET_ITEM(parts, 1);
+    m->blake2b = PyTuple_GET_ITEM(parts, 2);
+    m->aesgcm = PyTuple_GET_ITEM(parts, 3);
+    m->poly1305 = PyTuple_GET_ITEM(parts, 4);
+    m->poly_min = PyLong_AsSsize_t(PyTuple_GET_ITEM(parts, 5));
+    if (m->poly_min == -1 && PyErr_Occurred()) return -1;
+    PyObject *seq = PyObject_GetAttr(m->fm, s_seq);
     if (seq == NULL) return -1;
     m->seq = PyLong_AsUnsignedLongLong(seq);
     Py_DECREF(seq);
     if (m->seq == (uint64_t)-1 && PyErr_Occurred()) return -1;
     m->seq0 = m->seq;
-    return mac_names();
+    return 0;
 }
 
 int tf_mac_store_seq(TfMac *m) {
     if (m->seq == m->seq0) return 0;
     PyObject *seq = PyLong_FromUnsignedLongLong(m->seq);
-    int rc = seq == NULL ? -1 : PyObject_SetAttrString(m->fm, "seq", seq);
+    int rc = seq == NULL ? -1 : PyObject_SetAttr(m->fm, s_seq, seq);
     Py_XDECREF(seq);
     if (rc == 0) m->seq0 = m->seq;
     return rc;
@@ -66,9 +73,9 @@ int tf_tags_equal(const unsigned char *a, const unsigned char *b) {
     return diff == 0;
 }
 
-int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d) {
+PyObject *tf_mac_head(TfMac *m, const void *head, Py_ssize_t n) {
     PyObject *msg = PyBytes_FromStringAndSize(NULL, SEQ + n);
-    if (msg == NULL) return -1;
+    if (msg == NULL) return NULL;
     memcpy(PyBytes_AS_STRING(msg), &m->seq, SEQ); /* seq.to_bytes(8, "little") */
     memcpy(PyBytes_AS_STRING(msg) + SEQ, head, (size_t)n);
     PyObject *hs = PyObject_CallMethodNoArgs(m->base, s_copy);
@@ -77,15 +84,12 @@ int tf_mac_head(TfMac *m, const void *head, Py_ssize_t n, unsigned char *d) {
     PyObject *dig = r == NULL ? NULL : PyObject_CallMethodNoArgs(hs, s_digest);
     Py_XDECREF(r);
     Py_XDECREF(hs);
-    if (dig == NULL) return -1;
-    if (!PyBytes_Check(dig) || PyBytes_GET_SIZE(dig) != TF_DIGEST) {
+    if (dig != NULL && (!PyBytes_Check(dig) || PyBytes_GET_SIZE(dig) != TF_DIGEST)) {
         Py_DECREF(dig);
         PyErr_SetString(PyExc_ValueError, "the frame MAC is not BLAKE2b-384");
-        return -1;
+        return NULL;
     }
-    memcpy(d, PyBytes_AS_STRING(dig), TF_DIGEST);
-    Py_DECREF(dig);
-    return 0;
+    return dig;
 }
 
 PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n) {
@@ -127,12 +131,15 @@ PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssi
     return t;
 }
 
-PyObject *tf_seal(PyObject *self, PyObject *args) {
+PyObject *tf_seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    PyObject *parts, *frame;
-    if (!PyArg_ParseTuple(args, "OO!", &parts, &PyList_Type, &frame)) return NULL;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "seal(parts, frame: list)");
+        return NULL;
+    }
+    PyObject *frame = args[1];
     TfMac m;
-    if (tf_mac_parts(parts, &m) < 0) return NULL;
+    if (tf_mac_parts(args[0], &m) < 0) return NULL;
     Py_ssize_t pieces = PyList_GET_SIZE(frame);
     if (pieces < 1 || pieces > 2) /* the streaming payload MAC: FrameMac.seal */
         return PyObject_CallMethodOneArg(m.fm, s_seal, frame);
@@ -140,25 +147,21 @@ PyObject *tf_seal(PyObject *self, PyObject *args) {
                                                                         : NULL;
     Py_buffer hb, pb;
     if (PyObject_GetBuffer(head, &hb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    unsigned char d[TF_DIGEST];
-    int rc = tf_mac_head(&m, hb.buf, hb.len, d);
+    PyObject *dig = tf_mac_head(&m, hb.buf, hb.len);
     PyBuffer_Release(&hb);
-    if (rc < 0) return NULL;
+    if (dig == NULL) return NULL;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(dig);
     PyObject *tag1 = PyBytes_FromStringAndSize((const char *)d, TF_TAG), *tag2 = NULL;
-    if (tag1 == NULL) return NULL;
-    if (payload != NULL) {
-        if (PyObject_GetBuffer(payload, &pb, PyBUF_C_CONTIGUOUS) < 0) {
-            Py_DECREF(tag1);
-            return NULL;
+    if (tag1 != NULL && payload != NULL) {
+        if (PyObject_GetBuffer(payload, &pb, PyBUF_C_CONTIGUOUS) == 0) {
+            tag2 = tf_mac_payload(&m, d, pb.buf, pb.len);
+            PyBuffer_Release(&pb);
         }
-        tag2 = tf_mac_payload(&m, d, pb.buf, pb.len);
-        PyBuffer_Release(&pb);
-        if (tag2 == NULL) {
-            Py_DECREF(tag1);
-            return NULL;
-        }
+        if (tag2 == NULL) Py_CLEAR(tag1);
     }
-    PyObject *out = payload != NULL ? PyList_New(4) : PyList_New(2);
+    Py_DECREF(dig);
+    if (tag1 == NULL) return NULL;
+    PyObject *out = PyList_New(payload != NULL ? 4 : 2);
     if (out == NULL) {
         Py_DECREF(tag1);
         Py_XDECREF(tag2);
@@ -180,18 +183,23 @@ PyObject *tf_seal(PyObject *self, PyObject *args) {
     return out;
 }
 
-PyObject *tf_head(PyObject *self, PyObject *args) {
+PyObject *tf_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    PyObject *parts;
-    Py_buffer hb;
-    if (!PyArg_ParseTuple(args, "Oy*", &parts, &hb)) return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "head(parts, head)");
+        return NULL;
+    }
     TfMac m;
-    unsigned char d[TF_DIGEST];
-    int rc = tf_mac_parts(parts, &m);
-    if (rc == 0) rc = tf_mac_head(&m, hb.buf, hb.len, d);
+    if (tf_mac_parts(args[0], &m) < 0) return NULL;
+    Py_buffer hb;
+    if (PyObject_GetBuffer(args[1], &hb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *dig = tf_mac_head(&m, hb.buf, hb.len);
     PyBuffer_Release(&hb);
-    if (rc < 0) return NULL;
+    if (dig == NULL) return NULL;
     m.seq++;
-    if (tf_mac_store_seq(&m) < 0) return NULL;
-    return PyBytes_FromStringAndSize((const char *)d, TF_DIGEST);
+    if (tf_mac_store_seq(&m) < 0) {
+        Py_DECREF(dig);
+        return NULL;
+    }
+    return dig;
 }

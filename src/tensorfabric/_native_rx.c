@@ -60,7 +60,10 @@ static uint32_t u32(const unsigned char *p) {
 /* 1 if tag1 of the frame at h (header + ext, then the tag) is right for the counter's value,
  * with the 48-byte digest in d; 0 if not; -1: error. */
 static int head_ok(TfMac *m, const unsigned char *h, unsigned char *d) {
-    if (tf_mac_head(m, h, HEAD + EXT, d) < 0) return -1;
+    PyObject *dig = tf_mac_head(m, h, HEAD + EXT);
+    if (dig == NULL) return -1;
+    memcpy(d, PyBytes_AS_STRING(dig), TF_DIGEST);
+    Py_DECREF(dig);
     return tf_tags_equal(d, h + HEAD + EXT);
 }
 
