@@ -1,76 +1,114 @@
-"""What a frame MAC costs, by primitive: instructions per call counted by valgrind (a loop of
-``--calls`` calls less the same loop of none), as the frame MACs of transports/_integrity.py
-use them, per small frame (bench/mac_candidates.py measures their bandwidth on large
-buffers). The figures behind docs/benchmarks.md's "Small ops, seventh pass".
+"""What the frame MACs cost a large tcp write, as wall time and as CPU time, same run.
 
-    python bench/mac_cost.py                 # every primitive, 2,000 calls each
-    python bench/mac_cost.py --only gcm_reuse --calls 5000
+    python bench/mac_cost.py [--mib 64] [--writes 8] [--rounds 5] [--chunk-mib 4]
+
+Two engines in two processes on loopback (one link); each round measures the plain link
+(``integrity=False``) and then the default (frame MACs on), each on a fresh engine pair, and
+prints GB/s, the CPU seconds each process spent per GB moved (user + system, all its
+threads, from /proc) and its threads' context switches per GB (a hand-off between threads
+costs two or more). The summary gives the median of the rounds' wall ratios (MAC / plain)
+and the CPU ratio (plain's CPU per GB over the MAC's, both processes together): on a machine
+whose cores are all busy (other work, or the link itself) the link's throughput follows its
+CPU cost, so the CPU ratio is what the wall ratio tends to there, whatever the load. Linux only.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
-import re
-import subprocess
-import sys
-import tempfile
+import statistics
+import time
+from typing import Any
 
-CHILD = r'''
-import hashlib, sys
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-K, IV = bytes(32), bytes(12)
-what, size, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-d, g, base = bytes(size), AESGCM(K), hashlib.blake2b(key=K, digest_size=48)
-def head():
-    h = base.copy()
-    h.update(d)
-    return h.digest()
-f = {"gcm_new": lambda: AESGCM(K).encrypt(IV, b"", d),
-     "gcm_reuse": lambda: g.encrypt(IV, b"", d),
-     "blake_keyed": lambda: hashlib.blake2b(d, key=K, digest_size=16).digest(),
-     "blake_head": head}[what]
-for _ in range(n):
-    f()
-'''
-
-POINTS = {  # name: (primitive, bytes, what it is in a frame)
-    "header tag": ("blake_head", 96, "keyed BLAKE2b-384 copy + update + digest (seq, header, ext)"),
-    "payload tag < 4 KiB": ("blake_keyed", 100, "keyed BLAKE2b, 100 B"),
-    "payload tag >= 4 KiB": ("gcm_new", 4096, "AESGCM(one-time key).encrypt, 4 KiB"),
-    "gcm_reuse": ("gcm_reuse", 4096, "the same with a reused key object"),
-    "blake over 4 KiB": ("blake_keyed", 4096, "keyed BLAKE2b over 4 KiB (why GMAC from 4 KiB)"),
-}
+import numpy as np
 
 
-def _count(script: str, what: str, size: int, n: int) -> int:
-    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          os.path.realpath(sys.executable), script, what, str(size), str(n)],
-                         capture_output=True, text=True, timeout=1800)
-    m = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode or m is None:
-        raise SystemExit(f"valgrind failed ({out.returncode}):\n{out.stderr[-2000:]}")
-    return int(m.group(1))
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _switches(pid: int) -> int:
+    """Context switches of every thread of ``pid`` (voluntary + involuntary)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except OSError:  # the thread ended
+            pass
+    return total
+
+
+def _owner(integrity: bool, nbytes: int, conn: Any) -> None:
+    import tensorfabric as tf
+
+    with tf.Engine("mac-cost", integrity=integrity, transports=("tcp",), name="owner") as e:
+        region = e.register(np.ones(nbytes, np.uint8))
+        conn.send((region.descriptor().to_bytes(), os.getpid()))
+        conn.recv()
+
+
+def one(integrity: bool, nbytes: int, writes: int,
+        chunk: int = 0) -> tuple[float, float, float, float, float]:
+    """(GB/s, writer CPU s/GB, owner CPU s/GB, writer and owner context switches per GB) for
+    ``writes`` writes of ``nbytes``."""
+    import tensorfabric as tf
+
+    here, there = mp.Pipe()
+    p = mp.Process(target=_owner, args=(integrity, nbytes, there))
+    p.start()
+    try:
+        desc, pid = here.recv()
+        me = os.getpid()
+        kw = {"chunk_bytes": chunk} if chunk else {}
+        with tf.Engine("mac-cost", integrity=integrity, transports=("tcp",), name="w", **kw) as e:
+            src = np.ones(nbytes, np.uint8)
+            e.write(src, desc).wait(120)  # connect, warm up
+            s0, z0 = _switches(pid), _switches(me)
+            c0, w0, t0 = _cpu(pid), _cpu(me), time.perf_counter()
+            for _ in range(writes):
+                e.write(src, desc).wait(120)
+            wall = time.perf_counter() - t0
+            c1, w1 = _cpu(pid), _cpu(me)
+            s1, z1 = _switches(pid), _switches(me)
+        gb = nbytes * writes / 1e9
+        return gb / wall, (w1 - w0) / gb, (c1 - c0) / gb, (z1 - z0) / gb, (s1 - s0) / gb
+    finally:
+        here.send(None)
+        p.join(30)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=2000, help="calls per point (default 2000)")
-    ap.add_argument("--only", choices=sorted({p for p, _, _ in POINTS.values()}),
-                    help="one primitive")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--writes", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--chunk-mib", type=int, default=0, help="the writer's chunk (frame) size")
     args = ap.parse_args()
-    if args.calls < 1:
-        ap.error("--calls must be at least 1")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(CHILD)
-    try:
-        for name, (what, size, text) in POINTS.items():
-            if args.only and what != args.only:
-                continue
-            per = (_count(f.name, what, size, args.calls) - _count(f.name, what, size, 0)) / args.calls
-            print(f"{name:22s} {per:10,.0f} instructions per call   {text}", flush=True)
-    finally:
-        os.unlink(f.name)
+    mp.set_start_method("spawn")
+    n = args.mib << 20
+    walls, cpus = [], {False: [], True: []}
+    print(f"{args.mib} MiB writes, {args.writes} per variant per round; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(f"{'round':>5} {'variant':<8} {'GB/s':>6} {'cpu s/GB writer':>16} {'owner':>6} "
+          f"{'switches/GB writer':>19} {'owner':>6}")
+    for r in range(args.rounds):
+        got = {}
+        for integrity in (False, True):
+            gbs, wc, oc, ws, os_ = one(integrity, n, args.writes, args.chunk_mib << 20)
+            got[integrity] = gbs
+            cpus[integrity].append(wc + oc)
+            print(f"{r:>5} {'mac' if integrity else 'plain':<8} {gbs:6.2f} {wc:16.3f} {oc:6.3f} "
+                  f"{ws:19.0f} {os_:6.0f}", flush=True)
+        walls.append(got[True] / got[False])
+    plain, mac = statistics.median(cpus[False]), statistics.median(cpus[True])
+    print(f"wall ratio MAC/plain: median {statistics.median(walls):.2f} "
+          f"(rounds {', '.join(f'{x:.2f}' for x in walls)})")
+    print(f"CPU per GB, both processes: plain {plain:.3f} s, MAC {mac:.3f} s -> "
+          f"CPU ratio {plain / mac:.2f}; load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
