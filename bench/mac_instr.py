@@ -1,7 +1,8 @@
 """What a frame MAC costs, by primitive: instructions per call counted by valgrind (a loop of
 ``--calls`` calls less the same loop of none), as the frame MACs of transports/_integrity.py
 use them, per small frame (bench/mac_candidates.py measures their bandwidth on large
-buffers, bench/mac_cost.py their CPU per GB on a link). The figures behind docs/benchmarks.md's "Small ops, seventh pass".
+buffers, bench/mac_cost.py their CPU per GB on a link). The figures behind
+docs/benchmarks.md's "Small ops, seventh pass".
 
     python bench/mac_instr.py                # every primitive, 2,000 calls each
     python bench/mac_instr.py --only gcm_reuse --calls 5000
