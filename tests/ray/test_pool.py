@@ -145,6 +145,24 @@ def test_replica_that_cannot_start_reports_why(pool):
     assert pool.status()["deployments"] == []
 
 
+def test_a_failed_constructor_is_reported_by_its_host_not_by_the_actors_death(pool):
+    """The replica's error comes back as the error of its host's ``ready`` task, the user's
+    exception inside, with the host still alive: Ray's actor-death path is not involved. (In
+    loaded run 41 Ray's worker aborted while exiting after a failed constructor, Ray reported
+    a crash in place of the error, and the deploy said so instead of the replica's error.)"""
+    from tensorfabric.pool._replica import ReplicaHost
+
+    host = ray.remote(ReplicaHost).options(num_cpus=0).remote(
+        "actor", "pool_apps:Broken", (), {}, "broken-host", 0)
+    try:
+        with pytest.raises(RuntimeError, match="model weights not found") as err:
+            ray.get(host.ready.remote(), timeout=300)
+        assert not isinstance(err.value, ray.exceptions.RayActorError)
+        assert ray.get(host.ping.remote(), timeout=300) == 0  # alive until it is discarded
+    finally:
+        ray.kill(host)
+
+
 def test_replica_whose_start_outlasts_start_timeout_is_named_so(pool, tmp_path):
     """A constructor still running at ``start_timeout_s`` (times the head's load) is reported
     as a slow start, not as the replica's code failing; the replica is removed. (Before

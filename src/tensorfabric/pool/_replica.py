@@ -27,15 +27,27 @@ class ReplicaHost:
 
     def __init__(self, kind: str, target: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  deployment: str, index: int) -> None:  # fmt: skip
-        obj = load_target(target)
-        self._obj = obj(*args, **kwargs) if kind == "actor" else obj
         self._kind = kind
         self.deployment = deployment
         self.index = index
         self.served = 0
+        # the replica's own error is kept and raised by ready(), so it reaches the controller
+        # as this task's error; raised from here, it would travel through Ray's actor-death
+        # path, which a crash of the exiting worker can overwrite (loaded suite run 41: Ray's
+        # core worker aborted on a corrupt mutex while exiting, and the deploy reported a
+        # crash instead of the replica's error)
+        self._failed: Exception | None = None
+        try:
+            obj = load_target(target)
+            self._obj = obj(*args, **kwargs) if kind == "actor" else obj
+        except Exception as exc:
+            self._failed = exc
 
     def ready(self) -> dict[str, Any]:
-        """Where this replica runs: node id, labels and pid (called once it is constructed)."""
+        """Where this replica runs: node id, labels and pid (called once it is constructed);
+        raises the error its target's import or constructor raised."""
+        if self._failed is not None:
+            raise self._failed
         import ray
 
         ctx = ray.get_runtime_context()
