@@ -28,9 +28,9 @@
  * and written back once per call, its keyed BLAKE2b-384 base, hashlib.blake2b, AESGCM or None,
  * Poly1305 or None, the size from which a payload uses GMAC/Poly1305). The MACs themselves are
  * computed by those objects (hashlib's BLAKE2b, OpenSSL through `cryptography`), called from C
- * with no Python frame (_native_mac.c). A frame whose tag does not match is left to the Python path, which
- * computes the same tags again (the counter was not advanced), finds them wrong and closes the
- * link.
+ * with no Python frame (_native_mac.c). A frame whose tag does not match is left to the Python
+ * path, which computes the same tags again (the counter was not advanced), finds them wrong and
+ * closes the link.
  *
  * The GIL is held throughout: a region is looked up, checked and written in one step that no
  * unregister can split (the Python path does the same between two bytecodes).
@@ -136,7 +136,7 @@ PyObject *tf_take_writes(PyObject *self, PyObject *args) {
         if (tf_mac_parts(o_mac, &mac) < 0) return NULL;
         m = &mac;
     }
-    const Py_ssize_t tags = m != NULL ? 2 * TAG : 0; /* tag1 after the ext, tag2 after the payload */
+    const Py_ssize_t tags = m != NULL ? 2 * TAG : 0; /* tag1 after the ext, tag2 after payload */
     Py_buffer b = {0};
     if (PyObject_GetBuffer(o_buf, &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (rs < 0 || re < rs || re > b.len) {

@@ -71,9 +71,10 @@ class Conn(Receiver):
         native: Any = _compiled.native
         rx = self.rx
         c = hasattr(native, "seal")
-        self._seal: Any = (None if tx is None else functools.partial(native.seal, tx.native_parts())
+        partial = functools.partial
+        self._seal: Any = (None if tx is None else partial(native.seal, tx.native_parts())
                            if c else tx.seal)
-        self._rx_head: Any = (None if rx is None else functools.partial(native.head, rx.native_parts())
+        self._rx_head: Any = (None if rx is None else partial(native.head, rx.native_parts())
                               if c else rx.head)
         self._pmac: Any = None  # the MAC of the payload being received
         self._rbv = memoryview(bytearray(RBUF))  # read-ahead (receive thread only)
@@ -88,8 +89,8 @@ class Conn(Receiver):
                            and (self.rx is None or hasattr(native, "TAKE_WRITES_MAC"))
                            and not isinstance(sock, ssl.SSLSocket)
                            and sys.byteorder == "little" else None)
-        self._take_mac = (self.rx.native_parts() if self._take is not None
-                          and self.rx is not None else None)
+        self._take_mac = (rx.native_parts() if self._take is not None and rx is not None
+                          else None)
         self._targets = transport.handler.write_targets() if self._take is not None else {}
         self.links = peer_links
         self.tls = isinstance(sock, ssl.SSLSocket)
