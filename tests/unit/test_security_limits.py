@@ -243,8 +243,18 @@ def test_dead_peers_are_forgotten() -> None:
 @pytest.mark.slow
 def test_thousand_peers_connect_and_die(victim) -> None:
     base = settle(victim, lambda s: s["accepted"] == 0 and s["gone"] == 0)
+    cut = 0
     for i in range(1000):
-        raw = RawPeer(victim.addr, SECRET, engine_id=struct.pack("<QQ", 7, i))
+        for _ in range(5):
+            try:
+                raw = RawPeer(victim.addr, SECRET, engine_id=struct.pack("<QQ", 7, i))
+                break
+            except ConnectionError:
+                # the victim's handshake deadline is 1 s (FAST): on a busy machine it may cut
+                # a handshake off, which is a peer that connected and died too; try again
+                cut += 1
+        else:
+            raise AssertionError(f"peer {i}: five handshakes in a row cut off")
         assert raw.ok
         raw.send(w.pack_header(w.Op.PING, 0, 0, 1))
         raw.sock.close()
