@@ -5,7 +5,7 @@ buffers, bench/mac_cost.py their CPU per GB on a link). The figures behind
 docs/benchmarks.md's "Small ops, seventh pass".
 
     python bench/mac_instr.py                # every primitive, 2,000 calls each
-    python bench/mac_instr.py --only gcm_reuse --calls 5000
+    python bench/mac_instr.py --only gcm_seq --calls 5000
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def head():
     h = base.copy()
     h.update(d)
     return h.digest()
+seq = 1 << 40
 f = {"gcm_new": lambda: AESGCM(K).encrypt(IV, b"", d),
      "gcm_reuse": lambda: g.encrypt(IV, b"", d),
+     "gcm_seq": lambda: g.encrypt(seq.to_bytes(12, "little"), b"", d),
      "blake_keyed": lambda: hashlib.blake2b(d, key=K, digest_size=16).digest(),
      "blake_head": head}[what]
 for _ in range(n):
@@ -37,9 +39,11 @@ for _ in range(n):
 
 POINTS = {  # name: (primitive, bytes, what it is in a frame)
     "header tag": ("blake_head", 96, "keyed BLAKE2b-384 copy + update + digest (seq, header, ext)"),
-    "payload tag < 4 KiB": ("blake_keyed", 100, "keyed BLAKE2b, 100 B"),
+    "counter GMAC 64 B": ("gcm_seq", 64, "payload tag (default): the link's AESGCM, counter nonce"),
+    "counter GMAC 4 KiB": ("gcm_seq", 4096, "the same over 4 KiB"),
+    "payload tag < 4 KiB": ("blake_keyed", 100, "one-time key (old peers): BLAKE2b, 100 B"),
     "payload tag >= 4 KiB": ("gcm_new", 4096, "AESGCM(one-time key).encrypt, 4 KiB"),
-    "gcm_reuse": ("gcm_reuse", 4096, "the same with a reused key object"),
+    "gcm_reuse": ("gcm_reuse", 4096, "a reused key object, fixed nonce"),
     "blake over 4 KiB": ("blake_keyed", 4096, "keyed BLAKE2b over 4 KiB (why GMAC from 4 KiB)"),
 }
 
@@ -68,7 +72,8 @@ def main() -> None:
         for name, (what, size, text) in POINTS.items():
             if args.only and what != args.only:
                 continue
-            per = (_count(f.name, what, size, args.calls) - _count(f.name, what, size, 0)) / args.calls
+            calls = _count(f.name, what, size, args.calls)
+            per = (calls - _count(f.name, what, size, 0)) / args.calls
             print(f"{name:22s} {per:10,.0f} instructions per call   {text}", flush=True)
     finally:
         os.unlink(f.name)

@@ -194,9 +194,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     tf_sum_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    /* take_writes checks frame MACs (its `mac` argument); a stale build lacks this name */
+    /* the FrameMac.native_parts() layout that seal, head and take_writes read (a stale
+     * build has another value, or none, and the links then MAC in Python) */
     if (PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_F16) < 0 ||
-        PyModule_AddIntConstant(m, "TAKE_WRITES_MAC", 1) < 0) {
+        PyModule_AddIntConstant(m, "MAC_PARTS", TF_MAC_PARTS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

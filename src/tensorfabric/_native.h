@@ -31,9 +31,10 @@ int tf_use_f16c(int on);
 
 /* frame MACs from C (_native_mac.c): a link direction's FrameMac.native_parts(), unpacked */
 #define TF_TAG 16    /* _integrity.TAG */
-#define TF_DIGEST 48 /* _integrity._D: tag1 + the payload's one-time 32-byte key */
+#define TF_DIGEST 48 /* _integrity._D: tag1 + a one-time 32-byte payload key */
+#define TF_MAC_PARTS 2 /* _integrity.NATIVE_PARTS: the layout of native_parts() read here */
 typedef struct {
-    PyObject *fm, *base, *blake2b, *aesgcm, *poly1305; /* borrowed from the parts tuple */
+    PyObject *fm, *base, *blake2b, *aesgcm, *poly1305, *gseq; /* borrowed from the parts */
     uint64_t seq, seq0;                                /* the counter now, and as read */
     Py_ssize_t poly_min;
 } TfMac;
@@ -43,7 +44,8 @@ int tf_mac_parts(PyObject *parts, TfMac *m);
 int tf_mac_store_seq(TfMac *m);
 /* BLAKE2b-384(key, seq || head) as a new 48-byte bytes, the counter unchanged; NULL: error */
 PyObject *tf_mac_head(TfMac *m, const void *head, Py_ssize_t n);
-/* the payload's tag (a new 16-byte bytes) under the one-time key d[16:48]; NULL: exception */
+/* the payload's tag (a new 16-byte bytes) of the frame numbered m->seq whose header digest is
+ * d (FrameMac.payload's rule); NULL: exception */
 PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n);
 /* constant-time comparison of two 16-byte tags */
 int tf_tags_equal(const unsigned char *a, const unsigned char *b);

@@ -3,6 +3,11 @@
  * Poly1305 from OpenSSL through `cryptography`), called without a Python frame. Used by
  * take_writes (_native_rx.c) to check a frame and by seal() to tag one.
  *
+ * The payload's MAC follows FrameMac.payload's rule: from poly_min bytes, counter GMAC (the
+ * link's AESGCM, the frame's counter as the 12-byte little-endian nonce) where the parts carry
+ * one, else GMAC or Poly1305 under the one-time key d[16:48]; keyed BLAKE2b under that key
+ * below.
+ *
  * seal(parts, frame) -> list: FrameMac.seal(frame) for parts = FrameMac.native_parts(): a
  * frame of one piece (header + ext) or two (and its payload, any C-contiguous buffer) gets
  * [head, tag1] or [head, tag1, payload, tag2] and the MAC's counter moves on by one; a frame of
@@ -37,7 +42,7 @@ static int mac_names(void) {
 
 int tf_mac_parts(PyObject *parts, TfMac *m) {
     if (mac_names() < 0) return -1;
-    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6 ||
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 7 ||
         !PyLong_Check(PyTuple_GET_ITEM(parts, 5))) {
         PyErr_SetString(PyExc_TypeError, "mac must be FrameMac.native_parts()");
         return -1;
@@ -47,6 +52,7 @@ int tf_mac_parts(PyObject *parts, TfMac *m) {
     m->blake2b = PyTuple_GET_ITEM(parts, 2);
     m->aesgcm = PyTuple_GET_ITEM(parts, 3);
     m->poly1305 = PyTuple_GET_ITEM(parts, 4);
+    m->gseq = PyTuple_GET_ITEM(parts, 6);
     m->poly_min = PyLong_AsSsize_t(PyTuple_GET_ITEM(parts, 5));
     if (m->poly_min == -1 && PyErr_Occurred()) return -1;
     PyObject *seq = PyObject_GetAttr(m->fm, s_seq);
@@ -93,15 +99,23 @@ PyObject *tf_mac_head(TfMac *m, const void *head, Py_ssize_t n) {
 }
 
 PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssize_t n) {
-    PyObject *key = PyBytes_FromStringAndSize((const char *)d + TF_TAG, TF_DIGEST - TF_TAG);
-    if (key == NULL) return NULL;
     PyObject *mv = PyMemoryView_FromMemory((char *)p, n, PyBUF_READ);
-    if (mv == NULL) {
-        Py_DECREF(key);
-        return NULL;
-    }
-    PyObject *t = NULL;
-    if (n >= m->poly_min && m->aesgcm != Py_None) { /* FrameMac.payload's rule, in its order */
+    if (mv == NULL) return NULL;
+    PyObject *t = NULL, *key = NULL;
+    if (n >= m->poly_min && m->gseq != Py_None) { /* counter GMAC: _nonce(seq), the link's */
+        PyObject *nonce = PyBytes_FromStringAndSize(NULL, 12);
+        if (nonce != NULL) {
+            memcpy(PyBytes_AS_STRING(nonce), &m->seq, SEQ); /* seq.to_bytes(12, "little") */
+            memset(PyBytes_AS_STRING(nonce) + SEQ, 0, 12 - SEQ);
+            PyObject *args[4] = {m->gseq, nonce, empty, mv};
+            t = PyObject_VectorcallMethod(s_encrypt, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                          NULL);
+            Py_DECREF(nonce);
+        }
+    } else if ((key = PyBytes_FromStringAndSize((const char *)d + TF_TAG,
+                                                TF_DIGEST - TF_TAG)) == NULL) {
+        /* t stays NULL */
+    } else if (n >= m->poly_min && m->aesgcm != Py_None) { /* FrameMac.payload's order */
         PyObject *g = PyObject_CallOneArg(m->aesgcm, key);
         if (g != NULL) {
             PyObject *args[4] = {g, iv, empty, mv};
@@ -122,7 +136,7 @@ PyObject *tf_mac_payload(TfMac *m, const unsigned char *d, const void *p, Py_ssi
         }
     }
     Py_DECREF(mv);
-    Py_DECREF(key);
+    Py_XDECREF(key);
     if (t != NULL && (!PyBytes_Check(t) || PyBytes_GET_SIZE(t) != TF_TAG)) {
         Py_DECREF(t);
         PyErr_SetString(PyExc_ValueError, "a payload MAC is not 16 bytes");

@@ -26,7 +26,8 @@
  * (the MACs may release the GIL; the lookup, checks and copy run without a break).
  * `mac` is FrameMac.native_parts(): (the receiving FrameMac, whose `seq` is read at the start
  * and written back once per call, its keyed BLAKE2b-384 base, hashlib.blake2b, AESGCM or None,
- * Poly1305 or None, the size from which a payload uses GMAC/Poly1305). The MACs themselves are
+ * Poly1305 or None, the size from which a payload uses those, and the link's counter-GMAC
+ * AESGCM object or None; layout MAC_PARTS). The MACs themselves are
  * computed by those objects (hashlib's BLAKE2b, OpenSSL through `cryptography`), called from C
  * with no Python frame (_native_mac.c). A frame whose tag does not match is left to the Python
  * path, which computes the same tags again (the counter was not advanced), finds them wrong and
@@ -67,7 +68,8 @@ static int head_ok(TfMac *m, const unsigned char *h, unsigned char *d) {
     return tf_tags_equal(d, h + HEAD + EXT);
 }
 
-/* 1 if tag2 (at tag) is the payload's MAC under the one-time key d[16:48]; 0 if not; -1. */
+/* 1 if tag2 (at tag) is the payload's MAC (tf_mac_payload: the frame's counter, its header
+ * digest d); 0 if not; -1. */
 static int payload_ok(TfMac *m, const unsigned char *d, const unsigned char *p, uint64_t n,
                       const unsigned char *tag) {
     PyObject *t = tf_mac_payload(m, d, p, (Py_ssize_t)n);

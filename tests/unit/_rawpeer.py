@@ -15,6 +15,7 @@ from tensorfabric.transports._handshake import (
     _REPLY,
     _VERDICT,
     F_GMAC,
+    F_GMAC_SEQ,
     F_INTEGRITY,
     F_POLY1305,
     _keys,
@@ -56,8 +57,8 @@ class RawPeer:
         self.verdict, self.their_proof = verdict, their_proof
         self.tx = self.rx = None
         if mode & F_INTEGRITY:
-            poly, gmac = bool(mode & F_POLY1305), bool(mode & F_GMAC)
-            self.tx, self.rx = FrameMac(d2a, poly, gmac), FrameMac(a2d, poly, gmac)
+            poly, gmac, seq = bool(mode & F_POLY1305), bool(mode & F_GMAC), bool(mode & F_GMAC_SEQ)
+            self.tx, self.rx = FrameMac(d2a, poly, gmac, seq), FrameMac(a2d, poly, gmac, seq)
 
     def seal(self, head_ext: bytes, payload: bytes = b"") -> bytes:
         """The bytes of one frame with valid tags (the next sequence number)."""

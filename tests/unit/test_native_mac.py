@@ -16,17 +16,19 @@ pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "seal"),
                                 reason="tensorfabric._native is not built")
 
 KEY = bytes(range(100, 132))
-KINDS = {  # name: (gmac, poly1305); each payload size below picks its MAC by FrameMac's rule
-    "gmac": (True, True),
-    "poly1305": (False, True),
-    "blake2b only": (False, False),
+KINDS = {  # name: (counter gmac, gmac, poly1305); each payload size below picks its MAC by
+    # FrameMac's rule
+    "counter gmac": (True, True, True),
+    "gmac": (False, True, True),
+    "poly1305": (False, False, True),
+    "blake2b only": (False, False, False),
 }
 HEAD = w.pack_header(w.Op.WRITE, 0, 40, 7, 1, 0, 0, 0, 1) + bytes(40)
 
 
 def _pair(kind: str) -> tuple[FrameMac, FrameMac]:
-    gmac, poly = KINDS[kind]
-    return FrameMac(KEY, poly, gmac), FrameMac(KEY, poly, gmac)
+    seq, gmac, poly = KINDS[kind]
+    return FrameMac(KEY, poly, gmac, seq), FrameMac(KEY, poly, gmac, seq)
 
 
 def _bytes(parts: list) -> bytes:
@@ -37,7 +39,9 @@ def _bytes(parts: list) -> bytes:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_seal_is_framemacs_seal(kind: str, size: int) -> None:
     py, c = _pair(kind)
-    assert (c.gmac, c.poly) == (KINDS[kind][0] and have_gmac(), KINDS[kind][1] and have_poly1305())
+    seq, gmac, poly = KINDS[kind]
+    assert (c.seq_gmac, c.gmac, c.poly) == (seq and have_gmac(), gmac and have_gmac(),
+                                            poly and have_poly1305())
     for i in range(3):  # the counter moves on: each frame's tags differ
         payload = bytes((i + j) % 251 for j in range(size))
         frame = [HEAD, payload] if size else [HEAD]
@@ -48,8 +52,9 @@ def test_seal_is_framemacs_seal(kind: str, size: int) -> None:
         assert c.seq == py.seq == i + 1
 
 
-def test_seal_takes_any_contiguous_payload_and_hands_longer_frames_to_python() -> None:
-    py, c = _pair("gmac")
+@pytest.mark.parametrize("kind", ["counter gmac", "gmac"])
+def test_seal_takes_any_contiguous_payload_and_hands_longer_frames_to_python(kind: str) -> None:
+    py, c = _pair(kind)
     arr = np.arange(2048, dtype=np.float32).reshape(32, 64)  # 8 KiB, not a byte format
     assert _bytes(native.seal(c.native_parts(), [HEAD, arr])) == _bytes(py.seal([HEAD, arr]))
     three = [HEAD, b"a" * 5000, b"b" * 3000]  # the streaming payload MAC: FrameMac.seal's
@@ -91,3 +96,44 @@ def test_head_is_framemacs_head() -> None:
     with pytest.raises(TypeError):
         native.head(c.native_parts(), "not bytes")
     assert c.seq == 6
+
+
+@pytest.mark.skipif(not have_gmac(), reason="needs cryptography's AES-GCM")
+def test_counter_gmac_is_gcm_under_the_derived_key_with_the_frame_counter_as_nonce() -> None:
+    """The construction, computed here from its definition: from 256 B, the payload tag of
+    frame ``seq`` is AES-256-GCM's tag with nothing encrypted, the payload as associated data,
+    the key BLAKE2b(link key, 32 bytes, person "tf gmac key"), the nonce ``seq`` as 12 bytes
+    little-endian; below, keyed BLAKE2b-128 under the frame's one-time key (the last 32 bytes
+    of BLAKE2b-384(link key, seq || header)). From C, from Python in one call and streamed in
+    pieces (as the receiver does)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    gkey = hashlib.blake2b(key=KEY, digest_size=32, person=b"tf gmac key").digest()
+
+    def want(seq: int, payload: bytes) -> bytes:
+        if len(payload) >= 256:
+            return AESGCM(gkey).encrypt(seq.to_bytes(12, "little"), b"", payload)
+        d = hashlib.blake2b(seq.to_bytes(8, "little") + HEAD, key=KEY, digest_size=48).digest()
+        return hashlib.blake2b(payload, key=d[16:], digest_size=16).digest()
+
+    py, c = _pair("counter gmac")
+    rx = FrameMac(KEY, True, True, True)
+    for seq, size in enumerate([1, 100, 255, 256, 4096, 70000]):
+        payload = bytes((seq * 7 + j) % 256 for j in range(size))
+        frame = [HEAD, payload]
+        assert _bytes(py.seal(list(frame))[3:]) == want(seq, payload)
+        assert _bytes(native.seal(c.native_parts(), list(frame))[3:]) == want(seq, payload)
+        m = rx.payload(rx.head(HEAD), size)  # the receiver's streamed check, in 3 pieces
+        for a, b in ((0, size // 3), (size // 3, size // 2), (size // 2, size)):
+            m.update(payload[a:b])
+        assert m.finalize() == want(seq, payload)
+        m = rx.payload(rx.head(HEAD), size)  # a byte more than declared, in pieces: no match
+        m.update(payload[:size // 2])
+        m.update(payload[size // 2:] + b"!")
+        assert m.finalize() != want(seq + 1, payload)
+        rx.seq = seq + 1
+    mine, other = FrameMac(KEY, True, True, True), FrameMac(bytes(32), True, True, True)
+    mine.seq = other.seq = 1  # (as after one head())
+    assert other.tag_of(b"", b"x" * 300) != mine.tag_of(b"", b"x" * 300)  # another link's key

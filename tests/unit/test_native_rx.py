@@ -16,7 +16,7 @@ import tensorfabric as tf
 from _rawpeer import RawPeer, recv_exact
 from tensorfabric import _compiled
 from tensorfabric import _wire as w
-from tensorfabric.transports._handshake import F_ACKS, F_GMAC
+from tensorfabric.transports._handshake import F_ACKS, F_GMAC, F_GMAC_SEQ
 from tensorfabric.transports._integrity import FrameMac, have_gmac, have_poly1305
 
 native = _compiled.native
@@ -115,17 +115,20 @@ def test_leaves_every_other_frame_to_the_python_path(case: str) -> None:
 
 
 LINK_KEY = bytes(range(32, 64))
-MAC_KINDS = {  # name: (gmac, poly1305, payload size): each payload MAC of FrameMac.payload's rule
-    "blake2b (small payload)": (True, True, 100),
-    "gmac": (True, True, 4096),
-    "poly1305": (False, True, 8192),
-    "blake2b (neither)": (False, False, 4096),
+MAC_KINDS = {  # name: (counter gmac, gmac, poly1305, payload size): each payload MAC of
+    # FrameMac.payload's rule
+    "counter gmac (small payload)": (True, True, True, 100),
+    "counter gmac": (True, True, True, 4096),
+    "blake2b (small payload)": (False, True, True, 100),
+    "gmac": (False, True, True, 4096),
+    "poly1305": (False, False, True, 8192),
+    "blake2b (neither)": (False, False, False, 4096),
 }
 
 
-def macs(gmac: bool = True, poly: bool = True) -> tuple[FrameMac, FrameMac]:
+def macs(seq: bool, gmac: bool = True, poly: bool = True) -> tuple[FrameMac, FrameMac]:
     """The two ends of one direction of a link: the sender's MAC and the receiver's."""
-    return FrameMac(LINK_KEY, poly, gmac), FrameMac(LINK_KEY, poly, gmac)
+    return FrameMac(LINK_KEY, poly, gmac, seq), FrameMac(LINK_KEY, poly, gmac, seq)
 
 
 def sealed(tx: FrameMac, raw: bytes) -> bytes:
@@ -136,9 +139,10 @@ def sealed(tx: FrameMac, raw: bytes) -> bytes:
 
 @pytest.mark.parametrize("kind", list(MAC_KINDS))
 def test_takes_frames_whose_macs_check_out(kind: str) -> None:
-    gmac, poly, size = MAC_KINDS[kind]
-    tx, rx = macs(gmac, poly)
-    assert (tx.gmac, tx.poly) == (gmac and have_gmac(), poly and have_poly1305())
+    seq, gmac, poly, size = MAC_KINDS[kind]
+    tx, rx = macs(seq, gmac, poly)
+    assert (tx.seq_gmac, tx.gmac, tx.poly) == (seq and have_gmac(), gmac and have_gmac(),
+                                               poly and have_poly1305())
     r = Region(4 * size)
     burst = b"".join(sealed(tx, frame(20 + i, 1, size * i, bytes([i + 1]) * size))
                      for i in range(4))
@@ -168,13 +172,14 @@ def _spoiled(case: str, tx: FrameMac, first: bytes, size: int) -> bytes:
 
 @pytest.mark.parametrize("case", ["replayed", "skips a counter value", "header byte", "ext byte",
                                   "tag1 byte", "payload byte", "tag2 byte"])
-@pytest.mark.parametrize("kind", ["gmac", "blake2b (small payload)"])
+@pytest.mark.parametrize("kind", ["counter gmac", "counter gmac (small payload)", "gmac",
+                                  "blake2b (small payload)"])
 def test_leaves_a_frame_with_a_bad_mac_to_the_python_path(case: str, kind: str) -> None:
     """The frame after a good one fails its MAC: the good one is taken, the bad one is not
     (nothing of it lands, the counter stays at its value for the Python path, which closes
     the link)."""
-    gmac, poly, size = MAC_KINDS[kind]
-    tx, rx = macs(gmac, poly)
+    seq, gmac, poly, size = MAC_KINDS[kind]
+    tx, rx = macs(seq, gmac, poly)
     first = sealed(tx, frame(1, 1, 0, b"ok"))
     bad = _spoiled(case, tx, first, size)
     r = Region(8192)
@@ -226,9 +231,16 @@ def _acks(peer: RawPeer, want: int) -> tuple[list[tuple[int, int]], list[tuple[i
     return ok, refused
 
 
+#: the payload MACs a raw peer offers: the engine's default, and what a peer of an earlier
+#: version has (one-time-key GMAC): the engine agrees on either
+PEER_MACS = {"counter gmac": F_GMAC | F_GMAC_SEQ, "one-time gmac": F_GMAC}
+
+
 @pytest.mark.parametrize("integrity", [False, True], ids=["plain", "macs"])
+@pytest.mark.parametrize("peer_mac", list(PEER_MACS))
 @pytest.mark.parametrize("compiled", [True, False])
-def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrity) -> None:
+def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrity,
+                                                 peer_mac) -> None:
     """A raw peer (ACKS agreed; plain, or with frame MACs) sends one burst: good writes, one
     with a wrong key, one past the region's end, one with an immediate; each good one lands and
     is acknowledged, each bad one is refused with its status and nothing of it lands, on both
@@ -238,11 +250,13 @@ def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrit
     with tf.Engine(SECRET, transports=("tcp",), integrity=integrity) as owner:
         region = owner.register(np.zeros(1 << 18, np.uint8), tf.Access.READ_WRITE)
         desc = region.descriptor()
-        peer = RawPeer(owner, SECRET, integrity=integrity, flags=F_ACKS | F_GMAC,
+        peer = RawPeer(owner, SECRET, integrity=integrity, flags=F_ACKS | PEER_MACS[peer_mac],
                        timeout=60)  # (a busy machine)
         try:
             assert peer.ok and peer.mode & F_ACKS
             assert peer.tx is None or peer.tx.gmac == have_gmac()
+            assert peer.tx is None or peer.tx.seq_gmac == (peer_mac == "counter gmac"
+                                                           and have_gmac())
             deadline = time.monotonic() + 30
             while not owner._tcp._accepted and time.monotonic() < deadline:
                 time.sleep(0.01)  # the owner files the accepted link a moment after the hello
@@ -272,11 +286,13 @@ def test_a_burst_with_bad_writes_among_good_ones(monkeypatch, compiled, integrit
             owner.expect(9, 1, timeout=0.3).wait()
 
 
+@pytest.mark.parametrize("peer_mac", list(PEER_MACS))
 @pytest.mark.parametrize("size", [100, 4096])
 @pytest.mark.parametrize("imm", [False, True], ids=["write", "write+imm"])
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_flipped_payload_byte_closes_the_link_before_a_byte_lands(monkeypatch, compiled,
-                                                                    imm, size) -> None:
+                                                                    imm, size,
+                                                                    peer_mac) -> None:
     """A MAC'd write whose payload was changed on the way: the owner closes the link and
     nothing of it reaches the region (its tag is checked before the copy), whichever path
     reads it (the compiled loop; Python for an immediate or without the extension)."""
@@ -285,7 +301,7 @@ def test_a_flipped_payload_byte_closes_the_link_before_a_byte_lands(monkeypatch,
     with tf.Engine(SECRET, transports=("tcp",)) as owner:
         region = owner.register(np.zeros(8192, np.uint8), tf.Access.READ_WRITE)
         desc = region.descriptor()
-        peer = RawPeer(owner, SECRET, flags=F_ACKS | F_GMAC, timeout=60)
+        peer = RawPeer(owner, SECRET, flags=F_ACKS | PEER_MACS[peer_mac], timeout=60)
         try:
             assert peer.ok and peer.tx is not None
             good = peer.seal(*_split(frame(1, desc.region_id, 0, b"g" * 10, key=desc.key)))

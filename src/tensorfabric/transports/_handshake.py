@@ -41,6 +41,7 @@ F_INTEGRITY = 1  # hello: this side wants frame MACs; reply: they are on
 F_POLY1305 = 2  # hello: this side has Poly1305; reply: payload MACs use it
 F_GMAC = 4  # hello: this side has AES-GCM; reply: payload MACs use GMAC (before Poly1305)
 F_ACKS = 8  # hello: this side reads ACKS frames; reply: the acceptor sends its OK ACKs in them
+F_GMAC_SEQ = 16  # hello: this side has counter GMAC; reply: payload MACs use it (before F_GMAC)
 
 class _PeerGone(Exception):
     """Internal: the connection ended (EOF, reset, or closed by us)."""
@@ -105,13 +106,13 @@ def _macs(mode: int, tls_bound: bool, send_key: bytes, recv_key: bytes
           ) -> tuple[FrameMac | None, FrameMac | None]:
     if not mode & F_INTEGRITY or tls_bound:
         return None, None
-    poly, gmac = bool(mode & F_POLY1305), bool(mode & F_GMAC)
-    return FrameMac(send_key, poly, gmac), FrameMac(recv_key, poly, gmac)
+    poly, gmac, seq = bool(mode & F_POLY1305), bool(mode & F_GMAC), bool(mode & F_GMAC_SEQ)
+    return FrameMac(send_key, poly, gmac, seq), FrameMac(recv_key, poly, gmac, seq)
 
 
 def _my_flags(t: TcpTransport) -> int:
     return ((F_INTEGRITY if t.integrity else 0) | (F_POLY1305 if have_poly1305() else 0)
-            | (F_GMAC if have_gmac() else 0) | F_ACKS)
+            | ((F_GMAC | F_GMAC_SEQ) if have_gmac() else 0) | F_ACKS)
 
 
 def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> Session:
@@ -133,7 +134,7 @@ def accept(t: TcpTransport, sock: socket.socket, deadline: float, src: str) -> S
         sock.sendall(b"tfNO" + b"\0" * (_REPLY.size - 4))
         raise ProtocolError("peer dialled a different engine at this address")
     mode = (F_INTEGRITY if (flags | _my_flags(t)) & F_INTEGRITY else 0) | \
-        (flags & _my_flags(t) & (F_POLY1305 | F_GMAC | F_ACKS))
+        (flags & _my_flags(t) & (F_POLY1305 | F_GMAC | F_GMAC_SEQ | F_ACKS))
     reply = _REPLY.pack(_MAGIC, t.engine_id, _auth.new_nonce(), mode)
     sock.sendall(reply)
     binding = _binding(sock)

@@ -18,6 +18,7 @@ from .. import _wire as w
 from .._errors import ProtocolError
 from .._ops import Chunk
 from ._handshake import IOV_MAX, Session
+from ._integrity import NATIVE_PARTS
 from ._poller import ARM as _ARM
 from ._rx import RBUF, Receiver
 
@@ -67,10 +68,11 @@ class Conn(Receiver):
         self.tx = tx = session.tx  # MACs our frames (None: integrity off or carried by TLS)
         self.rx = session.rx
         # tx.seal and rx.head (the MAC check of the frames the Python path reads), or the same
-        # computed from C (_native.seal/head: no Python frame per frame)
+        # computed from C (_native.seal/head: no Python frame per frame) where the build reads
+        # this version's native_parts() (it writes the counter in the host's byte order)
         native: Any = _compiled.native
         rx = self.rx
-        c = hasattr(native, "seal")
+        c = getattr(native, "MAC_PARTS", 0) == NATIVE_PARTS and sys.byteorder == "little"
         partial = functools.partial
         self._seal: Any = (None if tx is None else partial(native.seal, tx.native_parts())
                            if c else tx.seal)
@@ -86,7 +88,7 @@ class Conn(Receiver):
         # the owner's compiled loop over buffered small writes (Receiver._frame), frame MACs
         # checked in it where the link has them; not on TLS links; to a peer that takes ACKS
         self._take: Any = (getattr(native, "take_writes", None) if self.batch_acks
-                           and (self.rx is None or hasattr(native, "TAKE_WRITES_MAC"))
+                           and (self.rx is None or c)
                            and not isinstance(sock, ssl.SSLSocket)
                            and sys.byteorder == "little" else None)
         self._take_mac = (rx.native_parts() if self._take is not None and rx is not None
