@@ -13,6 +13,11 @@
  * [head, tag1] or [head, tag1, payload, tag2] and the MAC's counter moves on by one; a frame of
  * more pieces is handed to FrameMac.seal (the streaming payload MAC stays in Python).
  *
+ * Callers serialize seal per FrameMac (a link seals under its send_lock): the counter is read
+ * before the tags and written back after them, and OpenSSL's GCM may release the GIL in between,
+ * so two unserialized seals could tag two frames under one counter value, which counter GMAC
+ * must never do (a GCM nonce used twice under a key gives its hash key away).
+ *
  * head(parts, head) -> bytes: FrameMac.head(head) (the 48-byte digest of a received frame's
  * header and ext; the counter moves on by one), for the frames the Python path reads.
  */

@@ -6,7 +6,9 @@ engines and tampers with the first link it carries. It understands the framing (
 MODE: ``pass``; ``flip`` (flip a byte of the first frame with a payload); ``replace OLD:NEW``
 (rewrite bytes in payloads, hex); ``replay`` (send the first payload frame twice); ``reorder``
 (swap the first two frames); ``drop`` (drop the first frame); ``splice`` (send the first frame
-of link 2 on link 1: needs two links); ``address`` (rewrite the dial-back port in the hello); ``cut`` (close the first connection
+of link 2 on link 1: needs two links); ``address`` (rewrite the dial-back port in the hello);
+``downgrade`` (clear the payload-MAC flags of the first hello: F_GMAC_SEQ, F_GMAC, F_POLY1305,
+so that the link would fall back to keyed BLAKE2b); ``cut`` (close the first connection
 in the middle of its handshake, as an acceptor past its deadline does);
 ``tls CERT KEY`` (terminate TLS with its own certificate, plaintext in between, dial TLS on).
 Prints ``PORT`` once listening, and ``TAMPERED`` each time it changed something.
@@ -105,6 +107,9 @@ def handle(client: socket.socket, target: tuple[str, int], mode: str, arg: str) 
             addr = addr.replace(b'"ep":[["127.0.0.1",', b'"ep":[["127.0.0.2",')
             fields[6] = len(addr)
             say("TAMPERED")
+        if mode == "downgrade" and n == 1:
+            fields[5] &= ~(16 | 4 | 2)
+            say("TAMPERED")
         server.sendall(HELLO.pack(*fields) + addr)
         reply = recv_exact(server, REPLY_SIZE)
         client.sendall(reply)
@@ -122,7 +127,7 @@ def handle(client: socket.socket, target: tuple[str, int], mode: str, arg: str) 
             active = not state["done"] and n == 1
             if mode == "splice" and n == 2 and not spare:
                 spare.append(frame)  # a valid frame of another link
-            if not active or mode in ("pass", "tls", "address"):
+            if not active or mode in ("pass", "tls", "address", "downgrade"):
                 server.sendall(frame)
                 continue
             if mode == "flip" and plen:

@@ -162,6 +162,20 @@ def test_rewritten_handshake_address_is_refused(relay_factory) -> None:
         assert relay.tampered() == 1
 
 
+def test_a_relay_cannot_downgrade_the_payload_mac(relay_factory) -> None:
+    """A relay that clears the payload-MAC flags in the hello (counter GMAC, GMAC, Poly1305:
+    the link would fall back to keyed BLAKE2b) fails the handshake: the flags are in the
+    transcript both proofs cover."""
+    a, b = _pair()
+    with a, b:
+        region = b.register(np.zeros(64, np.uint8))
+        relay = relay_factory(b, "downgrade")
+        with pytest.raises(tf.AuthenticationError):
+            a.write(b"x" * 64, relay.via(region.descriptor())).wait(30)
+        assert not region.array.any()
+        assert relay.tampered() == 1
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tls")

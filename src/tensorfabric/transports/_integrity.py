@@ -118,14 +118,15 @@ class _Gmac:
         if data.format != "B" or data.ndim != 1:
             data = data.cast("B")
         n = data.nbytes
-        if self.tag is not None:  # more than declared: never matches
-            self.tag = b"" if n else self.tag
-            return
         seen = self.seen
         self.seen = seen + n
+        if self.tag is not None or seen + n > self.nbytes:  # more than declared: never matches
+            if n:
+                self.tag = b""
+            return
         if seen == 0 and n == self.nbytes:
             self.tag = (self.aead or _AESGCM(self.key)).encrypt(self.iv, b"", data)
-        elif self.nbytes <= _GATHER:  # (the receiver reads no more than the frame declares)
+        elif self.nbytes <= _GATHER:  # (never more than nbytes: see above)
             if self.buf is None:
                 self.buf = bytearray(data)
             else:
