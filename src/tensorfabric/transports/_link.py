@@ -199,8 +199,9 @@ class Conn(Receiver):
             try:
                 n = self.sock.send(data, socket.MSG_DONTWAIT)
             except OSError:
-                if self.tx is not None:
-                    self.tx.seq -= len(frames)  # not sent: the writer sends them with these
+                if self.tx is not None:  # not sent: the writer sends them with these (the
+                    # same frames, header tags only: no payload MAC's nonce is used twice)
+                    self.tx.seq -= len(frames)
                 return False
             self.last_tx = time.monotonic()
             if n < len(data):
