@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import select
 import socket
 import ssl
@@ -34,6 +35,7 @@ SMALL_WINDOW = 64  #: small chunks in flight per link (large ones: the transport
 # wscales, flags; rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
 # last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (ms)
 _TCP_INFO = struct.Struct("<8B13I")
+_BYTES_LIKE = itertools.repeat((bytes, memoryview))  # isinstance's second argument, for map
 
 
 def tcp_path(sock: socket.socket) -> tuple[int, int, int, float] | None:
@@ -162,21 +164,26 @@ class Conn(Receiver):
                 sock.sendall(b)
             self.last_tx = time.monotonic()
             return
-        for b in bufs:  # (a loop, not a comprehension: no call when all are bytes already)
-            if not isinstance(b, (bytes, memoryview)):
-                bufs = [memoryview(x).cast("B") if not isinstance(x, (bytes, memoryview)) else x
-                        for x in bufs]
-                break
-        while bufs:
-            sent = sock.sendmsg(bufs[:IOV_MAX])
+        if not all(map(isinstance, bufs, _BYTES_LIKE)):  # (no bytecode per buffer)
+            bufs = [memoryview(x).cast("B") if not isinstance(x, (bytes, memoryview)) else x
+                    for x in bufs]
+        i, n = 0, len(bufs)
+        while i < n:
+            part = bufs if n <= IOV_MAX else bufs[i:i + IOV_MAX]
+            sent = sock.sendmsg(part)
             self.last_tx = time.monotonic()
             self.bytes_sent += sent
-            # drop what went out
-            while bufs and sent >= len(bufs[0]):
+            if sent == sum(map(len, part)):  # all of it went (the usual case)
+                i += len(part)
+                continue
+            # the socket took part of it: drop what went out, send the rest
+            bufs = bufs[i:]
+            while sent >= len(bufs[0]):
                 sent -= len(bufs[0])
                 bufs.pop(0)
             if sent:
                 bufs[0] = memoryview(bufs[0])[sent:]
+            i, n = 0, len(bufs)
 
     def _try_send_nowait(self, frames: list[bytes]) -> bool:
         """Send small frames (in one send) without ever blocking (receive threads use this)."""
