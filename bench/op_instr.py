@@ -8,7 +8,8 @@ Each point runs a child process (two engines in it, every thread) under valgrind
 twice, once with ``--ops`` ops and once with none, and divides the difference of the
 instructions executed (user space, all threads) by ``--ops``: the startup, the imports and the
 warm-up cancel out. The ops: ``write`` (4 KiB writes into the other engine's region, 64 in
-flight, as ``tensorfabric bench``'s write points), ``imm`` (an immediate's round trip: barrier
+flight, as ``tensorfabric bench``'s write points), ``write1`` (one 4 KiB write at a time, each
+waited for: the latency of ``bench/peers_mooncake.py``), ``imm`` (an immediate's round trip: barrier
 and wait) and ``sendrecv`` (a 64 B message echoed by the other engine's thread).
 
 CPU time per op on a shared 2-core VM moves by 15% from run to run (``bench/op_cpu.py``); the
@@ -68,6 +69,13 @@ with tf.Engine(**kw) as a, tf.Engine(**kw) as b:
                     pending.pop(0).wait(300)
             for t in pending:
                 t.wait(300)
+    elif op == "write1":
+        r = b.register(np.zeros(4096, np.uint8), access=tf.Access.READ_WRITE)
+        d, src = r.descriptor(), np.ones(4096, np.uint8)
+
+        def run(k):
+            for _ in range(k):
+                a.write(src, d).wait(300)
     elif op == "imm":
         def run(k):
             for _ in range(k):
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", required=True,
                     help="NAME=SRC: a source tree to import tensorfabric from (repeat for A/B)")
-    ap.add_argument("--op", default="write", help="write, imm, sendrecv (comma-separated)")
+    ap.add_argument("--op", default="write",
+                    help="write, write1, imm, sendrecv (comma-separated)")
     ap.add_argument("--transport", default="tcp-plain,tcp",
                     help="tcp (frame MACs) and/or tcp-plain (comma-separated)")
     ap.add_argument("--ops", type=int, default=2000, help="ops per point (after 200 warm-up)")
@@ -189,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = [o for o in args.op.split(",") if o]
     transports = [t for t in args.transport.split(",") if t]
     for o in ops:
-        if o not in ("write", "imm", "sendrecv"):
-            ap.error(f"--op {o!r}: expected write, imm or sendrecv")
+        if o not in ("write", "write1", "imm", "sendrecv"):
+            ap.error(f"--op {o!r}: expected write, write1, imm or sendrecv")
     for t in transports:
         if t not in ("tcp", "tcp-plain"):
             ap.error(f"--transport {t!r}: expected tcp or tcp-plain")
