@@ -3,7 +3,8 @@
 
 Three writers in alternation for every size, each into a pre-faulted buffer of another
 process on this host: a raw Python socket (the baseline), a tensorfabric engine over tcp
-(one link), and Mooncake's TransferEngine with protocol "tcp" (``transfer_sync_write``).
+(one link, frame MACs on; ``--transport tcp-plain``: none, as Mooncake's tcp sends none), and
+Mooncake's TransferEngine with protocol "tcp" (``transfer_sync_write``).
 Needs ``pip install mooncake-transfer-engine-non-cuda==0.3.13.post1`` and, from Debian,
 ``apt-get install libibverbs1 ibverbs-providers`` (the library links libibverbs even for
 tcp)::
@@ -76,6 +77,9 @@ def main() -> None:
     p.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="4k,64k,1m,16m,64m,256m")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per size")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "tcp-plain"],
+                   help="tensorfabric's link: tcp (frame MACs, the default) or tcp-plain "
+                        "(none, as Mooncake's tcp)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.serve:
@@ -90,9 +94,9 @@ def main() -> None:
                  "mooncake-transfer-engine-non-cuda==0.3.13.post1 and apt-get install "
                  "libibverbs1 ibverbs-providers")
     cfg = BenchConfig()
-    peer = PeerProcess("tcp", cfg)
-    eng = engine_from_options(transport="tcp")
-    s = Session(eng, peer.address, cfg, "tcp")
+    peer = PeerProcess(args.transport, cfg)
+    eng = engine_from_options(transport=args.transport)
+    s = Session(eng, peer.address, cfg, args.transport)
     _rid, desc = s.remote_region(cap)
     src = eng.register(np.ones(cap, dtype=np.uint8))
     raw = RawSocketPeer(bufsize=cap, chunk=eng._tcp.chunk_bytes)
@@ -134,7 +138,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "argv": sys.argv, "rows": rows}, f, indent=1)
+                       "argv": sys.argv, "transport": args.transport, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
