@@ -176,11 +176,11 @@ class Conn(Receiver):
             if sent == sum(map(len, part)):  # all of it went (the usual case)
                 i += len(part)
                 continue
-            # the socket took part of it: drop what went out, send the rest
+            # the socket took part of it: skip what went out, send the rest
+            while sent >= len(bufs[i]):
+                sent -= len(bufs[i])
+                i += 1
             bufs = bufs[i:]
-            while sent >= len(bufs[0]):
-                sent -= len(bufs[0])
-                bufs.pop(0)
             if sent:
                 bufs[0] = memoryview(bufs[0])[sent:]
             i, n = 0, len(bufs)
