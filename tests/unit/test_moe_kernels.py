@@ -70,9 +70,10 @@ def test_weighted_sum_equals_slot_order_reference(path: str, dtype: str, T: int,
 
 
 def test_weighted_sum_rounds_halves_to_nearest_even_and_keeps_specials(path: str) -> None:
-    """Sums that land between two bfloat16 values, overflow, infinities and NaN."""
+    """Sums that land between two bfloat16 values, overflow, infinities and NaN; 40 columns,
+    so the compiled kernel's 32-column vector blocks round them as well as its scalar tail."""
     vals = torch.tensor([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3e38, float("inf"), float("nan"),
-                         -0.0, 1e-40], dtype=torch.float32)
+                         -0.0, 1e-40], dtype=torch.float32).repeat(5)
     for dtype in ("bfloat16", "float16"):
         tdt = getattr(torch, dtype)
         table = torch.stack([torch.ones(len(vals)), vals]).to(tdt)
@@ -84,6 +85,22 @@ def test_weighted_sum_rounds_halves_to_nearest_even_and_keeps_specials(path: str
         assert torch.equal(got.isnan(), want.isnan()), dtype
         ok = ~want.isnan()
         assert np.array_equal(_bits(got)[ok.numpy()], _bits(want)[ok.numpy()]), dtype
+
+
+def test_weighted_sum_rounds_float32_ties_to_even_in_every_column(path: str) -> None:
+    """Sums that fall exactly halfway between two bfloat16 values (1 + 2^-8 rounds down to
+    1, 1 + 2^-7 + 2^-8 up to 1 + 2^-6), and a NaN weight whose payload is all ones (rounding
+    by adding half an ulp would carry it into -0.0), in 40 columns: the vector blocks and the
+    scalar tail of the compiled kernel both round them."""
+    H = 40
+    table = torch.tensor([[1.0] * H, [2.0 ** -8] * H, [1.0 + 2.0 ** -7] * H], dtype=torch.bfloat16)
+    pos = np.array([[0, 1], [2, 1], [0, 0]], np.int64)
+    w = np.ones((3, 2), np.float32)
+    w.view(np.uint32)[2, 0] = 0x7FFFFFFF
+    got = tx.weighted_sum(table.view(torch.int16).numpy(), pos, w, tx.Kind(True, "bfloat16"))
+    assert torch.equal(got[0], torch.ones(H, dtype=torch.bfloat16))
+    assert torch.equal(got[1], torch.full((H,), 1.0 + 2.0 ** -6, dtype=torch.bfloat16))
+    assert bool(got[2].isnan().all()), _bits(got[2])
 
 
 @pytest.mark.skipif(NATIVE is None, reason="tensorfabric._native is not built")
