@@ -39,7 +39,7 @@ from ._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric.shm")
 
-_INLINE_COPY = 256 << 10  # copies up to this size run in the caller's thread
+_INLINE_COPY = 4 << 20  # copies up to this size run in the caller's thread (a hand-off costs more)
 _MAX_MAPPINGS = 4096
 _REVOKE_WAIT = 5.0  # a revocation waits this long for copies into the mapping to finish
 
