@@ -1,16 +1,33 @@
 """The shm transport's segment copier: splitting across threads and batched page copies must
-move exactly the bytes a plain per-segment loop moves."""
+move exactly the bytes a plain per-segment loop moves, on the numpy path and through the
+compiled loop (``tensorfabric._native.copy_segments``) alike."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tensorfabric import _compiled
 from tensorfabric.transports import _copy
 
 N = 1 << 16
+NATIVE = _compiled.native
+# the fixture below sets the path for a whole test, not per example
+PROPS = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True, params=["numpy", pytest.param("native", marks=pytest.mark.skipif(
+    NATIVE is None, reason="tensorfabric._native is not built (no C compiler at install)"))])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on the numpy path and on the compiled copy (where it is built)."""
+    monkeypatch.setattr(_compiled, "native", None if request.param == "numpy" else NATIVE)
+    return str(request.param)
+
+
+NUMPY_ONLY = pytest.mark.parametrize("kernels", ["numpy"], indirect=True)
 
 
 def reference(dst: np.ndarray, src: np.ndarray, so: np.ndarray, do: np.ndarray,
@@ -49,7 +66,7 @@ def segments(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pick(so), pick(do), pick(sizes)
 
 
-@settings(max_examples=150, deadline=None)
+@PROPS
 @given(segments(), st.integers(1, 5))
 def test_split_then_copy_matches_a_plain_loop(segs, parts) -> None:
     so, do, ln = segs
@@ -131,7 +148,7 @@ def source_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _in_any_order(draw, so, [perm[i] * slots for i in range(len(ln))], ln)
 
 
-@settings(max_examples=150, deadline=None)
+@PROPS
 @given(source_runs())
 def test_runs_from_a_contiguous_source_match_a_plain_loop(segs) -> None:
     so, do, ln = segs
@@ -149,6 +166,7 @@ def looped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@NUMPY_ONLY  # how the numpy path batches pages
 def test_a_long_source_run_is_copied_in_one_numpy_call(looped: list[int]) -> None:
     """1024 pages of 16 KiB from one contiguous source: no per-page loop left over."""
     n, page = 1024, 16 << 10
@@ -165,6 +183,7 @@ def test_a_long_source_run_is_copied_in_one_numpy_call(looped: list[int]) -> Non
     np.testing.assert_array_equal(np.sort(dst.reshape(n, page)[:, 0]), np.sort(src.reshape(n, page)[:, 0]))
 
 
+@NUMPY_ONLY  # how the numpy path batches pages
 def test_pages_in_source_runs_are_split_over_threads_in_source_order() -> None:
     n, page = 1024, 16 << 10
     rng = np.random.default_rng(2)
@@ -199,7 +218,7 @@ def dest_runs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _in_any_order(draw, [slot * size + (shift if size > 3 else 0) for slot in slots], do, ln)
 
 
-@settings(max_examples=150, deadline=None)
+@PROPS
 @given(dest_runs(), st.integers(1, 3))
 def test_runs_into_a_contiguous_destination_match_a_plain_loop(segs, parts) -> None:
     so, do, ln = segs
@@ -210,6 +229,7 @@ def test_runs_into_a_contiguous_destination_match_a_plain_loop(segs, parts) -> N
     np.testing.assert_array_equal(dst, want)
 
 
+@NUMPY_ONLY  # how the numpy path batches pages
 def test_pages_gathered_from_a_pool_are_one_take_per_run(looped: list[int]) -> None:
     n, page = 512, 16 << 10
     rng = np.random.default_rng(3)
@@ -224,3 +244,37 @@ def test_pages_gathered_from_a_pool_are_one_take_per_run(looped: list[int]) -> N
         _copy.copy_segments(dst, src, *part, presorted=True)
     assert looped == [0, 0]
     np.testing.assert_array_equal(dst, reference(np.zeros_like(dst), src, so, do, ln))
+
+
+@pytest.mark.skipif(NATIVE is None, reason="tensorfabric._native is not built")
+def test_compiled_copy_checks_every_segment_before_copying_any() -> None:
+    src = np.arange(64, dtype=np.uint8)
+    dst = np.zeros(64, np.uint8)
+    ok = np.array([0, 8], np.int64), np.array([0, 8], np.int64), np.array([8, 8], np.int64)
+    for i, bad in ((0, 57), (1, 57), (2, 65), (0, -1), (1, -1), (2, -1), (2, 1 << 62)):
+        segs = [a.copy() for a in ok]
+        segs[i][1] = bad
+        with pytest.raises(IndexError, match="segment 1 .* is outside the buffers"):
+            NATIVE.copy_segments(dst, src, *segs)
+        assert not dst.any()  # the first, good segment was not copied either
+    with pytest.raises(ValueError, match="one length"):
+        NATIVE.copy_segments(dst, src, ok[0], ok[1], ok[2][:1])
+    ro = np.zeros(64, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises((BufferError, ValueError)):
+        NATIVE.copy_segments(ro, src, *ok)
+    NATIVE.copy_segments(dst, src, *ok)
+    assert (dst[:16] == src[:16]).all() and not dst[16:].any()
+
+
+@pytest.mark.skipif(NATIVE is None, reason="tensorfabric._native is not built")
+@pytest.mark.parametrize("kernels", ["native"], indirect=True)
+def test_with_the_compiled_copy_any_pages_sort_by_source_and_may_use_threads() -> None:
+    """No runs needed: the compiled loop releases the GIL for any segments."""
+    n, page = 256, 4 << 10
+    rng = np.random.default_rng(4)
+    so = rng.choice(4 * n, n, replace=False).astype(np.int64) * page
+    do = rng.choice(4 * n, n, replace=False).astype(np.int64) * page
+    s2, d2, l2, runs = _copy.by_source(so, do, np.full(n, page, np.int64))
+    assert runs and (np.diff(s2) > 0).all()
+    assert sorted(zip(s2.tolist(), d2.tolist())) == sorted(zip(so.tolist(), do.tolist()))
