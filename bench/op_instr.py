@@ -9,7 +9,8 @@ twice, once with ``--ops`` ops and once with none, and divides the difference of
 instructions executed (user space, all threads) by ``--ops``: the startup, the imports and the
 warm-up cancel out. The ops: ``write`` (4 KiB writes into the other engine's region, 64 in
 flight, as ``tensorfabric bench``'s write points), ``write1`` (one 4 KiB write at a time, each
-waited for: the latency of ``bench/peers_mooncake.py``), ``imm`` (an immediate's round trip: barrier
+waited for: the latency of ``bench/peers_mooncake.py``; over ``--transport shm`` the copy
+goes through the other engine's shared memory and its notice over tcp), ``imm`` (an immediate's round trip: barrier
 and wait) and ``sendrecv`` (a 64 B message echoed by the other engine's thread).
 
 CPU time per op on a shared 2-core VM moves by 15% from run to run (``bench/op_cpu.py``); the
@@ -55,10 +56,16 @@ if COUNT:
                 counts[(name, "c", getattr(arg, "__qualname__", "?"))] += 1
     threading.setprofile(prof)
     sys.setprofile(prof)
-kw = dict(secret="op-instr", transports=("tcp",), integrity=transport != "tcp-plain")
+kw = dict(secret="op-instr", transports=("shm", "tcp") if transport == "shm" else ("tcp",),
+          integrity=transport != "tcp-plain")
 with tf.Engine(**kw) as a, tf.Engine(**kw) as b:
+    def region(n):  # shm: memory the writer maps (an engine's alloc), else registered memory
+        if transport == "shm":
+            return b.alloc(n, access=tf.Access.READ_WRITE)
+        return b.register(np.zeros(n, np.uint8), access=tf.Access.READ_WRITE)
+
     if op == "write":
-        r = b.register(np.zeros(64 * 4096, np.uint8), access=tf.Access.READ_WRITE)
+        r = region(64 * 4096)
         d, src = r.descriptor(), np.ones(4096, np.uint8)
 
         def run(k):
@@ -70,7 +77,7 @@ with tf.Engine(**kw) as a, tf.Engine(**kw) as b:
             for t in pending:
                 t.wait(300)
     elif op == "write1":
-        r = b.register(np.zeros(4096, np.uint8), access=tf.Access.READ_WRITE)
+        r = region(4096)
         d, src = r.descriptor(), np.ones(4096, np.uint8)
 
         def run(k):
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", default="write",
                     help="write, write1, imm, sendrecv (comma-separated)")
     ap.add_argument("--transport", default="tcp-plain,tcp",
-                    help="tcp (frame MACs) and/or tcp-plain (comma-separated)")
+                    help="tcp (frame MACs), tcp-plain and/or shm (comma-separated)")
     ap.add_argument("--ops", type=int, default=2000, help="ops per point (after 200 warm-up)")
     ap.add_argument("--calls", action="store_true",
                     help="count function calls per op by thread (no valgrind; seconds a point)")
@@ -201,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         if o not in ("write", "write1", "imm", "sendrecv"):
             ap.error(f"--op {o!r}: expected write, write1, imm or sendrecv")
     for t in transports:
-        if t not in ("tcp", "tcp-plain"):
-            ap.error(f"--transport {t!r}: expected tcp or tcp-plain")
+        if t not in ("tcp", "tcp-plain", "shm"):
+            ap.error(f"--transport {t!r}: expected tcp, tcp-plain or shm")
     if args.ops <= 0:
         ap.error("--ops must be positive")
     if args.top < 0:
