@@ -80,13 +80,15 @@ class EngineOps:
         peer = self._addresses.get(desc.owner) or self._peer(desc.owner)
         value = None if imm is None else _imm(imm)
         tcp = self._tcp
-        if nbytes > tcp.chunk_bytes or (
-                not self._tcp_only and self._transport_for(peer, desc) is not tcp):
-            return self._write(desc, view, np.array([src_offset], np.uint64),
-                               np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
-                               value, timeout, "write")
-        # the small-op path: no numpy, one frame built straight from Python ints
+        via = tcp if self._tcp_only else self._transport_for(peer, desc)
         label = peer._label
+        if nbytes > tcp.chunk_bytes or via is not tcp:
+            t = self._new_transfer("write", nbytes, 1, timeout, label)
+            self._start_write(t, desc, view, np.array([src_offset], np.uint64),
+                              np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
+                              value, label, peer, via)
+            return t
+        # the small-op path: no numpy, one frame built straight from Python ints
         t = self._new_transfer("write", nbytes, 1, timeout, label)
         try:
             tcp.peer_links(peer).submit([one_frame(
@@ -214,18 +216,22 @@ class EngineOps:
     def _write(self, desc: RegionDescriptor, view: memoryview, so: np.ndarray, do: np.ndarray,
                lens: np.ndarray, imm: int | None, timeout: float | None, kind: str) -> Transfer:
         peer = self._peer(desc.owner)
-        label = str(peer)
+        label = peer._label
         t = self._new_transfer(kind, int(lens.sum()) if len(lens) else 0, 1, timeout, label)
-        self._start_write(t, desc, view, so, do, lens, imm, label)
+        self._start_write(t, desc, view, so, do, lens, imm, label, peer)
         return t
 
     def _start_write(self, t: Transfer, desc: RegionDescriptor, view: memoryview,
                      so: np.ndarray, do: np.ndarray, lens: np.ndarray, imm: int | None,
-                     label: str | None = None) -> None:
-        peer = self._peer(desc.owner)
-        wop = WireOp(next(self._tcp.op_ids), t, label or str(peer))
+                     label: str | None = None, peer: EngineAddress | None = None,
+                     via: Transport | None = None) -> None:
+        """Hand a write to its transport (``peer`` and ``via``: already looked up)."""
+        if peer is None:
+            peer = self._peer(desc.owner)
+        wop = WireOp(next(self._tcp.op_ids), t, label or peer._label)
         try:
-            self._transport_for(peer, desc).write(peer, desc, wop, view, so, do, lens, imm)
+            (via or self._transport_for(peer, desc)).write(peer, desc, wop, view, so, do, lens,
+                                                           imm)
         except TensorFabricError as exc:
             t._fail(exc)
 

@@ -244,7 +244,10 @@ class ShmTransport(Transport):
             self._same[peer.engine_id] = False
             self.tcp.write(peer, desc, wop, src, src_off, dst_off, lengths, imm)
             return
-        end = int((dst_off + lengths).max()) if len(lengths) else 0
+        if len(lengths) == 1:  # (one write: Python ints, no array temporaries)
+            end = int(dst_off[0]) + int(lengths[0])
+        else:
+            end = int((dst_off + lengths).max()) if len(lengths) else 0
         if end > m.arr.nbytes:  # the engine checked the descriptor; this is the owner's size
             self._release(m)
             raise AccessError(f"write ends at {end}, outside peer {peer}'s {m.arr.nbytes}-byte "
@@ -285,6 +288,17 @@ class ShmTransport(Transport):
               then: Callable[[], None]) -> None:
         """Copy the segments (inline when small, else on up to COPY_THREADS workers at once),
         release the mapping ``m`` and call ``then`` once, from whichever thread finished last."""
+        if len(lengths) == 1 and int(lengths[0]) <= _INLINE_COPY:  # one segment, inline
+            s, d, n = int(src_off[0]), int(dst_off[0]), int(lengths[0])
+            err: BaseException | None = None
+            try:
+                if not wop.dead:
+                    dst[d:d + n] = src[s:s + n]  # (numpy copies big ones without the GIL)
+            except Exception as exc:  # noqa: BLE001 - reported on the transfer
+                err = exc
+            self._release(m)
+            self._finish(wop, then, err)
+            return
         src_off, dst_off, lengths, runs = _copy.by_source(src_off, dst_off, lengths)
         parts = _copy.split(src_off, dst_off, lengths,
                             _copy.plan_parts(lengths, self.copy_threads, runs=runs))
@@ -304,16 +318,7 @@ class ShmTransport(Transport):
             if not last:
                 return
             self._release(m)
-            if wop.dead:
-                return
-            try:
-                if failed:
-                    raise failed[0]
-                then()
-            except TensorFabricError as exc:
-                wop.transfer._fail(exc)
-            except Exception as exc:  # keep the worker alive; report on the transfer
-                wop.transfer._fail(BrokenError(f"shared-memory copy failed: {exc}"))
+            self._finish(wop, then, failed[0] if failed else None)
 
         total = int(lengths.sum()) if len(lengths) else 0
         if total <= _INLINE_COPY:
@@ -321,6 +326,20 @@ class ShmTransport(Transport):
         else:
             for part in parts:
                 self._work.put(functools.partial(run, part))
+
+    @staticmethod
+    def _finish(wop: WireOp, then: Callable[[], None], failed: BaseException | None) -> None:
+        """After the last copy: ``then`` (send the notice), or the failure on the transfer."""
+        if wop.dead:
+            return
+        try:
+            if failed is not None:
+                raise failed
+            then()
+        except TensorFabricError as exc:
+            wop.transfer._fail(exc)
+        except Exception as exc:  # keep the worker alive; report on the transfer
+            wop.transfer._fail(BrokenError(f"shared-memory copy failed: {exc}"))
 
     def _run(self) -> None:
         while True:
