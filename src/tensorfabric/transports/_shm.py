@@ -288,8 +288,9 @@ class ShmTransport(Transport):
               then: Callable[[], None]) -> None:
         """Copy the segments (inline when small, else on up to COPY_THREADS workers at once),
         release the mapping ``m`` and call ``then`` once, from whichever thread finished last."""
-        if len(lengths) == 1 and int(lengths[0]) <= _INLINE_COPY:  # one segment, inline
-            s, d, n = int(src_off[0]), int(dst_off[0]), int(lengths[0])
+        n = int(lengths[0]) if len(lengths) == 1 else -1
+        if 0 <= n <= _INLINE_COPY:  # one segment, copied here without the planner
+            s, d = int(src_off[0]), int(dst_off[0])
             err: BaseException | None = None
             try:
                 if not wop.dead:
