@@ -50,6 +50,11 @@ def rank_main(rank: int, path: str, transport: str, out: mp.Queue) -> None:
         got = ep.dispatch(x, ids, w, expand=False)
         yc = ep.combine([expert(e, got.rows[i]) for e, i in zip(got.experts, got.index)])
         assert np.array_equal(y, yc), "the compact layout gave other bits"
+        # a grouped GEMM's view of it: every batch's rows at once, cut by got.counts
+        got = ep.dispatch(x, ids, w, expand=False)
+        cuts = np.cumsum(got.counts)[:-1]
+        outs = [expert(e, r) for e, r in zip(got.experts, np.split(got.rows[got.order], cuts))]
+        assert np.array_equal(y, ep.combine(np.concatenate(outs))), "grouped gave other bits"
         out.put((rank, y))
 
 

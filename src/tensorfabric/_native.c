@@ -23,8 +23,8 @@
  *
  * copy_segments(dst, src, src_off, dst_off, lengths): the shared-memory transport's copy.
  *
- * plan_dispatch / plan_experts: the MoE routing plans (_native_plan.c), the same arrays as
- * moe/_plan.py's numpy functions, from counting sorts.
+ * plan_dispatch / plan_experts / plan_arrivals: the MoE routing plans (_native_plan.c), the
+ * same arrays as moe/_plan.py's numpy functions, from counting sorts.
  *
  * take_writes: the tcp owner's loop over buffered small writes (_native_rx.c), which takes the
  * frames the Python receive path would take without a word (their frame MACs checked, on links
@@ -236,6 +236,10 @@ static PyMethodDef methods[] = {
      "plan_experts(metas, K, slot_rows, local, gather, counts, replies, per_source): the "
      "receiver's batches into preallocated buffers; None, or (source, expert) when a source "
      "names an expert this rank does not hold."},
+    {"plan_arrivals", tf_plan_arrivals, METH_VARARGS,
+     "plan_arrivals(buf, S, slot_bytes, row_bytes, K, step, max_tokens, answers, slot_rows, "
+     "local, gather, counts, replies, per_source, bases): plan_experts from the receive "
+     "region itself, every source's header checked; None, or what is wrong as a tuple."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -56,8 +56,9 @@ PyObject *tf_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 /* the module's take_writes (documented in _native_rx.c): the owner's loop over small writes */
 PyObject *tf_take_writes(PyObject *self, PyObject *args);
 
-/* the module's plan_dispatch and plan_experts (documented in _native_plan.c) */
+/* the module's plan_dispatch, plan_experts and plan_arrivals (documented in _native_plan.c) */
 PyObject *tf_plan_dispatch(PyObject *self, PyObject *args);
 PyObject *tf_plan_experts(PyObject *self, PyObject *args);
+PyObject *tf_plan_arrivals(PyObject *self, PyObject *args);
 
 #endif

@@ -109,6 +109,72 @@ done:
     return ret;
 }
 
+/* The receiver's counting sort over S slot tables (tab[s]: n[s] int16 entries, [n_s, K]):
+ * gather, counts, replies and per as plan_experts documents them. Returns -1, or the first
+ * source whose table names an expert >= local (its largest in *bad_e); -2 when out of memory
+ * (with the exception set). */
+static Py_ssize_t plan_core(const int16_t *const *tab, const Py_ssize_t *n, Py_ssize_t S,
+                            Py_ssize_t K, Py_ssize_t slot_rows, Py_ssize_t local,
+                            int64_t *gather, int64_t *counts, int64_t *replies, int64_t *per,
+                            int *bad_e) {
+    Py_ssize_t total = 0;
+    for (Py_ssize_t s = 0; s < S; s++) total += n[s];
+    int64_t *src_of = (int64_t *)malloc((size_t)(total ? total : 1) * sizeof(int64_t));
+    int64_t *start = (int64_t *)malloc((size_t)local * sizeof(int64_t));
+    int64_t *next = (int64_t *)malloc((size_t)(S ? S : 1) * sizeof(int64_t));
+    Py_ssize_t bad_s = -1;
+    if (src_of == NULL || start == NULL || next == NULL) {
+        PyErr_NoMemory();
+        bad_s = -2;
+        goto done;
+    }
+    *bad_e = 0;
+    memset(counts, 0, (size_t)local * 8);
+    for (Py_ssize_t s = 0; s < S && bad_s < 0; s++) {
+        const int16_t *m = tab[s];
+        int64_t p = 0;
+        for (Py_ssize_t j = 0; j < n[s]; j++) {
+            int e = m[j];
+            if (e < 0) continue;
+            if (e >= local) {  /* report the largest, as the numpy path does */
+                bad_s = s;
+                for (Py_ssize_t i = j; i < n[s]; i++) *bad_e = m[i] > *bad_e ? m[i] : *bad_e;
+                break;
+            }
+            counts[e]++;
+            p++;
+        }
+        per[s] = p;
+    }
+    if (bad_s >= 0) goto done;
+    int64_t at = 0;
+    for (Py_ssize_t e = 0; e < local; e++) {  /* the counting sort's running starts */
+        start[e] = at;
+        at += counts[e];
+    }
+    for (Py_ssize_t s = 0; s < S; s++) {
+        const int16_t *m = tab[s];
+        for (Py_ssize_t j = 0; j < n[s]; j++) {
+            int e = m[j];
+            if (e < 0) continue;
+            int64_t b = start[e]++;
+            gather[b] = (int64_t)s * slot_rows + j / K;
+            src_of[b] = s;
+        }
+    }
+    at = 0;
+    for (Py_ssize_t s = 0; s < S; s++) {
+        next[s] = at;
+        at += per[s];
+    }
+    for (int64_t b = 0; b < at; b++) replies[next[src_of[b]]++] = b;
+done:
+    free(src_of);
+    free(start);
+    free(next);
+    return bad_s;
+}
+
 /* plan_experts(metas, K, slot_rows, local, gather, counts, replies, per_source) -> None, or
  * (source, largest expert) for a source whose table names an expert >= local
  *   metas      list of S int16 buffers, source s's [n_s, K] slot table (< 0: not here)
@@ -134,11 +200,12 @@ PyObject *tf_plan_experts(PyObject *self, PyObject *args) {
     if (seq == NULL) return NULL;
     Py_ssize_t S = PySequence_Fast_GET_SIZE(seq);
     Py_buffer *mb = (Py_buffer *)calloc((size_t)(S ? S : 1), sizeof(Py_buffer));
+    const int16_t **tab = (const int16_t **)malloc((size_t)(S ? S : 1) * sizeof(*tab));
+    Py_ssize_t *n = (Py_ssize_t *)malloc((size_t)(S ? S : 1) * sizeof(Py_ssize_t));
     Py_buffer gb = {0}, cb = {0}, rb = {0}, sb = {0};
     PyObject *ret = NULL;
-    int64_t *src_of = NULL, *start = NULL, *next = NULL;
     Py_ssize_t got = 0;
-    if (mb == NULL) {
+    if (mb == NULL || tab == NULL || n == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -152,7 +219,9 @@ PyObject *tf_plan_experts(PyObject *self, PyObject *args) {
             got++;
             goto done;
         }
-        total += mb[got].len / 2;
+        tab[got] = (const int16_t *)mb[got].buf;
+        n[got] = mb[got].len / 2;
+        total += n[got];
     }
     if (PyObject_GetBuffer(o_gather, &gb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
     if (PyObject_GetBuffer(o_counts, &cb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
@@ -164,59 +233,11 @@ PyObject *tf_plan_experts(PyObject *self, PyObject *args) {
                         "[sources])");
         goto done;
     }
-    int64_t *gather = (int64_t *)gb.buf, *counts = (int64_t *)cb.buf;
-    int64_t *replies = (int64_t *)rb.buf, *per = (int64_t *)sb.buf;
-    src_of = (int64_t *)malloc((size_t)(total ? total : 1) * sizeof(int64_t));
-    start = (int64_t *)malloc((size_t)local * sizeof(int64_t));
-    next = (int64_t *)malloc((size_t)(S ? S : 1) * sizeof(int64_t));
-    if (src_of == NULL || start == NULL || next == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t bad_s = -1;
     int bad_e = 0;
-    memset(counts, 0, (size_t)local * 8);
-    for (Py_ssize_t s = 0; s < S && bad_s < 0; s++) {
-        const int16_t *m = (const int16_t *)mb[s].buf;
-        Py_ssize_t n = mb[s].len / 2;
-        int64_t p = 0;
-        for (Py_ssize_t j = 0; j < n; j++) {
-            int e = m[j];
-            if (e < 0) continue;
-            if (e >= local) {  /* report the largest, as the numpy path does */
-                bad_s = s;
-                for (Py_ssize_t i = j; i < n; i++) bad_e = m[i] > bad_e ? m[i] : bad_e;
-                break;
-            }
-            counts[e]++;
-            p++;
-        }
-        per[s] = p;
-    }
-    if (bad_s < 0) {
-        int64_t at = 0;
-        for (Py_ssize_t e = 0; e < local; e++) {  /* the counting sort's running starts */
-            start[e] = at;
-            at += counts[e];
-        }
-        for (Py_ssize_t s = 0; s < S; s++) {
-            const int16_t *m = (const int16_t *)mb[s].buf;
-            Py_ssize_t n = mb[s].len / 2;
-            for (Py_ssize_t j = 0; j < n; j++) {
-                int e = m[j];
-                if (e < 0) continue;
-                int64_t b = start[e]++;
-                gather[b] = (int64_t)s * slot_rows + j / K;
-                src_of[b] = s;
-            }
-        }
-        at = 0;
-        for (Py_ssize_t s = 0; s < S; s++) {
-            next[s] = at;
-            at += per[s];
-        }
-        for (int64_t b = 0; b < at; b++) replies[next[src_of[b]]++] = b;
-    }
+    Py_ssize_t bad_s = plan_core(tab, n, S, K, slot_rows, local, (int64_t *)gb.buf,
+                                 (int64_t *)cb.buf, (int64_t *)rb.buf, (int64_t *)sb.buf,
+                                 &bad_e);
+    if (bad_s == -2) goto done;
     if (bad_s >= 0) {
         ret = Py_BuildValue("(ni)", bad_s, bad_e);
         goto done;
@@ -227,13 +248,136 @@ done:
     for (Py_ssize_t i = 0; i < got; i++)
         if (mb[i].obj) PyBuffer_Release(&mb[i]);
     free(mb);
-    free(src_of);
-    free(start);
-    free(next);
+    free(tab);
+    free(n);
     if (gb.obj) PyBuffer_Release(&gb);
     if (cb.obj) PyBuffer_Release(&cb);
     if (rb.obj) PyBuffer_Release(&rb);
     if (sb.obj) PyBuffer_Release(&sb);
     Py_DECREF(seq);
+    return ret;
+}
+
+static uint64_t load_u64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;  /* little-endian, as the header is written (numpy uint64 on x86 / arm64) */
+}
+
+/* plan_arrivals(buf, S, slot_bytes, row_bytes, K, step, max_tokens, answers, slot_rows,
+ *               local, gather, counts, replies, per_source, bases) -> None, or what is wrong:
+ *   ("header", s, step, n, base, pairs)  source s's header is malformed
+ *   ("expert", s, e)                     source s's table names local expert e >= local
+ *   ("pairs", s)                         its header's pair count is not its table's
+ * The receiver's side of a dispatch step from the receive region ``buf`` itself: source s's
+ * slot starts at s * slot_bytes with a header (u64 step, rows n, answer base, pairs), then n
+ * rows of row_bytes from byte 64, then its [n, K] int16 slot table. Each header is checked
+ * (this step, n <= max_tokens, pairs <= n * K, base + pairs <= answers, the table inside the
+ * slot), every table copied out first (the sources may write the region while we read it:
+ * the plan is made from one snapshot), then planned as plan_experts does; bases [S] int64 out
+ * gets each source's answer base. moe/_plan.py's numpy plan_arrivals does the same. */
+PyObject *tf_plan_arrivals(PyObject *self, PyObject *args) {
+    PyObject *o_buf, *o_gather, *o_counts, *o_replies, *o_per, *o_bases;
+    Py_ssize_t S, slot_bytes, row_bytes, K, max_tokens, answers, slot_rows, local;
+    unsigned long long step;
+    if (!PyArg_ParseTuple(args, "OnnnnKnnnnOOOOO", &o_buf, &S, &slot_bytes, &row_bytes, &K,
+                          &step, &max_tokens, &answers, &slot_rows, &local, &o_gather,
+                          &o_counts, &o_replies, &o_per, &o_bases))
+        return NULL;
+    if (S < 1 || K < 1 || local < 1 || row_bytes < 1 || max_tokens < 0 || answers < 0
+        || slot_bytes < 64 || slot_rows < 0) {
+        PyErr_SetString(PyExc_ValueError, "plan_arrivals: sources, K, local and row_bytes must "
+                        "be >= 1, a slot at least 64 bytes");
+        return NULL;
+    }
+    Py_buffer bb = {0}, gb = {0}, cb = {0}, rb = {0}, sb = {0}, xb = {0};
+    PyObject *ret = NULL;
+    int16_t *snap = NULL;
+    const int16_t **tab = (const int16_t **)malloc((size_t)S * sizeof(*tab));
+    Py_ssize_t *n = (Py_ssize_t *)malloc((size_t)S * sizeof(Py_ssize_t));
+    Py_ssize_t *at = (Py_ssize_t *)malloc((size_t)S * sizeof(Py_ssize_t));
+    uint64_t *hp = (uint64_t *)malloc((size_t)S * sizeof(uint64_t));  /* headers' pairs */
+    if (tab == NULL || n == NULL || at == NULL || hp == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (PyObject_GetBuffer(o_buf, &bb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (PyObject_GetBuffer(o_gather, &gb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (PyObject_GetBuffer(o_counts, &cb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (PyObject_GetBuffer(o_replies, &rb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (PyObject_GetBuffer(o_per, &sb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (PyObject_GetBuffer(o_bases, &xb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (S > PY_SSIZE_T_MAX / slot_bytes || bb.len < S * slot_bytes || cb.len != local * 8
+        || sb.len != S * 8 || xb.len != S * 8) {
+        PyErr_SetString(PyExc_ValueError, "plan_arrivals: buffer sizes do not fit (buf [>= "
+                        "S * slot_bytes] bytes; counts int64 [local]; per_source, bases int64 "
+                        "[S])");
+        goto done;
+    }
+    const unsigned char *buf = (const unsigned char *)bb.buf;
+    int64_t *bases = (int64_t *)xb.buf;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t s = 0; s < S; s++) {  /* the headers, read once each */
+        const unsigned char *h = buf + s * slot_bytes;
+        uint64_t st = load_u64(h), rows = load_u64(h + 8), base = load_u64(h + 16),
+                 pairs = load_u64(h + 24);
+        /* (each bound checked before it is multiplied: a hostile value cannot overflow) */
+        if (st != step || rows > (uint64_t)max_tokens || pairs > rows * (uint64_t)K
+            || base > (uint64_t)answers || pairs > (uint64_t)answers - base
+            || (uint64_t)(slot_bytes - 64) / ((uint64_t)row_bytes + 2 * (uint64_t)K) < rows) {
+            ret = Py_BuildValue("(snKKKK)", "header", s, st, rows, base, pairs);
+            goto done;
+        }
+        n[s] = (Py_ssize_t)rows * K;
+        at[s] = s * slot_bytes + 64 + (Py_ssize_t)rows * row_bytes;
+        bases[s] = (int64_t)base;
+        hp[s] = pairs;
+        total += n[s];
+    }
+    if (gb.len < total * 8 || rb.len < total * 8) {
+        PyErr_SetString(PyExc_ValueError, "plan_arrivals: gather and replies need room for "
+                        "every slot that arrived");
+        goto done;
+    }
+    snap = (int16_t *)malloc((size_t)(total ? total : 1) * sizeof(int16_t));
+    if (snap == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t off = 0;
+    for (Py_ssize_t s = 0; s < S; s++) {
+        memcpy(snap + off, buf + at[s], (size_t)n[s] * 2);
+        tab[s] = snap + off;
+        off += n[s];
+    }
+    int bad_e = 0;
+    int64_t *per = (int64_t *)sb.buf;
+    Py_ssize_t bad_s = plan_core(tab, n, S, K, slot_rows, local, (int64_t *)gb.buf,
+                                 (int64_t *)cb.buf, (int64_t *)rb.buf, per, &bad_e);
+    if (bad_s == -2) goto done;
+    if (bad_s >= 0) {
+        ret = Py_BuildValue("(sni)", "expert", bad_s, bad_e);
+        goto done;
+    }
+    for (Py_ssize_t s = 0; s < S; s++) {
+        if ((uint64_t)per[s] != hp[s]) {
+            ret = Py_BuildValue("(sn)", "pairs", s);
+            goto done;
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(snap);
+    free(tab);
+    free(n);
+    free(at);
+    free(hp);
+    if (bb.obj) PyBuffer_Release(&bb);
+    if (gb.obj) PyBuffer_Release(&gb);
+    if (cb.obj) PyBuffer_Release(&cb);
+    if (rb.obj) PyBuffer_Release(&rb);
+    if (sb.obj) PyBuffer_Release(&sb);
+    if (xb.obj) PyBuffer_Release(&xb);
     return ret;
 }

@@ -38,6 +38,7 @@ def layer(ep: ExpertParallel, inp: StepInput, *, expand: bool = True) -> np.ndar
     # compact: each expert gathers its own rows, as a grouped GEMM would
     assert got.batches is None and got.tokens is None
     assert got.index is not None and [len(i) for i in got.index] == got.counts.tolist()
+    assert type(got.order) is type(got.rows) is type(got.index[0])  # numpy or torch, as given
     return ep.combine([expert_mlp(e, got.rows[i]) for e, i in zip(got.experts, got.index)])
 
 

@@ -54,6 +54,9 @@ def test_single_rank_group_is_the_whole_layer(tmp_path: Path) -> None:
         assert c.batches is None and c.tokens is None and c.counts.tolist() == [3, 3, 2, 3]
         assert len(np.unique(np.concatenate(c.index))) == 6  # 11 (token, expert) pairs
         assert np.array_equal(c.rows[c.index[2]], x[[1, 4]])
+        # ``order``: every batch's rows back to back, the expanded layout's tokens
+        assert np.array_equal(c.order, np.concatenate(c.index))
+        assert np.array_equal(c.rows[c.order], got.tokens)
         assert np.array_equal(ep.combine([c.rows[i] * (e + 1) for e, i in
                                           zip(c.experts, c.index)]), want)
         with pytest.raises(tf.ConfigError, match="max_tokens"):

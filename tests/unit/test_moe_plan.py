@@ -146,3 +146,99 @@ def test_hostile_tables_name_the_rank_and_expert() -> None:
     # negative entries other than -1 mean "not here", as -1 does
     ep = plan_experts([np.array([[-5, 1]], np.int16)], 4, 4)
     assert ep.gather.tolist() == [0] and ep.counts.tolist() == [0, 1, 0, 0]
+
+
+def _region(layout: _plan.SlotLayout, step: int, plans: list[_plan.DispatchPlan],
+            d: int) -> np.ndarray:
+    """Rank ``d``'s receive region as the sources' dispatch messages leave it."""
+    buf = np.zeros(layout.sources * layout.slot_bytes + 64, np.uint8)
+    for s, p in enumerate(plans):
+        at, n = s * layout.slot_bytes, len(p.rows[d])
+        buf[at:at + 32] = np.array([step, n, p.base[d], p.pairs[d]], np.uint64).view(np.uint8)
+        start = at + 64 + n * layout.row_bytes
+        buf[start:start + p.meta[d].nbytes] = p.meta[d].view(np.uint8).ravel()
+    return buf
+
+
+def _header(buf: np.ndarray, layout: _plan.SlotLayout, s: int, field: int, value: int) -> None:
+    at = s * layout.slot_bytes + 8 * field
+    buf[at:at + 8] = np.array([value], np.uint64).view(np.uint8)
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("world,local,K,T", [(2, 32, 8, 128), (3, 4, 3, 17), (1, 4, 2, 0)])
+def test_arrivals_plan_from_the_region(world: int, local: int, K: int, T: int) -> None:
+    """plan_arrivals reads each source's header and table from the receive region and makes
+    the plan plan_experts makes from the tables, with each source's answer base."""
+    rng = np.random.default_rng(T)
+    E, row = world * local, 32
+    ids = [_route(rng, T, E, min(K, E)) for _ in range(world)]
+    plans = [plan_dispatch(i, world, local, T * K) for i in ids]
+    max_t = max(T, 1)
+    slot = -(-(64 + max_t * (row + 2 * K)) // row) * row
+    layout = _plan.SlotLayout(world, slot, row, K, max_t, max_t * K, local)
+    for d in range(world):
+        buf = _region(layout, 7, plans, d)
+        ep, bases = _plan.plan_arrivals(buf, layout, 7)
+        want = plan_experts([p.meta[d] for p in plans], layout.slot_rows, local)
+        assert np.array_equal(ep.gather, want.gather) and np.array_equal(ep.counts, want.counts)
+        assert all(np.array_equal(a, b) for a, b in zip(ep.replies, want.replies))
+        assert bases.tolist() == [int(p.base[d]) for p in plans]
+
+
+@pytest.mark.usefixtures("path")
+def test_arrivals_refuse_malformed_headers_and_tables() -> None:
+    """A source whose header names another step, too many rows, more pairs than its rows
+    hold, answers past the region, or a pair count its table does not have, or whose table
+    names an expert this rank lacks: ProtocolError naming it, on either path."""
+    rng = np.random.default_rng(5)
+    world, local, K, T, row = 2, 4, 2, 6, 16
+    ids = [_route(rng, T, world * local, K) for _ in range(world)]
+    plans = [plan_dispatch(i, world, local, T * K) for i in ids]
+    slot = -(-(64 + T * (row + 2 * K)) // row) * row
+    layout = _plan.SlotLayout(world, slot, row, K, T, T * K, local)
+    good = _region(layout, 3, plans, 1)
+    _plan.plan_arrivals(good, layout, 3)
+    n1, p1 = len(plans[1].rows[1]), int(plans[1].pairs[1])
+    cases = [
+        (0, 3, "malformed dispatch header .*expected step 4"),  # (the step checked: 4)
+        (1, T + 1, "rank 1 sent a malformed dispatch header"),  # more rows than max_tokens
+        (3, n1 * K + 1, "rank 1 sent a malformed"),  # more pairs than its rows hold
+        (2, T * K - p1 + 1, "rank 1 sent a malformed"),  # answers past the region
+        (2, 2 ** 64 - 1, "rank 1 sent a malformed"),  # base + pairs wraps around
+        (3, p1 - 1 if p1 else 1, "rank 1's dispatch header is inconsistent"),
+    ]
+    for field, value, match in cases:
+        buf = good.copy()
+        step = 4 if field == 0 else 3
+        if field:
+            _header(buf, layout, 1, field, value)
+        with pytest.raises(ProtocolError, match=match):
+            _plan.plan_arrivals(buf, layout, step)
+    # a layout whose slots are smaller than max_tokens rows: a header within max_tokens whose
+    # rows and table would run past its slot is refused too
+    loose = _plan.SlotLayout(world, slot, row, K, 10 * T, 10 * T * K, local)
+    buf = good.copy()
+    _header(buf, loose, 1, 1, T + 2)
+    with pytest.raises(ProtocolError, match="rank 1 sent a malformed"):
+        _plan.plan_arrivals(buf, loose, 3)
+    buf = good.copy()
+    at = slot + 64 + n1 * row
+    buf[at:at + 2] = np.array([local + 3], np.int16).view(np.uint8)  # first slot of a row
+    with pytest.raises(ProtocolError, match=f"rank 1 routed a token to local expert {local + 3}"):
+        _plan.plan_arrivals(buf, layout, 3)
+
+
+@pytest.mark.skipif(NATIVE is None, reason="tensorfabric._native is not built")
+def test_compiled_arrivals_check_their_buffers() -> None:
+    """A region shorter than its slots, or out-arrays of the wrong size, are refused before a
+    byte is read or written."""
+    layout = _plan.SlotLayout(2, 256, 16, 2, 4, 8, 4)
+    out = [np.empty(16, np.int64), np.empty(4, np.int64), np.empty(16, np.int64),
+           np.empty(2, np.int64), np.empty(2, np.int64)]
+    with pytest.raises(ValueError, match="buffer sizes"):
+        NATIVE.plan_arrivals(np.zeros(511, np.uint8), 2, 256, 16, 2, 0, 4, 8, 16, 4, *out)
+    with pytest.raises(ValueError, match="buffer sizes"):
+        NATIVE.plan_arrivals(np.zeros(512, np.uint8), 2, 256, 16, 2, 0, 4, 8, 16, 4,
+                             *out[:3], np.empty(3, np.int64), out[4])
+    assert layout.slot_rows == 16

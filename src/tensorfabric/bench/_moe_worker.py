@@ -196,7 +196,7 @@ def main(a: dict[str, Any]) -> None:
             samples["engine_combine_wait"].append(ep.timings["combine_wait"])
         dist.barrier()  # the compact layout: the identity experts gather their own rows
         got = timed("compact_dispatch", lambda: ep.dispatch(x, ids, w, expand=False))
-        outs = got.rows[torch.cat(got.index)]  # the experts' work, not timed
+        outs = got.rows[got.order]  # the experts' work, not timed
         yc = timed("compact_combine", ep.combine, outs)
         if it >= a["warmup"]:
             for k, v in ep.timings.items():

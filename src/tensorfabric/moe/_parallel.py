@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -19,9 +19,9 @@ from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
 from . import _tensors as tx
 from ._exchange import Exchange
-from ._plan import DispatchPlan, ExpertPlan, check_ids, plan_dispatch, plan_experts
+from ._plan import (HEADER, DispatchPlan, ExpertPlan, SlotLayout, check_ids, plan_arrivals,
+                    plan_dispatch)
 
-_HDR = 64  # bytes before a dispatch message's rows: step, rows, answer base, pairs
 _ALIGN = 64
 _IMM_BASE = 0x4D6F4500_00000000  # "MoE\0" in the high bytes; + 4 * group + phase
 _ROWS_DIRECT = 1 << 20  # rows to one rank from this size on are written from the tokens
@@ -44,11 +44,13 @@ class DispatchResult:
     outputs anywhere (in place is fine) and pass them to combine.
 
     Compact (``expand=False``): every token that came here is in ``rows`` once, however many
-    local experts it picked, and ``index[e]`` says which rows make expert ``e``'s batch
-    (``rows[index[e]]`` equals the expanded ``batches[e]``); ``batches`` and ``tokens`` are
-    None. ``rows`` is a view of this rank's receive region (rows no index names are
-    unspecified): read it before ``combine``, after which the next step's tokens land there.
-    Combine takes the outputs in the same order as for the expanded layout.
+    local experts it picked; ``order`` lists the rows of every expert's batch back to back
+    (``counts[e]`` of them for expert ``e``: ``rows[order]`` equals the expanded ``tokens``, the
+    form a grouped GEMM takes), and ``index[e]`` is expert ``e``'s piece of it (``rows[index[e]]``
+    equals the expanded ``batches[e]``; cut from ``order`` when first read). ``batches`` and
+    ``tokens`` are None. ``rows`` is a view of this rank's receive region (rows no index names
+    are unspecified): read it before ``combine``, after which the next step's tokens land
+    there. Combine takes the outputs in the same order as for the expanded layout.
     """
 
     batches: list[Any] | None
@@ -57,7 +59,17 @@ class DispatchResult:
     experts: range
     step: int
     rows: Any | None = None
-    index: list[Any] | None = None
+    order: Any | None = None
+    _index: list[Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def index(self) -> list[Any] | None:
+        """Compact: per local expert, the rows of ``rows`` that make its batch (None when
+        expanded)."""
+        if self._index is None and self.order is not None:
+            self._index = tx.split_rows(self.order, self.counts, tx.Kind(
+                not isinstance(self.order, np.ndarray), "int64"))
+        return self._index
 
 
 @dataclass
@@ -118,7 +130,7 @@ class ExpertParallel:
         self.probe_interval = probe_interval
         self._npdtype = tx.numpy_dtype(self.dtype)
         self.row_bytes = hidden * tx.DTYPES[self.dtype]
-        self.slot_bytes = _up(_HDR + max_tokens * (self.row_bytes + 2 * topk), self.row_bytes)
+        self.slot_bytes = _up(HEADER + max_tokens * (self.row_bytes + 2 * topk), self.row_bytes)
         self._slot_rows = self.slot_bytes // self.row_bytes
         self._answers = max_tokens * topk  # answer rows; one more stays zero (masked slots)
         self._imm = [_IMM_BASE + 4 * group + i for i in range(4)]  # dispatch, combine, probe, close
@@ -126,12 +138,15 @@ class ExpertParallel:
         # region whole, so it maps only what a peer may also read (a write-only region goes
         # over tcp). The descriptors go only to the group's ranks, which run one model on
         # one batch: reading what other ranks sent this one exposes nothing outside it.
-        self._recv = engine.alloc(world * self.slot_bytes + _HDR, access=Access.READ_WRITE)
+        self._recv = engine.alloc(world * self.slot_bytes + HEADER, access=Access.READ_WRITE)
         self._comb = engine.alloc((self._answers + 1) * self.row_bytes, access=Access.READ_WRITE)
         self._recv_rows = np.ndarray((world * self._slot_rows, self.row_bytes), np.uint8,
-                                     buffer=self._recv.view, offset=_HDR)
+                                     buffer=self._recv.view, offset=HEADER)
         comb = np.ndarray((self._answers + 1, self.row_bytes), np.uint8, buffer=self._comb.view)
         self._comb_typed = comb.view(self._npdtype)
+        self._rows_typed: dict[tx.Kind, Any] = {}  # the receive rows as numpy / torch
+        self._layout = SlotLayout(world, self.slot_bytes, self.row_bytes, topk, max_tokens,
+                                  self._answers, self.local)
         self._send = np.empty(0, np.uint8)  # grows to the largest step, then reused
         self._xbuf = np.empty((0, self.row_bytes), np.uint8)
         self._obuf = np.empty((0, self.row_bytes), np.uint8)
@@ -210,7 +225,7 @@ class ExpertParallel:
         plan = plan_dispatch(ids, self.world, self.local, self._answers)
         self._step += 1
         xb = x.view(np.uint8).reshape(T, self.row_bytes)
-        sizes = [_HDR + len(plan.rows[d]) * (self.row_bytes + 2 * self.topk)
+        sizes = [HEADER + len(plan.rows[d]) * (self.row_bytes + 2 * self.topk)
                  for d in range(self.world)]
         self._reserve(sum(_up(sizes[d], _ALIGN) for d in self._order()))
         writes: list[Transfer] = []
@@ -226,9 +241,9 @@ class ExpertParallel:
                         imm=self._imm[0], timeout=self.timeout))
                 else:  # header and slot table first; the rows then go from the tokens
                     self._pack(self._send[off:], plan, d, xb, rows=False)
-                    tail = _HDR + n * rb
+                    tail = HEADER + n * rb
                     direct.append((d, self.engine.scatter(self._send, [
-                        ScatterDest(to, off, at, _HDR),
+                        ScatterDest(to, off, at, HEADER),
                         ScatterDest(to, off + tail, at + tail, sizes[d] - tail)],
                         timeout=self.timeout)))
                 off += _up(sizes[d], _ALIGN)
@@ -237,7 +252,7 @@ class ExpertParallel:
                 head.wait(self.timeout)
                 writes.append(self.engine.write_pages(
                     xb, self._dispatch_to[d], src_pages=plan.rows[d],
-                    dst_pages=np.arange(len(plan.rows[d])), page_size=rb, dst_offset=at + _HDR,
+                    dst_pages=np.arange(len(plan.rows[d])), page_size=rb, dst_offset=at + HEADER,
                     imm=self._imm[0], timeout=self.timeout))
         # our own slot gets its header and slot table; expanded, its rows stay in ``tokens``
         # (the gather below reads them there), compact, they are copied in beside the others'
@@ -246,12 +261,11 @@ class ExpertParallel:
         t1 = time.perf_counter()
         self._await(self._imm[0], writes, "dispatch")
         t2 = time.perf_counter()
-        metas, bases = self._read_slots()
-        eplan = plan_experts(metas, self._slot_rows, self.local)
-        for s, m in enumerate(metas):
-            if not bases[s][1] == len(eplan.replies[s]):
-                raise self._fail(ProtocolError(f"rank {s}'s dispatch header is inconsistent"))
-        self._pending = _Pending(plan, eplan, weights, kind, [b for b, _ in bases])
+        try:
+            eplan, bases = plan_arrivals(self._recv.array, self._layout, self._step)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        self._pending = _Pending(plan, eplan, weights, kind, bases.tolist())
         first = self.rank * self.local
         experts = range(first, first + self.local)
         if expand:
@@ -264,9 +278,11 @@ class ExpertParallel:
             got = DispatchResult(tx.split_rows(typed, eplan.counts, kind), typed, eplan.counts,
                                  experts, self._step)
         else:
-            got = DispatchResult(None, None, eplan.counts, experts, self._step,
-                                 tx.wrap(self._recv_rows.view(self._npdtype), kind),
-                                 tx.split_index(eplan.gather, eplan.counts, kind))
+            rows = self._rows_typed.get(kind)
+            if rows is None:  # the same region every step: wrapped once per caller type
+                rows = self._rows_typed[kind] = tx.wrap(self._recv_rows.view(self._npdtype), kind)
+            got = DispatchResult(None, None, eplan.counts, experts, self._step, rows,
+                                 tx.as_index(eplan.gather, kind))
         self.timings = {"dispatch_pack": t1 - t0, "dispatch_wait": t2 - t1,
                         "dispatch_unpack": time.perf_counter() - t2}
         return got
@@ -280,26 +296,8 @@ class ExpertParallel:
         head = np.array([self._step, n, plan.base[d], plan.pairs[d]], np.uint64)
         dst[:32] = head.view(np.uint8)
         if rows:  # the compiled gather where built (GIL released: the shm copies run on)
-            tx.gather(dst[_HDR:_HDR + n * rb].reshape(n, rb), xb, plan.rows[d])
-        dst[_HDR + n * rb:_HDR + n * (rb + 2 * self.topk)] = meta.view(np.uint8).ravel()
-
-    def _read_slots(self) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-        """Each source's slot table and (answer base, pairs), checked against our bounds."""
-        metas, bases = [], []
-        buf = self._recv.array
-        for s in range(self.world):
-            at = s * self.slot_bytes
-            step, n, base, pairs = (int(v) for v in buf[at:at + 32].copy().view(np.uint64))
-            if step != self._step or n > self.max_tokens or pairs > n * self.topk \
-                    or base + pairs > self._answers:
-                raise self._fail(ProtocolError(
-                    f"rank {s} sent a malformed dispatch header (step {step}, {n} rows, "
-                    f"{pairs} pairs at {base}); expected step {self._step}"))
-            start = at + _HDR + n * self.row_bytes
-            meta = buf[start:start + n * 2 * self.topk].copy().view(np.int16)
-            metas.append(meta.reshape(n, self.topk))
-            bases.append((base, pairs))
-        return metas, bases
+            tx.gather(dst[HEADER:HEADER + n * rb].reshape(n, rb), xb, plan.rows[d])
+        dst[HEADER + n * rb:HEADER + n * (rb + 2 * self.topk)] = meta.view(np.uint8).ravel()
 
     # -- combine --------------------------------------------------------------------------
 

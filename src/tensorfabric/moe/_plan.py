@@ -24,6 +24,9 @@ import numpy as np
 from .. import _compiled
 from .._errors import ConfigError, ProtocolError
 
+#: bytes before a dispatch message's rows: step, rows, answer base, pairs (u64 each), padding
+HEADER = 64
+
 
 @dataclass
 class DispatchPlan:
@@ -145,6 +148,80 @@ def _plan_experts_native(nat: Any, metas: list[np.ndarray], slot_rows: int,
     bounds = np.concatenate([[0], np.cumsum(per)]).tolist()
     return ExpertPlan(gather[:bounds[-1]], counts,
                       [replies[bounds[s]:bounds[s + 1]] for s in range(len(tables))])
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each source's dispatch message lies in a receive region: source ``s``'s slot
+    starts at ``s * slot_bytes`` with a 64-byte header (u64 step, rows n, answer base,
+    pairs), then n rows of ``row_bytes`` from byte 64, then its [n, topk] int16 slot table."""
+
+    sources: int
+    slot_bytes: int
+    row_bytes: int
+    topk: int
+    max_tokens: int
+    answers: int   # answer rows a source's (base, pairs) must fall inside
+    local: int     # experts this rank holds
+
+    @property
+    def slot_rows(self) -> int:
+        return self.slot_bytes // self.row_bytes
+
+
+def plan_arrivals(buf: np.ndarray, layout: SlotLayout, step: int) -> tuple[ExpertPlan, np.ndarray]:
+    """The receiver's plan for a step from the receive region ``buf`` (uint8) itself, and each
+    source's answer base.
+
+    Each source's header must name this ``step``, at most ``max_tokens`` rows, at most
+    ``topk`` pairs per row, answers inside ``[0, answers)`` and a table inside its slot; its
+    table must name experts below ``local`` and hold as many pairs as its header says. Else
+    ProtocolError naming the source. The tables are copied out before they are planned (a
+    source may write the region while we read it)."""
+    L = layout
+    nat = _compiled.native
+    if nat is not None:
+        room = L.sources * L.max_tokens * L.topk
+        gather, replies = np.empty(room, np.int64), np.empty(room, np.int64)
+        counts, per = np.empty(L.local, np.int64), np.empty(L.sources, np.int64)
+        bases = np.empty(L.sources, np.int64)
+        bad = nat.plan_arrivals(buf, L.sources, L.slot_bytes, L.row_bytes, L.topk, step,
+                                L.max_tokens, L.answers, L.slot_rows, L.local, gather, counts,
+                                replies, per, bases)
+        if bad is not None:
+            raise _arrival_error(bad, step, L.local)
+        bounds = [0, *np.cumsum(per).tolist()]
+        return (ExpertPlan(gather[:bounds[-1]], counts,
+                           [replies[bounds[s]:bounds[s + 1]] for s in range(L.sources)]),
+                bases)
+    metas, base_list, pairs_list = [], [], []
+    for s in range(L.sources):
+        at = s * L.slot_bytes
+        st, n, base, pairs = (int(v) for v in buf[at:at + 32].copy().view(np.uint64))
+        if st != step or n > L.max_tokens or pairs > n * L.topk or base + pairs > L.answers \
+                or HEADER + n * (L.row_bytes + 2 * L.topk) > L.slot_bytes:
+            raise _arrival_error(("header", s, st, n, base, pairs), step, L.local)
+        start = at + HEADER + n * L.row_bytes
+        metas.append(buf[start:start + n * 2 * L.topk].copy().view(np.int16).reshape(n, L.topk))
+        base_list.append(base)
+        pairs_list.append(pairs)
+    eplan = plan_experts(metas, L.slot_rows, L.local)
+    for s in range(L.sources):
+        if pairs_list[s] != len(eplan.replies[s]):
+            raise _arrival_error(("pairs", s), step, L.local)
+    return eplan, np.array(base_list, np.int64)
+
+
+def _arrival_error(bad: tuple[Any, ...], step: int, local: int) -> ProtocolError:
+    kind, s = bad[0], bad[1]
+    if kind == "header":
+        st, n, base, pairs = bad[2:]
+        return ProtocolError(f"rank {s} sent a malformed dispatch header (step {st}, {n} rows, "
+                             f"{pairs} pairs at {base}); expected step {step}")
+    if kind == "expert":
+        return ProtocolError(f"rank {s} routed a token to local expert {bad[2]}; this rank "
+                             f"holds {local}")
+    return ProtocolError(f"rank {s}'s dispatch header is inconsistent")
 
 
 def _keys(n: int) -> type[np.signedinteger]:

@@ -105,10 +105,10 @@ def split_rows(x: Any, counts: np.ndarray, kind: Kind) -> list[Any]:
     return np.split(x, np.cumsum(counts[:-1]))
 
 
-def split_index(idx: np.ndarray, counts: np.ndarray, kind: Kind) -> list[Any]:
-    """``idx`` (int64) cut like :func:`split_rows`, as torch tensors for torch callers (so that
-    ``rows[index[e]]`` is a torch gather) and numpy arrays otherwise."""
-    return split_rows(_torch().from_numpy(idx) if kind.torch else idx, counts, kind)
+def as_index(idx: np.ndarray, kind: Kind) -> Any:
+    """``idx`` (int64) as a torch tensor for torch callers (so that ``rows[idx]`` is a torch
+    gather), sharing memory, and as itself otherwise."""
+    return _torch().from_numpy(idx) if kind.torch else idx
 
 
 def gather(dst: np.ndarray, table: np.ndarray, idx: np.ndarray, *,
