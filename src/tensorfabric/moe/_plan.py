@@ -1,7 +1,9 @@
 """Routing plans: which token rows go to which rank, and where the answers come back.
 
 No fabric: the sender's :func:`plan_dispatch` and the receiver's :func:`plan_experts` are
-the two halves of the dispatch/combine bookkeeping. Each runs in the compiled kernels
+the two halves of the dispatch/combine bookkeeping (:func:`plan_arrivals` is the receiver's
+half read straight from its receive region, every source's header checked first). Each runs
+in the compiled kernels
 (``tensorfabric._native``: two passes of a counting sort, a few microseconds at 128 tokens)
 where they are built, else in numpy (a dozen array calls, ~120 us at 128 tokens); the two give
 the same arrays.
