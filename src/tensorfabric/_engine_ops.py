@@ -84,9 +84,11 @@ class EngineOps:
         label = peer._label
         if nbytes > tcp.chunk_bytes or via is not tcp:
             t = self._new_transfer("write", nbytes, 1, timeout, label)
-            self._start_write(t, desc, view, np.array([src_offset], np.uint64),
-                              np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64),
-                              value, label, peer, via)
+            try:
+                via.write_one(peer, desc, WireOp(next(tcp.op_ids), t, label), view, src_offset,
+                              dst_offset, nbytes, value)
+            except TensorFabricError as exc:
+                t._fail(exc)
             return t
         # the small-op path: no numpy, one frame built straight from Python ints
         t = self._new_transfer("write", nbytes, 1, timeout, label)

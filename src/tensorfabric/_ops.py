@@ -209,6 +209,16 @@ def one_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None,
     return Chunk(wop, 0, head + ext, [], 0, region=region)
 
 
+def notice_frame(wop: WireOp, op: int, region: int, key: bytes, imm: int | None, d: int,
+                 n: int) -> Chunk:
+    """A write's notice without payload (``SHM_DONE``: the bytes are already in place), for
+    one segment of ``n`` bytes at ``d``; built without numpy."""
+    wop.remaining = 1
+    head = _ONE_FRAME.pack(w.MAGIC, op, w.FLAG_IMM if imm is not None else 0, _ONE_FRAME_EXT,
+                           wop.op_id, region, 0, imm or 0, 0, 1, key, d + n, d, n)
+    return Chunk(wop, 0, head, [], 0, region=region)
+
+
 def read_chunks(wop: WireOp, region: int, key: bytes, src_off: int, dst: memoryview,
                 chunk_bytes: int = DEFAULT_CHUNK) -> list[Chunk]:
     n = dst.nbytes

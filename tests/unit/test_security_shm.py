@@ -167,6 +167,19 @@ def test_forged_larger_size_writes_nothing(owner, attacker) -> None:
     assert not keep.any()
 
 
+def test_forged_larger_size_on_a_cached_mapping_writes_nothing(owner, attacker) -> None:
+    """The mapping is cached by region and key, not by the size a descriptor claims: a write
+    past the owner's size through it is refused by the size the owner granted."""
+    r = owner.alloc(4096)
+    keep = r.array
+    assert attacker("write", r.descriptor(), data="01" * 8)["ok"]  # mapped and cached
+    forged = dataclasses.replace(r.descriptor(), nbytes=1 << 20)
+    for n, at in ((16, 4096 - 8), (4096, 4096 - 16), (1 << 17, 0)):  # small and numpy copies
+        out = attacker("write", forged, data="ab", repeat=n, offset=at)
+        assert out["error"] == "AccessError", (n, out)
+    assert bytes(keep[:8]) == b"\x01" * 8 and not keep[8:].any()
+
+
 def test_stalling_grant_clients_do_not_block_peers(owner, attacker) -> None:
     """Any local user can connect to the owner's grant socket; stalling clients are served
     (and cut off) on threads of their own and a peer with a real ticket still gets through."""

@@ -95,6 +95,14 @@ class Transport(ABC):
         """Copy ``src[src_off[i]:+lengths[i]]`` to the region at ``dst_off[i]`` for every i,
         then, once all bytes are in place at the peer, count ``imm`` there once."""
 
+    def write_one(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp,
+                  src: memoryview, src_offset: int, dst_offset: int, nbytes: int,
+                  imm: int | None) -> None:
+        """:meth:`write` of one segment, given as Python ints (the engine checked them against
+        both buffers). A transport with a cheaper path for one segment overrides this."""
+        self.write(peer, desc, wop, src, np.array([src_offset], np.uint64),
+                   np.array([dst_offset], np.uint64), np.array([nbytes], np.uint64), imm)
+
     @abstractmethod
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
              dst: memoryview) -> None:

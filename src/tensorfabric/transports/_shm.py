@@ -29,7 +29,7 @@ import numpy as np
 from .. import _wire as w
 from .._address import EngineAddress
 from .._errors import AccessError, BrokenError, TensorFabricError
-from .._ops import WireOp, simple_chunk
+from .._ops import WireOp, notice_frame, simple_chunk
 from .._region import Access, RegionDescriptor
 from .._transfer import Transfer
 from . import _copy
@@ -39,6 +39,7 @@ from ._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric.shm")
 
+_SMALL_COPY = 64 << 10  # one-segment copies up to this size hold the GIL
 _INLINE_COPY = 4 << 20  # copies up to this size run in the caller's thread (a hand-off costs more)
 _MAX_MAPPINGS = 4096
 _REVOKE_WAIT = 5.0  # a revocation waits this long for copies into the mapping to finish
@@ -261,6 +262,39 @@ class ShmTransport(Transport):
             self.tcp.submit(peer, [chunk])
 
         self._copy(wop, m, m.arr, srcarr, src_off, dst_off, lengths, notify)
+
+    def write_one(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp,
+                  src: memoryview, src_offset: int, dst_offset: int, nbytes: int,
+                  imm: int | None) -> None:
+        """One segment (most writes): copied here and noticed without numpy temporaries."""
+        if nbytes > _INLINE_COPY:  # the copy threads take it
+            super().write_one(peer, desc, wop, src, src_offset, dst_offset, nbytes, imm)
+            return
+        try:
+            m = self._mapping(peer, desc, Access.REMOTE_WRITE)
+        except _NoSharedMemory:
+            self._same[peer.engine_id] = False
+            self.tcp.write_one(peer, desc, wop, src, src_offset, dst_offset, nbytes, imm)
+            return
+        end = dst_offset + nbytes
+        try:
+            if end > m.arr.nbytes:  # the engine checked the descriptor; this is the owner's size
+                raise AccessError(f"write ends at {end}, outside peer {peer}'s {m.arr.nbytes}-"
+                                  f"byte region {desc.region_id}", peer=str(peer),
+                                  region=desc.region_id)
+            if wop.dead:
+                return
+            try:
+                if nbytes <= _SMALL_COPY:  # (a memcpy under the GIL: shorter than releasing it)
+                    m.arr.data[dst_offset:end] = src[src_offset:src_offset + nbytes]
+                else:  # numpy copies without the GIL
+                    m.arr[dst_offset:end] = np.frombuffer(src, np.uint8, nbytes, src_offset)
+            except Exception as exc:  # reported on the transfer, like the copy threads' errors
+                raise BrokenError(f"shared-memory copy failed: {exc}", peer=str(peer)) from exc
+        finally:
+            self._release(m)
+        self.tcp.submit(peer, [notice_frame(wop, w.Op.SHM_DONE, desc.region_id, desc.key, imm,
+                                            dst_offset, nbytes)])
 
     def read(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src_offset: int,
              dst: memoryview) -> None:
