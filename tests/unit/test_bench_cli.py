@@ -29,15 +29,16 @@ def test_bench_quick_tcp_writes_json_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cfg = tmp_path / "links.toml"
-    cfg.write_text('[bench]\nops = ["write", "pages", "imm"]\n')
+    cfg.write_text('[bench]\nops = ["write", "pages", "imm", "sendrecv"]\n')
     result = CliRunner().invoke(_app(), [
         "bench", "--transport", "tcp", "--config", str(cfg), "--sizes", "64k,4m",
         "--page-sizes", "16k", "--budget", "0.05", "--json", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     rows = {(r["op"], r["size"], r["page_size"]): r for r in data["rows"]}
-    assert set(rows) == {("write", 64 << 10, None), ("write", 4 << 20, None),
-                         ("pages", 16 << 20, 16 << 10), ("imm", 8, None), ("imm-echo", 8, None)}
+    assert {k for k in rows if k[0] != "sendrecv"} == {
+        ("write", 64 << 10, None), ("write", 4 << 20, None), ("pages", 16 << 20, 16 << 10),
+        ("imm", 8, None), ("imm-echo", 8, None)}
     for r in data["rows"]:
         if r["op"] == "imm-echo":
             continue  # an application-level ping-pong, reported without a baseline
@@ -46,6 +47,9 @@ def test_bench_quick_tcp_writes_json_and_plot(tmp_path: Path) -> None:
     assert rows[("write", 4 << 20, None)]["baseline"] == "raw socket"
     assert rows[("pages", 16 << 20, 16 << 10)]["baseline"] == "engine write"
     assert rows[("imm", 8, None)]["baseline"] == "raw ping-pong"
+    sendrecv = [r for k, r in rows.items() if k[0] == "sendrecv"]
+    assert 64 in {r["size"] for r in sendrecv}
+    assert all(r["baseline"] == "raw ping-pong" for r in sendrecv)  # paired op by op
     # the receive path holds no per-op buffer: the peer's peak stays near its resident size
     assert data["memory"] and all(m["peer_peak_growth"] < 32 << 20 for m in data["memory"])
     assert png.stat().st_size > 10_000

@@ -470,25 +470,28 @@ class _OpContext:
         step(f"{self.t} imm")
 
     def op_sendrecv(self, step: Progress) -> None:
-        """Round trips of a message echoed by the peer (send, peer recv + send, recv)."""
+        """Round trips of a message echoed by the peer (send, peer recv + send, recv), each
+        followed by one raw ping-pong of the same size (alternated, like the immediate's: each
+        pair saw the same load and the same cold caches)."""
         eng, peer = self.s.eng, self.s.peer
+        raw = self.raw if self.s.cfg.baselines else None
         for size in self.s.cfg.msg_sizes:
             data = bytes(size)
             n = max(20, min(2000, int(self.budget / (300e-6 + size / 0.5e9))))
             self.s.ctrl("echo", wait=False, n=n + 1)
-            lat = []
+            lat: list[float] = []
+            blat: list[float] = []
             for i in range(n + 1):
                 t0 = time.perf_counter()
                 eng.send(peer, data, tag=DATA_TAG).wait(30)
                 eng.recv(tag=DATA_TAG, timeout=30)
                 if i:
                     lat.append(time.perf_counter() - t0)
+                    if raw is not None:
+                        blat.extend(raw.echo(size))
             self.s.reply()
-            base = None
-            name = ""
-            if self.raw is not None and self.s.cfg.baselines:
-                blat = self.raw.echo(size, n)
-                base, name = Timing(blat, 1, blat), "raw ping-pong"
+            base = Timing(blat, 1, blat) if blat else None
+            name = "raw ping-pong" if blat else ""
             row = _row("sendrecv", self.t, self.links, size, Timing(lat, 1, lat), base, name,
                        bandwidth=False)
             row.gbps = 2 * size / (row.p50_us / 1e6) / 1e9
