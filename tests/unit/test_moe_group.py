@@ -160,8 +160,10 @@ def test_bench_moe_cli_runs_a_tiny_point(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [r["point"] for r in rows] == ["2x8x64x4x2"] and rows[0]["transport"] == "shm"
     for key in ("engine_dispatch_p50_us", "gloo_combine_p50_us", "raw_dispatch_p50_us",
-                "glayer_combine_p50_us", "compact_dispatch_p50_us", "compact_combine_p50_us"):
+                "glayer_combine_p50_us", "compact_dispatch_p50_us", "compact_combine_p50_us",
+                "compact_dispatch_cpu_us", "gloo_dispatch_cpu_us"):
         assert rows[0][key] > 0, key
+    assert "CPU cmp d/c" in result.output
 
 
 def test_same_host_ranks_move_tokens_over_shared_memory(caplog: pytest.LogCaptureFixture) -> None:

@@ -83,6 +83,9 @@ def _summarise(point: MoePoint, transport: str, ranks: list[dict[str, Any]]) -> 
         per_it = [max(vals) for vals in zip(*(r["samples"][key] for r in ranks))]
         row[f"{key}_p50_us"] = _pct(per_it, 50)
         row[f"{key}_p99_us"] = _pct(per_it, 99)
+    for key in ranks[0].get("cpu", {}):  # per step, summed over the ranks
+        per_it = [sum(vals) for vals in zip(*(r["cpu"][key] for r in ranks))]
+        row[f"{key}_cpu_us"] = _pct(per_it, 50)
     row["parts_p50_us"] = {k: float(np.mean([r["parts_p50_us"][k] for r in ranks]))
                            for k in ranks[0].get("parts_p50_us", {})}
     sent = [b for r in ranks for b in r["sent_bytes"]]
@@ -184,7 +187,8 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
             f"{'combine p50/p99':>17} {'wait d/c p50':>13}  {'gloo d/c p50':>14}  "
             f"{'raw d/c p50':>14}  {'gloo layer d/c':>15}  {'glayer/eng':>10}  "
             f"{'gloo/eng d,c':>12}  {'eng/raw d,c':>12}  {'compact d/c p50':>15}  "
-            f"{'gloo/cmp d,c':>12}  {'cmp/raw d,c':>12}")
+            f"{'gloo/cmp d,c':>12}  {'cmp/raw d,c':>12}  {'CPU cmp d/c':>13}  "
+            f"{'CPU gloo d/c':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def us(key: str) -> str:
@@ -201,7 +205,9 @@ def format_moe(rows: list[dict[str, Any]]) -> str:
             f"{_ratio(r, 'glayer_over_engine'):>10}  "
             f"{_ratio(r, 'gloo_over_engine'):>12}  {_ratio(r, 'engine_over_raw'):>12}  "
             f"{us('compact_dispatch_p50_us') + '/' + us('compact_combine_p50_us'):>15}  "
-            f"{_ratio(r, 'gloo_over_compact'):>12}  {_ratio(r, 'compact_over_raw'):>12}")
+            f"{_ratio(r, 'gloo_over_compact'):>12}  {_ratio(r, 'compact_over_raw'):>12}  "
+            f"{us('compact_dispatch_cpu_us') + '/' + us('compact_combine_cpu_us'):>13}  "
+            f"{us('gloo_dispatch_cpu_us') + '/' + us('gloo_combine_cpu_us'):>13}")
     return "\n".join(lines)
 
 
@@ -255,7 +261,8 @@ def moe_command(points: str | None, transport: str | None, *, quick: bool, json_
     echo(format_moe(rows))
     load = os.getloadavg()
     echo(f"load average {load[0]:.1f} on {os.cpu_count()} cpus; latency = slowest rank per "
-         "step; ratios of p50s (gloo/engine >= 1: engine faster; engine/raw target <= 2)")
+         "step; ratios of p50s (gloo/engine >= 1: engine faster; engine/raw target <= 2); "
+         "CPU = p50 over steps of the CPU every rank's process spent in the call, summed")
     if json_out:
         json_out.write_text(json.dumps({"rows": rows, "loadavg": load,
                                         "cpus": os.cpu_count()}, indent=1))
