@@ -239,3 +239,11 @@ def main(a: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    # Results written, group and engine closed: leave without running C++ destructors. A
+    # TCPStore client torn down at exit after rank 0 (its server) has gone aborted now and then
+    # ("terminate called without an active exception", SIGABRT with no Python frame: about 1
+    # point in 10-15 at EP 4 on a busy 2-core machine), and the harness drops a point whose rank
+    # exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
