@@ -139,6 +139,9 @@ def plan_pieces(src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
         return z, z, z, np.zeros(2, dtype=np.int64)
     ends = np.cumsum(lengths)
     total = int(ends[-1])
+    if total <= chunk_bytes and n <= MAX_SEGS_PER_CHUNK:  # one frame, the segments as they are
+        return (src_off.astype(np.int64), dst_off.astype(np.int64), lengths,
+                np.array([0, n], dtype=np.int64))
     starts = ends - lengths
     # Cut points: every segment boundary and every frame boundary of the byte stream.
     fstarts = frame_starts(total, chunk_bytes, links)

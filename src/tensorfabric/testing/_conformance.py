@@ -128,6 +128,24 @@ class TransportConformance:
             expect[128 + d * page:128 + (d + 1) * page] = src[64 + s * page:64 + (s + 1) * page]
         assert np.array_equal(dst.array, expect)
 
+    @pytest.mark.parametrize("page", [64, 4096])
+    def test_write_pages_gathered_into_consecutive_pages(self, pair: Pair, page: int) -> None:
+        """Scattered source pages into back-to-back destination pages (an MoE combine's
+        shape: a receiver may take such pages as one piece), with one gap between two runs."""
+        n = 200
+        rng = np.random.default_rng(page + 1)
+        src = _rand(n * 2 * page, page + 3)
+        dst = pair.region((n + 7) * page)
+        src_pages = rng.permutation(2 * n)[:n]
+        dst_pages = np.concatenate([np.arange(n // 2), np.arange(n // 2 + 7, n + 7)])
+        pair.a.write_pages(src, dst.descriptor(), src_pages=src_pages, dst_pages=dst_pages,
+                           page_size=page, imm=6).wait(self.T)
+        pair.b.expect(6).wait(self.T)
+        expect = np.zeros_like(dst.array)
+        for s, d in zip(src_pages, dst_pages):
+            expect[d * page:(d + 1) * page] = src[s * page:(s + 1) * page]
+        assert np.array_equal(dst.array, expect)
+
     def test_write_pages_with_strides(self, pair: Pair) -> None:
         # per-layer KV blocks: a page of 256 bytes every 1024 bytes
         src = _rand(64 * 1024, 9)

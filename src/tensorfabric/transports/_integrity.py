@@ -96,6 +96,8 @@ class _Blake:
 
 
 _GATHER = 64 << 10  # a payload up to this size that comes in pieces is MACed in one call
+_JOIN_MIN = 8  # a frame of more pieces than this, ...
+_JOIN_AVG = 64 << 10  # ... of at most this many bytes each on average, is sealed joined
 
 
 class _Gmac:
@@ -207,6 +209,12 @@ class FrameMac:
         if len(bufs) == 2:  # one piece (every small write): its tag in one call
             return [bufs[0], d[:TAG], bufs[1], self.tag_of(d, bufs[1])]
         payload = bufs[1:]
+        if len(payload) > _JOIN_MIN and sum(map(len, payload)) <= _JOIN_AVG * len(payload):
+            # many small pieces (scattered pages): one copy and one MAC call cost less than
+            # a MAC call per piece, and the frame goes out as one buffer (same tag: a MAC
+            # does not see where the pieces were cut)
+            joined = b"".join(payload)
+            return [bufs[0], d[:TAG], joined, self.tag_of(d, joined)]
         m = self.payload(d, sum(memoryview(b).nbytes for b in payload))
         for b in payload:
             m.update(b)
