@@ -9,8 +9,8 @@ writes, a multiple of the raw round trip for the others) and the engine's p50. E
 alternates the engine's op with its baseline (send/recv: one engine round trip, then one raw
 ping-pong of the same size; the ratio is the median of the per-pair ratios; until 2026-12-04
 the bench ran the raw loop after the engine's, and this program's ``sendrecv-paired`` point
-did the pairing). ``--json FILE`` keeps the rows. Run it once per tree, alternating trees, to compare two
-versions of the engine.
+did the pairing). ``--json FILE`` keeps the rows. Run it once per tree, alternating trees,
+to compare two versions of the engine.
 """
 
 from __future__ import annotations
