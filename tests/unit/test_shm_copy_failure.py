@@ -12,7 +12,7 @@ from tensorfabric import Access, BrokenError
 SECRET = "shm-copy-failure"
 
 
-@pytest.mark.parametrize("shape", ["one segment", "pages"])
+@pytest.mark.parametrize("shape", ["one segment", "one big segment", "pages"])
 def test_a_failed_copy_fails_the_transfer_and_releases_the_mapping(shape: str) -> None:
     with tf.Engine(SECRET, name="a") as a, tf.Engine(SECRET, name="b") as b:
         region = b.alloc(1 << 20, Access.READ_WRITE)
@@ -27,8 +27,10 @@ def test_a_failed_copy_fails_the_transfer_and_releases_the_mapping(shape: str) -
         m.arr = frozen  # every copy into the mapping now raises
 
         def op() -> tf.Transfer:
-            if shape == "one segment":
+            if shape == "one segment":  # copied under the GIL
                 return a.write(src, desc, nbytes=64 << 10)
+            if shape == "one big segment":  # copied by numpy
+                return a.write(src, desc, nbytes=256 << 10)
             return a.write_pages(src, desc, src_pages=np.arange(0, 64, 2),
                                  dst_pages=np.arange(32), page_size=4096)
 
@@ -39,8 +41,9 @@ def test_a_failed_copy_fails_the_transfer_and_releases_the_mapping(shape: str) -
         m.arr = good
         op().wait(30)  # the same mapping serves the next op
         assert m.users == 0
-        if shape == "one segment":
-            assert bytes(region.view[: 64 << 10]) == src[: 64 << 10].tobytes()
+        if shape != "pages":
+            n = 64 << 10 if shape == "one segment" else 256 << 10
+            assert bytes(region.view[:n]) == src[:n].tobytes()
         else:
             got = np.frombuffer(region.view, np.uint8)[: 32 * 4096].reshape(32, 4096)
             np.testing.assert_array_equal(got, src.reshape(-1, 4096)[0:64:2])

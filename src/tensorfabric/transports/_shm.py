@@ -236,23 +236,32 @@ class ShmTransport(Transport):
 
     # -- ops --------------------------------------------------------------------------------
 
-    def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
-              src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
-              imm: int | None) -> None:
+    def _writable(self, peer: EngineAddress, desc: RegionDescriptor, end: int) -> _Mapping | None:
+        """The mapping to write ``desc``'s region through, counted as in use (release it with
+        :meth:`_release`) and checked to reach ``end``; None where the peer's memory is out of
+        reach (the caller goes over tcp)."""
         try:
             m = self._mapping(peer, desc, Access.REMOTE_WRITE)
         except _NoSharedMemory:
             self._same[peer.engine_id] = False
-            self.tcp.write(peer, desc, wop, src, src_off, dst_off, lengths, imm)
-            return
-        if len(lengths) == 1:  # (one write: Python ints, no array temporaries)
-            end = int(dst_off[0]) + int(lengths[0])
-        else:
-            end = int((dst_off + lengths).max()) if len(lengths) else 0
+            return None
         if end > m.arr.nbytes:  # the engine checked the descriptor; this is the owner's size
             self._release(m)
             raise AccessError(f"write ends at {end}, outside peer {peer}'s {m.arr.nbytes}-byte "
                               f"region {desc.region_id}", peer=str(peer), region=desc.region_id)
+        return m
+
+    def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
+              src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
+              imm: int | None) -> None:
+        if len(lengths) == 1:  # (one write: Python ints, no array temporaries)
+            end = int(dst_off[0]) + int(lengths[0])
+        else:
+            end = int((dst_off + lengths).max()) if len(lengths) else 0
+        m = self._writable(peer, desc, end)
+        if m is None:
+            self.tcp.write(peer, desc, wop, src, src_off, dst_off, lengths, imm)
+            return
         srcarr = np.frombuffer(src, dtype=np.uint8)
 
         def notify() -> None:
@@ -270,27 +279,20 @@ class ShmTransport(Transport):
         if nbytes > _INLINE_COPY:  # the copy threads take it
             super().write_one(peer, desc, wop, src, src_offset, dst_offset, nbytes, imm)
             return
-        try:
-            m = self._mapping(peer, desc, Access.REMOTE_WRITE)
-        except _NoSharedMemory:
-            self._same[peer.engine_id] = False
+        end = dst_offset + nbytes
+        m = self._writable(peer, desc, end)
+        if m is None:
             self.tcp.write_one(peer, desc, wop, src, src_offset, dst_offset, nbytes, imm)
             return
-        end = dst_offset + nbytes
         try:
-            if end > m.arr.nbytes:  # the engine checked the descriptor; this is the owner's size
-                raise AccessError(f"write ends at {end}, outside peer {peer}'s {m.arr.nbytes}-"
-                                  f"byte region {desc.region_id}", peer=str(peer),
-                                  region=desc.region_id)
             if wop.dead:
                 return
-            try:
-                if nbytes <= _SMALL_COPY:  # (a memcpy under the GIL: shorter than releasing it)
-                    m.arr.data[dst_offset:end] = src[src_offset:src_offset + nbytes]
-                else:  # numpy copies without the GIL
-                    m.arr[dst_offset:end] = np.frombuffer(src, np.uint8, nbytes, src_offset)
-            except Exception as exc:  # reported on the transfer, like the copy threads' errors
-                raise BrokenError(f"shared-memory copy failed: {exc}", peer=str(peer)) from exc
+            if nbytes <= _SMALL_COPY:  # (a memcpy under the GIL: shorter than releasing it)
+                m.arr.data[dst_offset:end] = src[src_offset:src_offset + nbytes]
+            else:  # numpy copies without the GIL
+                m.arr[dst_offset:end] = np.frombuffer(src, np.uint8, nbytes, src_offset)
+        except Exception as exc:  # reported on the transfer, like the copy threads' errors
+            raise BrokenError(f"shared-memory copy failed: {exc}", peer=str(peer)) from exc
         finally:
             self._release(m)
         self.tcp.submit(peer, [notice_frame(wop, w.Op.SHM_DONE, desc.region_id, desc.key, imm,
