@@ -254,7 +254,7 @@ class ShmTransport(Transport):
     def write(self, peer: EngineAddress, desc: RegionDescriptor, wop: WireOp, src: memoryview,
               src_off: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray,
               imm: int | None) -> None:
-        if len(lengths) == 1:  # (one write: Python ints, no array temporaries)
+        if len(lengths) == 1:  # (one segment, from a scatter or merged pages: Python ints)
             end = int(dst_off[0]) + int(lengths[0])
         else:
             end = int((dst_off + lengths).max()) if len(lengths) else 0
