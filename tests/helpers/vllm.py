@@ -2,9 +2,10 @@
 
 Shared by the vLLM test tier (tests/vllm) and any later test that needs vLLM: the fixtures
 ``vllm_model`` (the Hugging Face folder of the default model), ``vllm_logs`` (a folder for
-server logs, printed on failure) and the factory ``start_vllm`` (returns a started and ready
-``VllmServer``; every server it started is stopped when its module ends, whatever the test
-did to it). Keep servers module-scoped: each costs ~45-140 s to start on a 2-core machine.
+server logs; a failed test's report ends with each running server's last lines) and the
+factory ``start_vllm`` (returns a started and ready ``VllmServer``; every server it started is
+stopped when its module ends, whatever the test did to it). Keep servers module-scoped: each
+costs ~45-140 s to start on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
     (before the module's memory share is released)."""
     from tensorfabric.vllm._launch import VllmServer
 
-    started: list[Any] = []
+    started = STARTED
 
     def start(name: str, *, wait: bool = True, port_taken: bool = False, **kw: Any) -> Any:
         """``port_taken``: another listener holds the port the server picked until it is
@@ -266,8 +267,13 @@ def start_vllm(vllm_model: str, vllm_logs: Path) -> Iterator[Callable[..., Any]]
                 holder.close()
 
     yield start
-    for s in started:
-        s.stop(grace=10)
+    while started:
+        started.pop().stop(grace=10)
+
+
+#: the servers ``start_vllm`` started in the current module (their logs go into a failed
+#: test's report: tests/vllm/conftest.py)
+STARTED: list[Any] = []
 
 
 def pick_cpus(n: int) -> list[str]:

@@ -1,10 +1,11 @@
 """Weight updates into vLLM without vLLM: the plan to vLLM's fused layout, keyed checksums,
-single-slot staging, and the control routes' request signatures."""
+single-slot staging, the control routes' request signatures and the switch's gate."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -225,6 +226,103 @@ def test_control_request_signatures() -> None:
     assert "stale" in mw._check_auth(scope({AUTH_HEADER: f"{float(ts) - 600}:{nonce}:{mac}"}), body)
     assert "malformed" in mw._check_auth(scope({}), body)
     assert "no TENSORFABRIC_SECRET" in WeightsMiddleware(app=None)._check_auth(scope(h), body)
+
+
+class _EngineClient:
+    """What the middleware uses of vLLM's engine client: ``collective_rpc`` (our worker
+    extension's methods; here a switch serves the version asked for) and
+    ``reset_prefix_cache``. ``hang`` makes every RPC wait (an engine stuck in a step)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.hang = False
+
+    async def collective_rpc(self, method: str, timeout: float, args: tuple = ()) -> list:
+        import asyncio
+
+        self.calls.append(method)
+        if self.hang:
+            await asyncio.sleep(3600)
+        return [{"serving": int(args[0])} if method == "tf_weights_switch" else {}]
+
+    async def reset_prefix_cache(self) -> None:
+        self.calls.append("reset_prefix_cache")
+
+
+def test_a_switch_drains_holds_new_requests_and_says_what_is_stuck(monkeypatch) -> None:
+    """The middleware's gate driven as ASGI (the vLLM tier drives it inside real servers): a
+    switch waits for the request in flight (it is served by, and stamped with, the old
+    version), holds a request that arrives meanwhile until the new version serves it; a
+    request cancelled mid-flight leaves the count; a drain that runs out names the oldest
+    request and says whether the engine still answers a state RPC."""
+    import asyncio
+
+    from tensorfabric.vllm import _weights_http
+    from tensorfabric.vllm._weights_http import HEADER, WeightsMiddleware, _Busy
+
+    monkeypatch.setattr(_weights_http, "_PROBE_S", 0.2)
+    gates: dict[str, asyncio.Event] = {}
+    entered: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        entered.append(scope["path"])
+        await gates[scope["path"]].wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        mw, engine = WeightsMiddleware(app), _EngineClient()
+
+        async def request(path: str) -> str:
+            gates[path] = asyncio.Event()
+            sent: list[dict] = []
+
+            async def receive() -> dict:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(msg: dict) -> None:
+                sent.append(msg)
+
+            await mw({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+            return dict(sent[0]["headers"])[HEADER.encode()].decode()
+
+        async def settle() -> None:
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        old = asyncio.create_task(request("/v1/old"))
+        await settle()
+        switch = asyncio.create_task(mw._switch(engine, 2, drain_s=30))
+        await settle()
+        new = asyncio.create_task(request("/v1/new"))
+        await settle()
+        assert "tf_weights_switch" not in engine.calls and entered == ["/v1/old"]  # draining
+        gates["/v1/old"].set()
+        assert await old == "0"
+        assert (await switch)["serving"] == 2
+        assert engine.calls == ["tf_weights_switch", "reset_prefix_cache"]
+        gates["/v1/new"].set()
+        assert await new == "2" and entered == ["/v1/old", "/v1/new"]
+
+        cancelled = asyncio.create_task(request("/v1/cancelled"))
+        await settle()
+        cancelled.cancel()
+        await settle()
+        await asyncio.wait_for(mw._switch(engine, 3, drain_s=30), 10)  # nothing left running
+
+        stuck = asyncio.create_task(request("/v1/stuck"))
+        await settle()
+        with pytest.raises(_Busy, match=r"1 request\(s\) still running after 0 s \(the oldest, "
+                                        r"/v1/stuck, .* the engine answers a state RPC"):
+            await mw._switch(engine, 4, drain_s=0.1)
+        engine.hang = True
+        with pytest.raises(_Busy, match="/v1/stuck.* the engine did not answer a state RPC"):
+            await mw._switch(engine, 4, drain_s=0.1)
+        assert mw.version == 3 and mw._open.is_set()  # refused: still serving 3, admitting
+        gates["/v1/stuck"].set()
+        assert await stuck == "3"
+
+    asyncio.run(main())
 
 
 def test_in_place_switch_maps_tensors_one_to_one_or_not_at_all() -> None:

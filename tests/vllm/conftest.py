@@ -8,9 +8,12 @@ for the end (docs/benchmarks.md, "vLLM tier in two lanes")."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from helpers.vllm import HAVE_VLLM, start_vllm, vllm_logs, vllm_model, vllm_tiny_model  # noqa: F401 - fixtures
+from helpers.vllm import (HAVE_VLLM, STARTED, start_vllm, vllm_logs,  # noqa: F401 - fixtures
+                          vllm_model, vllm_tiny_model)
 
 TEST_TIMEOUT_S = 1200  # one test here, its module's server starts included (load 20+)
 
@@ -26,3 +29,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
             if not HAVE_VLLM:
                 item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test's report ends with the last lines of every server its module started
+    (CI shows only the report: a server's own account of a stall is otherwise lost)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for server in STARTED:
+            rep.sections.append((f"vLLM server {server.url} ({server.log_path.name}), last lines",
+                                 server.log_tail(60)))

@@ -36,6 +36,7 @@ PREFIX = "/tensorfabric/weights/"
 MAX_BODY = 16 << 20
 MAX_SKEW_S = 120.0
 _MAX_NONCES = 4096
+_PROBE_S = 5.0  # how long a failed drain waits for the engine's answer to a state RPC
 
 
 def http_key(secret: str | bytes) -> bytes:
@@ -60,10 +61,12 @@ class WeightsMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.version = 0
-        self.inflight = 0
-        self._open = asyncio.Event()
+        self._running: dict[int, tuple[float, str]] = {}  # request number -> (start, path)
+        self._seq = 0
+        self._open = asyncio.Event()  # cleared while a switch runs
         self._open.set()
-        self._idle = asyncio.Condition()
+        self._drained = asyncio.Event()  # set while no request runs
+        self._drained.set()
         self._switching = asyncio.Lock()
         self._nonces: OrderedDict[str, float] = OrderedDict()
         secret = os.environ.get("TENSORFABRIC_SECRET", "")
@@ -79,8 +82,12 @@ class WeightsMiddleware:
             return
         gated = scope.get("method") == "POST"
         if gated:
-            await self._open.wait()  # closed only while a switch runs
-            self.inflight += 1
+            while not self._open.is_set():  # a switch runs: wait (woken, check again: the
+                await self._open.wait()     # next switch may have closed it since)
+            self._seq += 1
+            rid = self._seq
+            self._running[rid] = (time.monotonic(), path)
+            self._drained.clear()
         version = str(self.version).encode()
 
         async def stamped(message: dict[str, Any]) -> None:
@@ -92,10 +99,10 @@ class WeightsMiddleware:
         try:
             await self.app(scope, receive, stamped)
         finally:
-            if gated:
-                async with self._idle:
-                    self.inflight -= 1
-                    self._idle.notify_all()
+            if gated:  # no await here: a cancelled request still leaves the count
+                del self._running[rid]
+                if not self._running:
+                    self._drained.set()
 
     # -- control routes ------------------------------------------------------------------------
     async def _control(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -180,18 +187,36 @@ class WeightsMiddleware:
                 return await self._rpc(engine, "tf_weights_state")
             self._open.clear()
             try:
-                async with self._idle:
+                deadline = time.monotonic() + drain_s
+                while self._running:
                     try:
-                        await asyncio.wait_for(self._idle.wait_for(lambda: self.inflight == 0), drain_s)
+                        await asyncio.wait_for(self._drained.wait(),
+                                               max(0.0, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
-                        raise _Busy(f"{self.inflight} request(s) still running after {drain_s:.0f} s; "
-                                    f"still serving {self.version}") from None
+                        raise _Busy(await self._stuck(engine, drain_s)) from None
                 out = await self._rpc(engine, "tf_weights_switch", str(version))
                 await engine.reset_prefix_cache()
                 self.version = int(out.get("serving", version)) if isinstance(out, dict) else version
                 return out
             finally:
                 self._open.set()
+
+    async def _stuck(self, engine: Any, drain_s: float) -> str:
+        """Why a drain ran out: how many requests still run, the oldest's path and age, and
+        whether the engine still answers a state RPC (an engine stuck in a step does not)."""
+        now = time.monotonic()
+        start, path = min(self._running.values())
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(self._rpc(engine, "tf_weights_state"), _PROBE_S)
+            engine_said = f"the engine answers a state RPC in {time.monotonic() - t0:.2f} s"
+        except asyncio.TimeoutError:
+            engine_said = f"the engine did not answer a state RPC in {_PROBE_S:.0f} s"
+        except Exception as exc:  # noqa: BLE001 - reported, the switch fails either way
+            engine_said = f"the engine's state RPC failed: {type(exc).__name__}: {exc}"
+        return (f"{len(self._running)} request(s) still running after {drain_s:.0f} s (the "
+                f"oldest, {path}, for {now - start:.1f} s; {engine_said}); still serving "
+                f"{self.version}")
 
 
 class _Busy(Exception):
