@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import time
@@ -37,9 +36,7 @@ PREFIX = "/tensorfabric/weights/"
 MAX_BODY = 16 << 20
 MAX_SKEW_S = 120.0
 _MAX_NONCES = 4096
-log = logging.getLogger("tensorfabric.vllm.weights")
-_PROBE_S = 5.0  # how long a drain waits for the engine's answer to a state RPC
-_PROBE_EVERY_S = 5.0  # a drain longer than this probes the engine (and logs) this often
+_PROBE_S = 5.0  # how long a failed drain waits for the engine's answer to a state RPC
 
 
 def http_key(secret: str | bytes) -> bytes:
@@ -190,7 +187,13 @@ class WeightsMiddleware:
                 return await self._rpc(engine, "tf_weights_state")
             self._open.clear()
             try:
-                await self._drain(engine, version, drain_s)
+                deadline = time.monotonic() + drain_s
+                while self._running:
+                    try:
+                        await asyncio.wait_for(self._drained.wait(),
+                                               max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        raise _Busy(await self._stuck(engine, drain_s)) from None
                 out = await self._rpc(engine, "tf_weights_switch", str(version))
                 await engine.reset_prefix_cache()
                 self.version = int(out.get("serving", version)) if isinstance(out, dict) else version
@@ -198,45 +201,22 @@ class WeightsMiddleware:
             finally:
                 self._open.set()
 
-    async def _drain(self, engine: Any, version: int, drain_s: float) -> None:
-        """Wait until no request runs, at most ``drain_s``; raise _Busy (what still runs and
-        whether the engine answers) after that. Every ``_PROBE_EVERY_S`` of waiting it logs
-        the oldest request and sends the engine a state RPC: a liveness check, and traffic on
-        the engine's output path (a request that waits for other traffic to make progress
-        would otherwise wait out the drain: no new request is let in while it runs)."""
-        start = time.monotonic()
-        deadline = start + drain_s
-        while self._running:
-            left = deadline - time.monotonic()
-            if left > 0:
-                try:
-                    await asyncio.wait_for(self._drained.wait(), min(left, _PROBE_EVERY_S))
-                    continue
-                except asyncio.TimeoutError:
-                    pass
-            what = self._oldest(time.monotonic() - start)
-            said = await self._probe(engine)
-            if not self._running:
-                break  # it finished meanwhile
-            if left <= 0:
-                raise _Busy(f"{what}; {said}); still serving {self.version}")
-            log.warning("switch to %d: %s; %s)", version, what, said)
-
-    def _oldest(self, waited: float) -> str:
-        begun, path = min(self._running.values())
-        return (f"{len(self._running)} request(s) still running after {waited:.0f} s (the "
-                f"oldest, {path}, for {time.monotonic() - begun:.1f} s")
-
-    async def _probe(self, engine: Any) -> str:
-        """Whether the engine answers a state RPC (an engine stuck in a step does not)."""
+    async def _stuck(self, engine: Any, drain_s: float) -> str:
+        """Why a drain ran out: how many requests still run, the oldest's path and age, and
+        whether the engine still answers a state RPC (an engine stuck in a step does not)."""
+        now = time.monotonic()
+        start, path = min(self._running.values())
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(self._rpc(engine, "tf_weights_state"), _PROBE_S)
-            return f"the engine answers a state RPC in {time.monotonic() - t0:.2f} s"
+            engine_said = f"the engine answers a state RPC in {time.monotonic() - t0:.2f} s"
         except asyncio.TimeoutError:
-            return f"the engine did not answer a state RPC in {_PROBE_S:.0f} s"
+            engine_said = f"the engine did not answer a state RPC in {_PROBE_S:.0f} s"
         except Exception as exc:  # noqa: BLE001 - reported, the switch fails either way
-            return f"the engine's state RPC failed: {type(exc).__name__}: {exc}"
+            engine_said = f"the engine's state RPC failed: {type(exc).__name__}: {exc}"
+        return (f"{len(self._running)} request(s) still running after {drain_s:.0f} s (the "
+                f"oldest, {path}, for {now - start:.1f} s; {engine_said}); still serving "
+                f"{self.version}")
 
 
 class _Busy(Exception):
