@@ -49,3 +49,34 @@ def test_a_200_is_healthy_and_a_closed_port_is_not() -> None:
     finally:
         ls.close()
     assert VllmServer("model", port=port).healthy() is False
+
+
+def test_a_server_with_its_worker_in_the_engine_core_is_pinned_whole(tmp_path) -> None:
+    """With the worker inside the engine core (the default here) vLLM binds no thread to
+    ``cpus``: the server process is pinned (its children inherit it). A started process's
+    affinity is checked on a stand-in command (a vLLM server takes ~45 s to start; the vLLM
+    tier runs real ones). With vLLM's own worker process it binds the worker itself: no pin."""
+    import os
+    import sys
+    import time
+
+    from tensorfabric.vllm._launch import _cpu_set
+
+    assert _cpu_set("1") == {1} and _cpu_set("0-2,5") == {0, 1, 2, 5}
+    assert _cpu_set("auto") is None and _cpu_set("0|1") is None
+    cpu = max(os.sched_getaffinity(0))
+    s = VllmServer(str(tmp_path), cpus=str(cpu), log_path=tmp_path / "s.log")
+    assert s._pin == {cpu}
+    s.argv = [sys.executable, "-c", "import os, time; print(sorted(os.sched_getaffinity(0)), "
+              "flush=True); time.sleep(30)"]
+    s.start()
+    try:
+        for _ in range(200):
+            if s.log_path.read_text().strip():
+                break
+            time.sleep(0.05)
+        assert s.log_path.read_text().strip() == str([cpu])
+    finally:
+        s.kill()
+    assert VllmServer(str(tmp_path), cpus=str(cpu),
+                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})._pin is None

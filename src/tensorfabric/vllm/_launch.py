@@ -68,11 +68,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_set(cpus: str) -> set[int] | None:
+    """``VLLM_CPU_OMP_THREADS_BIND``'s CPUs ("0", "0-3", "0,2"); None for its other forms
+    ("auto", "nobind", one list per rank with "|")."""
+    out: set[int] = set()
+    try:
+        for part in cpus.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        return None
+    return out or None
+
+
 class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` for ``model`` (a folder vLLM loads).
 
     ``cpus``: the CPU list its worker thread(s) bind to (``VLLM_CPU_OMP_THREADS_BIND``, e.g.
-    ``"0"``); ``kv_space_gib``: ``VLLM_CPU_KVCACHE_SPACE``; ``kv_transfer_config``: a dict for
+    ``"0"``; with the worker inside the engine core, the default here, the whole server is
+    pinned to it); ``kv_space_gib``: ``VLLM_CPU_KVCACHE_SPACE``; ``kv_transfer_config``: a dict for
     ``--kv-transfer-config``; ``env``: more environment (``TENSORFABRIC_SECRET`` belongs here,
     not on the command line). The log goes to ``log_path`` (a temporary file by default).
     """
@@ -113,6 +127,10 @@ class VllmServer:
         if cpus is not None:
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         self.env.update(env or {})
+        # with the worker inside the engine core vLLM binds no thread to ``cpus`` (measured:
+        # every engine-core thread kept the whole machine); the server is then pinned whole
+        self._pin = (_cpu_set(cpus) if cpus is not None
+                     and self.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else None)
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="tf-vllm-", suffix=".log")
             os.close(fd)
@@ -130,11 +148,19 @@ class VllmServer:
         log = open(self.log_path, "ab")
         self._log_from = log.tell()  # this start's output (the log gathers every start's)
         main = threading.current_thread() is threading.main_thread()
+        pin = self._pin
+
+        def preexec() -> None:
+            if main:
+                _die_with_parent()
+            if pin:
+                os.sched_setaffinity(0, pin)
+
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env,
                                          start_new_session=True,
-                                         preexec_fn=_die_with_parent if main else None)
+                                         preexec_fn=preexec if main or pin else None)
         finally:
             log.close()
         return self
