@@ -130,9 +130,9 @@ class VllmServer:
         # with the worker inside the engine core vLLM binds no thread to ``cpus`` (measured:
         # every engine-core thread kept the whole machine); the server is then pinned whole
         # (to those of them this process may use: none of them, no pin)
-        pin = (_cpu_set(cpus) if cpus is not None
-               and self.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else None)
-        self._pin = (pin & os.sched_getaffinity(0)) or None if pin else None
+        self._pin: set[int] | None = None
+        if cpus is not None and self.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            self._pin = (_cpu_set(cpus) or set()) & os.sched_getaffinity(0) or None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="tf-vllm-", suffix=".log")
             os.close(fd)

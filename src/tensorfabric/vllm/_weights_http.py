@@ -206,10 +206,9 @@ class WeightsMiddleware:
         whether the engine still answers a state RPC (an engine stuck in a step does not)."""
         now = time.monotonic()
         start, path = min(self._running.values())
-        t0 = time.monotonic()
         try:
             await asyncio.wait_for(self._rpc(engine, "tf_weights_state"), _PROBE_S)
-            engine_said = f"the engine answers a state RPC in {time.monotonic() - t0:.2f} s"
+            engine_said = f"the engine answers a state RPC in {time.monotonic() - now:.2f} s"
         except asyncio.TimeoutError:
             engine_said = f"the engine did not answer a state RPC in {_PROBE_S:.0f} s"
         except Exception as exc:  # noqa: BLE001 - reported, the switch fails either way
