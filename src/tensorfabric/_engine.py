@@ -130,6 +130,7 @@ class Engine(EngineOps, Inbound, Timers):
             reconnect_grace=reconnect_grace, tls_server=tls_server, tls_client=tls_client,
             chunk_bytes=chunk_bytes, integrity=bool(integrity),
         )
+        self._blocker = self._tcp.poller.blocker if self._tcp.poller is not None else None
         self._shm: ShmTransport | None = None
         self._probe: ShmBacking | None = None
         probe_nonce = b""

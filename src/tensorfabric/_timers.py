@@ -15,6 +15,7 @@ from ._errors import ConfigError, TransferTimeout
 from ._transfer import Transfer
 
 if TYPE_CHECKING:
+    from .transports._poller import Blocker
     from .transports._tcp import TcpTransport
 
 log = logging.getLogger("tensorfabric")
@@ -27,6 +28,7 @@ class Timers:
     timeout: float
     _closed: bool
     _tcp: TcpTransport
+    _blocker: Blocker | None  # the tcp poller's, if any
     _timers: list[tuple[float, int, weakref.ref[Transfer]]]
     #: deadlines of new transfers, appended without a lock (one deque append per op); the
     #: timer thread moves them into the heap
@@ -45,6 +47,9 @@ class Timers:
             raise ConfigError(f"timeout must be > 0, got {timeout!r}")
         deadline = time.monotonic() + limit
         t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=deadline)
+        # a waiter blocking on it ends a hold on the links (transports/_poller.py); ops whose
+        # waiter may read their one reply itself set the poller instead
+        t._reader = self._blocker
         if parts:
             self._timers_new.append((deadline, weakref.ref(t)))
         return t

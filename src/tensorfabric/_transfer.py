@@ -232,6 +232,10 @@ def _run_quietly(fn: Callable[..., Any], *args: Any) -> None:
 def gather(transfers: list[Transfer], kind: str = "group") -> Transfer:
     """One transfer that completes when all of ``transfers`` have (fails on the first error)."""
     group = Transfer(kind, sum(t.nbytes for t in transfers), parts=len(transfers))
+    # its waiter blocks: like its parts' own waiters that cannot read for them (a hold on
+    # the links ends first; see transports/_poller.py)
+    group._reader = next((b for b in (getattr(t._reader, "blocker", None) for t in transfers)
+                          if b is not None), None)
 
     def one_done(t: Transfer) -> None:
         err = t.exception()

@@ -123,6 +123,8 @@ class Conn(Receiver):
         self._ep: select.epoll | None = None
         self._fd = sock.fileno()
         poller = transport.poller
+        #: what a group of transfers waits through when one of its parts reads for itself here
+        self.blocker = poller.blocker if poller is not None else None
         self._shared = not dialer and not self.tls and poller is not None
         if self._shared and poller is not None:
             self._ep = poller.ep
@@ -377,8 +379,11 @@ class Conn(Receiver):
         """The receive thread of a dialled plain link: reads whatever no caller is reading."""
         ep = self._ep
         assert ep is not None
+        poller = self.t.poller
         try:
             while self.alive:
+                if poller is not None and poller.holding:
+                    poller.hold_off(self)  # a caller's next wait will read this link
                 try:
                     if not ep.poll(1.0):
                         continue

@@ -8,12 +8,23 @@ one, and on a loaded two-core machine each costs more than the frame's own Pytho
 * every accepted plain link's fd sits in one epoll in one-shot mode; each link's receive
   thread waits on that epoll and reads whichever link has data (``Conn.rlock`` makes one
   reader per link at a time; ``Conn._pump`` reads to a frame boundary and re-arms the fd);
-* a caller whose ``recv``/``expect`` transfer is not done yet takes the poller (one caller at
-  a time; the others wait as before) and polls the same epoll itself, so the frame it waits
-  for is parsed, checked (MACs, sequence numbers, bounds: the same ``Conn`` code) and
+* a caller whose ``recv``/``expect`` transfer is not done yet takes the poller (one caller
+  at a time; the others wait as in ``block_on``) and polls the same epoll itself, so the frame
+  it waits for is parsed, checked (MACs, sequence numbers, bounds: the same ``Conn`` code) and
   delivered in its own thread;
 * while a caller holds the poller the receive threads park (a condition), so the kernel hands
   every event to the caller; when it lets go they are woken to take over;
+* a caller that keeps coming back (its wait began within ``_LINGER`` of the one before it
+  ending: a request/response loop) keeps the links for ``_LINGER`` after each wait, and the
+  parked threads are not woken: a frame that comes in between (the peer's reply, arriving
+  while the caller still waits for its send's acknowledgement) is read by its next wait, not
+  by a receive thread that would wake, deliver and hand over (two wake-ups). The dialled
+  links' receive threads hold off too (``hold_off``): the caller reads its acknowledgement on
+  the link it dialled itself (``Conn.read_for``). When the caller does not come back in time
+  the sentry ends the hold and wakes the parked threads, so a frame waits at most ``_LINGER``
+  for a reader; a caller slower than that lets go at once. A thread that waits for a transfer
+  it cannot read for (several replies, or replies that come another way: ``block_on``) ends
+  a hold, and none begins while it waits;
 * one caller never holds every link: while it polls, one parked thread (the sentry) looks
   every ``_PARK`` seconds, without blocking, for a link that is readable and that nobody has
   taken. There is one only when the caller is not in its poll: it is reading a large frame,
@@ -50,10 +61,30 @@ ARM = (select.EPOLLIN | select.EPOLLONESHOT) if hasattr(select, "epoll") else 0
 _SLICE = 1.0
 #: while a caller polls, links it leaves readable are taken over after at most this long
 _PARK = 0.05
+#: a caller whose waits follow each other this closely keeps the links this long after each
+_LINGER = 0.002
 
 
 def available() -> bool:
     return hasattr(select, "epoll") and hasattr(os, "eventfd")
+
+
+class Blocker:
+    """The reader of a transfer whose waiter cannot read its own reply (it has several, or
+    they come another way): it ends a caller's hold on the links before the waiter blocks,
+    so the receive threads read them now (see ``Poller.block_on``)."""
+
+    __slots__ = ("poller", "blocker")
+
+    def __init__(self, poller: Poller) -> None:
+        self.poller = poller
+        self.blocker = self  # (what a group of transfers takes from its parts' readers)
+
+    def read_for(self, transfer: Any, timeout: float) -> None:
+        self.poller.block_on(transfer, timeout)
+
+    def kick(self) -> None:
+        """(Nothing polls for such a transfer.)"""
 
 
 class Poller:
@@ -64,7 +95,9 @@ class Poller:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ep.register(self._efd, ARM)
         self.conns: dict[int, Conn] = {}
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)
+        self._scv = threading.Condition(lock)  # the sentry's own: a caller can wake it alone
         self._caller = threading.Lock()  # held by the one caller polling
         self._holder: int | None = None  # that caller's thread id
         self._parked = 0  # receive threads parked while a caller polls
@@ -72,10 +105,18 @@ class Poller:
         self._recruits = 0  # parked threads asked to help serve such links
         self._current = -1  # the link the caller read last
         self._polled_at = 0.0  # when it last came back to its poll
+        self._due = 0.0  # a caller that let go keeps the links until then (0: none)
+        self._let_go = 0.0  # when a caller last let go
+        self._sentry_until = 0.0  # when the sentry's current wait ends
+        self._blocked: list[None] = []  # one entry per thread in block_on
+        self._took = 0.0  # when the caller polling took the poller
+        self._looping = False  # it came back within _LINGER of the last wait (see hold_off)
         self._users = 0  # callers and receive threads that may touch the epoll or the eventfd
         self._released = False  # release() was called: the last user out closes the fds
         self._fdlock = threading.Lock()  # a kick's write vs closing the eventfd
         self.closed = False
+        #: the reader of transfers that cannot be read for (see ``Blocker``)
+        self.blocker = Blocker(self)
 
     # -- links ----------------------------------------------------------------------------
 
@@ -101,6 +142,7 @@ class Poller:
                 return
             del self.conns[fd]
             self._cv.notify_all()  # its parked receive thread may end
+            self._scv.notify_all()
         try:
             self.ep.unregister(fd)
         except (OSError, ValueError):
@@ -132,25 +174,45 @@ class Poller:
                 self._handle(fd, caller=False)
 
     def _park(self, conn: Conn) -> bool:
-        """Wait while a caller polls. True: look for links it leaves waiting (this thread is
-        the sentry and its look is due, or it was recruited); False: no caller polls, serve."""
+        """Wait while a caller polls or keeps the links. True: look for links it leaves
+        waiting (this thread is the sentry and its look is due, or it was recruited); False:
+        no caller polls or keeps the links, serve."""
         with self._cv:
-            while self._holder is not None and conn.alive and not self.closed:
+            while conn.alive and not self.closed:
+                now = time.monotonic()
+                if self._holder is None:
+                    if not self._due:
+                        return False
+                    if now >= self._due:  # the caller did not come back: the others serve too
+                        self._due = 0.0
+                        if self._parked:
+                            self._cv.notify_all()
+                        return False
                 if self._recruits:
                     self._recruits -= 1
                     return True
-                sentry = not self._sentry
-                if sentry:
-                    self._sentry = True
                 self._parked += 1
-                try:
+                if self._sentry:
                     # the others wake now and then to stand in for a sentry whose link closed
-                    timed_out = not self._cv.wait(_PARK if sentry else 1.0)
+                    try:
+                        self._cv.wait(1.0)
+                    finally:
+                        self._parked -= 1
+                    continue
+                self._sentry = True
+                if self._holder is None:
+                    until = self._due
+                elif now - self._let_go < _LINGER:
+                    until = now + _LINGER  # a caller in a request/response loop
+                else:
+                    until = now + _PARK
+                self._sentry_until = until
+                try:
+                    timed_out = not self._scv.wait(until - now)
                 finally:
                     self._parked -= 1
-                    if sentry:
-                        self._sentry = False
-                if sentry and timed_out and self._holder is not None:
+                    self._sentry = False
+                if timed_out and self._holder is not None:
                     return True
             return False
 
@@ -224,10 +286,12 @@ class Poller:
     # -- the caller ---------------------------------------------------------------------------
 
     def read_for(self, transfer: Any, timeout: float) -> None:
-        """Read accepted links' frames in the calling thread until ``transfer`` is done or
-        ``timeout`` passes; returns at once when another caller polls (it then waits on the
-        transfer as before)."""
-        if not self.conns or self.closed or not self._caller.acquire(blocking=False):
+        """Read the links' frames in the calling thread until ``transfer`` is done or
+        ``timeout`` passes; while another caller polls, wait as ``block_on`` does."""
+        if not self.conns or self.closed:
+            return
+        if not self._caller.acquire(blocking=False):
+            self.block_on(transfer, timeout)  # another caller polls
             return
         with self._cv:
             if self.closed:
@@ -235,6 +299,9 @@ class Poller:
                 return
             self._users += 1  # see _leave
             self._holder = threading.get_ident()
+            self._took = now = time.monotonic()
+            back = self._looping = now - self._let_go < _LINGER  # a wait right after the last
+            self._due = 0.0
         try:
             deadline = time.monotonic() + timeout
             while not transfer._done and not self.closed:
@@ -252,14 +319,76 @@ class Poller:
         finally:
             with self._cv:
                 self._holder = None
+                self._looping = False
                 self._recruits = 0
-                if self._parked:
+                self._let_go = now = time.monotonic()
+                if back and not self.closed:
+                    # keep the links a while: the parked threads sleep on; the sentry, if its
+                    # wait ends later, is woken to end the hold in time
+                    self._due = now + _LINGER
+                    if self._blocked:  # (after setting it: see block_on) no hold, then
+                        self._due = 0.0
+                    elif self._sentry and self._sentry_until > self._due:
+                        self._scv.notify()
+                if not self._due and self._parked:
                     self._cv.notify_all()
+                    self._scv.notify()
                 self._users -= 1
                 last = self._users == 0 and self._released
             if last:
                 self._close_fds()
             self._caller.release()
+
+    @property
+    def holding(self) -> bool:
+        """A caller keeps the links, or polls in a request/response loop (no lock: a hint)."""
+        return bool(self._due) or self._looping
+
+    def hold_off(self, conn: Conn) -> None:
+        """A dialled link's receive thread, before it polls its link: wait while a caller
+        keeps the links between its waits, or polls in a request/response loop (it reads its
+        reply on that link itself, in its next wait: a frame read here would cost a wake-up
+        and a hand-off); at most ``_LINGER`` past the loop's last wait, since this thread is
+        not the one that ends a hold, and never while a thread waits in ``block_on``."""
+        with self._cv:
+            while conn.alive and not self.closed and not self._blocked:
+                now = time.monotonic()
+                if self._holder is None:
+                    until = self._due
+                elif self._looping:
+                    until = self._took + _LINGER
+                else:
+                    return
+                if until <= now:
+                    return
+                self._parked += 1
+                try:
+                    self._cv.wait(until - now)
+                finally:
+                    self._parked -= 1
+
+    def block_on(self, transfer: Any, timeout: float) -> None:
+        """Wait for ``transfer`` to finish (or ``timeout``) without polling: its frames are
+        read by a caller that polls or by the receive threads. While any thread waits so, no
+        caller keeps the links after its wait, and a hold already begun ends now."""
+        blocked = self._blocked
+        blocked.append(None)  # (atomic: no lock on this path, taken by every such wait)
+        try:
+            if self._due:  # after the append: a caller letting go sees it, or we see its hold
+                self._unhold()
+            gate = transfer._gate
+            if gate.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX)):
+                gate.release()  # let the next waiter through
+        finally:
+            blocked.pop()
+
+    def _unhold(self) -> None:
+        with self._cv:
+            if self._due and self._holder is None:
+                self._due = 0.0
+                if self._parked:
+                    self._cv.notify_all()
+                    self._scv.notify()
 
     def kick(self) -> None:
         """A transfer a caller may be polling for finished in another thread: wake it."""
@@ -297,6 +426,7 @@ class Poller:
         with self._cv:
             self.closed = True
             self._cv.notify_all()
+            self._scv.notify_all()
         self._wake()
 
     def release(self) -> None:
