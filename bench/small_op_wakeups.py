@@ -1,6 +1,7 @@
 """Thread wake-ups and CPU per small op, in both processes (issue 16).
 
     PYTHONPATH=src python bench/small_op_wakeups.py [--transport tcp] [--imm 3000] [--msgs 2000]
+        [--threads]
 
 Runs ``--imm`` immediate round trips (``barrier`` to the peer, which counts them) and
 ``--msgs`` 64 B send/recv round trips (the peer echoes) against ``tensorfabric bench``'s peer
@@ -15,6 +16,7 @@ import argparse
 import os
 import resource
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -38,9 +40,26 @@ def _theirs(pid: int) -> tuple[int, float]:
     return switches, (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(name: str, fn: Callable[[], Any], n: int, pid: int) -> None:
+def _threads() -> dict[str, tuple[int, float]]:
+    """This process's threads by name: voluntary context switches, CPU seconds."""
+    out = {}
+    for th in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{th.native_id}/status") as f:
+                vcs = next(int(line.split()[1]) for line in f
+                           if line.startswith("voluntary_ctxt_switches"))
+            with open(f"/proc/self/task/{th.native_id}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+        except (OSError, StopIteration):
+            continue
+        out[th.name] = (vcs, (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def _measure(name: str, fn: Callable[[], Any], n: int, pid: int, threads: bool) -> None:
     for _ in range(50):
         fn()
+    before = _threads() if threads else {}
     c0, u0 = _mine()
     p0, q0 = _theirs(pid)
     lat = []
@@ -50,6 +69,11 @@ def _measure(name: str, fn: Callable[[], Any], n: int, pid: int) -> None:
         lat.append(time.perf_counter() - t0)
     c1, u1 = _mine()
     p1, q1 = _theirs(pid)
+    for th, (v1, cpu1) in sorted(_threads().items()) if threads else ():
+        v0, cpu0 = before.get(th, (v1, cpu1))
+        if v1 - v0 > 0.02 * n or cpu1 - cpu0 > 0.01:
+            print(f"  {th}: voluntary switches/op {(v1 - v0) / n:.2f}, "
+                  f"CPU/op {(cpu1 - cpu0) / n * 1e6:.0f} us")
     print(f"{name}: p50 {statistics.median(lat) * 1e6:.0f} us; context switches/op "
           f"me {(c1 - c0) / n:.2f} peer {(p1 - p0) / n:.2f}; CPU/op me {(u1 - u0) / n * 1e6:.0f} "
           f"peer {(q1 - q0) / n * 1e6:.0f} us (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -60,6 +84,8 @@ def main() -> None:
     ap.add_argument("--transport", default="tcp")
     ap.add_argument("--imm", type=int, default=3000)
     ap.add_argument("--msgs", type=int, default=2000)
+    ap.add_argument("--threads", action="store_true",
+                    help="also each thread of this process (switches and CPU per op)")
     a = ap.parse_args()
     cfg = BenchConfig(transports=(a.transport,))
     peer = PeerProcess(a.transport, cfg)
@@ -68,7 +94,8 @@ def main() -> None:
     try:
         s = Session(eng, peer.address, cfg, a.transport)
         pid = peer.proc.pid
-        _measure("imm", lambda: eng.barrier([peer.address], IMM_PING + 2).wait(30), a.imm, pid)
+        _measure("imm", lambda: eng.barrier([peer.address], IMM_PING + 2).wait(30), a.imm, pid,
+                 a.threads)
         data = bytes(64)
         s.ctrl("echo", wait=False, n=a.msgs + 50)
 
@@ -76,7 +103,7 @@ def main() -> None:
             eng.send(peer.address, data, tag=DATA_TAG).wait(30)
             eng.recv(tag=DATA_TAG, timeout=30)
 
-        _measure("sendrecv 64 B", echo, a.msgs, pid)
+        _measure("sendrecv 64 B", echo, a.msgs, pid, a.threads)
         s.reply()
         s.ctrl("quit")
     finally:
