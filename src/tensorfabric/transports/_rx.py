@@ -238,8 +238,8 @@ class Receiver(ReplyReceiver):
             raise ProtocolError(_PAYLOAD_MAC_FAILED)
 
     def _recv_loop(self) -> None:
-        """A TLS link's receive thread: frames as they come (plain links are read through
-        the transport's poller, where a waiting caller may read its own frames)."""
+        """The link's receive thread: frames as they come (see ``Conn._poll_loop`` for the
+        dialled links whose callers may read their own replies)."""
         self._guarded(self._frames_forever)
 
     def _frames_forever(self) -> None:
