@@ -286,8 +286,8 @@ class Poller:
     # -- the caller ---------------------------------------------------------------------------
 
     def read_for(self, transfer: Any, timeout: float) -> None:
-        """Read the links' frames in the calling thread until ``transfer`` is done or
-        ``timeout`` passes; while another caller polls, wait as ``block_on`` does."""
+        """Read the accepted links' frames in the calling thread until ``transfer`` is done
+        or ``timeout`` passes; while another caller polls, wait as ``block_on`` does."""
         if not self.conns or self.closed:
             return
         if not self._caller.acquire(blocking=False):
