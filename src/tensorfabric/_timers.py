@@ -48,7 +48,7 @@ class Timers:
         deadline = time.monotonic() + limit
         t = Transfer(kind, nbytes, parts=parts, peer=peer, deadline=deadline)
         # a waiter blocking on it ends a hold on the links (transports/_poller.py); ops whose
-        # waiter may read their one reply itself set the poller instead
+        # waiter may read its reply itself set their link or the poller instead
         t._reader = self._blocker
         if parts:
             self._timers_new.append((deadline, weakref.ref(t)))

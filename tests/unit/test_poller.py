@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tensorfabric import ClosedError, Engine
+from tensorfabric import ClosedError, Engine, gather
 from tensorfabric._inbound import Inbound
 
 SECRET = "poller-secret"
@@ -363,8 +363,6 @@ def test_a_waiter_that_cannot_read_for_itself_ends_a_hold() -> None:
         poller = a._tcp.poller
         assert poller is not None
         poller._due = time.monotonic() + 3600  # a hold under way that would never end
-        from tensorfabric import gather
-
         group = gather([a.write(np.full(1 << 15, 2, np.uint8), region.descriptor(),
                                 dst_offset=i << 15) for i in range(2)])
         group.wait(10)
