@@ -11,6 +11,11 @@ knows its engine's address, and sends later requests to the prefill and the deco
 at the same time, both with one fresh random push id; the decode instance offers its blocks
 at once and the prefill instance writes each layer's KV into them while it computes (see
 ``_push.py``). ``mode="pull"`` keeps the sequential protocol above for every request.
+
+Pooled connections: an idle one is closed after ``_KEEPALIVE_S``, before vLLM's server closes
+it (uvicorn's keep-alive, 5 s by default), and a request whose reused connection the server
+closed before any answer came is sent again on another (the rule browsers follow): a server
+closing an idle connection just as the proxy picks it would otherwise fail the request.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any, Sequence
 from .._errors import ConfigError
 
 _PATHS = ("/v1/completions", "/v1/chat/completions")
+_KEEPALIVE_S = 2.0   # below the servers' keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s)
+_SENDS = 3           # attempts of one request while each fails on a reused connection
 
 
 def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +43,11 @@ def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     pre.pop("stream_options", None)
     pre["kv_transfer_params"] = {"do_remote_decode": True}
     return pre
+
+
+async def _mark_reused(session: Any, ctx: Any, params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["reused"] = True
 
 
 class DisaggProxy:
@@ -86,9 +98,11 @@ class DisaggProxy:
         from aiohttp import web
 
         self._stop = asyncio.Event()
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_mark_reused)
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=0))
+            timeout=aiohttp.ClientTimeout(total=self.timeout), trace_configs=[trace],
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S))
         app = web.Application(client_max_size=16 << 20)
         for path in _PATHS:
             app.router.add_post(path, self._handle)
@@ -105,6 +119,22 @@ class DisaggProxy:
         await self._stop.wait()
         await runner.cleanup()
         await self._session.close()
+
+    async def _send(self, method: str, url: str, **kw: Any) -> Any:
+        """The response to one request (its headers read). Sent again, up to ``_SENDS`` times
+        in all, while it fails on a reused connection before any answer: the server had
+        closed that connection (an idle one it timed out, or a restart), so it never read the
+        request. A failure on a fresh connection, or after an answer began, is the caller's."""
+        import aiohttp
+
+        for attempt in range(_SENDS):
+            ctx: dict[str, bool] = {}
+            try:
+                return await self._session.request(method, url, trace_request_ctx=ctx, **kw)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if not ctx.get("reused") or attempt == _SENDS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
@@ -124,7 +154,7 @@ class DisaggProxy:
             return await self._push(request, pre_url, dec_url, body, info)
         t0 = time.perf_counter()
         try:
-            async with self._session.post(pre_url, json=_prefill_body(body)) as r:
+            async with await self._send("POST", pre_url, json=_prefill_body(body)) as r:
                 pre = await r.json(content_type=None)
                 if r.status != 200:
                     self.stats["failed"] += 1
@@ -166,13 +196,13 @@ class DisaggProxy:
         self.stats["pushed"] += 1
         t0 = time.perf_counter()
         pre_task = asyncio.ensure_future(self._prefill_call(pre_url, pre))
-        dec_task = asyncio.ensure_future(self._session.post(dec_url, json=dec))
+        dec_task = asyncio.ensure_future(self._send("POST", dec_url, json=dec))
         await asyncio.wait({pre_task, dec_task}, return_when=asyncio.FIRST_COMPLETED)
         if dec_task.done() and dec_task.exception() is not None:
             pre_task.cancel()
             self.stats["failed"] += 1
-            return web.json_response({"error": {"message": f"decode instance {dec_url} failed: "
-                                                           f"{dec_task.exception()!r}"}}, status=502)
+            msg = f"decode instance {dec_url} failed: {dec_task.exception()!r}"
+            return web.json_response({"error": {"message": msg}}, status=502)
         status, answer = await pre_task
         self.stats["prefill_s"] += time.perf_counter() - t0
         if status != 200:
@@ -192,7 +222,7 @@ class DisaggProxy:
 
     async def _prefill_call(self, url: str, body: dict[str, Any]) -> tuple[int, Any]:
         try:
-            async with self._session.post(url, json=body) as r:
+            async with await self._send("POST", url, json=body) as r:
                 return r.status, await r.json(content_type=None)
         except Exception as exc:  # noqa: BLE001 - the client gets a clean 502
             return 502, {"error": {"message": f"prefill instance {url} failed: {exc!r}"}}
@@ -207,7 +237,7 @@ class DisaggProxy:
         r.close()
 
     async def _forward(self, request: Any, url: str, body: dict[str, Any]) -> Any:
-        async with self._session.post(url, json=body) as r:
+        async with await self._send("POST", url, json=body) as r:
             return await self._relay(request, r, body)
 
     async def _relay(self, request: Any, r: Any, body: dict[str, Any]) -> Any:
@@ -226,17 +256,18 @@ class DisaggProxy:
     async def _models(self, request: Any) -> Any:
         from aiohttp import web
 
-        async with self._session.get(self.decode[0] + "/v1/models") as r:
+        async with await self._send("GET", self.decode[0] + "/v1/models") as r:
             return web.json_response(await r.json(content_type=None), status=r.status)
 
     async def _health(self, request: Any) -> Any:
+        import aiohttp
         from aiohttp import web
 
         bad = []
         for url in self.prefill + self.decode:
             try:
-                async with self._session.get(url + "/health",
-                                             timeout=__import__("aiohttp").ClientTimeout(total=3)) as r:
+                async with await self._send("GET", url + "/health",
+                                            timeout=aiohttp.ClientTimeout(total=3)) as r:
                     if r.status != 200:
                         bad.append(url)
             except Exception:  # noqa: BLE001
