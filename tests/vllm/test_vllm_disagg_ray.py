@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.timeout(1200)]
 pytest.importorskip("ray")
 
 HERE = Path(__file__).resolve().parent
+KEY = "vllm-ray-test-key"
 LIST_ACTORS = """
 import json, sys, ray
 from tensorfabric.vllm._ray import NAMESPACE
@@ -59,7 +60,7 @@ def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path,
         log = open(tmp_path / "cli.log", "w")
         cli = subprocess.Popen(
             [sys.executable, "-m", "tensorfabric", "vllm-disagg", "--ray-address", address,
-             "--port", "0", "--kv-space", "1"],
+             "--port", "0", "--kv-space", "1", "--api-key", KEY],
             env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
         assert cli.stdout is not None
         url = cli.stdout.readline().strip()
@@ -68,10 +69,15 @@ def test_vllm_disagg_places_instances_as_ray_actors(tmp_path: Path,
             health = json.loads(r.read())
         assert health["ok"] and len(health["prefill"]) == len(health["decode"]) == 1
         prompt = "Item 1: the quick brown fox jumps over the lazy dog. " * 12
+        # --api-key: the proxy and the instances (vLLM itself, its key sent to the actors)
+        # refuse a request without it
+        for where in (url, health["prefill"][0], health["decode"][0]):
+            status, body = complete(where, prompt, 2, key=None if where == url else "wrong")
+            assert status == 401, (where, body)
         for p in (prompt, prompt + " Again:"):   # the first request pulls, the second pushes
-            status, body = complete(url, p, 12)
+            status, body = complete(url, p, 12, key=KEY)
             assert status == 200, body
-            status, alone = complete(health["prefill"][0], p, 12)
+            status, alone = complete(health["prefill"][0], p, 12, key=KEY)
             assert status == 200, alone
             assert body["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
         # the instances are (named) Ray actors of that cluster (asked from another process:

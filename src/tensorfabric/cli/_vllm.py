@@ -21,6 +21,7 @@ def register(app: Any) -> None:
         log_dir: str = typer.Option(None, "--log-dir", help="Write each instance's log here."),
         ray_address: str = typer.Option(None, "--ray-address", help="Start the instances as Ray actors on this Ray cluster ('auto' or host:port)."),
         proxy_mode: str = typer.Option("push", "--proxy-mode", help="push: prefill writes each layer's KV during the prefill; pull: decode takes it after."),
+        api_key: str = typer.Option(None, "--api-key", help="Clients must send 'Authorization: Bearer KEY' (default: $VLLM_API_KEY; none: open)."),
     ) -> None:
         """Start N prefill and M decode vLLM instances on this machine, joined by the
         tensorfabric KV connector, and a proxy; print the URL and serve until Ctrl-C."""
@@ -37,7 +38,8 @@ def register(app: Any) -> None:
             cluster = DisaggCluster(model, prefill=prefill, decode=decode, host=host, port=port,
                                     kv_space_gib=kv_space, block_size=block_size,
                                     connector={"timeout": timeout}, log_dir=log_dir,
-                                    ray_address=ray_address, proxy_mode=proxy_mode)
+                                    ray_address=ray_address, proxy_mode=proxy_mode,
+                                    api_key=api_key)
             where = f" on the Ray cluster at {ray_address}" if ray_address else ""
             console.print(f"starting {prefill} prefill + {decode} decode vLLM instances{where} "
                           "(about a minute each on a small CPU)...")

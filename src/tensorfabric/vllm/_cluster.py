@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from .._errors import ConfigError
 from ._launch import VllmServer, stop_all
 from ._layout import LayoutMismatchError
-from ._proxy import DisaggProxy
+from ._proxy import DisaggProxy, check_key
 from ._settings import kv_transfer_config
 
 
@@ -31,6 +31,8 @@ class DisaggCluster:
     or the head's ``host:port``), ``ray_cpus`` CPUs each, spread over the nodes; each serves
     and runs its engine on its node's IP address, and the proxy stays here. ``proxy_mode``:
     ``"push"`` (layer-by-layer, the default) or ``"pull"`` (see :class:`DisaggProxy`).
+    ``api_key`` (default ``$VLLM_API_KEY``): the key clients send as ``Authorization: Bearer
+    KEY``, asked for by the proxy and by every instance.
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, prefill: int = 1,
@@ -41,7 +43,8 @@ class DisaggCluster:
                  connector: Mapping[str, Any] | None = None, cpus: list[str] | None = None,
                  log_dir: str | os.PathLike[str] | None = None,
                  start_timeout: float = 600.0, ray_address: str | None = None,
-                 ray_cpus: float = 1.0, proxy_mode: str = "push") -> None:
+                 ray_cpus: float = 1.0, proxy_mode: str = "push",
+                 api_key: str | None = None) -> None:
         if prefill < 1 or decode < 1:
             raise ConfigError("need at least one prefill and one decode instance")
         pb = prefill_block_size or block_size
@@ -64,6 +67,11 @@ class DisaggCluster:
         if proxy_mode not in ("push", "pull"):
             raise ConfigError(f"proxy_mode must be 'push' or 'pull', got {proxy_mode!r}")
         self.proxy_mode = proxy_mode
+        self.api_key = api_key if api_key is not None else os.environ.get("VLLM_API_KEY") or None
+        check_key("api_key", self.api_key)   # before any instance starts
+        self.env = {"TENSORFABRIC_SECRET": self.secret}
+        if self.api_key is not None:   # every instance asks for it too (vLLM reads this)
+            self.env["VLLM_API_KEY"] = self.api_key
         self.prefill: list[Any] = []   # VllmServer, or RayVllmServer with ray_address
         self.decode: list[Any] = []
         self.proxy: DisaggProxy | None = None
@@ -85,11 +93,11 @@ class DisaggCluster:
                                  num_cpus=self.ray_cpus,
                                  name=f"{role}-{i}-{secrets.token_hex(4)}", cpus=self.cpus[n % len(self.cpus)],
                                  kv_transfer_config=cfg,
-                                 env={"TENSORFABRIC_SECRET": self.secret}, **self.kw)
+                                 env=self.env, **self.kw)
         log = self.log_dir / f"{role}-{i}.log" if self.log_dir else None
         return VllmServer(hf_folder(None if self.model is None else str(self.model)), host=self.host, cpus=self.cpus[n % len(self.cpus)],
                           kv_transfer_config=cfg, log_path=log,
-                          env={"TENSORFABRIC_SECRET": self.secret}, **self.kw)  # type: ignore[arg-type]
+                          env=self.env, **self.kw)  # type: ignore[arg-type]
 
     def start(self) -> DisaggCluster:
         if self.log_dir:
@@ -108,7 +116,7 @@ class DisaggCluster:
                 s.wait_ready(self.start_timeout)
             self.proxy = DisaggProxy([s.url for s in self.prefill], [s.url for s in self.decode],
                                      host=self.host, port=self.port,
-                                     mode=self.proxy_mode).start()
+                                     mode=self.proxy_mode, api_key=self.api_key).start()
         except BaseException:
             self.close()
             raise

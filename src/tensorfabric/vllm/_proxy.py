@@ -16,12 +16,20 @@ Pooled connections: an idle one is closed after ``_KEEPALIVE_S``, before vLLM's 
 it (uvicorn's keep-alive, 5 s by default), and a request whose reused connection the server
 closed before any answer came is sent again on another (the rule browsers follow): a server
 closing an idle connection just as the proxy picks it would otherwise fail the request.
+
+Bounds: at most ``max_pending`` requests in flight (more are answered 503 at once, with
+``Retry-After``), at most ``max_connections`` open connections to each instance (a request
+beyond that waits for one within its timeout). ``api_key`` (default ``$VLLM_API_KEY``, as
+``vllm serve``): clients must send ``Authorization: Bearer KEY`` everywhere but ``/health``
+(401 otherwise); ``instance_api_key`` (default: the same key) goes to the instances.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
+import os
 import secrets
 import threading
 import time
@@ -45,6 +53,13 @@ def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return pre
 
 
+def check_key(name: str, key: str | None) -> None:
+    """An API key goes in an HTTP header: printable ASCII, not empty (None: no key)."""
+    if key is not None and (not isinstance(key, str) or not key or not key.isascii()
+                            or not key.isprintable()):
+        raise ConfigError(f"{name} must be a non-empty printable ASCII string")
+
+
 async def _mark_reused(session: Any, ctx: Any, params: Any) -> None:
     if isinstance(ctx.trace_request_ctx, dict):
         ctx.trace_request_ctx["reused"] = True
@@ -55,11 +70,24 @@ class DisaggProxy:
 
     def __init__(self, prefill: Sequence[str], decode: Sequence[str], *,
                  host: str = "127.0.0.1", port: int = 0, timeout: float = 600.0,
-                 mode: str = "push") -> None:
+                 mode: str = "push", api_key: str | None = None,
+                 instance_api_key: str | None = None, max_pending: int = 1024,
+                 max_connections: int = 256) -> None:
         if not prefill or not decode:
             raise ConfigError("the proxy needs at least one prefill and one decode URL")
         if mode not in ("push", "pull"):
             raise ConfigError(f"mode must be 'push' or 'pull', got {mode!r}")
+        for name, n in (("max_pending", max_pending), ("max_connections", max_connections)):
+            if type(n) is not int or n < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {n!r}")
+        if api_key is None:
+            api_key = os.environ.get("VLLM_API_KEY") or None
+        check_key("api_key", api_key)
+        check_key("instance_api_key", instance_api_key)
+        self.api_key = api_key
+        self.instance_api_key = instance_api_key if instance_api_key is not None else api_key
+        self.max_pending, self.max_connections = max_pending, max_connections
+        self._pending = 0
         self.mode = mode
         self._engines: dict[str, dict[str, Any]] = {}   # prefill URL -> its engine and layout
         self.prefill, self.decode = list(prefill), list(decode)
@@ -70,7 +98,8 @@ class DisaggProxy:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.stats = {"requests": 0, "prefill_s": 0.0, "failed": 0, "pushed": 0}
+        self.stats = {"requests": 0, "prefill_s": 0.0, "failed": 0, "pushed": 0,
+                      "refused_busy": 0, "refused_key": 0}
 
     @property
     def url(self) -> str:
@@ -100,10 +129,13 @@ class DisaggProxy:
         self._stop = asyncio.Event()
         trace = aiohttp.TraceConfig()
         trace.on_connection_reuseconn.append(_mark_reused)
+        key = self.instance_api_key
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout), trace_configs=[trace],
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S))
-        app = web.Application(client_max_size=16 << 20)
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=self.max_connections,
+                                           keepalive_timeout=_KEEPALIVE_S))
+        app = web.Application(client_max_size=16 << 20, middlewares=[self._gate()])
         for path in _PATHS:
             app.router.add_post(path, self._handle)
         app.router.add_get("/v1/models", self._models)
@@ -119,6 +151,37 @@ class DisaggProxy:
         await self._stop.wait()
         await runner.cleanup()
         await self._session.close()
+
+    def _gate(self) -> Any:
+        """The middleware in front of every path but ``/health`` (open, as on vLLM's server):
+        the API key, then the bound on requests in flight."""
+        from aiohttp import web
+
+        want = f"Bearer {self.api_key}".encode() if self.api_key else None
+
+        @web.middleware
+        async def gate(request: Any, handler: Any) -> Any:
+            if request.path == "/health":
+                return await handler(request)
+            if want is not None and not hmac.compare_digest(
+                    request.headers.get("Authorization", "").encode(errors="replace"), want):
+                self.stats["refused_key"] += 1
+                return web.json_response(
+                    {"error": {"message": "missing or wrong API key: send "
+                                          "'Authorization: Bearer KEY'"}}, status=401)
+            if self._pending >= self.max_pending:
+                self.stats["refused_busy"] += 1
+                return web.json_response(
+                    {"error": {"message": f"proxy busy: {self._pending} requests in flight "
+                                          f"(max_pending={self.max_pending}); retry"}},
+                    status=503, headers={"Retry-After": "1"})
+            self._pending += 1
+            try:
+                return await handler(request)
+            finally:
+                self._pending -= 1
+
+        return gate
 
     async def _send(self, method: str, url: str, **kw: Any) -> Any:
         """The response to one request (its headers read). Sent again, up to ``_SENDS`` times
