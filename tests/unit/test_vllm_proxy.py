@@ -99,6 +99,11 @@ def _serve(**kw: Any) -> Iterator[_Backend]:
         b.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)   # the proxy's default key
+
+
 @pytest.fixture
 def backend() -> Iterator[_Backend]:
     yield from _serve()
