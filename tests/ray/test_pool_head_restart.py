@@ -89,26 +89,51 @@ class Group(Proc):
         threading.Thread(target=self._pump, daemon=True).start()
 
     def kill_group(self) -> None:
-        """SIGKILL the group and wait until none of its processes runs (zombies aside)."""
+        """SIGKILL the group and every process it started, wherever they moved (Ray's worker
+        processes, the pool controller's among them, are not all in the group: one that lived
+        on reconnected to the restarted head, as no process of a dead machine can, and the
+        restarted head then found the old controller instead of a restored one), and wait
+        until none of them runs (zombies aside)."""
+        doomed = _descendants(self.p.pid) | {self.p.pid}
         try:
             os.killpg(self.p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.p.wait(30)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _group_running(self.p.pid):
+        while time.monotonic() < deadline and any(
+                st[0] != "Z" and (st[2] == self.p.pid or pid in doomed)
+                for pid, st in _procs().items()):
             time.sleep(0.2)
 
 
-def _group_running(pgid: int) -> bool:
+def _procs() -> dict[int, tuple[str, int, int]]:
+    """Every process: pid -> (state, parent pid, process group)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        out[int(stat.parent.name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    procs = _procs()
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (_, ppid, _) in procs.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def answers(addr: str, name: str, env: dict[str, str], *args: int, deadline: float) -> str:
