@@ -30,13 +30,10 @@ from tensorfabric.bench._peer import DATA_TAG
 from tensorfabric.bench._runner import IMM_PING, BenchConfig, PeerProcess, Session
 
 
-def _mine() -> tuple[int, float]:
+def _mine() -> tuple[int, float, float]:
+    """This process: context switches, CPU seconds, of them user seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_nvcsw + r.ru_nivcsw, r.ru_utime + r.ru_stime
-
-
-def _user() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    return r.ru_nvcsw + r.ru_nivcsw, r.ru_utime + r.ru_stime, r.ru_utime
 
 
 def _theirs(pid: int) -> tuple[int, float]:
@@ -69,16 +66,14 @@ def _measure(name: str, fn: Callable[[], Any], n: int, pid: int, threads: bool) 
     for _ in range(50):
         fn()
     before = _threads() if threads else {}
-    c0, u0 = _mine()
-    s0 = _user()
+    c0, u0, s0 = _mine()
     p0, q0 = _theirs(pid)
     lat = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         lat.append(time.perf_counter() - t0)
-    c1, u1 = _mine()
-    s1 = _user()
+    c1, u1, s1 = _mine()
     p1, q1 = _theirs(pid)
     for th, (v1, cpu1) in sorted(_threads().items()) if threads else ():
         v0, cpu0 = before.get(th, (v1, cpu1))

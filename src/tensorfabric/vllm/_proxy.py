@@ -190,14 +190,14 @@ class DisaggProxy:
         request. A failure on a fresh connection, or after an answer began, is the caller's."""
         import aiohttp
 
-        for attempt in range(_SENDS):
+        for _ in range(_SENDS - 1):
             ctx: dict[str, bool] = {}
             try:
                 return await self._session.request(method, url, trace_request_ctx=ctx, **kw)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if not ctx.get("reused") or attempt == _SENDS - 1:
+                if not ctx.get("reused"):
                     raise
-        raise AssertionError("unreachable")
+        return await self._session.request(method, url, **kw)   # the last try, as it comes
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
